@@ -1,0 +1,45 @@
+"""LLaVA-1.5 (``LlavaForConditionalGeneration``): ``USER: <image>\\n… ASSISTANT:``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vlm_engine.adapters.base import GenerateAdapter, Prepared
+from vlm_engine.loading import from_pretrained_kwargs
+
+
+class LlavaAdapter(GenerateAdapter):
+    def load(self) -> None:
+        from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+        kwargs = from_pretrained_kwargs(self.settings, self.device)
+        self.processor = AutoProcessor.from_pretrained(
+            self.settings.model_path, revision=kwargs["revision"], cache_dir=kwargs["cache_dir"]
+        )
+        self.tokenizer = self.processor.tokenizer
+        self.tokenizer.padding_side = "left"
+        self.model = LlavaForConditionalGeneration.from_pretrained(self.settings.model_path, **kwargs)
+
+    def prompt(self, prepared: Prepared) -> str:
+        """llava-1.5's conversation format; system text leads, the image goes in its turn."""
+        parts = []
+        for message in prepared.messages:
+            if message.role == "system":
+                parts.append(message.text.strip())
+            elif message.role == "user":
+                image = "<image>\n" * len(message.decoded)
+                parts.append(f"USER: {image}{message.text.strip()}")
+            else:
+                parts.append(f"ASSISTANT: {message.text.strip()}{self.tokenizer.eos_token}")
+        return " ".join(p for p in parts if p) + " ASSISTANT:"
+
+    def encode(self, group: list[Prepared]) -> dict[str, Any]:
+        images = [p.image for p in group if p.image is not None]
+        return dict(
+            self.processor(
+                images=images or None,
+                text=[self.prompt(p) for p in group],
+                padding=True,
+                return_tensors="pt",
+            )
+        )

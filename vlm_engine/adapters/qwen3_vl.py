@@ -1,0 +1,58 @@
+"""Qwen3-VL (``Qwen3VLForConditionalGeneration``) with its chat template.
+
+``Qwen3VLProcessor`` needs torchvision (for videos), so the tokenizer and the image
+processor are loaded separately and the processor's image step is done here: each
+``<|image_pad|>`` is expanded to ``grid_t*grid_h*grid_w / merge_size**2`` copies.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vlm_engine.adapters.base import GenerateAdapter, Prepared
+from vlm_engine.loading import from_pretrained_kwargs
+
+IMAGE_PAD = "<|image_pad|>"
+
+
+class Qwen3VLAdapter(GenerateAdapter):
+    def load(self) -> None:
+        from transformers import AutoImageProcessor, AutoTokenizer, Qwen3VLForConditionalGeneration
+
+        kwargs = from_pretrained_kwargs(self.settings, self.device)
+        source = dict(revision=kwargs["revision"], cache_dir=kwargs["cache_dir"])
+        self.tokenizer = AutoTokenizer.from_pretrained(self.settings.model_path, **source)
+        self.tokenizer.padding_side = "left"
+        self.image_processor = AutoImageProcessor.from_pretrained(self.settings.model_path, **source)
+        self.model = Qwen3VLForConditionalGeneration.from_pretrained(self.settings.model_path, **kwargs)
+        self.image_token_id = self.model.config.image_token_id
+
+    def prompt(self, prepared: Prepared) -> str:
+        messages = []
+        for message in prepared.messages:
+            content: list[dict] = [{"type": "image"} for _ in message.decoded]
+            content.append({"type": "text", "text": message.text})
+            messages.append({"role": message.role, "content": content})
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def encode(self, group: list[Prepared]) -> dict[str, Any]:
+        texts = [self.prompt(p) for p in group]
+        images = [p.image for p in group if p.image is not None]
+        extra: dict[str, Any] = {}
+        if images:
+            vision = self.image_processor(images=images, return_tensors="pt")
+            merge = self.image_processor.merge_size**2
+            counts = iter((vision["image_grid_thw"].prod(-1) // merge).tolist())
+            texts = [self._expand(text, counts) for text in texts]
+            extra = {"pixel_values": vision["pixel_values"], "image_grid_thw": vision["image_grid_thw"]}
+        encoded = self.tokenizer(texts, padding=True, return_tensors="pt")
+        encoded["mm_token_type_ids"] = (encoded["input_ids"] == self.image_token_id).int()
+        return {**encoded, **extra}
+
+    @staticmethod
+    def _expand(text: str, counts) -> str:
+        pieces = text.split(IMAGE_PAD)
+        out = pieces[0]
+        for piece in pieces[1:]:
+            out += "<|placeholder|>" * next(counts) + piece
+        return out.replace("<|placeholder|>", IMAGE_PAD)

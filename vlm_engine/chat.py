@@ -1,0 +1,91 @@
+"""Conversations: the engine's request shape, and parsing of OpenAI-style messages."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from PIL import Image
+
+from vlm_engine.errors import InvalidImage, InvalidRequest
+
+ROLES = ("system", "user", "assistant")
+DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^;,]*)*?);base64,(?P<data>.*)$", re.S)
+
+
+@dataclass
+class Message:
+    """One turn. ``images`` hold encoded file bytes until the engine decodes them."""
+
+    role: str
+    text: str
+    images: list[bytes] = field(default_factory=list)
+    decoded: list[Image.Image] = field(default_factory=list)
+
+
+def single_turn(prompt: str, image: bytes | None) -> list[Message]:
+    """The shape of a plain ``prompt`` + ``image`` request."""
+    return [Message("user", prompt, [image] if image is not None else [])]
+
+
+def decode_data_url(url: str) -> bytes:
+    """Bytes of a ``data:image/...;base64,...`` URL."""
+    match = DATA_URL.match(url)
+    if not match:
+        raise InvalidImage(
+            "image_url must be a data URL like 'data:image/png;base64,<base64 bytes>'"
+        )
+    try:
+        return base64.b64decode(match["data"], validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidImage("image_url data URL does not hold valid base64") from None
+
+
+def parse_openai_messages(messages: Any) -> list[Message]:
+    """Parse OpenAI chat ``messages`` (string content or ``text``/``image_url`` parts).
+
+    Remote ``http(s)`` image URLs are refused here; a caller that allows them fetches the
+    bytes first and passes a data URL.
+    """
+    if not isinstance(messages, list) or not messages:
+        raise InvalidRequest("messages must be a non-empty list of {role, content} objects")
+    parsed = []
+    for i, msg in enumerate(messages):
+        if not isinstance(msg, dict):
+            raise InvalidRequest(f"messages[{i}] must be an object with role and content")
+        role = msg.get("role")
+        if role not in ROLES:
+            raise InvalidRequest(f"messages[{i}].role must be one of {ROLES}, got {role!r}")
+        content = msg.get("content")
+        if isinstance(content, str):
+            parsed.append(Message(role, content))
+            continue
+        if not isinstance(content, list):
+            raise InvalidRequest(f"messages[{i}].content must be a string or a list of parts")
+        texts, images = [], []
+        for j, part in enumerate(content):
+            where = f"messages[{i}].content[{j}]"
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text" and isinstance(part.get("text"), str):
+                texts.append(part["text"])
+            elif kind == "image_url":
+                ref = part.get("image_url")
+                url = ref.get("url") if isinstance(ref, dict) else ref
+                if not isinstance(url, str):
+                    raise InvalidRequest(f"{where}.image_url.url must be a string")
+                if not url.startswith("data:"):
+                    raise InvalidImage(
+                        f"{where}: remote image URLs are not fetched here; send the image "
+                        "inline as a data:image/...;base64 URL"
+                    )
+                images.append(decode_data_url(url))
+            else:
+                raise InvalidRequest(
+                    f"{where} must be {{'type': 'text', 'text': ...}} or "
+                    "{'type': 'image_url', 'image_url': {'url': ...}}"
+                )
+        parsed.append(Message(role, "\n".join(texts), images))
+    return parsed

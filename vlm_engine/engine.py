@@ -1,0 +1,127 @@
+"""The engine: validates requests, batches them, streams every row's tokens.
+
+It knows nothing about Triton or HTTP; adapters know the architectures.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator, Mapping
+from itertools import groupby
+
+from PIL import Image
+
+from vlm_engine.adapters import adapter_class
+from vlm_engine.adapters.base import Adapter, Chunk, Prepared, Result
+from vlm_engine.chat import Message, single_turn
+from vlm_engine.errors import InvalidRequest, ModelConfigError, PromptTooLong
+from vlm_engine.images import decode_image
+from vlm_engine.loading import check_source, load_error, resolve_device
+from vlm_engine.params import resolve_params
+from vlm_engine.settings import ModelSettings, resolve_settings
+
+log = logging.getLogger("vlm_engine")
+BLANK = (224, 224)
+
+
+class VLMEngine:
+    """One loaded model. ``prepare`` each request, then ``stream``/``generate`` a batch."""
+
+    def __init__(self, settings: ModelSettings, load: bool = True):
+        self.settings = settings
+        self.device = resolve_device(settings)
+        self.adapter: Adapter = adapter_class(settings.architecture)(settings, self.device)
+        self.load_seconds = 0.0
+        if load:
+            self.load()
+
+    @classmethod
+    def from_config(cls, name: str, parameters: Mapping[str, str] | None = None) -> VLMEngine:
+        return cls(resolve_settings(name, parameters))
+
+    @property
+    def name(self) -> str:
+        return self.settings.name
+
+    def load(self) -> None:
+        check_source(self.settings)
+        start = time.perf_counter()
+        try:
+            self.adapter.load()
+        except ModelConfigError:
+            raise
+        except (OSError, ValueError) as exc:
+            raise load_error(self.settings, exc) from exc
+        if self.settings.quantization_type == "none":
+            self.adapter.model.to(self.device)
+        self.adapter.model.eval()
+        self.load_seconds = time.perf_counter() - start
+        log.info("%s loaded from %s on %s in %.1fs", self.name, self.settings.model_path, self.device, self.load_seconds)
+        if self.settings.warmup:
+            self.warmup()
+
+    def warmup(self) -> None:
+        """One short generation so the first real request does not pay for lazy set-up."""
+        blank = Image.new("RGB", BLANK, (127, 127, 127))
+        prepared = Prepared(single_turn("Describe the image.", None), resolve_params(self.settings, 2), blank)
+        prepared.messages[0].decoded = [blank]
+        self.generate([prepared])
+
+    def prepare(
+        self,
+        messages: list[Message],
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        cancelled: Callable[[], bool] | None = None,
+    ) -> Prepared:
+        """Validate one request; raises an ``InvalidRequest`` subclass saying what to fix."""
+        if not messages:
+            raise InvalidRequest("the conversation is empty: send at least one user message")
+        if messages[-1].role != "user":
+            raise InvalidRequest("the last message must be the user's")
+        if not messages[-1].text.strip():
+            raise InvalidRequest("prompt is empty: send a question or instruction")
+        params = resolve_params(self.settings, max_tokens, temperature, top_p)
+        count = sum(len(m.images) for m in messages)
+        if count > self.adapter.max_images:
+            raise InvalidRequest(f"{self.name} takes at most {self.adapter.max_images} image per request, got {count}")
+        image = None
+        for message in messages:
+            message.decoded = [
+                decode_image(data, self.settings.max_image_pixels, self.settings.max_image_bytes)
+                for data in message.images
+            ]
+            image = message.decoded[-1] if message.decoded else image
+        tokens = self.adapter.count_tokens("\n".join(m.text for m in messages))
+        if tokens > self.settings.max_prompt_tokens:
+            raise PromptTooLong(
+                f"prompt is {tokens} tokens, above the limit of {self.settings.max_prompt_tokens} "
+                "(MAX_PROMPT_TOKENS)"
+            )
+        if image is None and self.adapter.requires_image:
+            image = Image.new("RGB", BLANK, (127, 127, 127))
+            messages[-1].decoded = [image]
+        return Prepared(messages, params, image, cancelled or (lambda: False))
+
+    def stream(self, batch: list[Prepared]) -> Iterator[Chunk]:
+        """Chunks for every request of ``batch`` (indices into it), interleaved."""
+
+        def key(index: int):
+            prepared = batch[index]
+            return (prepared.params.sampling_key, self.adapter.batch_key(prepared))
+
+        order = sorted(range(len(batch)), key=lambda i: repr(key(i)))
+        for _, members in groupby(order, key=lambda i: repr(key(i))):
+            members = list(members)
+            for chunk in self.adapter.stream_group([batch[i] for i in members]):
+                yield Chunk(members[chunk.index], chunk.text, chunk.result)
+
+    def generate(self, batch: list[Prepared]) -> list[Result]:
+        """Whole answers, in ``batch`` order."""
+        results: list[Result | None] = [None] * len(batch)
+        for chunk in self.stream(batch):
+            if chunk.result is not None:
+                results[chunk.index] = chunk.result
+        return results  # type: ignore[return-value]

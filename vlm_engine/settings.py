@@ -1,0 +1,104 @@
+"""Model settings: built-in defaults < Triton ``parameters`` < environment variables.
+
+Every setting has a lower-case key (the Triton config parameter) and an upper-case
+environment name. A model-specific variable (``LLAVA_MAX_NEW_TOKENS``; ``QWEN3_VL_...`` for
+``qwen3-vl``) beats the shared one (``MAX_NEW_TOKENS``). The weights' source
+(``MODEL_PATH``, ``MODEL_REVISION``) is only read model-specifically, plus
+``VLM_MODELS_DIR``: a folder holding one checkpoint folder per model name (the tiny
+checkpoints use it).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, ValidationError
+
+from vlm_engine.errors import ModelConfigError
+
+Architecture = Literal["llava", "kosmos2", "qwen3_vl", "moondream2"]
+
+# model name -> (architecture, default weights, pinned revision)
+MODELS: dict[str, tuple[Architecture, str, str | None]] = {
+    "moondream2": ("moondream2", "vikhyatk/moondream2", "2025-06-21"),
+    "kosmos2": ("kosmos2", "microsoft/kosmos-2-patch14-224", None),
+    "llava": ("llava", "llava-hf/llava-1.5-7b-hf", None),
+    "qwen3-vl": ("qwen3_vl", "Qwen/Qwen3-VL-8B-Instruct", None),
+}
+SOURCE_KEYS = ("model_path", "model_revision")
+
+
+class ModelSettings(BaseModel):
+    """Everything the engine needs to load and serve one model."""
+
+    name: str
+    architecture: Architecture
+    model_path: str = Field(description="HF model id or local directory")
+    model_revision: str | None = None
+    hf_cache_dir: str | None = None
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    device: str = "auto"
+    quantization_type: Literal["none", "int8", "int4"] = "none"
+    attention_impl: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    max_new_tokens: int = Field(128, ge=1, description="default when a request sets none")
+    max_tokens_cap: int = Field(1024, ge=1, description="largest max_tokens a request may ask")
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_prompt_tokens: int = Field(2048, ge=1)
+    max_image_pixels: int = Field(25_000_000, ge=1, description="decompression-bomb guard")
+    max_image_bytes: int = Field(20 * 1024 * 1024, ge=1)
+    warmup: bool = True
+
+    @property
+    def env_prefix(self) -> str:
+        return env_prefix(self.name)
+
+
+def env_prefix(name: str) -> str:
+    """``qwen3-vl`` -> ``QWEN3_VL``."""
+    return name.upper().replace("-", "_")
+
+
+def resolve_settings(
+    name: str,
+    parameters: Mapping[str, str] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> ModelSettings:
+    """Merge defaults, Triton ``parameters`` and the environment into ``ModelSettings``."""
+    if name not in MODELS:
+        raise ModelConfigError(f"unknown model {name!r}; known models: {', '.join(MODELS)}")
+    env = os.environ if env is None else env
+    architecture, default_path, default_revision = MODELS[name]
+    values: dict[str, object] = {
+        "name": name,
+        "architecture": architecture,
+        "model_path": default_path,
+        "model_revision": default_revision,
+    }
+    values.update({k: v for k, v in (parameters or {}).items() if v != ""})
+    models_dir = env.get("VLM_MODELS_DIR")
+    if models_dir and (Path(models_dir) / name).is_dir():
+        values["model_path"] = str(Path(models_dir) / name)
+        values["model_revision"] = None
+    prefix = env_prefix(name)
+    for key in ModelSettings.model_fields:
+        if key in ("name", "architecture"):
+            continue
+        names = [f"{prefix}_{key.upper()}"]
+        if key not in SOURCE_KEYS:
+            names.append(key.upper())
+        for env_name in names:
+            if env.get(env_name, "") != "":
+                values[key] = env[env_name]
+                break
+    try:
+        return ModelSettings(**values)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc']))}: {e['msg']} (got {e.get('input')!r})"
+            for e in exc.errors()
+        )
+        raise ModelConfigError(f"invalid settings for model {name!r}: {problems}") from exc

@@ -1,0 +1,243 @@
+"""Build tiny random-weight checkpoints of the four architectures (``make tiny-models``).
+
+Each checkpoint has about a million parameters, a real tokenizer trained on a fixed corpus
+and a real processor, is written with ``save_pretrained`` and is loaded back by the engine
+through exactly the code that loads real weights. Their weights are random: what they
+generate is gibberish, by design. They exist so the whole stack can be run and tested on
+a laptop with no GPU and no model downloads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from vlm_engine.tiny.tokenizer import train_byte_bpe, train_unigram
+
+SEED = 1234
+# A wider init than the usual 0.02 makes random models react to their input, so that
+# batching bugs (rows mixed up, padding leaking) change the text and tests can see them.
+INIT_RANGE = 0.5
+TEXT = {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2}
+README = """# Tiny random-weight {arch} checkpoint
+
+Built by `make tiny-models` (`python -m vlm_engine.tiny.build`). Random weights: the text
+it generates is gibberish. It exists to run and test the serving stack without a GPU or
+model downloads, through the same loading code as the real `{real}`.
+"""
+
+
+def build_llava(out: Path) -> None:
+    from transformers import (
+        CLIPImageProcessorPil,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    tok = train_byte_bpe(
+        ["<unk>", "<s>", "</s>", "<pad>", "<image>"],
+        bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+    )
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tok,
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            image_size=224, patch_size=14, projection_dim=64,
+        ),
+        text_config=LlamaConfig(
+            **TEXT, num_attention_heads=4, num_key_value_heads=4, vocab_size=len(tok),
+            max_position_embeddings=4096, initializer_range=INIT_RANGE,
+            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        ),
+        image_token_index=tok.convert_tokens_to_ids("<image>"),
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+    )
+    _save(LlavaForConditionalGeneration(config), processor, out)
+
+
+def build_kosmos2(out: Path) -> None:
+    from transformers import (
+        CLIPImageProcessorPil,
+        Kosmos2Config,
+        Kosmos2ForConditionalGeneration,
+        Kosmos2Processor,
+    )
+
+    tok = train_unigram(
+        ["<s>", "<pad>", "</s>", "<unk>"],
+        bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+    )
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}
+    )
+    processor = Kosmos2Processor(image_processor, tok)  # adds the tag and patch-index tokens
+    tok = processor.tokenizer
+    config = Kosmos2Config(
+        text_config={
+            "vocab_size": len(tok), "embed_dim": 128, "layers": 2, "ffn_dim": 256,
+            "attention_heads": 4, "max_position_embeddings": 2048, "init_std": INIT_RANGE,
+            "dropout": 0.0, "attention_dropout": 0.0,
+            "pad_token_id": tok.pad_token_id, "bos_token_id": tok.bos_token_id,
+            "eos_token_id": tok.eos_token_id,
+        },
+        vision_config={
+            "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "image_size": 224, "patch_size": 14,
+        },
+        latent_query_num=64,
+    )
+    model = Kosmos2ForConditionalGeneration(config)
+    with torch.no_grad():  # rarely emit tag tokens, so that random captions are not empty
+        first_tag = tok.convert_tokens_to_ids("</doc>")
+        model.text_model.model.embed_tokens.weight[first_tag:] *= 0.05
+    _save(model, processor, out)
+
+
+QWEN_TEMPLATE = (
+    "{%- for m in messages -%}"
+    "<|im_start|>{{ m.role }}\n"
+    "{%- if m.content is string -%}{{ m.content }}"
+    "{%- else -%}{%- for c in m.content -%}"
+    "{%- if c.type == 'image' -%}<|vision_start|><|image_pad|><|vision_end|>"
+    "{%- elif c.type == 'text' -%}{{ c.text }}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "<|im_end|>\n"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}<|im_start|>assistant\n{%- endif -%}"
+)
+
+
+def build_qwen3_vl(out: Path) -> None:
+    from transformers import (
+        Qwen2VLImageProcessorPil,
+        Qwen3VLConfig,
+        Qwen3VLForConditionalGeneration,
+    )
+
+    specials = [
+        "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>",
+        "<|vision_end|>", "<|image_pad|>", "<|video_pad|>",
+    ]
+    tok = train_byte_bpe(specials, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tok.chat_template = QWEN_TEMPLATE
+    ids = {t: tok.convert_tokens_to_ids(t) for t in specials}
+    image_processor = Qwen2VLImageProcessorPil(
+        patch_size=16, merge_size=2, temporal_patch_size=2,
+        size={"shortest_edge": 64 * 64, "longest_edge": 256 * 256},
+    )
+    config = Qwen3VLConfig(
+        text_config={
+            **TEXT, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32,
+            "vocab_size": len(tok), "max_position_embeddings": 4096,
+            "initializer_range": INIT_RANGE, "pad_token_id": tok.pad_token_id,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                "mrope_section": [6, 5, 5], "mrope_interleaved": True},
+        },
+        vision_config={
+            "depth": 2, "hidden_size": 64, "intermediate_size": 128, "num_heads": 4,
+            "patch_size": 16, "spatial_merge_size": 2, "temporal_patch_size": 2,
+            "out_hidden_size": 128, "num_position_embeddings": 256,
+            "deepstack_visual_indexes": [0],
+        },
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )
+    model = Qwen3VLForConditionalGeneration(config)
+    model.generation_config.eos_token_id = [ids["<|im_end|>"], ids["<|endoftext|>"]]
+    model.generation_config.pad_token_id = tok.pad_token_id
+    _save(model, None, out, tokenizer=tok, image_processor=image_processor)
+
+
+def build_moondream2(out: Path) -> None:
+    from vlm_engine.tiny import moondream_standin as standin
+
+    tok = train_byte_bpe(["<|endoftext|>"], bos_token="<|endoftext|>", eos_token="<|endoftext|>")
+    config = standin.HfConfig(
+        text_config={
+            **TEXT, "num_attention_heads": 4, "num_key_value_heads": 4,
+            "vocab_size": len(tok), "max_position_embeddings": 2048,
+            "initializer_range": INIT_RANGE,
+            "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
+        },
+        auto_map={
+            "AutoConfig": "hf_moondream.HfConfig",
+            "AutoModelForCausalLM": "hf_moondream.HfMoondream",
+        },
+    )
+    model = standin.HfMoondream(config)
+    _save(model, None, out, tokenizer=tok)
+    shutil.copyfile(standin.__file__, out / "hf_moondream.py")
+
+
+BUILDERS = {
+    "llava": (build_llava, "llava-hf/llava-1.5-7b-hf"),
+    "kosmos2": (build_kosmos2, "microsoft/kosmos-2-patch14-224"),
+    "qwen3-vl": (build_qwen3_vl, "Qwen/Qwen3-VL-8B-Instruct"),
+    "moondream2": (build_moondream2, "vikhyatk/moondream2"),
+}
+
+
+def _save(model, processor, out: Path, tokenizer=None, image_processor=None) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    model.eval()
+    model.save_pretrained(out)
+    for part in (processor, tokenizer, image_processor):
+        if part is not None:
+            part.save_pretrained(out)
+
+
+def build(name: str, out: Path) -> Path:
+    """Build one tiny checkpoint into ``out`` (replacing what is there)."""
+    builder, real = BUILDERS[name]
+    if out.exists():
+        shutil.rmtree(out)
+    torch.manual_seed(SEED)
+    builder(out)
+    (out / "README.md").write_text(README.format(arch=name, real=real))
+    (out / "tiny.json").write_text(json.dumps({"tiny": True, "architecture": name, "seed": SEED}))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path(".models/tiny"), help="output folder")
+    parser.add_argument("--force", action="store_true", help="rebuild checkpoints that exist")
+    parser.add_argument("models", nargs="*", help=f"any of {', '.join(BUILDERS)} (default: all)")
+    args = parser.parse_args(argv)
+    unknown = sorted(set(args.models) - set(BUILDERS))
+    if unknown:
+        parser.error(f"unknown model(s) {unknown}; choose from {list(BUILDERS)}")
+    for name in args.models or list(BUILDERS):
+        target = args.out / name
+        if (target / "tiny.json").exists() and not args.force:
+            print(f"tiny {name}: {target} exists (use --force to rebuild)")
+            continue
+        build(name, target)
+        size = sum(f.stat().st_size for f in target.iterdir()) / 1e6
+        print(f"tiny {name}: built {target} ({size:.1f} MB, random weights: gibberish output)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""Start a real ``tritonserver`` (from the nvidia-pytriton wheel) on this repository.
+
+``python -m vlm_triton.launch`` runs it in the foreground; tests and the local stack use
+``command()`` and ``environment()``. The server's Python stubs import this repository and
+this interpreter's site-packages (torch, transformers) through ``PYTHONPATH``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import site
+import sys
+import sysconfig
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TRITON_HOME = Path(os.environ.get("TRITON_HOME", ROOT / ".triton"))
+
+
+def server_dir() -> Path:
+    return TRITON_HOME / "unpacked" / "pytriton" / "tritonserver"
+
+
+def binary() -> Path:
+    """The tritonserver binary: $TRITON_HOME's, else one on PATH (e.g. the NGC image)."""
+    local = server_dir() / "bin" / "tritonserver"
+    if local.exists():
+        return local
+    found = shutil.which("tritonserver")
+    if found:
+        return Path(found)
+    raise SystemExit("tritonserver not found: run `make install` (scripts/install_triton.sh)")
+
+
+def has_gpu() -> bool:
+    return shutil.which("nvidia-smi") is not None and Path("/dev/nvidia0").exists()
+
+
+def python_libdir() -> str | None:
+    """This interpreter's shared libpython folder, so the stub runs the same Python.
+
+    The stub links ``libpython3.X.so.1.0``; if it found another installation's (Debian's,
+    say) it would mix that interpreter with this one's standard library and packages.
+    """
+    libdir = sysconfig.get_config_var("LIBDIR")
+    soname = sysconfig.get_config_var("INSTSONAME")
+    if libdir and soname and (Path(libdir) / soname).exists():
+        return libdir
+    return None
+
+
+def environment(base: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ if base is None else base)
+    libs = TRITON_HOME / "unpacked" / "nvidia_pytriton.libs"
+    ld_path = [python_libdir(), str(libs) if libs.exists() else None, env.get("LD_LIBRARY_PATH")]
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in ld_path if p)
+    paths = [str(ROOT), *site.getsitepackages(), env.get("PYTHONPATH", "")]
+    env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
+    env.setdefault("HF_HUB_OFFLINE", "0")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return env
+
+
+def command(
+    model_repository: Path = ROOT / "triton_models",
+    http_port: int = 8000,
+    grpc_port: int = 8001,
+    metrics_port: int = 8002,
+    models: list[str] | None = None,
+    stub_timeout_s: int = 600,
+    address: str = os.environ.get("TRITON_ADDRESS", "127.0.0.1"),
+    extra: list[str] | None = None,
+) -> list[str]:
+    """The tritonserver command line for this repository."""
+    cmd = [
+        str(binary()),
+        f"--model-repository={model_repository}",
+        f"--http-address={address}",
+        f"--grpc-address={address}",
+        f"--metrics-address={address}",
+        f"--http-port={http_port}",
+        f"--grpc-port={grpc_port}",
+        f"--metrics-port={metrics_port}",
+        # Large checkpoints take longer than the stub's default 30 s to load.
+        f"--backend-config=python,stub-timeout-seconds={stub_timeout_s}",
+        "--log-info=true",
+        "--exit-timeout-secs=10",
+    ]
+    if (server_dir() / "backends").exists():
+        cmd.append(f"--backend-directory={server_dir() / 'backends'}")
+    if not has_gpu():
+        cmd.append("--allow-gpu-metrics=false")
+    if models:
+        cmd += ["--model-control-mode=explicit", *(f"--load-model={m}" for m in models)]
+    return cmd + list(extra or [])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Run tritonserver on triton_models/")
+    parser.add_argument("--model-repository", type=Path, default=ROOT / "triton_models")
+    parser.add_argument("--http-port", type=int, default=int(os.environ.get("TRITON_HTTP_PORT", 8000)))
+    parser.add_argument("--grpc-port", type=int, default=int(os.environ.get("TRITON_GRPC_PORT", 8001)))
+    parser.add_argument("--metrics-port", type=int, default=int(os.environ.get("TRITON_METRICS_PORT", 8002)))
+    parser.add_argument("--model", action="append", dest="models", help="load only these (repeatable)")
+    args, extra = parser.parse_known_args(argv)
+    cmd = command(args.model_repository, args.http_port, args.grpc_port, args.metrics_port, args.models, extra=extra)
+    print(" ".join(cmd), flush=True)
+    os.execve(cmd[0], cmd, environment())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
