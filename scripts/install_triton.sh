@@ -35,11 +35,13 @@ stub="$server/python_backend_stubs/$pyver/triton_python_backend_stub"
 [ -f "$stub" ] || { echo "no Python backend stub for Python $pyver in the wheel" >&2; exit 1; }
 cp "$stub" "$server/backends/python/triton_python_backend_stub"
 chmod +x "$server/bin/tritonserver" "$server/backends/python/triton_python_backend_stub"
-# The stub links the system libpython (Debian: libpython3.X); say so clearly if it is missing.
-if ldd "$server/backends/python/triton_python_backend_stub" | grep -q "not found"; then
+# The stub links libpython3.X.so.1.0; vlm_triton.launch points it at this Python's own.
+libdir=$($PYTHON -c 'import sysconfig; print(sysconfig.get_config_var("LIBDIR") or "")')
+if LD_LIBRARY_PATH="$libdir:$TRITON_HOME/unpacked/nvidia_pytriton.libs" \
+    ldd "$server/backends/python/triton_python_backend_stub" | grep -q "not found"; then
   echo "the Python backend stub misses libraries:" >&2
-  ldd "$server/backends/python/triton_python_backend_stub" | grep "not found" >&2
-  echo "on Debian/Ubuntu: apt-get install libpython$pyver" >&2
+  LD_LIBRARY_PATH="$libdir" ldd "$server/backends/python/triton_python_backend_stub" | grep "not found" >&2
+  echo "use a Python built with --enable-shared, or on Debian/Ubuntu: apt-get install libpython$pyver" >&2
   exit 1
 fi
 touch "$marker"

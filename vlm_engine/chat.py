@@ -35,9 +35,7 @@ def decode_data_url(url: str) -> bytes:
     """Bytes of a ``data:image/...;base64,...`` URL."""
     match = DATA_URL.match(url)
     if not match:
-        raise InvalidImage(
-            "image_url must be a data URL like 'data:image/png;base64,<base64 bytes>'"
-        )
+        raise InvalidImage("image_url must be a data URL like 'data:image/png;base64,<base64 bytes>'")
     try:
         return base64.b64decode(match["data"], validate=True)
     except (binascii.Error, ValueError):

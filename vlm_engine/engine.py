@@ -57,7 +57,9 @@ class VLMEngine:
             self.adapter.model.to(self.device)
         self.adapter.model.eval()
         self.load_seconds = time.perf_counter() - start
-        log.info("%s loaded from %s on %s in %.1fs", self.name, self.settings.model_path, self.device, self.load_seconds)
+        log.info(
+            "%s loaded from %s on %s in %.1fs", self.name, self.settings.model_path, self.device, self.load_seconds
+        )
         if self.settings.warmup:
             self.warmup()
 
@@ -97,8 +99,7 @@ class VLMEngine:
         tokens = self.adapter.count_tokens("\n".join(m.text for m in messages))
         if tokens > self.settings.max_prompt_tokens:
             raise PromptTooLong(
-                f"prompt is {tokens} tokens, above the limit of {self.settings.max_prompt_tokens} "
-                "(MAX_PROMPT_TOKENS)"
+                f"prompt is {tokens} tokens, above the limit of {self.settings.max_prompt_tokens} (MAX_PROMPT_TOKENS)"
             )
         if image is None and self.adapter.requires_image:
             image = Image.new("RGB", BLANK, (127, 127, 127))

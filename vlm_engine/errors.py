@@ -56,3 +56,21 @@ class ModelConfigError(EngineError):
     """The model cannot be loaded as configured (bad path, quantization on CPU, ...)."""
 
     code = "model_config_error"
+
+
+def error_classes() -> dict[str, type[EngineError]]:
+    """Every engine error class by its ``code``."""
+    found: dict[str, type[EngineError]] = {}
+    pending: list[type[EngineError]] = [EngineError]
+    while pending:
+        cls = pending.pop()
+        found[cls.code] = cls
+        pending.extend(cls.__subclasses__())
+    return found
+
+
+def from_message(message: str) -> EngineError:
+    """Rebuild an error from ``"<code>: <message>"`` (how errors cross BLS, which drops codes)."""
+    code, sep, text = message.partition(": ")
+    cls = error_classes().get(code) if sep else None
+    return cls(text) if cls else EngineError(message)

@@ -18,9 +18,7 @@ def decode_image(data: bytes, max_pixels: int, max_bytes: int) -> Image.Image:
     if not data:
         raise InvalidImage("image is empty: send the bytes of a PNG, JPEG or WebP file")
     if len(data) > max_bytes:
-        raise ImageTooLarge(
-            f"image is {len(data)} bytes, above the limit of {max_bytes} (MAX_IMAGE_BYTES)"
-        )
+        raise ImageTooLarge(f"image is {len(data)} bytes, above the limit of {max_bytes} (MAX_IMAGE_BYTES)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -33,14 +31,11 @@ def decode_image(data: bytes, max_pixels: int, max_bytes: int) -> Image.Image:
             ) from None
         raise ImageTooLarge(f"image is too large to decode safely: {exc}") from None
     if image.format not in ALLOWED_FORMATS:
-        raise InvalidImage(
-            f"image format {image.format} is not accepted; send {', '.join(ALLOWED_FORMATS)}"
-        )
+        raise InvalidImage(f"image format {image.format} is not accepted; send {', '.join(ALLOWED_FORMATS)}")
     width, height = image.size
     if width * height > max_pixels:
         raise ImageTooLarge(
-            f"image is {width}x{height} = {width * height} pixels, above the limit of "
-            f"{max_pixels} (MAX_IMAGE_PIXELS)"
+            f"image is {width}x{height} = {width * height} pixels, above the limit of {max_pixels} (MAX_IMAGE_PIXELS)"
         )
     if width < 1 or height < 1:
         raise InvalidImage(f"image has no pixels ({width}x{height})")

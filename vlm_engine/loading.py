@@ -69,8 +69,7 @@ def quantization_config(settings: ModelSettings, device: str):
         import bitsandbytes  # noqa: F401
     except ImportError:
         raise ModelConfigError(
-            f"QUANTIZATION_TYPE={settings.quantization_type} needs the bitsandbytes package: "
-            "pip install bitsandbytes"
+            f"QUANTIZATION_TYPE={settings.quantization_type} needs the bitsandbytes package: pip install bitsandbytes"
         ) from None
     from transformers import BitsAndBytesConfig
 

@@ -98,7 +98,6 @@ def resolve_settings(
         return ModelSettings(**values)
     except ValidationError as exc:
         problems = "; ".join(
-            f"{'.'.join(map(str, e['loc']))}: {e['msg']} (got {e.get('input')!r})"
-            for e in exc.errors()
+            f"{'.'.join(map(str, e['loc']))}: {e['msg']} (got {e.get('input')!r})" for e in exc.errors()
         )
         raise ModelConfigError(f"invalid settings for model {name!r}: {problems}") from exc

@@ -7,8 +7,8 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from transformers.generation.streamers import BaseStreamer
 from transformers.generation.stopping_criteria import StoppingCriteria
+from transformers.generation.streamers import BaseStreamer
 
 _END = object()
 
@@ -68,7 +68,7 @@ class RowText:
         stable = text.rstrip()  # trailing spaces may be stripped or merged later
         if stable.endswith("\ufffd") or not stable.startswith(self.emitted):
             return ""
-        delta = stable[len(self.emitted):]
+        delta = stable[len(self.emitted) :]
         self.emitted = stable
         return delta
 
@@ -76,7 +76,7 @@ class RowText:
         """The rest of ``final_text``; it extends what was sent unless decoding was unstable."""
         if not final_text.startswith(self.emitted):
             return ""
-        delta = final_text[len(self.emitted):]
+        delta = final_text[len(self.emitted) :]
         self.emitted = final_text
         return delta
 

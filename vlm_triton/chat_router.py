@@ -30,7 +30,9 @@ class BadChat(ValueError):
 
 def _message(kind: str, content: str | None = None) -> pb_utils.InferenceResponse:
     body = {"type": kind} if content is None else {"type": kind, "content": content}
-    return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("text_output", one_string(json.dumps(body), False))])
+    return pb_utils.InferenceResponse(
+        output_tensors=[pb_utils.Tensor("text_output", one_string(json.dumps(body), False))]
+    )
 
 
 def _request_inputs(request) -> tuple[str, bool, list[pb_utils.Tensor]]:

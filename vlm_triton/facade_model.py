@@ -11,8 +11,9 @@ import json
 
 import triton_python_backend_utils as pb_utils
 
+from vlm_engine.errors import from_message
 from vlm_triton.bls import forward_inputs, stream_from
-from vlm_triton.tensors import json_tensor, model_parameters, text_tensor
+from vlm_triton.tensors import json_tensor, model_parameters, text_tensor, triton_error
 
 
 class TritonPythonModel:
@@ -25,8 +26,8 @@ class TritonPythonModel:
         pieces = await stream_from(self.target, forward_inputs(request), self.outputs)
         text, entities = [], None
         for piece in pieces:
-            if piece.error is not None:
-                return pb_utils.InferenceResponse(error=piece.error)
+            if piece.error is not None:  # BLS drops the code; the message still carries it
+                return pb_utils.InferenceResponse(error=triton_error(from_message(piece.error.message())))
             text.append(piece.text)
             entities = piece.entities if piece.entities is not None else entities
         tensors = [text_tensor("generated_text", "".join(text))]

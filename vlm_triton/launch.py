@@ -10,9 +10,13 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import site
+import subprocess
 import sys
 import sysconfig
+import time
+import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -95,6 +99,64 @@ def command(
     if models:
         cmd += ["--model-control-mode=explicit", *(f"--load-model={m}" for m in models)]
     return cmd + list(extra or [])
+
+
+class TritonProcess:
+    """A tritonserver child process: start, wait until ready (with progress), stop by PID."""
+
+    def __init__(self, log_path: Path, env: dict[str, str] | None = None, **command_args):
+        self.cmd = command(**command_args)
+        self.http_port = command_args.get("http_port", 8000)
+        self.grpc_port = command_args.get("grpc_port", 8001)
+        self.metrics_port = command_args.get("metrics_port", 8002)
+        self.log_path = Path(log_path)
+        self.env = environment(env)
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def http_url(self) -> str:
+        return f"127.0.0.1:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    def start(self) -> TritonProcess:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = self.log_path.open("wb")
+        self.process = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env)
+        return self
+
+    def is_ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://{self.http_url}/v2/health/ready", timeout=2) as reply:
+                return reply.status == 200
+        except OSError:
+            return False
+
+    def wait_ready(self, timeout_s: float = 300, progress=print) -> None:
+        start = time.monotonic()
+        last = 0.0
+        while not self.is_ready():
+            if self.process is not None and self.process.poll() is not None:
+                raise RuntimeError(f"tritonserver exited with {self.process.returncode}; see {self.log_path}")
+            waited = time.monotonic() - start
+            if waited > timeout_s:
+                raise TimeoutError(f"tritonserver not ready after {timeout_s:.0f}s; see {self.log_path}")
+            if waited - last >= 10:
+                progress(f"waiting for tritonserver ({waited:.0f}s, log: {self.log_path})")
+                last = waited
+            time.sleep(0.5)
+
+    def stop(self, timeout_s: float = 20) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGINT)
+        try:
+            self.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
 
 
 def main(argv: list[str] | None = None) -> int:

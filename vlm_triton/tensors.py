@@ -65,7 +65,11 @@ def json_tensor(name: str, value: Any, batched: bool = True) -> pb_utils.Tensor:
 
 
 def triton_error(exc: BaseException) -> pb_utils.TritonError:
-    """Engine errors keep their meaning: bad input -> INVALID_ARG (HTTP 400), and so on."""
+    """Engine errors keep their meaning: bad input -> INVALID_ARG (HTTP 400), and so on.
+
+    The message starts with the engine's code (``invalid_image: ...``): BLS hands errors
+    on as INTERNAL, and ``from_message`` restores the class on the other side.
+    """
     codes = pb_utils.TritonError
     if isinstance(exc, InvalidRequest):
         code = codes.INVALID_ARG
@@ -75,7 +79,10 @@ def triton_error(exc: BaseException) -> pb_utils.TritonError:
         code = codes.CANCELLED
     else:
         code = codes.INTERNAL
-    message = exc.message if isinstance(exc, EngineError) else f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, EngineError):
+        message = f"{exc.code}: {exc.message}"
+    else:
+        message = f"{EngineError.code}: {type(exc).__name__}: {exc}"
     return pb_utils.TritonError(message, code)
 
 

@@ -113,9 +113,16 @@ class GenerateAdapter(Adapter):
         rows = [_Row(p, RowText(self.visible_text)) for p in group]
         streamer = BatchTokenStreamer()
         stop = StopWhen(lambda: all(r.done or r.prepared.cancelled() for r in rows))
-        sampling = {"do_sample": False} if params.greedy else {
-            "do_sample": True, "temperature": params.temperature, "top_p": params.top_p, "top_k": 0,
-        }
+        sampling = (
+            {"do_sample": False}
+            if params.greedy
+            else {
+                "do_sample": True,
+                "temperature": params.temperature,
+                "top_p": params.top_p,
+                "top_k": 0,
+            }
+        )
         pad = self.tokenizer.pad_token_id
         kwargs = dict(
             inputs,

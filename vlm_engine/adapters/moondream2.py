@@ -1,7 +1,8 @@
 """moondream2 through ``trust_remote_code`` and its own ``query`` / ``caption`` API.
 
 moondream2 has no batched generation API: requests in a batch stream side by side, one
-token of each in turn, and share one Triton execution. ``/caption`` (optionally
+token of each in turn, and share one Triton execution. Output token counts are the
+number of streamed chunks (its API reports none). ``/caption`` (optionally
 ``/caption short|normal|long``) as the prompt asks for a caption instead of an answer.
 """
 
@@ -45,7 +46,7 @@ class Moondream2Adapter(Adapter):
         settings = {"max_tokens": params.max_tokens, "temperature": params.temperature, "top_p": params.top_p}
         question = self.question(prepared)
         if question.startswith(CAPTION):
-            length = question[len(CAPTION):].strip() or "normal"
+            length = question[len(CAPTION) :].strip() or "normal"
             return self.model.caption(prepared.image, length=length, stream=True, settings=settings)["caption"]
         return self.model.query(prepared.image, question, stream=True, settings=settings)["answer"]
 
@@ -62,8 +63,10 @@ class Moondream2Adapter(Adapter):
                     continue
                 del live[index]
                 text = "".join(texts[index])
-                tokens = self.count_tokens(text) if text else 0
-                reason = "cancelled" if prepared.cancelled() else (
-                    "length" if tokens >= prepared.params.max_tokens else "stop"
+                tokens = len(texts[index])  # the API reports no token counts; a chunk is about one
+                reason = (
+                    "cancelled"
+                    if prepared.cancelled()
+                    else ("length" if tokens >= prepared.params.max_tokens else "stop")
                 )
                 yield Chunk(index, "", Result(text, tokens, reason))

@@ -44,11 +44,12 @@ def build_llava(out: Path) -> None:
 
     tok = train_byte_bpe(
         ["<unk>", "<s>", "</s>", "<pad>", "<image>"],
-        bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
     )
-    image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}
-    )
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224})
     processor = LlavaProcessor(
         image_processor=image_processor,
         tokenizer=tok,
@@ -58,13 +59,23 @@ def build_llava(out: Path) -> None:
     )
     config = LlavaConfig(
         vision_config=CLIPVisionConfig(
-            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            image_size=224, patch_size=14, projection_dim=64,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=224,
+            patch_size=14,
+            projection_dim=64,
         ),
         text_config=LlamaConfig(
-            **TEXT, num_attention_heads=4, num_key_value_heads=4, vocab_size=len(tok),
-            max_position_embeddings=4096, initializer_range=INIT_RANGE,
-            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+            **TEXT,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            vocab_size=len(tok),
+            max_position_embeddings=4096,
+            initializer_range=INIT_RANGE,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
             pad_token_id=tok.pad_token_id,
         ),
         image_token_index=tok.convert_tokens_to_ids("<image>"),
@@ -84,24 +95,36 @@ def build_kosmos2(out: Path) -> None:
 
     tok = train_unigram(
         ["<s>", "<pad>", "</s>", "<unk>"],
-        bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
     )
-    image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}
-    )
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224})
     processor = Kosmos2Processor(image_processor, tok)  # adds the tag and patch-index tokens
     tok = processor.tokenizer
     config = Kosmos2Config(
         text_config={
-            "vocab_size": len(tok), "embed_dim": 128, "layers": 2, "ffn_dim": 256,
-            "attention_heads": 4, "max_position_embeddings": 2048, "init_std": INIT_RANGE,
-            "dropout": 0.0, "attention_dropout": 0.0,
-            "pad_token_id": tok.pad_token_id, "bos_token_id": tok.bos_token_id,
+            "vocab_size": len(tok),
+            "embed_dim": 128,
+            "layers": 2,
+            "ffn_dim": 256,
+            "attention_heads": 4,
+            "max_position_embeddings": 2048,
+            "init_std": INIT_RANGE,
+            "dropout": 0.0,
+            "attention_dropout": 0.0,
+            "pad_token_id": tok.pad_token_id,
+            "bos_token_id": tok.bos_token_id,
             "eos_token_id": tok.eos_token_id,
         },
         vision_config={
-            "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-            "num_attention_heads": 4, "image_size": 224, "patch_size": 14,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "image_size": 224,
+            "patch_size": 14,
         },
         latent_query_num=64,
     )
@@ -134,28 +157,50 @@ def build_qwen3_vl(out: Path) -> None:
     )
 
     specials = [
-        "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>",
-        "<|vision_end|>", "<|image_pad|>", "<|video_pad|>",
+        "<|endoftext|>",
+        "<|im_start|>",
+        "<|im_end|>",
+        "<|vision_start|>",
+        "<|vision_end|>",
+        "<|image_pad|>",
+        "<|video_pad|>",
     ]
     tok = train_byte_bpe(specials, eos_token="<|im_end|>", pad_token="<|endoftext|>")
     tok.chat_template = QWEN_TEMPLATE
     ids = {t: tok.convert_tokens_to_ids(t) for t in specials}
     image_processor = Qwen2VLImageProcessorPil(
-        patch_size=16, merge_size=2, temporal_patch_size=2,
+        patch_size=16,
+        merge_size=2,
+        temporal_patch_size=2,
         size={"shortest_edge": 64 * 64, "longest_edge": 256 * 256},
     )
     config = Qwen3VLConfig(
         text_config={
-            **TEXT, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32,
-            "vocab_size": len(tok), "max_position_embeddings": 4096,
-            "initializer_range": INIT_RANGE, "pad_token_id": tok.pad_token_id,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
-                                "mrope_section": [6, 5, 5], "mrope_interleaved": True},
+            **TEXT,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 32,
+            "vocab_size": len(tok),
+            "max_position_embeddings": 4096,
+            "initializer_range": INIT_RANGE,
+            "pad_token_id": tok.pad_token_id,
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": 10000.0,
+                "mrope_section": [6, 5, 5],
+                "mrope_interleaved": True,
+            },
         },
         vision_config={
-            "depth": 2, "hidden_size": 64, "intermediate_size": 128, "num_heads": 4,
-            "patch_size": 16, "spatial_merge_size": 2, "temporal_patch_size": 2,
-            "out_hidden_size": 128, "num_position_embeddings": 256,
+            "depth": 2,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_heads": 4,
+            "patch_size": 16,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "out_hidden_size": 128,
+            "num_position_embeddings": 256,
             "deepstack_visual_indexes": [0],
         },
         image_token_id=ids["<|image_pad|>"],
@@ -175,10 +220,14 @@ def build_moondream2(out: Path) -> None:
     tok = train_byte_bpe(["<|endoftext|>"], bos_token="<|endoftext|>", eos_token="<|endoftext|>")
     config = standin.HfConfig(
         text_config={
-            **TEXT, "num_attention_heads": 4, "num_key_value_heads": 4,
-            "vocab_size": len(tok), "max_position_embeddings": 2048,
+            **TEXT,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 4,
+            "vocab_size": len(tok),
+            "max_position_embeddings": 2048,
             "initializer_range": INIT_RANGE,
-            "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
+            "bos_token_id": tok.bos_token_id,
+            "eos_token_id": tok.eos_token_id,
         },
         auto_map={
             "AutoConfig": "hf_moondream.HfConfig",
@@ -207,6 +256,23 @@ def _save(model, processor, out: Path, tokenizer=None, image_processor=None) -> 
             part.save_pretrained(out)
 
 
+def source_hash() -> str:
+    """Hash of the code that builds the checkpoints: a change means they are rebuilt."""
+    import hashlib
+
+    from vlm_engine.tiny import corpus, moondream_standin, tokenizer
+
+    digest = hashlib.sha256()
+    for module in (sys.modules[__name__], corpus, moondream_standin, tokenizer):
+        digest.update(Path(module.__file__).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def is_current(folder: Path) -> bool:
+    marker = folder / "tiny.json"
+    return marker.exists() and json.loads(marker.read_text()).get("source") == source_hash()
+
+
 def build(name: str, out: Path) -> Path:
     """Build one tiny checkpoint into ``out`` (replacing what is there)."""
     builder, real = BUILDERS[name]
@@ -215,7 +281,7 @@ def build(name: str, out: Path) -> Path:
     torch.manual_seed(SEED)
     builder(out)
     (out / "README.md").write_text(README.format(arch=name, real=real))
-    (out / "tiny.json").write_text(json.dumps({"tiny": True, "architecture": name, "seed": SEED}))
+    (out / "tiny.json").write_text(json.dumps({"tiny": True, "architecture": name, "seed": SEED, "source": source_hash()}))
     return out
 
 
@@ -230,8 +296,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown model(s) {unknown}; choose from {list(BUILDERS)}")
     for name in args.models or list(BUILDERS):
         target = args.out / name
-        if (target / "tiny.json").exists() and not args.force:
-            print(f"tiny {name}: {target} exists (use --force to rebuild)")
+        if is_current(target) and not args.force:
+            print(f"tiny {name}: {target} is up to date (--force rebuilds)")
             continue
         build(name, target)
         size = sum(f.stat().st_size for f in target.iterdir()) / 1e6

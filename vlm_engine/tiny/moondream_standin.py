@@ -13,6 +13,7 @@ Its weights are random: its answers are gibberish.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -51,7 +52,7 @@ class HfMoondream(PreTrainedModel):
     """Random-weight stand-in with moondream2's public inference API."""
 
     config_class = HfConfig
-    _no_split_modules: list[str] = []
+    _no_split_modules: ClassVar[list[str]] = []
 
     def __init__(self, config: HfConfig):
         super().__init__(config)
@@ -72,10 +73,14 @@ class HfMoondream(PreTrainedModel):
     def encode_image(self, image) -> EncodedImage:
         if isinstance(image, EncodedImage):
             return image
-        pixels = torch.tensor(
-            list(image.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE)).getdata()),
-            dtype=torch.float32,
-        ).view(IMAGE_SIZE, IMAGE_SIZE, 3).permute(2, 0, 1)
+        pixels = (
+            torch.tensor(
+                list(image.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE)).getdata()),
+                dtype=torch.float32,
+            )
+            .view(IMAGE_SIZE, IMAGE_SIZE, 3)
+            .permute(2, 0, 1)
+        )
         pixels = (pixels / 127.5 - 1.0).unsqueeze(0).to(self.device, self.dtype)
         patches = self.patch(pixels).flatten(2).transpose(1, 2)
         return EncodedImage(self.proj(patches))
@@ -112,12 +117,12 @@ class HfMoondream(PreTrainedModel):
             out_ids.append(next_id)
             text = tok.decode(out_ids, skip_special_tokens=True)
             if not text.endswith("\ufffd") and text.startswith(emitted) and text != emitted:
-                yield text[len(emitted):]
+                yield text[len(emitted) :]
                 emitted = text
             step_input = self.text.get_input_embeddings()(torch.tensor([[next_id]], device=self.device))
         final = tok.decode(out_ids, skip_special_tokens=True)
         if final.startswith(emitted) and final != emitted:
-            yield final[len(emitted):]
+            yield final[len(emitted) :]
 
 
 def _pick(logits: torch.Tensor, temperature: float, top_p: float) -> int:

@@ -8,9 +8,7 @@ from transformers import PreTrainedTokenizerFast
 from vlm_engine.tiny.corpus import corpus
 
 
-def train_byte_bpe(
-    special_tokens: list[str], vocab_size: int = 1000, **named_tokens: str
-) -> PreTrainedTokenizerFast:
+def train_byte_bpe(special_tokens: list[str], vocab_size: int = 1000, **named_tokens: str) -> PreTrainedTokenizerFast:
     """Byte-level BPE (the GPT-2 / Llama-3 / Qwen family), left padding for batching."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -25,9 +23,7 @@ def train_byte_bpe(
     return PreTrainedTokenizerFast(tokenizer_object=tok, padding_side="left", **named_tokens)
 
 
-def train_unigram(
-    special_tokens: list[str], vocab_size: int = 1000, **named_tokens: str
-) -> PreTrainedTokenizerFast:
+def train_unigram(special_tokens: list[str], vocab_size: int = 1000, **named_tokens: str) -> PreTrainedTokenizerFast:
     """SentencePiece-style unigram with metaspace (the XLM-R family used by Kosmos-2)."""
     tok = Tokenizer(models.Unigram())
     tok.normalizer = normalizers.NFKC()

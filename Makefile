@@ -1,0 +1,43 @@
+# vlm-serve. `make help` lists the targets.
+PYTHON ?= python3
+PIP ?= $(PYTHON) -m pip
+TINY_DIR ?= .models/tiny
+MODELS ?=
+PYTEST_ARGS ?=
+INSTALLED := .cache/installed.stamp
+TRITON := .triton/.installed-0.7.0-py$(shell $(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+
+.PHONY: help install tiny-models models demo triton test lint
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+$(INSTALLED): pyproject.toml
+	@mkdir -p .cache
+	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet -e ".[test]"
+	@touch $@
+
+$(TRITON): scripts/install_triton.sh
+	./scripts/install_triton.sh
+
+install: $(INSTALLED) $(TRITON)  ## install the engine, test tools and tritonserver (nvidia-pytriton wheel)
+
+tiny-models: $(INSTALLED)  ## build tiny random-weight checkpoints of the four models into .models/tiny
+	$(PYTHON) -m vlm_engine.tiny.build --out $(TINY_DIR)
+
+models: $(INSTALLED)  ## download real weights into the HF cache (MODELS="llava qwen3-vl"; default all four)
+	$(PYTHON) -m vlm_engine.download $(MODELS)
+
+demo: install tiny-models  ## serve the four tiny models with Triton on :8000/:8001/:8002 (Ctrl-C stops)
+	HF_HUB_OFFLINE=1 VLM_MODELS_DIR=$(TINY_DIR) $(PYTHON) -m vlm_triton.launch
+
+triton: install  ## serve the real models (from the HF cache or *_MODEL_PATH) with Triton
+	$(PYTHON) -m vlm_triton.launch
+
+lint: $(INSTALLED)  ## ruff
+	$(PYTHON) -m ruff check .
+
+test: install tiny-models  ## every test: lint, unit, and integration against a real tritonserver
+	$(PYTHON) -m ruff check .
+	HF_HUB_OFFLINE=1 VLM_MODELS_DIR=$(TINY_DIR) $(PYTHON) -m pytest $(PYTEST_ARGS)

@@ -1,0 +1,89 @@
+"""Small wrappers over the official tritonclient for the four models' inputs."""
+
+from __future__ import annotations
+
+import json
+import queue
+import time
+from functools import partial
+
+import numpy as np
+import requests
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+
+MODELS = ["moondream2", "kosmos2", "llava", "qwen3-vl"]
+GREEDY = {"temperature": 0.0}
+
+
+def inputs(module, prompt: str | None, image: bytes | None, **params) -> list:
+    """KServe v2 inputs with a batch dimension of 1 (the models batch requests themselves)."""
+    tensors = []
+
+    def add(name, array, dtype):
+        tensor = module.InferInput(name, list(array.shape), dtype)
+        tensor.set_data_from_numpy(array)
+        tensors.append(tensor)
+
+    if prompt is not None:
+        add("prompt", np.array([[prompt.encode()]], dtype=np.object_), "BYTES")
+    if image is not None:
+        add("image", np.frombuffer(image, dtype=np.uint8).reshape(1, -1), "UINT8")
+    if "max_tokens" in params:
+        add("max_tokens", np.array([[params["max_tokens"]]], dtype=np.int32), "INT32")
+    for name in ("temperature", "top_p"):
+        if name in params:
+            add(name, np.array([[params[name]]], dtype=np.float32), "FP32")
+    return tensors
+
+
+def text_of(result) -> str:
+    return result.as_numpy("generated_text").reshape(-1)[0].decode()
+
+
+def infer_http(url: str, model: str, prompt, image, **params) -> str:
+    client = httpclient.InferenceServerClient(url)
+    return text_of(client.infer(model, inputs(httpclient, prompt, image, **params)))
+
+
+def infer_grpc(url: str, model: str, prompt, image, **params) -> str:
+    client = grpcclient.InferenceServerClient(url)
+    return text_of(client.infer(model, inputs(grpcclient, prompt, image, **params)))
+
+
+def stream_http(url: str, model: str, body: dict) -> list[tuple[float, dict]]:
+    """POST generate_stream; (arrival time, event) for every SSE event."""
+    events = []
+    with requests.post(f"http://{url}/v2/models/{model}/generate_stream", json=body, stream=True, timeout=120) as reply:
+        assert reply.status_code == 200, reply.text
+        for line in reply.iter_lines():
+            if line.startswith(b"data: "):
+                events.append((time.monotonic(), json.loads(line[6:])))
+    return events
+
+
+def stream_grpc(url: str, model: str, prompt, image, **params) -> list[str]:
+    """gRPC bidirectional streaming; the text of every response until the final one."""
+    results: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(url)
+    client.start_stream(callback=partial(lambda q, result, error: q.put((result, error)), results))
+    try:
+        client.async_stream_infer(model, inputs(grpcclient, prompt, image, **params), enable_empty_final_response=True)
+        texts = []
+        while True:
+            result, error = results.get(timeout=120)
+            assert error is None, error
+            response = result.get_response()
+            if response.outputs:
+                texts.append(text_of(result))
+            if response.parameters["triton_final_response"].bool_param:
+                return texts
+    finally:
+        client.stop_stream()
+
+
+def stats(url: str, model: str) -> tuple[int, int]:
+    """(inference_count, execution_count) of a model from Triton's statistics API."""
+    client = httpclient.InferenceServerClient(url)
+    entry = client.get_inference_statistics(model)["model_stats"][0]
+    return int(entry.get("inference_count", 0)), int(entry.get("execution_count", 0))
