@@ -281,7 +281,9 @@ def build(name: str, out: Path) -> Path:
     torch.manual_seed(SEED)
     builder(out)
     (out / "README.md").write_text(README.format(arch=name, real=real))
-    (out / "tiny.json").write_text(json.dumps({"tiny": True, "architecture": name, "seed": SEED, "source": source_hash()}))
+    (out / "tiny.json").write_text(
+        json.dumps({"tiny": True, "architecture": name, "seed": SEED, "source": source_hash()})
+    )
     return out
 
 
