@@ -13,7 +13,7 @@ from PIL import Image
 from vlm_engine.errors import InvalidImage, InvalidRequest
 
 ROLES = ("system", "user", "assistant")
-DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^;,]*)*?);base64,(?P<data>.*)$", re.S)
+DATA_URL = re.compile(r"^data:(?P<mime>[^;,]*)(?P<params>(;[^;,]*)*?);base64,(?P<data>.*)$", re.S)
 
 
 @dataclass
@@ -87,3 +87,22 @@ def parse_openai_messages(messages: Any) -> list[Message]:
                 )
         parsed.append(Message(role, "\n".join(texts), images))
     return parsed
+
+
+def to_openai(messages: list[Message]) -> list[dict[str, Any]]:
+    """The OpenAI message form, images as data URLs (what ``<model>_stream`` accepts)."""
+    out = []
+    for message in messages:
+        if not message.images:
+            out.append({"role": message.role, "content": message.text})
+            continue
+        parts: list[dict[str, Any]] = [
+            {
+                "type": "image_url",
+                "image_url": {"url": "data:application/octet-stream;base64," + base64.b64encode(data).decode()},
+            }
+            for data in message.images
+        ]
+        parts.append({"type": "text", "text": message.text})
+        out.append({"role": message.role, "content": parts})
+    return out

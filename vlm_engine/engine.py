@@ -104,7 +104,7 @@ class VLMEngine:
         if image is None and self.adapter.requires_image:
             image = Image.new("RGB", BLANK, (127, 127, 127))
             messages[-1].decoded = [image]
-        return Prepared(messages, params, image, cancelled or (lambda: False))
+        return Prepared(messages, params, image, cancelled or (lambda: False), tokens)
 
     def stream(self, batch: list[Prepared]) -> Iterator[Chunk]:
         """Chunks for every request of ``batch`` (indices into it), interleaved."""
@@ -117,7 +117,10 @@ class VLMEngine:
         for _, members in groupby(order, key=lambda i: repr(key(i))):
             members = list(members)
             for chunk in self.adapter.stream_group([batch[i] for i in members]):
-                yield Chunk(members[chunk.index], chunk.text, chunk.result)
+                index = members[chunk.index]
+                if chunk.result is not None:
+                    chunk.result.prompt_tokens = batch[index].prompt_tokens
+                yield Chunk(index, chunk.text, chunk.result)
 
     def generate(self, batch: list[Prepared]) -> list[Result]:
         """Whole answers, in ``batch`` order."""

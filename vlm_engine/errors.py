@@ -74,3 +74,15 @@ def from_message(message: str) -> EngineError:
     code, sep, text = message.partition(": ")
     cls = error_classes().get(code) if sep else None
     return cls(text) if cls else EngineError(message)
+
+
+class BackendUnavailable(EngineError):
+    """The inference backend (Triton) cannot be reached or is not ready."""
+
+    code = "backend_unavailable"
+    status = 503
+
+
+class NotFound(InvalidRequest):
+    code = "not_found"
+    status = 404

@@ -18,6 +18,7 @@ from vlm_engine.errors import InvalidRequest
 from vlm_triton.tensors import (
     batch_size,
     bytes_input,
+    int_tensor,
     json_tensor,
     model_parameters,
     scalar_input,
@@ -79,8 +80,14 @@ class TritonPythonModel:
                 if chunk.result is None:
                     senders[chunk.index].send(pb_utils.InferenceResponse(output_tensors=outputs))
                     continue
+                result = chunk.result
+                outputs += [
+                    int_tensor("prompt_tokens", result.prompt_tokens),
+                    int_tensor("output_tokens", result.output_tokens),
+                    text_tensor("finish_reason", result.finish_reason),
+                ]
                 if self.with_entities:
-                    outputs.append(json_tensor("entities", chunk.result.entities or []))
+                    outputs.append(json_tensor("entities", result.entities or []))
                 senders[chunk.index].send(pb_utils.InferenceResponse(output_tensors=outputs), flags=FINAL)
                 finished.add(chunk.index)
         except Exception as exc:

@@ -60,6 +60,10 @@ def text_tensor(name: str, text: str, batched: bool = True) -> pb_utils.Tensor:
     return pb_utils.Tensor(name, array.reshape(1, 1) if batched else array)
 
 
+def int_tensor(name: str, value: int) -> pb_utils.Tensor:
+    return pb_utils.Tensor(name, np.array([[value]], dtype=np.int32))
+
+
 def json_tensor(name: str, value: Any, batched: bool = True) -> pb_utils.Tensor:
     return text_tensor(name, json.dumps(value), batched)
 

@@ -23,6 +23,7 @@ class Prepared:
     params: GenerationParams
     image: Image.Image | None = None
     cancelled: Callable[[], bool] = lambda: False
+    prompt_tokens: int = 0
 
 
 @dataclass
@@ -31,6 +32,7 @@ class Result:
     output_tokens: int
     finish_reason: str  # "stop" | "length" | "cancelled"
     entities: list[dict[str, Any]] | None = None
+    prompt_tokens: int = 0  # text tokens of the conversation (image tokens not counted)
 
 
 @dataclass

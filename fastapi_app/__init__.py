@@ -1,0 +1,1 @@
+"""The FastAPI service: OpenAI-compatible vision chat, REST chat with history, a web page."""

@@ -1,0 +1,45 @@
+"""The backend interface: stream one conversation's answer."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from vlm_engine.chat import Message
+
+
+@dataclass
+class GenerationRequest:
+    model: str
+    messages: list[Message]
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+
+
+@dataclass
+class Final:
+    """The last item of a stream: the whole answer and its accounting."""
+
+    text: str
+    prompt_tokens: int
+    output_tokens: int
+    finish_reason: str
+    entities: list[dict[str, Any]] | None = field(default=None)
+
+
+class Backend(Protocol):
+    name: str
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def ready(self) -> dict[str, bool]:
+        """Readiness of every served model (raises nothing)."""
+        ...
+
+    def stream(self, request: GenerationRequest) -> AsyncIterator[str | Final]:
+        """Text chunks, then one ``Final``. Raises ``vlm_engine.errors.EngineError``."""
+        ...

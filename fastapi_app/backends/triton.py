@@ -1,0 +1,120 @@
+"""Triton backend: async gRPC streaming to ``<model>_stream`` with one shared client."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator
+
+import grpc
+import numpy as np
+import tritonclient.grpc.aio as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from fastapi_app.backends.base import Final, GenerationRequest
+from fastapi_app.settings import Settings
+from vlm_engine.chat import to_openai
+from vlm_engine.errors import BackendUnavailable, EngineError, Overloaded, from_message
+
+
+class TritonBackend:
+    name = "triton"
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.url = settings.triton_grpc_url
+        self.client: grpcclient.InferenceServerClient | None = None
+
+    async def start(self) -> None:
+        self.client = grpcclient.InferenceServerClient(self.url)
+
+    async def close(self) -> None:
+        if self.client is not None:
+            await self.client.close()
+
+    async def ready(self) -> dict[str, bool]:
+        states = {}
+        for model in self.settings.models:
+            try:
+                states[model] = bool(
+                    await self.client.is_model_ready(model, client_timeout=2)
+                    and await self.client.is_model_ready(f"{model}_stream", client_timeout=2)
+                )
+            except (InferenceServerException, grpc.RpcError):
+                states[model] = False
+        return states
+
+    @staticmethod
+    def _inputs(request: GenerationRequest) -> list[grpcclient.InferInput]:
+        tensors = []
+
+        def add(name: str, array: np.ndarray, dtype: str) -> None:
+            tensor = grpcclient.InferInput(name, list(array.shape), dtype)
+            tensor.set_data_from_numpy(array)
+            tensors.append(tensor)
+
+        messages = json.dumps(to_openai(request.messages)).encode()
+        add("messages", np.array([[messages]], dtype=np.object_), "BYTES")
+        if request.max_tokens is not None:
+            add("max_tokens", np.array([[request.max_tokens]], dtype=np.int32), "INT32")
+        for name in ("temperature", "top_p"):
+            value = getattr(request, name)
+            if value is not None:
+                add(name, np.array([[value]], dtype=np.float32), "FP32")
+        return tensors
+
+    def _error(self, exc: Exception) -> EngineError:
+        if isinstance(exc, InferenceServerException):
+            message = exc.message() or str(exc)
+            error = from_message(message)
+            if type(error) is not EngineError:
+                return error
+            lowered = message.lower()
+            if "exceeds maximum queue size" in lowered:
+                return Overloaded(f"{message}; retry later")
+            if "unavailable" in lowered or "connect" in lowered or "not ready" in lowered or "unknown model" in lowered:
+                return BackendUnavailable(f"Triton at {self.url} is unavailable: {message}")
+            return error
+        return BackendUnavailable(f"Triton at {self.url} is unavailable: {exc}")
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[str | Final]:
+        request_id = uuid.uuid4().hex
+
+        async def requests():
+            yield {
+                "model_name": f"{request.model}_stream",
+                "inputs": self._inputs(request),
+                "request_id": request_id,
+                "enable_empty_final_response": True,
+            }
+
+        text: list[str] = []
+        try:
+            responses = self.client.stream_infer(requests(), stream_timeout=self.settings.triton_timeout_s)
+            async for result, error in responses:
+                if error is not None:
+                    raise self._error(error)
+                response = result.get_response()
+                names = {o.name for o in response.outputs}
+                if "generated_text" in names:
+                    chunk = result.as_numpy("generated_text").reshape(-1)[0].decode("utf-8")
+                    if chunk:
+                        text.append(chunk)
+                        yield chunk
+                if "output_tokens" in names:
+                    entities = None
+                    if "entities" in names:
+                        entities = json.loads(result.as_numpy("entities").reshape(-1)[0])
+                    yield Final(
+                        "".join(text),
+                        int(result.as_numpy("prompt_tokens").reshape(-1)[0]),
+                        int(result.as_numpy("output_tokens").reshape(-1)[0]),
+                        result.as_numpy("finish_reason").reshape(-1)[0].decode(),
+                        entities,
+                    )
+                    return
+                if response.parameters["triton_final_response"].bool_param:
+                    break
+        except (InferenceServerException, grpc.RpcError, OSError) as exc:
+            raise self._error(exc) from None
+        raise BackendUnavailable(f"Triton at {self.url} ended the stream without a final answer")

@@ -1,0 +1,42 @@
+"""One error shape per API: the OpenAI error body under /v1, ``{"detail", "code"}`` elsewhere."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from vlm_engine.errors import EngineError
+
+OPENAI_TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 413: "invalid_request_error"}
+
+
+def error_response(request: Request, status: int, code: str, message: str, param: str | None = None) -> JSONResponse:
+    if request.url.path.startswith("/v1/"):
+        kind = OPENAI_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+        body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    else:
+        body = {"detail": message, "code": code}
+    return JSONResponse(body, status_code=status)
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    problems, param = [], None
+    for error in exc.errors():
+        loc = [str(p) for p in error["loc"] if p != "body"]
+        if error["type"] == "json_invalid":
+            return f"request body is not valid JSON: {error.get('ctx', {}).get('error', error['msg'])}", None
+        param = param or (".".join(loc) or None)
+        problems.append(f"{'.'.join(loc) or 'body'}: {error['msg']}")
+    return "invalid request: " + "; ".join(problems), param
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(EngineError)
+    async def engine_error(request: Request, exc: EngineError):
+        return error_response(request, exc.status, exc.code, exc.message)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError):
+        message, param = _validation_message(exc)
+        return error_response(request, 400, "invalid_request", message, param)

@@ -1,0 +1,49 @@
+"""The application: ``uvicorn --factory fastapi_app.main:create_app``."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
+
+from fastapi_app import errors
+from fastapi_app.backends import make_backend
+from fastapi_app.history import HistoryStore
+from fastapi_app.middleware import BodyLimit, RequestMetrics
+from fastapi_app.routes import chat, health, openai_api, web
+from fastapi_app.settings import Settings
+
+log = logging.getLogger("fastapi_app")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        app.state.history = HistoryStore(settings.history_db, settings.max_history)
+        await app.state.backend.start()
+        log.info("serving %s through the %s backend", ", ".join(settings.models), app.state.backend.name)
+        try:
+            yield
+        finally:
+            await app.state.backend.close()
+            app.state.history.close()
+
+    app = FastAPI(
+        title="vlm-serve",
+        description="Vision-language chat over Triton: OpenAI-compatible API, REST chat with history.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.backend = make_backend(settings)
+    errors.install(app)
+    for router in (openai_api.router, chat.router, health.router, web.router):
+        app.include_router(router)
+    app.mount("/static", StaticFiles(directory=web.STATIC), name="static")
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestMetrics)
+    return app

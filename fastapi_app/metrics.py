@@ -1,0 +1,23 @@
+"""Prometheus metrics of the service (scraped at ``/metrics``)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
+
+REQUESTS = Counter("vlm_http_requests_total", "HTTP requests", ["route", "method", "status"])
+REQUEST_SECONDS = Histogram(
+    "vlm_http_request_duration_seconds", "HTTP request latency", ["route"], buckets=LATENCY_BUCKETS
+)
+IN_FLIGHT = Gauge("vlm_http_requests_in_flight", "HTTP requests being served", ["route"])
+GENERATIONS = Counter("vlm_generations_total", "Generations by model and outcome", ["model", "status"])
+GENERATION_SECONDS = Histogram(
+    "vlm_generation_duration_seconds", "Whole generation time", ["model"], buckets=LATENCY_BUCKETS
+)
+TIME_TO_FIRST_TOKEN = Histogram(
+    "vlm_time_to_first_token_seconds", "Time to the first text chunk", ["model"], buckets=LATENCY_BUCKETS
+)
+INTER_TOKEN = Histogram("vlm_inter_token_seconds", "Time between text chunks", ["model"], buckets=TOKEN_BUCKETS)
+OUTPUT_TOKENS = Counter("vlm_output_tokens_total", "Generated tokens", ["model"])

@@ -1,0 +1,93 @@
+"""ASGI middleware: body size limit (413) and per-route request metrics."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from fastapi_app import metrics
+
+
+class BodyLimit:
+    """Refuse bodies over ``max_bytes`` with 413 before they are read into memory."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            return await self._too_large(scope, send)
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                raise _TooLarge
+            return message
+
+        try:
+            await self.app(scope, limited, send)
+        except _TooLarge:
+            await self._too_large(scope, send)
+
+    async def _too_large(self, scope, send):
+        message = f"request body is over the limit of {self.max_bytes} bytes (MAX_BODY_BYTES); send a smaller image"
+        if scope["path"].startswith("/v1/"):
+            body = {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": "too_large"}}
+        else:
+            body = {"detail": message, "code": "too_large"}
+        data = json.dumps(body).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())],
+            }
+        )
+        await send({"type": "http.response.body", "body": data})
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class RequestMetrics:
+    """Requests by route template and status, latency, in-flight."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = {"code": 500}
+        route = scope["path"] if scope["path"] in ("/", "/health", "/health/ready", "/metrics") else None
+
+        async def capture(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        start = time.perf_counter()
+        label = route or _template(scope)
+        metrics.IN_FLIGHT.labels(label).inc()
+        try:
+            await self.app(scope, receive, capture)
+        finally:
+            metrics.IN_FLIGHT.labels(label).dec()
+            metrics.REQUESTS.labels(label, scope["method"], str(status["code"])).inc()
+            metrics.REQUEST_SECONDS.labels(label).observe(time.perf_counter() - start)
+
+
+def _template(scope) -> str:
+    path = scope["path"]
+    if path.startswith("/api/sessions/"):
+        return "/api/sessions/{id}"
+    if path in ("/v1/chat/completions", "/v1/models", "/api/chat"):
+        return path
+    return "other"

@@ -1,0 +1,1 @@
+"""HTTP routes: OpenAI-compatible API, REST chat, health and metrics, the web page."""

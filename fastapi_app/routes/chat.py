@@ -1,0 +1,130 @@
+"""REST chat with server-side history: ``/api/chat`` and ``/api/sessions/{id}``."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import time
+import uuid
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from pydantic import BaseModel, Field, ValidationError
+from sse_starlette.sse import EventSourceResponse
+
+from fastapi_app.backends.base import Final, GenerationRequest
+from fastapi_app.generation import check_model, first_item, generate, with_defaults
+from vlm_engine.chat import Message
+from vlm_engine.errors import EngineError, InvalidImage, InvalidRequest, NotFound
+
+router = APIRouter(prefix="/api", tags=["REST chat"])
+
+
+class ChatRequest(BaseModel):
+    session_id: str = Field(default_factory=lambda: uuid.uuid4().hex, max_length=128)
+    model: str | None = None
+    prompt: str
+    image: str | None = Field(None, description="base64 image bytes (or use a multipart upload)")
+    stream: bool = False
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+
+
+async def _read(request: Request) -> tuple[ChatRequest, bytes | None]:
+    """JSON body, or multipart form fields with the image as a file upload."""
+    content_type = request.headers.get("content-type", "")
+    try:
+        if content_type.startswith("multipart/form-data"):
+            form = await request.form()
+            fields: dict[str, Any] = {k: v for k, v in form.items() if isinstance(v, str) and v != ""}
+            upload = form.get("image")
+            fields.pop("image", None)
+            chat = ChatRequest(**fields)
+            return chat, (await upload.read()) if upload is not None and not isinstance(upload, str) else None
+        try:
+            payload = json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
+        if not isinstance(payload, dict):
+            raise InvalidRequest("request body must be a JSON object")
+        chat = ChatRequest(**payload)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise InvalidRequest(f"invalid chat request: {problems}") from None
+    if chat.image is None:
+        return chat, None
+    try:
+        data = chat.image.split(",", 1)[1] if chat.image.startswith("data:") else chat.image
+        return chat, base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError, IndexError):
+        raise InvalidImage("image must be base64-encoded file bytes (or a data: URL)") from None
+
+
+def _conversation(history, prompt: str, image: bytes | None) -> list[Message]:
+    messages = []
+    for turn in history:
+        messages += [Message("user", turn.prompt), Message("assistant", turn.response)]
+    messages.append(Message("user", prompt, [image] if image else []))
+    return messages
+
+
+@router.post("/chat")
+async def chat(request: Request):
+    settings, store = request.app.state.settings, request.app.state.history
+    body, image = await _read(request)
+    model = check_model(settings, body.model)
+    history = store.turns(body.session_id)
+    generation = GenerationRequest(
+        model, _conversation(history, body.prompt, image), body.max_tokens, body.temperature, body.top_p
+    )
+    started = time.perf_counter()
+    first, stream = await first_item(generate(request.app.state.backend, with_defaults(settings, generation)))
+
+    def answer(final: Final) -> dict[str, Any]:
+        store.add(body.session_id, model, body.prompt, final.text, image is not None)
+        result = {
+            "session_id": body.session_id,
+            "model": model,
+            "response": final.text,
+            "seconds": round(time.perf_counter() - started, 4),
+            "finish_reason": final.finish_reason,
+            "usage": {"prompt_tokens": final.prompt_tokens, "completion_tokens": final.output_tokens},
+        }
+        if final.entities is not None:
+            result["entities"] = final.entities
+        return result
+
+    if not body.stream:
+        item = first
+        while not isinstance(item, Final):
+            item = await anext(stream)
+        return answer(item)
+
+    async def events():
+        item = first
+        try:
+            while not isinstance(item, Final):
+                yield {"data": json.dumps({"type": "chunk", "content": item})}
+                item = await anext(stream)
+            yield {"data": json.dumps({"type": "done", **answer(item)})}
+        except EngineError as exc:
+            yield {"data": json.dumps({"type": "error", "code": exc.code, "message": exc.message})}
+
+    return EventSourceResponse(events(), ping=15, headers={"X-Accel-Buffering": "no"})
+
+
+@router.get("/sessions/{session_id}")
+async def get_session(session_id: str, request: Request):
+    turns = request.app.state.history.turns(session_id)
+    if not turns:
+        raise NotFound(f"no session {session_id!r}")
+    return {"session_id": session_id, "turns": [t.as_dict() for t in turns]}
+
+
+@router.delete("/sessions/{session_id}", status_code=204)
+async def delete_session(session_id: str, request: Request):
+    if not request.app.state.history.delete(session_id):
+        raise NotFound(f"no session {session_id!r}")
+    return Response(status_code=204)

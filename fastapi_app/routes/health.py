@@ -1,0 +1,29 @@
+"""Liveness, readiness and Prometheus metrics."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/health")
+async def live():
+    return {"status": "ok"}
+
+
+@router.get("/health/ready")
+async def ready(request: Request):
+    """Ready when the backend serves every served model (Triton up and models ready, or loaded locally)."""
+    backend = request.app.state.backend
+    models = await backend.ready()
+    ok = bool(models) and all(models.values())
+    body = {"status": "ready" if ok else "not ready", "backend": backend.name, "models": models}
+    return JSONResponse(body, status_code=200 if ok else 503)
+
+
+@router.get("/metrics", include_in_schema=False)
+async def metrics():
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

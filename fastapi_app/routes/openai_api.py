@@ -1,0 +1,136 @@
+"""OpenAI-compatible ``/v1/chat/completions`` (images, SSE streaming) and ``/v1/models``."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any
+
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, ConfigDict, Field
+from sse_starlette.sse import EventSourceResponse
+
+from fastapi_app.backends.base import Final, GenerationRequest
+from fastapi_app.generation import check_model, first_item, generate, with_defaults
+from fastapi_app.remote_images import fetch_as_data_url
+from vlm_engine.chat import parse_openai_messages
+from vlm_engine.errors import EngineError, InvalidParameter
+
+router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"])
+
+
+class ChatCompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    model: str = Field(description="one of the served models (GET /v1/models)")
+    messages: list[dict[str, Any]] = Field(description="OpenAI chat messages; image_url parts with data: URLs")
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    stream: bool = False
+    n: int = 1
+
+
+async def _inline_remote_images(messages: list[dict[str, Any]], settings) -> None:
+    for message in messages:
+        content = message.get("content") if isinstance(message, dict) else None
+        if not isinstance(content, list):
+            continue
+        for part in content:
+            if isinstance(part, dict) and part.get("type") == "image_url":
+                ref = part.get("image_url")
+                url = ref.get("url") if isinstance(ref, dict) else ref
+                if isinstance(url, str) and url.startswith(("http://", "https://")):
+                    part["image_url"] = {"url": await fetch_as_data_url(url, settings)}
+
+
+def _chunk(completion_id: str, created: int, model: str, delta: dict, finish: str | None = None) -> str:
+    return json.dumps(
+        {
+            "id": completion_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+        }
+    )
+
+
+def _usage(final: Final) -> dict[str, int]:
+    return {
+        "prompt_tokens": final.prompt_tokens,
+        "completion_tokens": final.output_tokens,
+        "total_tokens": final.prompt_tokens + final.output_tokens,
+    }
+
+
+def _finish(reason: str) -> str:
+    return "length" if reason == "length" else "stop"
+
+
+@router.post("/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, request: Request):
+    settings = request.app.state.settings
+    model = check_model(settings, body.model)
+    if body.n != 1:
+        raise InvalidParameter(f"n must be 1 (one choice per request), got {body.n}")
+    await _inline_remote_images(body.messages, settings)
+    generation = GenerationRequest(
+        model,
+        parse_openai_messages(body.messages),
+        body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens,
+        body.temperature,
+        body.top_p,
+    )
+    stream = generate(request.app.state.backend, with_defaults(settings, generation))
+    first, stream = await first_item(stream)
+    completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    if not body.stream:
+        final = first
+        while not isinstance(final, Final):
+            final = await anext(stream)
+        message: dict[str, Any] = {"role": "assistant", "content": final.text}
+        if final.entities is not None:
+            message["entities"] = final.entities
+        return {
+            "id": completion_id,
+            "object": "chat.completion",
+            "created": created,
+            "model": model,
+            "choices": [{"index": 0, "message": message, "finish_reason": _finish(final.finish_reason)}],
+            "usage": _usage(final),
+        }
+
+    async def events():
+        yield {"data": _chunk(completion_id, created, model, {"role": "assistant", "content": ""})}
+        try:
+            item = first
+            while True:
+                if isinstance(item, Final):
+                    last = json.loads(_chunk(completion_id, created, model, {}, _finish(item.finish_reason)))
+                    last["usage"] = _usage(item)
+                    if item.entities is not None:
+                        last["entities"] = item.entities
+                    yield {"data": json.dumps(last)}
+                    break
+                yield {"data": _chunk(completion_id, created, model, {"content": item})}
+                item = await anext(stream)
+        except EngineError as exc:  # mid-stream: the status line is already sent
+            yield {"data": json.dumps({"error": {"message": exc.message, "type": exc.code, "code": exc.code}})}
+        yield {"data": "[DONE]"}
+
+    return EventSourceResponse(events(), ping=15, headers={"X-Accel-Buffering": "no"})
+
+
+@router.get("/models")
+async def list_models(request: Request):
+    ready = await request.app.state.backend.ready()
+    return {
+        "object": "list",
+        "data": [
+            {"id": name, "object": "model", "created": 0, "owned_by": "vlm-serve", "ready": ready.get(name, False)}
+            for name in request.app.state.settings.models
+        ],
+    }

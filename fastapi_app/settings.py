@@ -1,0 +1,61 @@
+"""Service settings, from the environment (and a ``.env`` file); see ``.env.example``."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from vlm_engine.settings import MODELS
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", protected_namespaces=())
+
+    inference_backend: Literal["triton", "local"] = "triton"
+    triton_grpc_url: str = "127.0.0.1:8001"
+    triton_timeout_s: float = Field(300.0, gt=0, description="longest a generation may take")
+    served_models: str = Field(",".join(MODELS), description="comma-separated model names offered")
+    default_model: str = "qwen3-vl"
+    # Local backend (the direct path): which models to load in-process; MODEL_PATH is the
+    # seed's name for the weights when exactly one model is loaded.
+    local_models: str = ""
+    model_path: str | None = None
+    # Request defaults (the seed's names); unset means the model's own defaults.
+    max_new_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    max_history: int = Field(10, ge=0, description="turns kept per session")
+    history_db: Path = Path("data/history.sqlite3")
+    max_body_bytes: int = Field(25 * 1024 * 1024, ge=1024, description="larger bodies get 413")
+    allow_remote_images: bool = False
+    remote_image_max_bytes: int = Field(10 * 1024 * 1024, ge=1)
+    remote_image_timeout_s: float = Field(10.0, gt=0)
+
+    @field_validator("served_models", "local_models")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        unknown = [m for m in _split(value) if m not in MODELS]
+        if unknown:
+            raise ValueError(f"unknown model(s) {unknown}; choose from {', '.join(MODELS)}")
+        return value
+
+    @property
+    def models(self) -> list[str]:
+        return _split(self.served_models)
+
+    @property
+    def local_model_list(self) -> list[str]:
+        return _split(self.local_models) or self.models
+
+
+def _split(value: str) -> list[str]:
+    return [m.strip() for m in value.split(",") if m.strip()]
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,173 @@
+// vlm-serve web page: pick a model and an image, ask, watch the answer stream in.
+"use strict";
+const $ = (id) => document.getElementById(id);
+let image = null;
+let sessionId = localStorage.getItem("vlm-session") || newSessionId();
+
+function newSessionId() {
+  const id = (crypto.randomUUID ? crypto.randomUUID() : String(Date.now()) + Math.random()).replace(/-/g, "");
+  localStorage.setItem("vlm-session", id);
+  return id;
+}
+
+function showError(message) {
+  $("error").textContent = message;
+  $("error").hidden = !message;
+}
+
+function addEntry(role, text) {
+  const li = document.createElement("li");
+  li.className = role;
+  li.textContent = text;
+  $("log").appendChild(li);
+  $("log").scrollTop = $("log").scrollHeight;
+  return li;
+}
+
+async function loadModels() {
+  try {
+    const reply = await fetch("/v1/models");
+    const { data } = await reply.json();
+    $("model").innerHTML = "";
+    for (const model of data) {
+      const option = new Option(model.ready ? model.id : `${model.id} (not ready)`, model.id);
+      $("model").add(option);
+    }
+    const saved = localStorage.getItem("vlm-model");
+    if (saved && data.some((m) => m.id === saved)) $("model").value = saved;
+  } catch (err) {
+    showError(`Could not list the models: ${err}`);
+  }
+}
+
+async function loadHistory() {
+  const reply = await fetch(`/api/sessions/${sessionId}`);
+  if (!reply.ok) return;
+  for (const turn of (await reply.json()).turns) {
+    addEntry("user", turn.prompt + (turn.had_image ? "  [image]" : ""));
+    addEntry("assistant", turn.response);
+  }
+}
+
+function setImage(file) {
+  if (!file) return;
+  if (!file.type.startsWith("image/")) { showError(`${file.name} is not an image`); return; }
+  image = file;
+  $("preview").src = URL.createObjectURL(file);
+  $("preview-wrap").hidden = false;
+  $("clear-image").hidden = false;
+  clearBoxes();
+  showError("");
+}
+
+function clearBoxes() {
+  const canvas = $("boxes");
+  canvas.getContext("2d").clearRect(0, 0, canvas.width, canvas.height);
+}
+
+function drawBoxes(entities) {
+  const canvas = $("boxes");
+  const img = $("preview");
+  canvas.width = img.clientWidth;
+  canvas.height = img.clientHeight;
+  const ctx = canvas.getContext("2d");
+  ctx.lineWidth = 2;
+  ctx.font = "13px system-ui";
+  entities.forEach((entity, i) => {
+    const color = `hsl(${(i * 67) % 360} 80% 45%)`;
+    for (const [x0, y0, x1, y1] of entity.boxes) {
+      const x = x0 * canvas.width, y = y0 * canvas.height;
+      ctx.strokeStyle = ctx.fillStyle = color;
+      ctx.strokeRect(x, y, (x1 - x0) * canvas.width, (y1 - y0) * canvas.height);
+      ctx.fillText(entity.phrase, x + 3, Math.max(12, y - 3));
+    }
+  });
+}
+
+async function errorText(reply) {
+  try {
+    const body = await reply.json();
+    return body.detail || (body.error && body.error.message) || JSON.stringify(body);
+  } catch {
+    return `HTTP ${reply.status}`;
+  }
+}
+
+async function ask(event) {
+  event.preventDefault();
+  const prompt = $("prompt").value.trim();
+  if (!prompt) { showError("Type a prompt first."); return; }
+  showError("");
+  $("send").disabled = true;
+  addEntry("user", prompt + (image ? "  [image]" : ""));
+  const answer = addEntry("assistant", "");
+  const form = new FormData();
+  form.append("session_id", sessionId);
+  form.append("model", $("model").value);
+  form.append("prompt", prompt);
+  form.append("stream", "true");
+  if (image) form.append("image", image);
+  localStorage.setItem("vlm-model", $("model").value);
+  try {
+    const reply = await fetch("/api/chat", { method: "POST", body: form });
+    if (!reply.ok) throw new Error(await errorText(reply));
+    await readEvents(reply, (event) => {
+      if (event.type === "chunk") {
+        answer.textContent += event.content;
+        $("log").scrollTop = $("log").scrollHeight;
+      } else if (event.type === "done") {
+        answer.textContent = event.response;
+        const meta = document.createElement("span");
+        meta.className = "meta";
+        meta.textContent = `${event.model} · ${event.seconds.toFixed(2)} s · ${event.usage.completion_tokens} tokens`;
+        answer.appendChild(meta);
+        if (event.entities && event.entities.length && image) drawBoxes(event.entities);
+      } else if (event.type === "error") {
+        throw new Error(event.message);
+      }
+    });
+    $("prompt").value = "";
+  } catch (err) {
+    answer.remove();
+    showError(String(err.message || err));
+  } finally {
+    $("send").disabled = false;
+  }
+}
+
+async function readEvents(reply, onEvent) {
+  const reader = reply.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    buffer += decoder.decode(value, { stream: true });
+    let cut;
+    while ((cut = buffer.search(/\r?\n\r?\n/)) >= 0) {
+      const block = buffer.slice(0, cut);
+      buffer = buffer.slice(cut).replace(/^\r?\n\r?\n/, "");
+      const data = block.split(/\r?\n/).filter((l) => l.startsWith("data:")).map((l) => l.slice(5).trim()).join("\n");
+      if (data) onEvent(JSON.parse(data));
+    }
+  }
+}
+
+const drop = $("drop");
+drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
+drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+drop.addEventListener("drop", (e) => { e.preventDefault(); drop.classList.remove("over"); setImage(e.dataTransfer.files[0]); });
+$("file").addEventListener("change", (e) => setImage(e.target.files[0]));
+$("clear-image").addEventListener("click", () => {
+  image = null; $("preview-wrap").hidden = true; $("clear-image").hidden = true; $("file").value = "";
+});
+$("new-chat").addEventListener("click", async () => {
+  await fetch(`/api/sessions/${sessionId}`, { method: "DELETE" });
+  sessionId = newSessionId();
+  $("log").innerHTML = "";
+  showError("");
+});
+$("ask").addEventListener("submit", ask);
+$("prompt").addEventListener("keydown", (e) => { if (e.key === "Enter" && !e.shiftKey) ask(e); });
+loadModels();
+loadHistory();
