@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 INSTALLED := .cache/installed.stamp
 TRITON := .triton/.installed-0.7.0-py$(shell $(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])')
 
-.PHONY: help install tiny-models models demo triton test lint
+.PHONY: help install tiny-models models demo triton api test lint
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -34,6 +34,9 @@ demo: install tiny-models  ## serve the four tiny models with Triton on :8000/:8
 
 triton: install  ## serve the real models (from the HF cache or *_MODEL_PATH) with Triton
 	$(PYTHON) -m vlm_triton.launch
+
+api: install  ## run the FastAPI service on :8080 (Triton backend; INFERENCE_BACKEND=local for in-process)
+	$(PYTHON) -m uvicorn --factory fastapi_app.main:create_app --host 127.0.0.1 --port 8080
 
 lint: $(INSTALLED)  ## ruff
 	$(PYTHON) -m ruff check .

@@ -53,7 +53,8 @@ class HistoryStore:
     def add(self, session_id: str, model: str, prompt: str, response: str, had_image: bool) -> None:
         with self._lock, self._db:
             self._db.execute(
-                "INSERT INTO turns (session_id, model, prompt, response, had_image, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT INTO turns (session_id, model, prompt, response, had_image, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
                 (session_id, model, prompt, response, int(had_image), time.time()),
             )
             self._db.execute(

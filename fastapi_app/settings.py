@@ -13,7 +13,7 @@ from vlm_engine.settings import MODELS
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_file=".env", extra="ignore", protected_namespaces=())
+    model_config = SettingsConfigDict(env_file=".env", env_ignore_empty=True, extra="ignore", protected_namespaces=())
 
     inference_backend: Literal["triton", "local"] = "triton"
     triton_grpc_url: str = "127.0.0.1:8001"

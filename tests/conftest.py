@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from vlm_triton.launch import TritonProcess
+
 # Tests never reach a model hub: everything loads from local folders.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -54,3 +56,31 @@ def png() -> bytes:
 @pytest.fixture(scope="session")
 def jpeg() -> bytes:
     return image_bytes((97, 211), "JPEG", (20, 120, 220))
+
+
+# Small limits so that the limit checks are cheap to exercise; they are settings like any other.
+TRITON_ENV = {"MAX_IMAGE_PIXELS": "1000000", "MAX_PROMPT_TOKENS": "512", "MAX_TOKENS_CAP": "64"}
+
+
+def start_triton(models_dir: Path, log_name: str, models: list[str] | None = None, **ports) -> TritonProcess:
+    """A real tritonserver on 127.0.0.1 serving triton_models/ with the tiny checkpoints."""
+    ports = {"http_port": free_port(), "grpc_port": free_port(), "metrics_port": free_port(), **ports}
+    server = TritonProcess(
+        ARTIFACTS / log_name,
+        env={"VLM_MODELS_DIR": str(models_dir), "HF_HUB_OFFLINE": "1", **TRITON_ENV},
+        models=models,
+        **ports,
+    ).start()
+    try:
+        server.wait_ready(timeout_s=300)
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
+@pytest.fixture(scope="session")
+def triton(tiny_models_dir):
+    server = start_triton(tiny_models_dir, "tritonserver.log")
+    yield server
+    server.stop()

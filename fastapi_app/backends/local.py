@@ -8,6 +8,8 @@ import os
 import threading
 from collections.abc import AsyncIterator
 
+from dotenv import dotenv_values
+
 from fastapi_app.backends.base import Final, GenerationRequest
 from fastapi_app.settings import Settings
 from vlm_engine.engine import VLMEngine
@@ -26,7 +28,8 @@ class LocalBackend:
         self.locks: dict[str, threading.Lock] = {}
 
     def _env(self, model: str) -> dict[str, str]:
-        env = dict(os.environ)
+        """Model settings come from the environment, and from .env like the service's own."""
+        env = {k: v for k, v in dotenv_values(".env").items() if v} | dict(os.environ)
         key = f"{env_prefix(model)}_MODEL_PATH"
         if self.settings.model_path and len(self.settings.local_model_list) == 1 and not env.get(key):
             env[key] = self.settings.model_path  # the seed's MODEL_PATH

@@ -1,0 +1,109 @@
+"""/api/chat with server-side history, on both backends."""
+
+from __future__ import annotations
+
+import base64
+import json
+import uuid
+
+import httpx
+
+from tests.fastapi_app.conftest import ApiProcess
+
+
+def chat(api, **body) -> dict:
+    reply = httpx.post(api.url + "/api/chat", json={"max_tokens": 8, "temperature": 0.0, **body}, timeout=60)
+    assert reply.status_code == 200, reply.text
+    return reply.json()
+
+
+def completion(api, messages) -> str:
+    body = {"model": "llava", "messages": messages, "max_tokens": 8, "temperature": 0.0}
+    reply = httpx.post(api.url + "/v1/chat/completions", json=body, timeout=60)
+    return reply.json()["choices"][0]["message"]["content"]
+
+
+def test_second_turn_sees_the_first_exchange(any_api, png):
+    session = uuid.uuid4().hex
+    image = base64.b64encode(png).decode()
+    first = chat(any_api, session_id=session, model="llava", prompt="Describe this picture.", image=image)
+    assert first["seconds"] > 0 and first["response"]
+    second = chat(any_api, session_id=session, model="llava", prompt="And the colors?")
+    with_history = completion(
+        any_api,
+        [
+            {"role": "user", "content": "Describe this picture."},
+            {"role": "assistant", "content": first["response"]},
+            {"role": "user", "content": "And the colors?"},
+        ],
+    )
+    alone = completion(any_api, [{"role": "user", "content": "And the colors?"}])
+    assert second["response"] == with_history
+    assert with_history != alone, "the history should change the answer"
+
+
+def test_history_is_trimmed_and_survives_a_restart(tmp_path, triton):
+    db = tmp_path / "history.sqlite3"
+    env = {"HISTORY_DB": str(db), "MAX_HISTORY": "2", "TRITON_GRPC_URL": triton.grpc_url}
+    session = uuid.uuid4().hex
+    api = ApiProcess("api-restart", env).start()
+    try:
+        for i in range(3):
+            chat(api, session_id=session, model="qwen3-vl", prompt=f"question {i}")
+        kept = httpx.get(f"{api.url}/api/sessions/{session}").json()["turns"]
+        assert [t["prompt"] for t in kept] == ["question 1", "question 2"]
+    finally:
+        api.stop()
+    api = ApiProcess("api-restart", env).start()
+    try:
+        after = httpx.get(f"{api.url}/api/sessions/{session}").json()["turns"]
+        assert after == kept
+        assert httpx.delete(f"{api.url}/api/sessions/{session}").status_code == 204
+        missing = httpx.get(f"{api.url}/api/sessions/{session}")
+        assert missing.status_code == 404 and "no session" in missing.json()["detail"]
+    finally:
+        api.stop()
+
+
+def test_multipart_upload_streams_chunks_then_done(api, jpeg):
+    files = {"image": ("photo.jpg", jpeg, "image/jpeg")}
+    data = {
+        "session_id": uuid.uuid4().hex,
+        "model": "kosmos2",
+        "prompt": "An image of",
+        "stream": "true",
+        "max_tokens": "8",
+        "temperature": "0",
+    }
+    events = []
+    with httpx.stream("POST", api.url + "/api/chat", data=data, files=files, timeout=60) as reply:
+        assert reply.status_code == 200
+        assert reply.headers["content-type"].startswith("text/event-stream")
+        for line in reply.iter_lines():
+            if line.startswith("data: "):
+                events.append(json.loads(line[6:]))
+    assert [e["type"] for e in events[:-1]] == ["chunk"] * (len(events) - 1) and len(events) >= 3
+    done = events[-1]
+    assert done["type"] == "done" and done["response"] == "".join(e["content"] for e in events[:-1])
+    assert done["seconds"] > 0 and isinstance(done["entities"], list)
+
+
+def test_rest_chat_bad_input(api):
+    cases = [
+        ({"model": "llava"}, 400, "prompt: Field required"),
+        ({"prompt": "hi", "model": "nope"}, 404, "unknown model"),
+        ({"prompt": "hi", "model": "llava", "image": "%%%"}, 400, "base64"),
+        (
+            {"prompt": "hi", "model": "llava", "image": base64.b64encode(b"not an image").decode()},
+            400,
+            "not a recognised image",
+        ),
+        ({"prompt": "", "model": "llava"}, 400, "prompt is empty"),
+        ({"prompt": "hi", "model": "llava", "max_tokens": 0}, 400, "max_tokens must be between"),
+    ]
+    for body, status, says in cases:
+        reply = httpx.post(api.url + "/api/chat", json=body, timeout=30)
+        assert reply.status_code == status, (body, reply.text)
+        assert says in reply.json()["detail"], (body, reply.json())
+    reply = httpx.post(api.url + "/api/chat", content=b"{oops", headers={"content-type": "application/json"})
+    assert reply.status_code == 400 and "not valid JSON" in reply.json()["detail"]

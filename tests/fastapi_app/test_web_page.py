@@ -1,0 +1,81 @@
+"""The web page in a real headless Chromium (Debian's), driven by Playwright."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from playwright.sync_api import expect, sync_playwright
+
+from tests.conftest import ARTIFACTS
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        yield chromium
+        chromium.close()
+
+
+def test_upload_ask_and_watch_the_answer_stream_in(api, browser, tmp_path, png):
+    image = tmp_path / "photo.png"
+    image.write_bytes(png)
+    page = browser.new_page(viewport={"width": 1100, "height": 760})
+    page.goto(api.url + "/")
+    expect(page.locator("#model option")).to_have_count(4)
+    page.select_option("#model", "qwen3-vl")
+    page.set_input_files("#file", str(image))
+    expect(page.locator("#preview")).to_be_visible()
+    # record how the answer's text grows while it streams
+    page.evaluate("""() => {
+        window.lengths = [];
+        new MutationObserver(() => {
+            const answers = document.querySelectorAll('#log li.assistant');
+            if (answers.length) window.lengths.push(answers[answers.length - 1].textContent.length);
+        }).observe(document.getElementById('log'), {subtree: true, childList: true, characterData: true});
+    }""")
+    page.fill("#prompt", "What is in this image?")
+    page.click("#send")
+    answer = page.locator("#log li.assistant").last
+    expect(answer.locator(".meta")).to_contain_text("qwen3-vl", timeout=60_000)
+    lengths = page.evaluate("window.lengths")
+    growing = [n for n in lengths if n > 0]
+    assert len(set(growing)) >= 3, f"answer did not stream in: lengths seen {lengths}"
+    assert answer.inner_text().strip()
+    expect(page.locator("#log li.user").last).to_contain_text("What is in this image?")
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "web-page.png"), full_page=True)
+    page.close()
+
+
+def test_errors_are_shown_as_readable_messages(api, browser, tmp_path):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    page = browser.new_page()
+    page.goto(api.url + "/")
+    expect(page.locator("#model option")).to_have_count(4)
+    page.set_input_files("#file", str(broken))
+    page.fill("#prompt", "What is this?")
+    page.click("#send")
+    expect(page.locator("#error")).to_contain_text("not a recognised image", timeout=30_000)
+    page.close()
+
+
+def test_page_has_no_external_resources(api):
+    import httpx
+
+    html = httpx.get(api.url + "/").text + httpx.get(api.url + "/static/app.js").text
+    assert "http://" not in html.replace("http://127.0.0.1", "") and "https://" not in html
