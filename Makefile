@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 INSTALLED := .cache/installed.stamp
 TRITON := .triton/.installed-0.7.0-py$(shell $(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])')
 
-.PHONY: help install tiny-models models demo triton api test lint
+.PHONY: help install tiny-models models demo up down status logs triton api test lint
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -29,10 +29,22 @@ tiny-models: $(INSTALLED)  ## build tiny random-weight checkpoints of the four m
 models: $(INSTALLED)  ## download real weights into the HF cache (MODELS="llava qwen3-vl"; default all four)
 	$(PYTHON) -m vlm_engine.download $(MODELS)
 
-demo: install tiny-models  ## serve the four tiny models with Triton on :8000/:8001/:8002 (Ctrl-C stops)
-	HF_HUB_OFFLINE=1 VLM_MODELS_DIR=$(TINY_DIR) $(PYTHON) -m vlm_triton.launch
+demo: install tiny-models  ## the whole stack with the tiny checkpoints (no GPU, no downloads), in the background
+	HF_HUB_OFFLINE=1 VLM_MODELS_DIR=$(abspath $(TINY_DIR)) PYTHON=$(PYTHON) ./triton_start.sh up
 
-triton: install  ## serve the real models (from the HF cache or *_MODEL_PATH) with Triton
+up: install  ## the whole stack with real weights: Compose (GPU or CPU file) or local processes
+	PYTHON=$(PYTHON) ./triton_start.sh up
+
+down:  ## stop the stack
+	PYTHON=$(PYTHON) ./triton_start.sh down
+
+status:  ## each service and model, ready or not
+	PYTHON=$(PYTHON) ./triton_start.sh status
+
+logs:  ## the last lines of every service's log
+	PYTHON=$(PYTHON) ./triton_start.sh logs
+
+triton: install  ## only tritonserver, in the foreground (real weights; VLM_MODELS_DIR for others)
 	$(PYTHON) -m vlm_triton.launch
 
 api: install  ## run the FastAPI service on :8080 (Triton backend; INFERENCE_BACKEND=local for in-process)
@@ -41,6 +53,6 @@ api: install  ## run the FastAPI service on :8080 (Triton backend; INFERENCE_BAC
 lint: $(INSTALLED)  ## ruff
 	$(PYTHON) -m ruff check .
 
-test: install tiny-models  ## every test: lint, unit, and integration against a real tritonserver
+test: install tiny-models  ## every test: lint, unit, Triton, the service, the local stack end to end
 	$(PYTHON) -m ruff check .
 	HF_HUB_OFFLINE=1 VLM_MODELS_DIR=$(TINY_DIR) $(PYTHON) -m pytest $(PYTEST_ARGS)

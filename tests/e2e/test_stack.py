@@ -1,0 +1,147 @@
+"""End-to-end through nginx: page, KServe v2 with tritonclient, OpenAI SDK streaming, SSE,
+blocked admin APIs, body limit, and Prometheus seeing every target and model."""
+
+from __future__ import annotations
+
+import base64
+import time
+
+import httpx
+import openai
+import pytest
+import requests
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+
+from tests.integration.helpers import GREEDY, MODELS, inputs, text_of
+
+
+def test_web_page_and_docs_load(stack):
+    page = httpx.get(stack.url + "/", timeout=10)
+    assert page.status_code == 200 and "vlm-serve" in page.text
+    assert httpx.get(stack.url + "/static/app.js", timeout=10).status_code == 200
+    assert httpx.get(stack.url + "/docs", timeout=10).status_code == 200
+    assert httpx.get(stack.url + "/health/ready", timeout=10).json()["status"] == "ready"
+    assert "x-request-id" in page.headers
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_tritonclient_http_infer_through_nginx(stack, model, png):
+    client = httpclient.InferenceServerClient(stack.host_port)
+    assert client.is_server_ready() and client.is_model_ready(model)
+    result = client.infer(model, inputs(httpclient, "What is in this image?", png, max_tokens=8, **GREEDY))
+    assert text_of(result).strip()
+
+
+def test_tritonclient_grpc_through_nginx(stack, jpeg):
+    client = grpcclient.InferenceServerClient(stack.grpc_url)
+    assert client.is_server_ready()
+    result = client.infer("llava", inputs(grpcclient, "What is this?", jpeg, max_tokens=6, **GREEDY))
+    assert text_of(result).strip()
+
+
+def test_openai_sdk_streaming_through_nginx(stack, png):
+    client = openai.OpenAI(base_url=stack.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    url = "data:image/png;base64," + base64.b64encode(png).decode()
+    chunks = client.chat.completions.create(
+        model="qwen3-vl",
+        max_tokens=12,
+        temperature=0.0,
+        stream=True,
+        messages=[
+            {
+                "role": "user",
+                "content": [{"type": "text", "text": "Describe it."}, {"type": "image_url", "image_url": {"url": url}}],
+            }
+        ],
+    )
+    deltas = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len(deltas) >= 2 and "".join(deltas).strip()
+
+
+def test_generate_stream_arrives_over_time_not_in_one_lump(stack):
+    start = time.monotonic()
+    arrivals = []
+    body = {"prompt": "Describe the picture in detail.", "max_tokens": 64, "temperature": 0.0}
+    with requests.post(
+        f"{stack.url}/v2/models/moondream2_stream/generate_stream", json=body, stream=True, timeout=120
+    ) as reply:
+        assert reply.status_code == 200
+        assert reply.headers["content-type"].startswith("text/event-stream")
+        for block in reply.iter_content(chunk_size=None):
+            arrivals.append((time.monotonic() - start, block.count(b"data: ")))
+    events = sum(n for _, n in arrivals)
+    assert events >= 10, f"only {events} events"
+    first, last = arrivals[0][0], arrivals[-1][0]
+    assert len(arrivals) >= 5, f"the events came in {len(arrivals)} reads: buffered"
+    assert last - first >= 0.3 * last, f"first event at {first:.3f}s, last at {last:.3f}s: one lump"
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("POST", "/v2/repository/index"),
+        ("POST", "/v2/repository/models/llava/load"),
+        ("POST", "/v2/repository/models/llava/unload"),
+        ("GET", "/v2/systemsharedmemory/status"),
+        ("GET", "/v2/cudasharedmemory/status"),
+        ("GET", "/v2/trace/setting"),
+        ("GET", "/v2/logging"),
+        ("GET", "/v2/models/stats"),
+        ("GET", "/v2/models/llava/stats"),
+        ("GET", "/v2/models/llava/versions/1/stats"),
+    ],
+)
+def test_triton_admin_apis_are_blocked(stack, method, path):
+    reply = httpx.request(method, stack.url + path, timeout=10)
+    assert reply.status_code == 403, f"{method} {path}: {reply.status_code}"
+
+
+def test_inference_apis_stay_open(stack):
+    for path in (
+        "/v2",
+        "/v2/health/live",
+        "/v2/health/ready",
+        "/v2/models/llava",
+        "/v2/models/llava/ready",
+        "/v2/models/llava/config",
+        "/v2/models/llava/versions/1",
+    ):
+        assert httpx.get(stack.url + path, timeout=10).status_code == 200, path
+
+
+def test_a_30_mb_body_gets_413_with_json(stack):
+    reply = httpx.post(
+        stack.url + "/v1/chat/completions",
+        content=b"x" * (30 * 1024 * 1024),
+        headers={"content-type": "application/json"},
+        timeout=60,
+    )
+    assert reply.status_code == 413
+    assert "over the gateway limit" in reply.json()["error"]["message"]
+
+
+def _query(stack, expr: str) -> list[dict]:
+    reply = httpx.get(stack.prometheus_url + "/api/v1/query", params={"query": expr}, timeout=10)
+    return reply.json()["data"]["result"]
+
+
+def test_prometheus_scrapes_every_target_and_sees_every_model(stack, png):
+    for model in MODELS:  # traffic for every model, through nginx
+        client = httpclient.InferenceServerClient(stack.host_port)
+        client.infer(model, inputs(httpclient, "What is this?", png, max_tokens=4, **GREEDY))
+    deadline = time.monotonic() + 60
+    while True:
+        up = {r["metric"]["job"]: r["value"][1] for r in _query(stack, "up")}
+        seen = {r["metric"]["model"] for r in _query(stack, "nv_inference_request_success > 0")}
+        if (
+            set(up) >= {"triton", "fastapi", "nginx", "prometheus"}
+            and set(up.values()) == {"1"}
+            and seen >= set(MODELS)
+        ):
+            break
+        assert time.monotonic() < deadline, f"targets {up}, models with successes {seen}"
+        time.sleep(2)
+    rules = httpx.get(stack.prometheus_url + "/api/v1/rules", timeout=10).json()["data"]["groups"]
+    names = {rule["name"] for group in rules for rule in group["rules"]}
+    assert {"vlm:batch_size_mean", "vlm:ttft_p95_seconds", "VLMModelNotReady"} <= names

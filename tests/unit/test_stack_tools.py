@@ -1,0 +1,102 @@
+"""Start-up helpers: mode detection (with fake system commands), templates, port settings."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+from vlm_stack.config import StackConfig
+from vlm_stack.render import render
+
+TOOLS = ["bash", "grep", "timeout", "env", "cat"]
+
+
+def _sandbox_path(tmp_path: Path, fakes: dict[str, str]) -> str:
+    """A PATH with only basic tools and the given fake commands (name -> script body)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in TOOLS:
+        real = subprocess.run(["bash", "-c", f"command -v {tool}"], capture_output=True, text=True).stdout.strip()
+        (bin_dir / tool).symlink_to(real)
+    for name, body in fakes.items():
+        script = bin_dir / name
+        script.write_text(f"#!/bin/bash\n{body}\n")
+        script.chmod(0o755)
+    return str(bin_dir)
+
+
+def detect(tmp_path: Path, fakes: dict[str, str], **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(ROOT / "scripts" / "detect.sh")],
+        env={"PATH": _sandbox_path(tmp_path, fakes), **env},
+        capture_output=True,
+        text=True,
+    )
+
+
+DOCKER = 'case "$1" in info) echo "Runtimes: {runtimes}";; compose) echo "Docker Compose version v2.26.1";; esac'
+SMI = 'echo "GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-fake)"'
+
+
+def test_no_docker_means_local_even_with_a_gpu(tmp_path):
+    assert detect(tmp_path, {"nvidia-smi": SMI}).stdout.strip() == "local"
+
+
+def test_docker_without_gpu_means_the_cpu_file(tmp_path):
+    assert detect(tmp_path, {"docker": DOCKER.format(runtimes="runc")}).stdout.strip() == "cpu"
+
+
+def test_fake_nvidia_smi_with_the_nvidia_runtime_picks_the_gpu_file(tmp_path):
+    fakes = {"docker": DOCKER.format(runtimes="io.containerd.runc.v2 nvidia runc"), "nvidia-smi": SMI}
+    assert detect(tmp_path, fakes).stdout.strip() == "gpu"
+
+
+def test_gpu_without_container_toolkit_falls_back_to_cpu(tmp_path):
+    fakes = {"docker": DOCKER.format(runtimes="runc"), "nvidia-smi": SMI}
+    assert detect(tmp_path, fakes).stdout.strip() == "cpu"
+
+
+def test_docker_without_a_daemon_means_local(tmp_path):
+    assert detect(tmp_path, {"docker": "exit 1"}).stdout.strip() == "local"
+
+
+def test_mode_can_be_forced_and_is_checked(tmp_path):
+    assert detect(tmp_path, {}, VLM_STACK_MODE="gpu").stdout.strip() == "gpu"
+    (tmp_path / "again").mkdir()
+    wrong = detect(tmp_path / "again", {}, VLM_STACK_MODE="tpu")
+    assert wrong.returncode == 2 and "gpu, cpu or local" in wrong.stderr
+
+
+def test_compose_files_use_the_detected_mode():
+    script = (ROOT / "triton_start.sh").read_text()
+    assert "docker-compose.yml" in script and "docker-compose-cpu.yml" in script and "vlm_stack" in script
+
+
+def test_nginx_template_renders_for_local_ports_and_misses_nothing():
+    config = StackConfig.from_env({"NGINX_PORT": "8088", "API_PORT": "9000", "TRITON_HTTP_PORT": "9001"})
+    text = render((ROOT / "nginx/templates/vlm.conf.template").read_text(), config.nginx_vars())
+    assert "listen 8088;" in text and "server 127.0.0.1:9000;" in text and "server 127.0.0.1:9001;" in text
+    assert "${" not in text
+    assert "$request_id" in text  # nginx's own variables are left alone
+    with pytest.raises(KeyError, match="NGINX_MAX_BODY"):
+        render("client_max_body_size ${NGINX_MAX_BODY};", {})
+
+
+def test_port_settings_are_validated():
+    with pytest.raises(SystemExit, match="NGINX_PORT must be a port number"):
+        StackConfig.from_env({"NGINX_PORT": "eighty"})
+    with pytest.raises(SystemExit, match="between 1 and 65535"):
+        StackConfig.from_env({"API_PORT": "70000"})
+    assert StackConfig.from_env({"NGINX_MAX_BODY": "25m"}).max_body_bytes() == 25 * 1024 * 1024
+
+
+def test_port_80_without_root_says_so_and_offers_another():
+    from vlm_stack.local import check_port_privilege
+
+    with pytest.raises(SystemExit, match=r"port 80 needs root.*NGINX_PORT=8088"):
+        check_port_privilege(80, euid=1000)
+    check_port_privilege(80, euid=0)
+    check_port_privilege(8088, euid=1000)

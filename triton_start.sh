@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Bring the whole stack up, the way this machine allows: Docker Compose with the GPU file on
+# an NVIDIA host, the CPU file without a GPU, local processes without Docker.
+#   ./triton_start.sh [up|down|status|logs]      (default: up)
+# Environment: NGINX_PORT (80), VLM_MODELS_DIR (empty: real weights), VLM_STACK_MODE (force).
+set -euo pipefail
+cd "$(dirname "$0")"
+command=${1:-up}
+mode=$(./scripts/detect.sh)
+PYTHON=${PYTHON:-python3}
+compose_file=docker-compose-cpu.yml
+[ "$mode" = gpu ] && compose_file=docker-compose.yml
+echo "[stack] mode: $mode$([ "$mode" != local ] && echo " ($compose_file)")"
+if [ "$mode" = local ]; then
+  exec "$PYTHON" -m vlm_stack "$command"
+fi
+case "$command" in
+  up) docker compose -f "$compose_file" up -d --build --wait
+      echo "vlm-serve is up: http://localhost$([ "${NGINX_PORT:-80}" != 80 ] && echo ":${NGINX_PORT}")/" ;;
+  down) docker compose -f "$compose_file" down ;;
+  status) docker compose -f "$compose_file" ps ;;
+  logs) docker compose -f "$compose_file" logs --tail=100 ;;
+  *) echo "usage: $0 [up|down|status|logs]" >&2; exit 2 ;;
+esac

@@ -1,0 +1,34 @@
+"""``python -m vlm_stack up|down|status|logs`` for the local (no Docker) stack."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from vlm_stack.config import StackConfig
+from vlm_stack.local import LocalStack
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m vlm_stack", description=__doc__)
+    parser.add_argument("command", choices=["up", "down", "status", "logs"])
+    parser.add_argument("--timeout", type=float, default=900, help="seconds to wait for each service")
+    args = parser.parse_args(argv)
+    stack = LocalStack(StackConfig.from_env())
+    if args.command == "up":
+        try:
+            stack.up(args.timeout)
+        except BaseException:
+            stack.down()
+            raise
+    elif args.command == "down":
+        stack.down()
+    elif args.command == "status":
+        return 0 if stack.status() else 1
+    else:
+        stack.logs_tail()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
