@@ -60,6 +60,22 @@ def _request_inputs(request) -> tuple[str, bool, list[pb_utils.Tensor]]:
     return model, streaming, inputs
 
 
+def _relay(pieces, sender, streaming: bool) -> None:
+    answer = []
+    for piece in pieces:
+        if piece.error is not None:
+            sender.send(_message("error", piece.error.message()), flags=FINAL)
+            return
+        if piece.text:
+            answer.append(piece.text)
+            if streaming:
+                sender.send(_message("chunk", piece.text))
+    if streaming:
+        sender.send(_message("complete"), flags=FINAL)
+    else:
+        sender.send(_message("complete", "".join(answer)), flags=FINAL)
+
+
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         self.log = pb_utils.Logger
@@ -72,19 +88,8 @@ class TritonPythonModel:
             sender.send(_message("error", str(exc)), flags=FINAL)
             return
         pieces = await stream_from(f"{model}_stream", inputs, ["generated_text"])
-        answer = []
-        for piece in pieces:
-            if piece.error is not None:
-                sender.send(_message("error", piece.error.message()), flags=FINAL)
-                return
-            if piece.text:
-                answer.append(piece.text)
-                if streaming:
-                    sender.send(_message("chunk", piece.text))
-        if streaming:
-            sender.send(_message("complete"), flags=FINAL)
-        else:
-            sender.send(_message("complete", "".join(answer)), flags=FINAL)
+        # Relay from a worker thread: waiting for the next piece must not block the event loop.
+        await asyncio.to_thread(_relay, pieces, sender, streaming)
 
     async def execute(self, requests):
         await asyncio.gather(*(self._serve(r) for r in requests))

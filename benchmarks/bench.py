@@ -1,0 +1,331 @@
+"""``make bench``: serving figures measured side by side in one run, on this machine.
+
+Starts what it needs (tritonserver with and without dynamic batching, the local stack
+through nginx, the FastAPI service with the in-process engine), drives them with the same
+requests, and writes ``benchmarks/results/<date>-<host>.json``, ``.md`` and PNG plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import httpx
+
+from benchmarks import load
+from benchmarks.report import write_report
+from tests.conftest import free_port, image_bytes
+from vlm_stack.config import StackConfig
+from vlm_triton.launch import TritonProcess
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+MODEL = "llava"
+PROMPTS = [
+    "What is in this image?",
+    "Describe the picture in detail.",
+    "How many people are there?",
+    "What color is the car?",
+    "Is there a sign? What does it say?",
+    "Describe this image.",
+    "What is on the table?",
+    "Where was this photo taken?",
+]
+IMAGES = [image_bytes((160 + 24 * i, 120 + 16 * i), "PNG", (30 * i, 90, 200 - 20 * i)) for i in range(8)]
+
+
+def say(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def request_inputs(i: int, max_tokens: int) -> list:
+    return load.kserve_inputs(PROMPTS[i % 8], IMAGES[i % 8], max_tokens)
+
+
+def triton_client(url: str):
+    import tritonclient.http.aio as tc
+
+    return tc.InferenceServerClient(url.split("://", 1)[-1], conn_limit=64, conn_timeout=600)
+
+
+def no_batching_repository(target: Path) -> Path:
+    """A copy of triton_models/ whose llava_stream has no dynamic batcher."""
+    shutil.copytree(ROOT / "triton_models", target)
+    config = target / f"{MODEL}_stream" / "config.pbtxt"
+    text = re.sub(r"dynamic_batching \{.*?\n\}\n", "", config.read_text(), flags=re.S)
+    assert "dynamic_batching" not in text
+    config.write_text(text)
+    return target
+
+
+async def batching_sweep(base: str, label: str, concurrencies: list[int], max_tokens: int, per_level: int) -> list:
+    runs = []
+    client = triton_client(base)
+    try:
+        await load.kserve_infer(client, MODEL, request_inputs(0, max_tokens))  # warm
+        for c in concurrencies:
+            total = max(per_level, 2 * c)
+            run = await load.drive(
+                f"{label} c={c}", c, total, lambda i: load.kserve_infer(client, MODEL, request_inputs(i, max_tokens))
+            )
+            runs.append(run)
+            say(f"{label}: {run.summary()}")
+    finally:
+        await client.close()
+    return runs
+
+
+def measure_batching(models_dir: Path, concurrencies: list[int], max_tokens: int, per_level: int) -> dict:
+    env = {"VLM_MODELS_DIR": str(models_dir), "HF_HUB_OFFLINE": "1"}
+    out: dict = {"max_tokens": max_tokens, "model": MODEL, "runs": {}}
+    answers: dict[str, dict[int, str]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        repos = {"batching on": ROOT / "triton_models", "batching off": no_batching_repository(Path(tmp) / "repo")}
+        for label, repo in repos.items():
+            server = TritonProcess(
+                Path(tmp) / f"{label}.log",
+                env=env,
+                model_repository=repo,
+                http_port=free_port(),
+                grpc_port=free_port(),
+                metrics_port=free_port(),
+                models=[MODEL, f"{MODEL}_stream"],
+            ).start()
+            try:
+                server.wait_ready(300, say)
+                runs = asyncio.run(
+                    batching_sweep(f"http://{server.http_url}", label, concurrencies, max_tokens, per_level)
+                )
+                out["runs"][label] = [r.summary() for r in runs]
+                answers[label] = {i % 8: s.text for r in runs for i, s in enumerate(r.samples) if s.ok}
+                stats = httpx.get(f"http://{server.http_url}/v2/models/{MODEL}_stream/stats").json()
+                entry = stats["model_stats"][0]
+                out.setdefault("executions", {})[label] = {
+                    "inferences": int(entry["inference_count"]),
+                    "executions": int(entry["execution_count"]),
+                }
+            finally:
+                server.stop()
+    on, off = out["runs"]["batching on"], out["runs"]["batching off"]
+    out["gain_by_concurrency"] = {
+        str(a["concurrency"]): round(a["rps"] / b["rps"], 2) for a, b in zip(on, off, strict=True)
+    }
+    out["identical_answers"] = answers["batching on"] == answers["batching off"]
+    return out
+
+
+def stack_env(models_dir: Path, run_dir: Path) -> dict[str, str]:
+    names = [
+        "NGINX_PORT",
+        "NGINX_GRPC_PORT",
+        "NGINX_STATUS_PORT",
+        "NGINX_EXPORTER_PORT",
+        "API_PORT",
+        "TRITON_HTTP_PORT",
+        "TRITON_GRPC_PORT",
+        "TRITON_METRICS_PORT",
+        "PROMETHEUS_PORT",
+    ]
+    return {
+        **os.environ,
+        **{n: str(free_port()) for n in names},
+        "NGINX_LOCAL_ONLY": "1",
+        "STACK_RUN_DIR": str(run_dir),
+        "VLM_MODELS_DIR": str(models_dir),
+        "HF_HUB_OFFLINE": "1",
+        "VLM_STACK_MODE": "local",
+        "PYTHON": sys.executable,
+    }
+
+
+async def gateway_and_streaming(c: StackConfig, requests: int) -> dict:
+    gateway = f"http://127.0.0.1:{c.nginx_port}"
+    triton = f"http://127.0.0.1:{c.triton_http_port}"
+    api = f"http://127.0.0.1:{c.api_port}"
+    out = {}
+    direct = triton_client(triton)
+    async with httpx.AsyncClient(timeout=600) as client:
+        direct_body = lambda i: request_inputs(i, 8)  # noqa: E731
+        chat = lambda i, stream: load.chat_body(MODEL, PROMPTS[i % 8], IMAGES[i % 8], 8, stream)  # noqa: E731
+        for _ in range(3):  # warm every path
+            await load.kserve_infer(direct, MODEL, direct_body(0))
+            await load.openai_chat(client, gateway, chat(0, False))
+        runs = {
+            "Triton direct (KServe infer)": await load.drive(
+                "direct", 1, requests, lambda i: load.kserve_infer(direct, MODEL, direct_body(i))
+            ),
+            "FastAPI direct (/v1, no nginx)": await load.drive(
+                "api", 1, requests, lambda i: load.openai_chat(client, api, chat(i, False))
+            ),
+            "nginx -> FastAPI -> Triton (/v1)": await load.drive(
+                "gateway", 1, requests, lambda i: load.openai_chat(client, gateway, chat(i, False))
+            ),
+            "Triton direct c=8": await load.drive(
+                "direct c8", 8, 4 * requests // 3, lambda i: load.kserve_infer(direct, MODEL, direct_body(i))
+            ),
+            "nginx -> FastAPI -> Triton c=8": await load.drive(
+                "gateway c8", 8, 4 * requests // 3, lambda i: load.openai_chat(client, gateway, chat(i, False))
+            ),
+        }
+        out["gateway"] = {k: v.summary() for k, v in runs.items()}
+        g, d = out["gateway"]["nginx -> FastAPI -> Triton (/v1)"], out["gateway"]["Triton direct (KServe infer)"]
+        out["gateway_added_ms"] = {
+            "p50": round(g["p50_ms"] - d["p50_ms"], 2),
+            "p95": round(g["p95_ms"] - d["p95_ms"], 2),
+        }
+        out["gateway_throughput_ratio_c8"] = round(
+            out["gateway"]["nginx -> FastAPI -> Triton c=8"]["rps"] / out["gateway"]["Triton direct c=8"]["rps"], 3
+        )
+
+        def body(i: int) -> dict:
+            return {"prompt": PROMPTS[i % 8], "image": list(IMAGES[i % 8]), "max_tokens": 64, "temperature": 0.0}
+
+        streams = {}
+        for base in (triton, gateway):  # warm both streaming paths
+            await load.generate_stream(client, base, f"{MODEL}_stream", body(0))
+        for label, base in (("direct", triton), ("through nginx", gateway)):
+            streams[label] = await load.drive(
+                label, 1, requests, lambda i, base=base: load.generate_stream(client, base, f"{MODEL}_stream", body(i))
+            )
+        out["streaming"] = {k: v.summary() for k, v in streams.items()}
+        d, n = out["streaming"]["direct"], out["streaming"]["through nginx"]
+        out["ttft_ratio_nginx_vs_direct"] = round(n["ttft_p50_ms"] / d["ttft_p50_ms"], 3)
+    await direct.close()
+    return out
+
+
+async def seed_comparison(triton_api: str, local_api: str, requests: int) -> dict:
+    out = {}
+    async with httpx.AsyncClient(timeout=600) as client:
+        chat = lambda i: load.chat_body(MODEL, PROMPTS[i % 8], IMAGES[i % 8], 64, False)  # noqa: E731
+        for label, base in (
+            ("in-process engine (INFERENCE_BACKEND=local)", local_api),
+            ("Triton with batching (INFERENCE_BACKEND=triton)", triton_api),
+        ):
+            await load.openai_chat(client, base, chat(0))
+            for c in (1, 8):
+                run = await load.drive(
+                    label, c, max(requests, 3 * c), lambda i, base=base: load.openai_chat(client, base, chat(i))
+                )
+                out[f"{label} c={c}"] = run.summary()
+                say(f"seed: {label} c={c}: {out[f'{label} c={c}']}")
+    return out
+
+
+def start_local_api(models_dir: Path, log: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    env = {
+        **os.environ,
+        "INFERENCE_BACKEND": "local",
+        "LOCAL_MODELS": MODEL,
+        "SERVED_MODELS": MODEL,
+        "VLM_MODELS_DIR": str(models_dir),
+        "HF_HUB_OFFLINE": "1",
+        "HISTORY_DB": str(log.parent / "h.db"),
+    }
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "--factory",
+            "fastapi_app.main:create_app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--no-access-log",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "/health/ready", timeout=2).status_code == 200:
+                return process, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    process.kill()
+    raise SystemExit(f"local API did not start; see {log}")
+
+
+def measure_stack(models_dir: Path, requests: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        env = stack_env(models_dir, Path(tmp) / "run")
+        config = StackConfig.from_env(env)
+        start = time.perf_counter()
+        up = subprocess.run(["./triton_start.sh", "up"], cwd=ROOT, env=env, capture_output=True, text=True)
+        if up.returncode != 0:
+            raise SystemExit(f"stack did not start:\n{up.stdout}\n{up.stderr}")
+        gateway = f"http://127.0.0.1:{config.nginx_port}"
+        body = load.chat_body(MODEL, PROMPTS[0], IMAGES[0], 8, False)
+        answer = httpx.post(gateway + "/v1/chat/completions", json=body, timeout=120)
+        cold = time.perf_counter() - start
+        assert answer.status_code == 200, answer.text
+        say(f"cold start (stack up to first answer through nginx): {cold:.1f}s")
+        try:
+            out = {"cold_start_s": round(cold, 2)}
+            out.update(asyncio.run(gateway_and_streaming(config, requests)))
+            say(f"gateway: {out['gateway_added_ms']}, streaming TTFT ratio {out['ttft_ratio_nginx_vs_direct']}")
+            process, local_api = start_local_api(models_dir, Path(tmp) / "local-api.log")
+            try:
+                out["seed_comparison"] = asyncio.run(
+                    seed_comparison(f"http://127.0.0.1:{config.api_port}", local_api, requests)
+                )
+            finally:
+                process.terminate()
+                process.wait(20)
+        finally:
+            subprocess.run(["./triton_start.sh", "down"], cwd=ROOT, env=env, capture_output=True, text=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models-dir", type=Path, default=ROOT / ".models" / "tiny")
+    parser.add_argument("--concurrency", default="1,4,8,16", help="comma-separated levels")
+    parser.add_argument("--max-tokens", type=int, default=128, help="new tokens per request (batching sweep)")
+    parser.add_argument("--requests", type=int, default=32, help="requests per measurement")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    if not (args.models_dir / MODEL).exists():
+        raise SystemExit(f"no {MODEL} checkpoint in {args.models_dir}: run `make tiny-models` (or pass --models-dir)")
+    concurrencies = [int(c) for c in args.concurrency.split(",")]
+    started = time.perf_counter()
+    result = {
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "host": socket.gethostname(),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "checkpoints": str(args.models_dir),
+        "tiny": (args.models_dir / MODEL / "tiny.json").exists(),
+    }
+    say("dynamic batching: on vs off")
+    result["batching"] = measure_batching(args.models_dir, concurrencies, args.max_tokens, args.requests)
+    say("the stack: cold start, gateway overhead, streaming, in-process vs Triton")
+    result["stack"] = measure_stack(args.models_dir, args.requests)
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    paths = write_report(result, args.out)
+    for path in paths:
+        say(f"wrote {path}")
+    print(Path(paths[1]).read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
