@@ -25,24 +25,15 @@ import httpx
 
 from benchmarks import load
 from benchmarks.report import write_report
-from tests.conftest import free_port, image_bytes
+from vlm_engine.tiny.samples import PROMPTS, sample_image
 from vlm_stack.config import StackConfig
+from vlm_stack.procs import ApiProcess, ephemeral_stack_env, free_port
 from vlm_triton.launch import TritonProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 MODEL = "llava"
-PROMPTS = [
-    "What is in this image?",
-    "Describe the picture in detail.",
-    "How many people are there?",
-    "What color is the car?",
-    "Is there a sign? What does it say?",
-    "Describe this image.",
-    "What is on the table?",
-    "Where was this photo taken?",
-]
-IMAGES = [image_bytes((160 + 24 * i, 120 + 16 * i), "PNG", (30 * i, 90, 200 - 20 * i)) for i in range(8)]
+IMAGES = [sample_image((160 + 24 * i, 120 + 16 * i), "PNG", (30 * i, 90, 200 - 20 * i)) for i in range(8)]
 
 
 def say(message: str) -> None:
@@ -126,27 +117,7 @@ def measure_batching(models_dir: Path, concurrencies: list[int], max_tokens: int
 
 
 def stack_env(models_dir: Path, run_dir: Path) -> dict[str, str]:
-    names = [
-        "NGINX_PORT",
-        "NGINX_GRPC_PORT",
-        "NGINX_STATUS_PORT",
-        "NGINX_EXPORTER_PORT",
-        "API_PORT",
-        "TRITON_HTTP_PORT",
-        "TRITON_GRPC_PORT",
-        "TRITON_METRICS_PORT",
-        "PROMETHEUS_PORT",
-    ]
-    return {
-        **os.environ,
-        **{n: str(free_port()) for n in names},
-        "NGINX_LOCAL_ONLY": "1",
-        "STACK_RUN_DIR": str(run_dir),
-        "VLM_MODELS_DIR": str(models_dir),
-        "HF_HUB_OFFLINE": "1",
-        "VLM_STACK_MODE": "local",
-        "PYTHON": sys.executable,
-    }
+    return {**ephemeral_stack_env(run_dir, models_dir), "VLM_STACK_MODE": "local"}
 
 
 async def gateway_and_streaming(c: StackConfig, requests: int) -> dict:
@@ -223,10 +194,8 @@ async def seed_comparison(triton_api: str, local_api: str, requests: int) -> dic
     return out
 
 
-def start_local_api(models_dir: Path, log: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
+def start_local_api(models_dir: Path, log: Path) -> ApiProcess:
     env = {
-        **os.environ,
         "INFERENCE_BACKEND": "local",
         "LOCAL_MODELS": MODEL,
         "SERVED_MODELS": MODEL,
@@ -234,35 +203,7 @@ def start_local_api(models_dir: Path, log: Path) -> tuple[subprocess.Popen, str]
         "HF_HUB_OFFLINE": "1",
         "HISTORY_DB": str(log.parent / "h.db"),
     }
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "--factory",
-            "fastapi_app.main:create_app",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--no-access-log",
-        ],
-        cwd=ROOT,
-        env=env,
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url + "/health/ready", timeout=2).status_code == 200:
-                return process, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    process.kill()
-    raise SystemExit(f"local API did not start; see {log}")
+    return ApiProcess(log, env).start()
 
 
 def measure_stack(models_dir: Path, requests: int) -> dict:
@@ -283,14 +224,13 @@ def measure_stack(models_dir: Path, requests: int) -> dict:
             out = {"cold_start_s": round(cold, 2)}
             out.update(asyncio.run(gateway_and_streaming(config, requests)))
             say(f"gateway: {out['gateway_added_ms']}, streaming TTFT ratio {out['ttft_ratio_nginx_vs_direct']}")
-            process, local_api = start_local_api(models_dir, Path(tmp) / "local-api.log")
+            local_api = start_local_api(models_dir, Path(tmp) / "local-api.log")
             try:
                 out["seed_comparison"] = asyncio.run(
-                    seed_comparison(f"http://127.0.0.1:{config.api_port}", local_api, requests)
+                    seed_comparison(f"http://127.0.0.1:{config.api_port}", local_api.url, requests)
                 )
             finally:
-                process.terminate()
-                process.wait(20)
+                local_api.stop()
         finally:
             subprocess.run(["./triton_start.sh", "down"], cwd=ROOT, env=env, capture_output=True, text=True)
     return out

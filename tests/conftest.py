@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import io
 import os
-import socket
 from pathlib import Path
 
 import pytest
-from PIL import Image
 
+from vlm_engine.tiny.samples import sample_image as image_bytes
+from vlm_stack.procs import free_port
 from vlm_triton.launch import TritonProcess
+
+__all__ = ["free_port", "image_bytes"]
 
 # Tests never reach a model hub: everything loads from local folders.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -28,24 +29,6 @@ def tiny_models_dir() -> Path:
     path = Path(os.environ.get("VLM_MODELS_DIR", ROOT / ".models" / "tiny"))
     build(["--out", str(path)])
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def image_bytes(size: tuple[int, int], fmt: str = "PNG", color=(200, 40, 40)) -> bytes:
-    """An image with some structure (a gradient and a block), encoded as ``fmt``."""
-    width, height = size
-    image = Image.new("RGB", size, color)
-    for x in range(0, width, max(1, width // 16)):
-        for y in range(height):
-            image.putpixel((x, y), ((x * 7) % 256, (y * 5) % 256, 128))
-    out = io.BytesIO()
-    image.save(out, fmt)
-    return out.getvalue()
 
 
 @pytest.fixture(scope="session")

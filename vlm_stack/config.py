@@ -7,6 +7,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+PORT_NAMES = (
+    "NGINX_PORT",
+    "NGINX_GRPC_PORT",
+    "NGINX_STATUS_PORT",
+    "NGINX_EXPORTER_PORT",
+    "API_PORT",
+    "TRITON_HTTP_PORT",
+    "TRITON_GRPC_PORT",
+    "TRITON_METRICS_PORT",
+    "PROMETHEUS_PORT",
+)
 
 
 def _port(env: dict[str, str], name: str, default: int) -> int:

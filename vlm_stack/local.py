@@ -12,7 +12,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -21,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vlm_stack.config import ROOT, StackConfig
+from vlm_stack.procs import uvicorn_command
 from vlm_stack.render import render
 from vlm_triton import launch
 
@@ -87,18 +87,7 @@ class LocalStack:
             ),
             Service(
                 "fastapi",
-                [
-                    sys.executable,
-                    "-m",
-                    "uvicorn",
-                    "--factory",
-                    "fastapi_app.main:create_app",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(c.api_port),
-                    "--no-access-log",
-                ],
+                uvicorn_command(c.api_port),
                 f"http://127.0.0.1:{c.api_port}/health/ready",
                 env=api_env,
             ),

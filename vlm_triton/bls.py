@@ -28,8 +28,9 @@ def forward_inputs(request) -> list[pb_utils.Tensor]:
 async def stream_from(model: str, inputs: list[pb_utils.Tensor], outputs: list[str]) -> Iterator[StreamPiece]:
     """Send one request to a decoupled model; return its responses as ``StreamPiece``s.
 
-    The iterator blocks while it waits for the next response: consume it in a worker thread
-    (``asyncio.to_thread``) so that the stub's event loop keeps forwarding other requests.
+    The iterator blocks the stub's event loop while it waits (iterating it from a worker
+    thread crashed the 2.51 stub), so a model that forwards requests gathers all of a batch's
+    requests first and runs more than one instance.
     """
     request = pb_utils.InferenceRequest(model_name=model, inputs=inputs, requested_output_names=outputs)
     responses = await request.async_exec(decoupled=True)

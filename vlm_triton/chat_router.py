@@ -88,8 +88,7 @@ class TritonPythonModel:
             sender.send(_message("error", str(exc)), flags=FINAL)
             return
         pieces = await stream_from(f"{model}_stream", inputs, ["generated_text"])
-        # Relay from a worker thread: waiting for the next piece must not block the event loop.
-        await asyncio.to_thread(_relay, pieces, sender, streaming)
+        _relay(pieces, sender, streaming)
 
     async def execute(self, requests):
         await asyncio.gather(*(self._serve(r) for r in requests))

@@ -23,8 +23,7 @@ class TritonPythonModel:
         self.outputs = [o["name"] for o in config["output"]]
 
     async def _one(self, request) -> pb_utils.InferenceResponse:
-        stream = await stream_from(self.target, forward_inputs(request), self.outputs)
-        pieces = await asyncio.to_thread(list, stream)  # waiting must not block the event loop
+        pieces = await stream_from(self.target, forward_inputs(request), self.outputs)
         text, entities = [], None
         for piece in pieces:
             if piece.error is not None:  # BLS drops the code; the message still carries it

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from dataclasses import dataclass
 
 import pytest
 
-from tests.conftest import ARTIFACTS, ROOT, free_port
+from tests.conftest import ARTIFACTS, ROOT
+from vlm_stack.procs import ephemeral_stack_env
 
 
 @dataclass
@@ -43,29 +43,8 @@ def stack(tiny_models_dir):
     if os.environ.get("E2E_STACK_URL"):
         yield Stack(os.environ["E2E_STACK_URL"], os.environ["E2E_PROMETHEUS_URL"], os.environ["E2E_GRPC_URL"])
         return
-    names = [
-        "NGINX_PORT",
-        "NGINX_GRPC_PORT",
-        "NGINX_STATUS_PORT",
-        "NGINX_EXPORTER_PORT",
-        "API_PORT",
-        "TRITON_HTTP_PORT",
-        "TRITON_GRPC_PORT",
-        "TRITON_METRICS_PORT",
-        "PROMETHEUS_PORT",
-    ]
-    ports = {name: str(free_port()) for name in names}
     run_dir = ARTIFACTS / "stack"
-    env = {
-        **os.environ,
-        **ports,
-        "NGINX_LOCAL_ONLY": "1",
-        "STACK_RUN_DIR": str(run_dir),
-        "VLM_MODELS_DIR": str(tiny_models_dir),
-        "HF_HUB_OFFLINE": "1",
-        "HISTORY_DB": str(run_dir / "data" / "history.sqlite3"),
-        "PYTHON": sys.executable,
-    }
+    env = ephemeral_stack_env(run_dir, tiny_models_dir)
     if _docker_daemon_here():  # this suite is about the local stack; Compose has its own
         env["VLM_STACK_MODE"] = "local"
     up = _run("up", env)
@@ -74,9 +53,9 @@ def stack(tiny_models_dir):
     assert "[stack] mode: local" in up.stdout and "vlm-serve is up" in up.stdout
     try:
         yield Stack(
-            f"http://127.0.0.1:{ports['NGINX_PORT']}",
-            f"http://127.0.0.1:{ports['PROMETHEUS_PORT']}",
-            f"127.0.0.1:{ports['NGINX_GRPC_PORT']}",
+            f"http://127.0.0.1:{env['NGINX_PORT']}",
+            f"http://127.0.0.1:{env['PROMETHEUS_PORT']}",
+            f"127.0.0.1:{env['NGINX_GRPC_PORT']}",
         )
     finally:
         down = _run("down", env)

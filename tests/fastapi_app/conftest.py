@@ -2,67 +2,20 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
-
-import httpx
 import pytest
 
-from tests.conftest import ARTIFACTS, ROOT, TRITON_ENV, free_port
+from tests.conftest import ARTIFACTS, TRITON_ENV
+from vlm_stack import procs
 
 MAX_BODY_BYTES = 3_000_000
 
 
-class ApiProcess:
-    """``uvicorn --factory fastapi_app.main:create_app`` with its own environment."""
+class ApiProcess(procs.ApiProcess):
+    """The service under test; its log goes to artifacts/<name>.log."""
 
     def __init__(self, name: str, env: dict[str, str], port: int | None = None):
-        self.name, self.port = name, port or free_port()
-        self.env = {**os.environ, **env}
-        self.process: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self, wait_ready: bool = True) -> ApiProcess:
-        log = (ARTIFACTS / f"{self.name}.log").open("ab")
-        cmd = [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "--factory",
-            "fastapi_app.main:create_app",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-        ]
-        self.process = subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 180
-        path = "/health/ready" if wait_ready else "/health"
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, f"{self.name} exited; see artifacts/{self.name}.log"
-            try:
-                if httpx.get(self.url + path, timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        self.stop()
-        raise TimeoutError(f"{self.name} not ready in 180 s; see artifacts/{self.name}.log")
-
-    def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        super().__init__(ARTIFACTS / f"{name}.log", env, port)
+        self.name = name
 
 
 def api_env(tmp_path_factory, **extra) -> dict[str, str]:

@@ -20,17 +20,8 @@ from tests.integration.helpers import (
     stream_http,
     text_of,
 )
+from vlm_engine.tiny.samples import PROMPTS
 
-PROMPTS = [
-    "What is in this image?",
-    "Describe the picture in detail.",
-    "How many people are there?",
-    "What color is the car?",
-    "Is there a sign? What does it say?",
-    "Describe this image.",
-    "What is on the table next to the window?",
-    "Where was this photo taken?",
-]
 SIZES = [(64, 64), (224, 224), (300, 120), (97, 211), (500, 400), (32, 48), (160, 160), (640, 360)]
 
 

@@ -1,0 +1,92 @@
+"""Child processes of the stack: free ports, the uvicorn command, waiting for health."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from vlm_stack.config import PORT_NAMES, ROOT
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def ephemeral_stack_env(run_dir: Path, models_dir: Path) -> dict[str, str]:
+    """Environment for a local stack on free 127.0.0.1 ports (tests, benchmarks, load tests)."""
+    return {
+        **os.environ,
+        **{name: str(free_port()) for name in PORT_NAMES},
+        "NGINX_LOCAL_ONLY": "1",
+        "STACK_RUN_DIR": str(run_dir),
+        "VLM_MODELS_DIR": str(models_dir),
+        "HF_HUB_OFFLINE": "1",
+        "HISTORY_DB": str(run_dir / "data" / "history.sqlite3"),
+        "PYTHON": sys.executable,
+    }
+
+
+def uvicorn_command(port: int, host: str = "127.0.0.1") -> list[str]:
+    """The FastAPI service, the way every launcher starts it."""
+    return [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "--factory",
+        "fastapi_app.main:create_app",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--no-access-log",
+    ]
+
+
+class ApiProcess:
+    """The FastAPI service as a child process with its own environment and log."""
+
+    def __init__(self, log_path: Path, env: dict[str, str], port: int | None = None):
+        self.log_path, self.port = Path(log_path), port or free_port()
+        self.env = {**os.environ, **env}
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout_s: float = 180) -> ApiProcess:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            uvicorn_command(self.port), cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT
+        )
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the service exited with {self.process.returncode}; see {self.log_path}")
+            try:
+                if httpx.get(self.url + "/health/ready", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        self.stop()
+        raise TimeoutError(f"the service was not ready in {timeout_s:.0f} s; see {self.log_path}")
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
