@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 INSTALLED := .cache/installed.stamp
 TRITON := .triton/.installed-0.7.0-py$(shell $(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])')
 
-.PHONY: help install tiny-models models demo up down status logs triton api bench test lint
+.PHONY: help install tiny-models models demo up down status logs triton api loadtest loadtest-ui bench test lint
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -49,6 +49,12 @@ triton: install  ## only tritonserver, in the foreground (real weights; VLM_MODE
 
 api: install  ## run the FastAPI service on :8080 (Triton backend; INFERENCE_BACKEND=local for in-process)
 	$(PYTHON) -m uvicorn --factory fastapi_app.main:create_app --host 127.0.0.1 --port 8080
+
+loadtest: install  ## locust through nginx (HOST, USERS, SPAWN_RATE, DURATION, PROFILE, MODELS, MAX_TOKENS, WEIGHTS, SLO_*)
+	$(PYTHON) -m loadtests.run
+
+loadtest-ui: install  ## locust's web UI for the same load tests on http://127.0.0.1:8089
+	$(PYTHON) -m loadtests.run --ui
 
 bench: install tiny-models  ## benchmark (batching, gateway, streaming, cold start) -> benchmarks/results/
 	HF_HUB_OFFLINE=1 $(PYTHON) -m benchmarks.bench

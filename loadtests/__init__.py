@@ -1,0 +1,1 @@
+"""Locust load tests for the vlm-serve stack: ``python -m loadtests.run`` (see loadtests/README.md)."""
