@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 INSTALLED := .cache/installed.stamp
 TRITON := .triton/.installed-0.7.0-py$(shell $(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])')
 
-.PHONY: help install tiny-models models demo up down status logs triton api loadtest loadtest-ui bench test lint
+.PHONY: help install tiny-models models demo up down status logs triton api loadtest loadtest-ui bench test test-compose lint
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -58,6 +58,9 @@ loadtest-ui: install  ## locust's web UI for the same load tests on http://127.0
 
 bench: install tiny-models  ## benchmark (batching, gateway, streaming, cold start) -> benchmarks/results/
 	HF_HUB_OFFLINE=1 $(PYTHON) -m benchmarks.bench
+
+test-compose: install  ## build the Docker images offline and test the CPU Compose stack end to end (root; own dockerd)
+	PYTHON=$(PYTHON) ./scripts/compose_test.sh
 
 lint: $(INSTALLED)  ## ruff
 	$(PYTHON) -m ruff check .

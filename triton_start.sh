@@ -14,6 +14,17 @@ echo "[stack] mode: $mode$([ "$mode" != local ] && echo " ($compose_file)")"
 if [ "$mode" = local ]; then
   exec "$PYTHON" -m vlm_stack "$command"
 fi
+# Compose mounts ./.models at /models: a checkpoint folder under it is passed by its container
+# path; `make up` (nothing set) means real weights from the HF cache volume.
+case "${VLM_MODELS_DIR-}" in
+  "$PWD"/.models/*) export VLM_MODELS_DIR="/models/${VLM_MODELS_DIR#"$PWD"/.models/}" ;;
+  .models/*) export VLM_MODELS_DIR="/models/${VLM_MODELS_DIR#.models/}" ;;
+  "") export VLM_MODELS_DIR="" ;;
+  /models/*) ;;
+  *) echo "VLM_MODELS_DIR must be under ./.models for Compose (it is mounted at /models)" >&2; exit 2 ;;
+esac
+# Grafana comes from its public image; COMPOSE_PROFILES= (empty) leaves it out offline.
+export COMPOSE_PROFILES=${COMPOSE_PROFILES-grafana}
 case "$command" in
   up) docker compose -f "$compose_file" up -d --build --wait
       echo "vlm-serve is up: http://localhost$([ "${NGINX_PORT:-80}" != 80 ] && echo ":${NGINX_PORT}")/" ;;

@@ -63,12 +63,13 @@ class TritonPythonModel:
         )
 
     def execute(self, requests):
-        valid, senders = [], []
+        valid, senders, streaming = [], [], []
         for request in requests:
             sender = request.get_response_sender()
             try:
                 valid.append(self._prepare(request))
                 senders.append(sender)
+                streaming.append(scalar_input(request, "stream", bool) is not False)
             except Exception as exc:  # this request alone fails
                 sender.send(pb_utils.InferenceResponse(error=triton_error(exc)), flags=FINAL)
         if not valid:
@@ -76,12 +77,15 @@ class TritonPythonModel:
         finished = set()
         try:
             for chunk in self.engine.stream(valid):
-                outputs = [text_tensor("generated_text", chunk.text)]
                 if chunk.result is None:
-                    senders[chunk.index].send(pb_utils.InferenceResponse(output_tensors=outputs))
+                    if streaming[chunk.index]:  # one response per chunk; else only the final one
+                        outputs = [text_tensor("generated_text", chunk.text)]
+                        senders[chunk.index].send(pb_utils.InferenceResponse(output_tensors=outputs))
                     continue
                 result = chunk.result
-                outputs += [
+                text = chunk.text if streaming[chunk.index] else result.text
+                outputs = [
+                    text_tensor("generated_text", text),
                     int_tensor("prompt_tokens", result.prompt_tokens),
                     int_tensor("output_tokens", result.output_tokens),
                     text_tensor("finish_reason", result.finish_reason),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 
+import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from vlm_engine.errors import from_message
@@ -23,7 +24,9 @@ class TritonPythonModel:
         self.outputs = [o["name"] for o in config["output"]]
 
     async def _one(self, request) -> pb_utils.InferenceResponse:
-        pieces = await stream_from(self.target, forward_inputs(request), self.outputs)
+        # One response with the whole answer: no per-token messages between the two models.
+        whole = pb_utils.Tensor("stream", np.array([[False]], dtype=np.bool_))
+        pieces = await stream_from(self.target, [*forward_inputs(request), whole], self.outputs)
         text, entities = [], None
         for piece in pieces:
             if piece.error is not None:  # BLS drops the code; the message still carries it

@@ -16,6 +16,7 @@ class GenerationRequest:
     max_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
+    stream: bool = True  # False: the backend may deliver the whole answer at once
 
 
 @dataclass

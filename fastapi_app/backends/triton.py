@@ -57,6 +57,8 @@ class TritonBackend:
         add("messages", np.array([[messages]], dtype=np.object_), "BYTES")
         if request.max_tokens is not None:
             add("max_tokens", np.array([[request.max_tokens]], dtype=np.int32), "INT32")
+        if not request.stream:
+            add("stream", np.array([[False]], dtype=np.bool_), "BOOL")
         for name in ("temperature", "top_p"):
             value = getattr(request, name)
             if value is not None:

@@ -77,7 +77,12 @@ async def chat(request: Request):
     model = check_model(settings, body.model)
     history = store.turns(body.session_id)
     generation = GenerationRequest(
-        model, _conversation(history, body.prompt, image), body.max_tokens, body.temperature, body.top_p
+        model,
+        _conversation(history, body.prompt, image),
+        body.max_tokens,
+        body.temperature,
+        body.top_p,
+        body.stream,
     )
     started = time.perf_counter()
     first, stream = await first_item(generate(request.app.state.backend, with_defaults(settings, generation)))

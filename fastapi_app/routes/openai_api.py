@@ -83,6 +83,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens,
         body.temperature,
         body.top_p,
+        body.stream,
     )
     stream = generate(request.app.state.backend, with_defaults(settings, generation))
     first, stream = await first_item(stream)

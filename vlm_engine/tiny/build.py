@@ -281,6 +281,8 @@ def build(name: str, out: Path) -> Path:
     torch.manual_seed(SEED)
     builder(out)
     (out / "README.md").write_text(README.format(arch=name, real=real))
+    for path in out.iterdir():  # safetensors writes 0600; containers read these as another user
+        path.chmod(0o644)
     (out / "tiny.json").write_text(
         json.dumps({"tiny": True, "architecture": name, "seed": SEED, "source": source_hash()})
     )
