@@ -66,7 +66,7 @@ async def batching_sweep(base: str, label: str, concurrencies: list[int], max_to
     try:
         await load.kserve_infer(client, MODEL, request_inputs(0, max_tokens))  # warm
         for c in concurrencies:
-            total = max(per_level, 2 * c)
+            total = max(per_level, 4 * c)
             run = await load.drive(
                 f"{label} c={c}", c, total, lambda i: load.kserve_infer(client, MODEL, request_inputs(i, max_tokens))
             )
