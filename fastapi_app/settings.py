@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
@@ -54,8 +53,3 @@ class Settings(BaseSettings):
 
 def _split(value: str) -> list[str]:
     return [m.strip() for m in value.split(",") if m.strip()]
-
-
-@lru_cache
-def get_settings() -> Settings:
-    return Settings()

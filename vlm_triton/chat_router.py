@@ -77,9 +77,6 @@ def _relay(pieces, sender, streaming: bool) -> None:
 
 
 class TritonPythonModel:
-    def initialize(self, args: dict) -> None:
-        self.log = pb_utils.Logger
-
     async def _serve(self, request) -> None:
         sender = request.get_response_sender()
         try:

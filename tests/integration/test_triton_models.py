@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import tritonclient.http as httpclient
 
@@ -174,4 +173,4 @@ def test_model_instances_hold_one_copy_of_weights(triton):
     engine = httpclient.InferenceServerClient(triton.http_url).get_model_config("llava_stream")
     assert engine["model_transaction_policy"]["decoupled"] is True
     assert engine["dynamic_batching"]["default_queue_policy"]["max_queue_size"] == 64
-    assert np.all([g["kind"] == "KIND_MODEL" for g in engine["instance_group"]])
+    assert all(g["kind"] == "KIND_MODEL" for g in engine["instance_group"])
