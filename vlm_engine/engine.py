@@ -8,37 +8,53 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator, Mapping
-from itertools import groupby
+import queue
+from dataclasses import dataclass
 
 from PIL import Image
 
 from vlm_engine.adapters import adapter_class
-from vlm_engine.adapters.base import Adapter, Chunk, Prepared, Result
+from vlm_engine.adapters.base import Adapter, Prepared, Result
 from vlm_engine.chat import Message, single_turn
-from vlm_engine.errors import InvalidRequest, ModelConfigError, PromptTooLong
+from vlm_engine.errors import InvalidRequest, ModelConfigError, PromptTooLong, ShuttingDown
 from vlm_engine.images import decode_image
 from vlm_engine.loading import check_source, load_error, resolve_device
 from vlm_engine.params import resolve_params
+from vlm_engine.scheduler import Event, Metrics, Scheduler
 from vlm_engine.settings import ModelSettings, resolve_settings
 
 log = logging.getLogger("vlm_engine")
 BLANK = (224, 224)
 
 
-class VLMEngine:
-    """One loaded model. ``prepare`` each request, then ``stream``/``generate`` a batch."""
+@dataclass
+class Chunk:
+    """Streaming event of ``stream``: ``text`` for request ``index``; ``result`` on its last."""
 
-    def __init__(self, settings: ModelSettings, load: bool = True):
+    index: int
+    text: str
+    result: Result | None = None
+
+
+class VLMEngine:
+    """One loaded model and its scheduler. ``prepare`` each request, then ``submit`` it
+    (or ``stream``/``generate`` a list of them)."""
+
+    def __init__(self, settings: ModelSettings, load: bool = True, metrics: Metrics | None = None):
         self.settings = settings
         self.device = resolve_device(settings)
         self.adapter: Adapter = adapter_class(settings.architecture)(settings, self.device)
+        self.metrics = metrics
+        self.scheduler: Scheduler | None = None
         self.load_seconds = 0.0
         if load:
             self.load()
 
     @classmethod
-    def from_config(cls, name: str, parameters: Mapping[str, str] | None = None) -> VLMEngine:
-        return cls(resolve_settings(name, parameters))
+    def from_config(
+        cls, name: str, parameters: Mapping[str, str] | None = None, metrics: Metrics | None = None
+    ) -> VLMEngine:
+        return cls(resolve_settings(name, parameters), metrics=metrics)
 
     @property
     def name(self) -> str:
@@ -60,7 +76,11 @@ class VLMEngine:
         log.info(
             "%s loaded from %s on %s in %.1fs", self.name, self.settings.model_path, self.device, self.load_seconds
         )
-        if self.settings.warmup:
+        s = self.settings
+        self.scheduler = Scheduler(
+            self.adapter, s.name, s.scheduler, s.max_running, s.max_waiting, s.prefill_budget, self.metrics
+        )
+        if s.warmup:
             self.warmup()
 
     def warmup(self) -> None:
@@ -106,21 +126,24 @@ class VLMEngine:
             messages[-1].decoded = [image]
         return Prepared(messages, params, image, cancelled or (lambda: False), tokens)
 
+    def submit(self, prepared: Prepared, emit: Callable[[Event], None]) -> None:
+        """Hand one prepared request to the scheduler; ``emit`` gets its events (loop thread)."""
+        if self.scheduler is None:
+            raise ShuttingDown(f"{self.name} is not serving")
+        self.scheduler.submit(prepared, emit)
+
     def stream(self, batch: list[Prepared]) -> Iterator[Chunk]:
-        """Chunks for every request of ``batch`` (indices into it), interleaved."""
-
-        def key(index: int):
-            prepared = batch[index]
-            return (prepared.params.sampling_key, self.adapter.batch_key(prepared))
-
-        order = sorted(range(len(batch)), key=lambda i: repr(key(i)))
-        for _, members in groupby(order, key=lambda i: repr(key(i))):
-            members = list(members)
-            for chunk in self.adapter.stream_group([batch[i] for i in members]):
-                index = members[chunk.index]
-                if chunk.result is not None:
-                    chunk.result.prompt_tokens = batch[index].prompt_tokens
-                yield Chunk(index, chunk.text, chunk.result)
+        """Every request of ``batch`` through the scheduler; chunks carry indices into ``batch``."""
+        events: queue.Queue[tuple[int, Event]] = queue.Queue()
+        for index, prepared in enumerate(batch):
+            self.submit(prepared, lambda event, index=index: events.put((index, event)))
+        left = len(batch)
+        while left:
+            index, event = events.get()
+            if event.error is not None:
+                raise event.error
+            left -= event.final
+            yield Chunk(index, event.text, event.result)
 
     def generate(self, batch: list[Prepared]) -> list[Result]:
         """Whole answers, in ``batch`` order."""
@@ -129,3 +152,9 @@ class VLMEngine:
             if chunk.result is not None:
                 results[chunk.index] = chunk.result
         return results  # type: ignore[return-value]
+
+    def close(self, drain: bool = True) -> None:
+        """Stop the step loop (``finalize``, service shutdown)."""
+        if self.scheduler is not None:
+            self.scheduler.close(drain)
+            self.scheduler = None

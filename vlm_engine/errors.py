@@ -86,3 +86,9 @@ class BackendUnavailable(EngineError):
 class NotFound(InvalidRequest):
     code = "not_found"
     status = 404
+
+
+class ShuttingDown(Overloaded):
+    """The model is stopping: requests still queued or running are refused."""
+
+    code = "shutting_down"

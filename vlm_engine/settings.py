@@ -51,6 +51,12 @@ class ModelSettings(BaseModel):
     max_image_pixels: int = Field(25_000_000, ge=1, description="decompression-bomb guard")
     max_image_bytes: int = Field(20 * 1024 * 1024, ge=1)
     warmup: bool = True
+    scheduler: Literal["inflight", "static"] = Field(
+        "inflight", description="inflight: rows join and leave at every step; static: whole batches (comparison)"
+    )
+    max_running: int = Field(16, ge=1, description="rows decoding together at most")
+    max_waiting: int = Field(64, ge=0, description="requests queued beyond that are refused (503)")
+    prefill_budget: int = Field(4096, ge=1, description="prompt tokens prefilled between two decode steps")
 
     @property
     def env_prefix(self) -> str:

@@ -1,18 +1,33 @@
-"""What every architecture adapter provides, and the shared HF ``generate`` path."""
+"""What every architecture adapter provides, and the shared path for HF decoder models.
+
+The scheduler (``vlm_engine.scheduler``) drives adapters through four verbs:
+
+- ``prefill(group)``: encode and run the prompts of newly admitted requests; returns the
+  group's model state and each row's first output.
+- ``merge(a, b)``: one state holding the rows of ``a`` then those of ``b``.
+- ``decode(state)``: one more output for every row of ``state``.
+- ``select(state, keep)``: only the rows ``keep`` (released rows leave).
+
+An output is a token id (HF models) or a text chunk (moondream2's own API), turned into
+text by the row's ``decoder``.
+"""
 
 from __future__ import annotations
 
+import copy
+import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Hashable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from PIL import Image
 
 from vlm_engine.chat import Message
+from vlm_engine.kv import KVBatch
 from vlm_engine.params import GenerationParams
 from vlm_engine.settings import ModelSettings
-from vlm_engine.streaming import BatchTokenStreamer, RowText, StopWhen, run_in_thread
+from vlm_engine.streaming import RowText
 
 
 @dataclass
@@ -36,32 +51,36 @@ class Result:
 
 
 @dataclass
-class Chunk:
-    """Streaming event: ``text`` for row ``index``; ``result`` is set on its last event."""
+class RowStep:
+    """What one output did to a row: new visible text, tokens used, end of the answer."""
 
-    index: int
-    text: str
-    result: Result | None = None
+    delta: str = ""
+    tokens: int = 1
+    stop: bool = False
 
 
-@dataclass
-class _Row:
-    prepared: Prepared
-    text: RowText
-    done: bool = False
-    finish_reason: str = "length"
-    extra: dict = field(default_factory=dict)
+class RowDecoder(ABC):
+    """Turns one row's outputs into text as they come."""
+
+    @abstractmethod
+    def push(self, output: Any) -> RowStep: ...
+
+    @abstractmethod
+    def finish(self, finish_reason: str) -> tuple[str, Result]:
+        """The text not sent yet, and the row's result."""
 
 
 class Adapter(ABC):
-    """One architecture: loading, prompt format, batched streaming generation."""
+    """One architecture: loading, prompt format, and the scheduler's four verbs."""
 
     max_images = 1
     requires_image = False  # a blank image is supplied for text-only chats
+    image_tokens = 256  # rough prompt cost of an image, for the prefill budget
 
     def __init__(self, settings: ModelSettings, device: str):
         self.settings = settings
         self.device = device
+        self._count_lock = threading.Lock()
 
     @abstractmethod
     def load(self) -> None:
@@ -69,19 +88,53 @@ class Adapter(ABC):
 
     @abstractmethod
     def count_tokens(self, text: str) -> int:
-        """Tokens of user text, for the prompt-length limit."""
+        """Tokens of user text, for the prompt-length limit (called from request threads)."""
+
+    def prefill_cost(self, prepared: Prepared) -> int:
+        """Tokens a prefill of ``prepared`` processes, about (the prefill budget's unit)."""
+        images = sum(len(m.decoded) for m in prepared.messages)
+        return prepared.prompt_tokens + self.image_tokens * max(images, prepared.image is not None)
 
     @abstractmethod
-    def stream_group(self, group: list[Prepared]) -> Iterator[Chunk]:
-        """Generate for requests that share sampling settings; indices are into ``group``."""
+    def decoder(self, prepared: Prepared) -> RowDecoder: ...
 
-    def batch_key(self, prepared: Prepared) -> Hashable:
-        """Requests with different keys never share a ``generate`` call."""
-        return None
+    @abstractmethod
+    def prefill(self, group: list[Prepared]) -> tuple[Any, list[Any]]: ...
+
+    @abstractmethod
+    def decode(self, state: Any) -> list[Any]: ...
+
+    @abstractmethod
+    def merge(self, a: Any, b: Any) -> Any: ...
+
+    @abstractmethod
+    def select(self, state: Any, keep: list[int]) -> Any: ...
+
+
+class TokenDecoder(RowDecoder):
+    """Token ids to text for HF models; EOS ends the answer and is not counted."""
+
+    def __init__(self, adapter: GenerateAdapter):
+        self.adapter = adapter
+        self.text = RowText(adapter.visible_text)
+        self.eos = adapter.eos
+
+    def push(self, output: int) -> RowStep:
+        if output in self.eos:
+            return RowStep(tokens=0, stop=True)
+        return RowStep(self.text.push(output))
+
+    def finish(self, finish_reason: str) -> tuple[str, Result]:
+        result = self.adapter.finish(self.text.ids, finish_reason)
+        return self.text.flush(result.text), result
 
 
 class GenerateAdapter(Adapter):
-    """Adapters whose model has a HF ``generate`` (LLaVA, Kosmos-2, Qwen3-VL)."""
+    """HF decoder models (LLaVA, Kosmos-2, Qwen3-VL): one shared KV cache for all rows.
+
+    Positions are passed explicitly for every row, so a row's tokens never depend on the
+    padding that other rows bring into the batch.
+    """
 
     model: Any
     tokenizer: Any
@@ -90,6 +143,16 @@ class GenerateAdapter(Adapter):
     def encode(self, group: list[Prepared]) -> dict[str, Any]:
         """Left-padded model inputs for the whole group."""
 
+    def after_load(self) -> None:
+        self._counter = copy.deepcopy(self.tokenizer)  # request threads never share the Rust object
+        eos = self.model.generation_config.eos_token_id
+        eos = eos if isinstance(eos, list) else [eos]
+        self.eos = {e for e in eos if e is not None}
+        self.image_tokens = self.estimate_image_tokens()
+
+    def estimate_image_tokens(self) -> int:
+        return 256
+
     def visible_text(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
 
@@ -97,73 +160,80 @@ class GenerateAdapter(Adapter):
         return Result(self.visible_text(ids), len(ids), finish_reason)
 
     def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        with self._count_lock:
+            return len(self._counter(text, add_special_tokens=False)["input_ids"])
 
-    def eos_ids(self) -> set[int]:
-        eos = self.model.generation_config.eos_token_id
-        eos = eos if isinstance(eos, list) else [eos]
-        return {e for e in eos if e is not None}
+    def decoder(self, prepared: Prepared) -> RowDecoder:
+        return TokenDecoder(self)
 
-    def stream_group(self, group: list[Prepared]) -> Iterator[Chunk]:
+    # -- positions: text positions by default; Kosmos-2 and Qwen3-VL override these
+
+    def prefill_positions(self, inputs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        """Position ids for the prompt, and per-row state that decoding needs."""
+        mask = inputs["attention_mask"]
+        positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
+        return positions, {}
+
+    def decode_positions(self, state: KVBatch) -> Any:
+        return state.positions[:, None]
+
+    def advance(self, state: KVBatch) -> None:
+        state.positions += 1
+
+    def forward_prefill(self, inputs: dict[str, Any], positions: Any) -> Any:
+        return self.model(**inputs, position_ids=positions, use_cache=True, logits_to_keep=1)
+
+    def forward_decode(self, tokens: Any, mask: Any, positions: Any, cache: Any) -> Any:
+        return self.model(
+            input_ids=tokens,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+
+    # -- the scheduler's verbs
+
+    def prefill(self, group: list[Prepared]) -> tuple[KVBatch, list[int]]:
         import torch
 
+        from vlm_engine.sampling import choose_tokens
+
         inputs = {k: v.to(self.device) if hasattr(v, "to") else v for k, v in self.encode(group).items()}
-        for key in ("pixel_values",):
-            if key in inputs and inputs[key].is_floating_point():
-                inputs[key] = inputs[key].to(self.model.dtype)
-        params = group[0].params
-        rows = [_Row(p, RowText(self.visible_text)) for p in group]
-        streamer = BatchTokenStreamer()
-        stop = StopWhen(lambda: all(r.done or r.prepared.cancelled() for r in rows))
-        sampling = (
-            {"do_sample": False}
-            if params.greedy
-            else {
-                "do_sample": True,
-                "temperature": params.temperature,
-                "top_p": params.top_p,
-                "top_k": 0,
-            }
-        )
-        pad = self.tokenizer.pad_token_id
-        kwargs = dict(
-            inputs,
-            max_new_tokens=max(p.params.max_tokens for p in group),
-            streamer=streamer,
-            stopping_criteria=[stop],
-            pad_token_id=pad if pad is not None else next(iter(self.eos_ids())),
-            **sampling,
-        )
+        if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        mask = inputs["attention_mask"]
+        positions, extra = self.prefill_positions(inputs)
+        with torch.inference_mode():
+            out = self.forward_prefill(inputs, positions)
+        params = [p.params for p in group]
+        tokens = choose_tokens(out.logits[:, -1], params)
+        extra["tokens"] = torch.tensor(tokens, device=mask.device)
+        state = KVBatch(out.past_key_values, mask.clone(), mask.sum(-1), extra, params)
+        return state, tokens
 
-        def generate() -> None:
-            with torch.inference_mode():
-                self.model.generate(**kwargs)
+    def decode(self, state: KVBatch) -> list[int]:
+        import torch
 
-        eos = self.eos_ids()
-        thread = run_in_thread(generate, streamer)
-        for step in streamer:
-            for index, (row, token) in enumerate(zip(rows, step, strict=True)):
-                if row.done:
-                    continue
-                delta = ""
-                if row.prepared.cancelled():
-                    row.done, row.finish_reason = True, "cancelled"
-                elif token in eos:
-                    row.done, row.finish_reason = True, "stop"
-                else:
-                    delta = row.text.push(token)
-                    row.done = len(row.text.ids) >= row.prepared.params.max_tokens
-                if row.done:
-                    yield self._finish_row(index, row, delta)
-                elif delta:
-                    yield Chunk(index, delta)
-        thread.join()
-        for index, row in enumerate(rows):
-            if not row.done:
-                row.done = True
-                yield self._finish_row(index, row, "")
+        from vlm_engine.sampling import choose_tokens
 
-    def _finish_row(self, index: int, row: _Row, pending: str) -> Chunk:
-        result = self.finish(row.text.ids, row.finish_reason)
-        rest = row.text.flush(result.text)
-        return Chunk(index, pending + rest, result)
+        state.mask = torch.cat([state.mask, state.mask.new_ones(state.rows, 1)], dim=1)
+        with torch.inference_mode():
+            out = self.forward_decode(
+                state.extra["tokens"][:, None], state.mask, self.decode_positions(state), state.cache
+            )
+        self.advance(state)
+        tokens = choose_tokens(out.logits[:, -1], state.params)
+        state.extra["tokens"] = torch.tensor(tokens, device=state.mask.device)
+        return tokens
+
+    def merge(self, a: KVBatch, b: KVBatch) -> KVBatch:
+        from vlm_engine import kv
+
+        return kv.merge(a, b, self.model.config)
+
+    def select(self, state: KVBatch, keep: list[int]) -> KVBatch:
+        from vlm_engine import kv
+
+        return kv.select(state, keep)

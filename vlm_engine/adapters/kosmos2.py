@@ -1,17 +1,18 @@
 """Kosmos-2 (``Kosmos2ForConditionalGeneration``): grounded captions with entity boxes.
 
-Kosmos-2 numbers positions from ``past length + padding_idx``, so left-padded rows drift
-from what they would generate alone; rows are batched only with rows of equal length
-(``batch_key``), which matches single requests exactly.
+Kosmos-2 numbers positions from ``past length + padding_idx``, so left padding would shift
+a row's positions in a merged batch. The engine passes positions itself: the ``k``-th real
+token of a row is at ``padding_idx + k`` whatever the padding. Decoding goes through the
+text model alone (the top-level forward would rerun the vision tower).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Hashable
 from typing import Any
 
 from vlm_engine.adapters.base import GenerateAdapter, Prepared, Result
+from vlm_engine.kv import KVBatch
 from vlm_engine.loading import from_pretrained_kwargs
 
 TAG = re.compile(r"</?(phrase|object|grounding|delimiter_of_multi_objects/)>|<patch_index_\d+>")
@@ -30,14 +31,16 @@ class Kosmos2Adapter(GenerateAdapter):
         self.tokenizer = self.processor.tokenizer
         self.tokenizer.padding_side = "left"
         self.model = Kosmos2ForConditionalGeneration.from_pretrained(self.settings.model_path, **kwargs)
+        self.padding_idx = self.model.text_model.model.embed_positions.padding_idx
+        self.after_load()
+
+    def estimate_image_tokens(self) -> int:
+        return self.model.config.latent_query_num
 
     def prompt(self, prepared: Prepared) -> str:
         """Kosmos-2 continues text: earlier turns become plain text before the prompt."""
         text = " ".join(m.text.strip() for m in prepared.messages if m.text.strip())
         return f"<grounding>{text}"
-
-    def batch_key(self, prepared: Prepared) -> Hashable:
-        return self.count_tokens(self.prompt(prepared))
 
     def encode(self, group: list[Prepared]) -> dict[str, Any]:
         return dict(
@@ -47,6 +50,23 @@ class Kosmos2Adapter(GenerateAdapter):
                 padding=True,
                 return_tensors="pt",
             )
+        )
+
+    def prefill_positions(self, inputs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        mask = inputs["attention_mask"].long()
+        return mask.cumsum(-1) * mask + self.padding_idx, {}
+
+    def decode_positions(self, state: KVBatch) -> Any:
+        return (state.positions + self.padding_idx + 1)[:, None]
+
+    def forward_decode(self, tokens: Any, mask: Any, positions: Any, cache: Any) -> Any:
+        return self.model.text_model(
+            input_ids=tokens,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
         )
 
     def _extract(self, ids: list[int]) -> tuple[str, list[dict[str, Any]]]:

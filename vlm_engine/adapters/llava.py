@@ -19,6 +19,11 @@ class LlavaAdapter(GenerateAdapter):
         self.tokenizer = self.processor.tokenizer
         self.tokenizer.padding_side = "left"
         self.model = LlavaForConditionalGeneration.from_pretrained(self.settings.model_path, **kwargs)
+        self.after_load()
+
+    def estimate_image_tokens(self) -> int:
+        vision = self.model.config.vision_config
+        return (vision.image_size // vision.patch_size) ** 2
 
     def prompt(self, prepared: Prepared) -> str:
         """llava-1.5's conversation format; system text leads, the image goes in its turn."""

@@ -1,22 +1,44 @@
 """moondream2 through ``trust_remote_code`` and its own ``query`` / ``caption`` API.
 
-moondream2 has no batched generation API: requests in a batch stream side by side, one
-token of each in turn, and share one Triton execution. Output token counts are the
-number of streamed chunks (its API reports none). ``/caption`` (optionally
+moondream2's API generates one request at a time, so its rows are not computed as one
+tensor batch: each row is a stream from ``query``/``caption``, and every scheduler step
+advances each running row by one chunk, so requests join and leave at chunk boundaries.
+Its API reports no token counts: a chunk counts as one token. ``/caption`` (optionally
 ``/caption short|normal|long``) as the prompt asks for a caption instead of an answer.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
+from typing import Any
 
-from vlm_engine.adapters.base import Adapter, Chunk, Prepared, Result
+from vlm_engine.adapters.base import Adapter, Prepared, Result, RowDecoder, RowStep
 from vlm_engine.loading import from_pretrained_kwargs
 
 CAPTION = "/caption"
+_END = object()
+
+
+class ChunkDecoder(RowDecoder):
+    def __init__(self) -> None:
+        self.chunks: list[str] = []
+
+    def push(self, output: Any) -> RowStep:
+        if output is _END:
+            return RowStep(tokens=0, stop=True)
+        if isinstance(output, BaseException):
+            raise output
+        self.chunks.append(output)
+        return RowStep(output)
+
+    def finish(self, finish_reason: str) -> tuple[str, Result]:
+        return "", Result("".join(self.chunks), len(self.chunks), finish_reason)
 
 
 class Moondream2Adapter(Adapter):
+    image_tokens = 730
+
     def load(self) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -31,9 +53,11 @@ class Moondream2Adapter(Adapter):
             cache_dir=kwargs["cache_dir"],
             trust_remote_code=True,
         )
+        self._counter = copy.deepcopy(self.tokenizer)
 
     def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer.encode(text))
+        with self._count_lock:
+            return len(self._counter.encode(text))
 
     def question(self, prepared: Prepared) -> str:
         """Earlier turns are given to ``query`` as context before the question."""
@@ -50,23 +74,25 @@ class Moondream2Adapter(Adapter):
             return self.model.caption(prepared.image, length=length, stream=True, settings=settings)["caption"]
         return self.model.query(prepared.image, question, stream=True, settings=settings)["answer"]
 
-    def stream_group(self, group: list[Prepared]) -> Iterator[Chunk]:
-        live = {i: self._chunks(p) for i, p in enumerate(group)}
-        texts = {i: [] for i in live}
-        while live:
-            for index in list(live):
-                prepared = group[index]
-                chunk = None if prepared.cancelled() else next(live[index], None)
-                if chunk is not None:
-                    texts[index].append(chunk)
-                    yield Chunk(index, chunk)
-                    continue
-                del live[index]
-                text = "".join(texts[index])
-                tokens = len(texts[index])  # the API reports no token counts; a chunk is about one
-                reason = (
-                    "cancelled"
-                    if prepared.cancelled()
-                    else ("length" if tokens >= prepared.params.max_tokens else "stop")
-                )
-                yield Chunk(index, "", Result(text, tokens, reason))
+    def decoder(self, prepared: Prepared) -> RowDecoder:
+        return ChunkDecoder()
+
+    @staticmethod
+    def _next(stream: Iterator[str]) -> Any:
+        try:
+            return next(stream, _END)
+        except Exception as exc:  # this row's error only
+            return exc
+
+    def prefill(self, group: list[Prepared]) -> tuple[list[Iterator[str]], list[Any]]:
+        streams = [self._chunks(p) for p in group]
+        return streams, [self._next(s) for s in streams]
+
+    def decode(self, state: list[Iterator[str]]) -> list[Any]:
+        return [self._next(s) for s in state]
+
+    def merge(self, a: list, b: list) -> list:
+        return a + b
+
+    def select(self, state: list, keep: list[int]) -> list:
+        return [state[i] for i in keep]

@@ -1,5 +1,11 @@
 """Qwen3-VL (``Qwen3VLForConditionalGeneration``) with its chat template.
 
+Qwen3-VL rotates by M-RoPE: three position rows (time, height, width) that differ inside
+an image. The model keeps ``rope_deltas`` as module state from its last prefill, which is
+wrong for rows that joined at other times, so the engine passes ``[4, rows, length]``
+positions itself (text positions, then the three M-RoPE rows) and keeps each row's next
+M-RoPE position in the batch state.
+
 ``Qwen3VLProcessor`` needs torchvision (for videos), so the tokenizer and the image
 processor are loaded separately and the processor's image step is done here: each
 ``<|image_pad|>`` is expanded to ``grid_t*grid_h*grid_w / merge_size**2`` copies.
@@ -10,6 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 from vlm_engine.adapters.base import GenerateAdapter, Prepared
+from vlm_engine.kv import KVBatch
 from vlm_engine.loading import from_pretrained_kwargs
 
 IMAGE_PAD = "<|image_pad|>"
@@ -26,6 +33,14 @@ class Qwen3VLAdapter(GenerateAdapter):
         self.image_processor = AutoImageProcessor.from_pretrained(self.settings.model_path, **source)
         self.model = Qwen3VLForConditionalGeneration.from_pretrained(self.settings.model_path, **kwargs)
         self.image_token_id = self.model.config.image_token_id
+        self.after_load()
+
+    def prefill_cost(self, prepared: Prepared) -> int:
+        if prepared.image is None:
+            return prepared.prompt_tokens
+        patch = self.image_processor.patch_size * self.image_processor.merge_size
+        width, height = prepared.image.size
+        return prepared.prompt_tokens + min(max(width * height // patch**2, 4), 16384)
 
     def prompt(self, prepared: Prepared) -> str:
         messages = []
@@ -56,3 +71,31 @@ class Qwen3VLAdapter(GenerateAdapter):
         for piece in pieces[1:]:
             out += "<|placeholder|>" * next(counts) + piece
         return out.replace("<|placeholder|>", IMAGE_PAD)
+
+    def prefill_positions(self, inputs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        import torch
+
+        text, _ = super().prefill_positions(inputs)
+        mask = inputs["attention_mask"]
+        if "image_grid_thw" in inputs:
+            mrope, _ = self.model.model.get_rope_index(
+                inputs["input_ids"],
+                mm_token_type_ids=inputs["mm_token_type_ids"],
+                image_grid_thw=inputs["image_grid_thw"],
+                attention_mask=mask,
+            )
+        else:
+            mrope = text[None].expand(3, -1, -1)
+        mrope = mrope.to(text.device)
+        following = mrope.masked_fill(mask[None] == 0, -1).amax(dim=(0, 2)) + 1
+        return torch.cat([text[None], mrope]), {"mrope": following}
+
+    def decode_positions(self, state: KVBatch) -> Any:
+        import torch
+
+        mrope = state.extra["mrope"]
+        return torch.stack([state.positions, mrope, mrope, mrope])[:, :, None]
+
+    def advance(self, state: KVBatch) -> None:
+        state.positions += 1
+        state.extra["mrope"] = state.extra["mrope"] + 1
