@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from vlm_engine import metrics as names
+from vlm_engine.scheduler import Metrics
+
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
 
@@ -21,3 +24,30 @@ TIME_TO_FIRST_TOKEN = Histogram(
 )
 INTER_TOKEN = Histogram("vlm_inter_token_seconds", "Time between text chunks", ["model"], buckets=TOKEN_BUCKETS)
 OUTPUT_TOKENS = Counter("vlm_output_tokens_total", "Generated tokens", ["model"])
+
+
+class SchedulerMetrics(Metrics):
+    """The in-process engine's scheduler (local backend), under the names Triton uses."""
+
+    running = Gauge(*names.RUNNING, ["model"])
+    waiting = Gauge(*names.WAITING, ["model"])
+    steps = Histogram(*names.STEP, ["model", "kind"], buckets=names.STEP_BUCKETS)
+    wait = Histogram(*names.QUEUE_WAIT, ["model"], buckets=names.WAIT_BUCKETS)
+    generated = Counter(*names.TOKENS, ["model"])
+
+    def __init__(self, model: str):
+        self.model = model
+
+    def queue(self, running: int, waiting: int) -> None:
+        self.running.labels(self.model).set(running)
+        self.waiting.labels(self.model).set(waiting)
+
+    def waited(self, seconds: float) -> None:
+        self.wait.labels(self.model).observe(seconds)
+
+    def step(self, kind: str, seconds: float, rows: int) -> None:
+        self.steps.labels(self.model, kind).observe(seconds)
+
+    def tokens(self, count: int) -> None:
+        if count:
+            self.generated.labels(self.model).inc(count)

@@ -47,12 +47,14 @@ def jpeg() -> bytes:
 TRITON_ENV = {"MAX_IMAGE_PIXELS": "1000000", "MAX_PROMPT_TOKENS": "512", "MAX_TOKENS_CAP": "64"}
 
 
-def start_triton(models_dir: Path, log_name: str, models: list[str] | None = None, **ports) -> TritonProcess:
+def start_triton(
+    models_dir: Path, log_name: str, models: list[str] | None = None, env: dict[str, str] | None = None, **ports
+) -> TritonProcess:
     """A real tritonserver on 127.0.0.1 serving triton_models/ with the tiny checkpoints."""
     ports = {"http_port": free_port(), "grpc_port": free_port(), "metrics_port": free_port(), **ports}
     server = TritonProcess(
         ARTIFACTS / log_name,
-        env={"VLM_MODELS_DIR": str(models_dir), "HF_HUB_OFFLINE": "1", **TRITON_ENV},
+        env={"VLM_MODELS_DIR": str(models_dir), "HF_HUB_OFFLINE": "1", **TRITON_ENV, **(env or {})},
         models=models,
         **ports,
     ).start()

@@ -6,9 +6,9 @@ It knows nothing about Triton or HTTP; adapters know the architectures.
 from __future__ import annotations
 
 import logging
+import queue
 import time
 from collections.abc import Callable, Iterator, Mapping
-import queue
 from dataclasses import dataclass
 
 from PIL import Image

@@ -1,20 +1,22 @@
-"""``<model>_stream``: the decoupled model that holds the weights, batches and streams.
+"""``<model>_stream``: the decoupled model that holds the weights and streams answers.
 
-One instance per device loads the engine once. ``execute`` receives the dynamic batcher's
-requests: each is validated alone (a bad one gets its own error and leaves the batch), the
-valid ones are generated together, and every row's text is sent as it is produced.
+One instance per device loads the engine, whose scheduler batches in flight. ``execute``
+validates each request (a bad one gets its own error at once), hands the valid ones to the
+scheduler and returns without waiting, as Triton's vLLM backend does; every response is
+sent later, from the scheduler's thread, through the request's response sender.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 
 import triton_python_backend_utils as pb_utils
 
 from vlm_engine.chat import parse_openai_messages, single_turn
 from vlm_engine.engine import VLMEngine
 from vlm_engine.errors import InvalidRequest
+from vlm_engine.scheduler import Event
+from vlm_triton.metrics import TritonMetrics
 from vlm_triton.tensors import (
     batch_size,
     bytes_input,
@@ -28,20 +30,21 @@ from vlm_triton.tensors import (
 )
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-log = logging.getLogger("vlm_triton")
 
 
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         parameters = model_parameters(args)
-        self.engine = VLMEngine.from_config(parameters.pop("model"), parameters)
+        name = parameters.pop("model")
+        self.engine = VLMEngine.from_config(name, parameters, metrics=TritonMetrics(name))
         self.with_entities = self.engine.settings.architecture == "kosmos2"
         pb_utils.Logger.log_info(
             f"{args['model_name']}: {self.engine.name} loaded from {self.engine.settings.model_path} "
-            f"on {self.engine.device} in {self.engine.load_seconds:.1f}s"
+            f"on {self.engine.device} in {self.engine.load_seconds:.1f}s; scheduler "
+            f"{self.engine.settings.scheduler}, up to {self.engine.settings.max_running} rows"
         )
 
-    def _prepare(self, request):
+    def _prepare(self, request, sender):
         batch_size(request)
         messages_json = string_input(request, "messages")
         if messages_json is not None:
@@ -59,47 +62,46 @@ class TritonPythonModel:
             max_tokens=scalar_input(request, "max_tokens", int),
             temperature=scalar_input(request, "temperature", float),
             top_p=scalar_input(request, "top_p", float),
-            cancelled=request.is_cancelled,
+            cancelled=sender.is_cancelled,
         )
 
+    def _responder(self, sender, streaming: bool):
+        """The scheduler's callback for one request: a response per chunk, then the final one."""
+
+        def emit(event: Event) -> None:
+            if event.error is not None:
+                sender.send(pb_utils.InferenceResponse(error=triton_error(event.error)), flags=FINAL)
+                return
+            if event.result is None:
+                if streaming:
+                    sender.send(pb_utils.InferenceResponse(output_tensors=[text_tensor("generated_text", event.text)]))
+                return
+            result = event.result
+            outputs = [
+                text_tensor("generated_text", event.text if streaming else result.text),
+                int_tensor("prompt_tokens", result.prompt_tokens),
+                int_tensor("output_tokens", result.output_tokens),
+                text_tensor("finish_reason", result.finish_reason),
+            ]
+            if self.with_entities:
+                outputs.append(json_tensor("entities", result.entities or []))
+            sender.send(pb_utils.InferenceResponse(output_tensors=outputs), flags=FINAL)
+
+        return emit
+
     def execute(self, requests):
-        valid, senders, streaming = [], [], []
         for request in requests:
             sender = request.get_response_sender()
             try:
-                valid.append(self._prepare(request))
-                senders.append(sender)
-                streaming.append(scalar_input(request, "stream", bool) is not False)
-            except Exception as exc:  # this request alone fails
+                prepared = self._prepare(request, sender)
+                streaming = scalar_input(request, "stream", bool) is not False
+                self.engine.submit(prepared, self._responder(sender, streaming))
+            except Exception as exc:  # this request alone fails, at once
                 sender.send(pb_utils.InferenceResponse(error=triton_error(exc)), flags=FINAL)
-        if not valid:
-            return None
-        finished = set()
-        try:
-            for chunk in self.engine.stream(valid):
-                if chunk.result is None:
-                    if streaming[chunk.index]:  # one response per chunk; else only the final one
-                        outputs = [text_tensor("generated_text", chunk.text)]
-                        senders[chunk.index].send(pb_utils.InferenceResponse(output_tensors=outputs))
-                    continue
-                result = chunk.result
-                text = chunk.text if streaming[chunk.index] else result.text
-                outputs = [
-                    text_tensor("generated_text", text),
-                    int_tensor("prompt_tokens", result.prompt_tokens),
-                    int_tensor("output_tokens", result.output_tokens),
-                    text_tensor("finish_reason", result.finish_reason),
-                ]
-                if self.with_entities:
-                    outputs.append(json_tensor("entities", result.entities or []))
-                senders[chunk.index].send(pb_utils.InferenceResponse(output_tensors=outputs), flags=FINAL)
-                finished.add(chunk.index)
-        except Exception as exc:
-            log.exception("generation failed")
-            for index, sender in enumerate(senders):
-                if index not in finished:
-                    sender.send(pb_utils.InferenceResponse(error=triton_error(exc)), flags=FINAL)
         return None
 
     def finalize(self) -> None:
-        self.engine = None
+        """Unloading: finish what is running (bounded), refuse the rest, stop the loop."""
+        if self.engine is not None:
+            self.engine.close(drain=True)
+            self.engine = None

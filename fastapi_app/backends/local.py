@@ -1,5 +1,5 @@
-"""Local backend (the direct path): the shared engine in this process, one request at a time
-per model, generation in a worker thread so the event loop keeps serving."""
+"""Local backend (the direct path): the shared engine in this process. Its scheduler batches
+concurrent requests in flight, exactly as in Triton; events cross to the event loop."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ from collections.abc import AsyncIterator
 from dotenv import dotenv_values
 
 from fastapi_app.backends.base import Final, GenerationRequest
+from fastapi_app.metrics import SchedulerMetrics
 from fastapi_app.settings import Settings
 from vlm_engine.engine import VLMEngine
 from vlm_engine.errors import UnknownModel
+from vlm_engine.scheduler import Event
 from vlm_engine.settings import env_prefix, resolve_settings
-
-_END = object()
 
 
 class LocalBackend:
@@ -25,7 +25,6 @@ class LocalBackend:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.engines: dict[str, VLMEngine] = {}
-        self.locks: dict[str, threading.Lock] = {}
 
     def _env(self, model: str) -> dict[str, str]:
         """Model settings come from the environment, and from .env like the service's own."""
@@ -38,11 +37,12 @@ class LocalBackend:
     async def start(self) -> None:
         for model in self.settings.local_model_list:
             settings = resolve_settings(model, env=self._env(model))
-            self.engines[model] = await asyncio.to_thread(VLMEngine, settings)
-            self.locks[model] = threading.Lock()
+            self.engines[model] = await asyncio.to_thread(VLMEngine, settings, True, SchedulerMetrics(model))
 
     async def close(self) -> None:
-        self.engines.clear()
+        engines, self.engines = list(self.engines.values()), {}
+        for engine in engines:
+            await asyncio.to_thread(engine.close)
 
     async def ready(self) -> dict[str, bool]:
         return {model: model in self.engines for model in self.settings.models}
@@ -51,32 +51,23 @@ class LocalBackend:
         engine = self.engines.get(request.model)
         if engine is None:
             raise UnknownModel(f"model {request.model!r} is not loaded here; loaded: {', '.join(self.engines)}")
-        stop = threading.Event()
+        gone = threading.Event()
         prepared = await asyncio.to_thread(
-            engine.prepare, request.messages, request.max_tokens, request.temperature, request.top_p, stop.is_set
+            engine.prepare, request.messages, request.max_tokens, request.temperature, request.top_p, gone.is_set
         )
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-
-        def work() -> None:
-            try:
-                with self.locks[request.model]:
-                    for chunk in engine.stream([prepared]):
-                        loop.call_soon_threadsafe(queue.put_nowait, chunk)
-            except BaseException as exc:
-                loop.call_soon_threadsafe(queue.put_nowait, exc)
-            loop.call_soon_threadsafe(queue.put_nowait, _END)
-
-        worker = threading.Thread(target=work, name=f"local-{request.model}", daemon=True)
-        worker.start()
+        events: asyncio.Queue[Event] = asyncio.Queue()
+        engine.submit(prepared, lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
         try:
-            while (item := await queue.get()) is not _END:
-                if isinstance(item, BaseException):
-                    raise item
-                if item.text:
-                    yield item.text
-                if item.result is not None:
-                    r = item.result
+            while True:
+                event = await events.get()
+                if event.error is not None:
+                    raise event.error
+                if event.text:
+                    yield event.text
+                if event.result is not None:
+                    r = event.result
                     yield Final(r.text, r.prompt_tokens, r.output_tokens, r.finish_reason, r.entities)
+                    return
         finally:
-            stop.set()  # a client that went away cancels the generation
+            gone.set()  # a client that went away cancels its row; its neighbours go on

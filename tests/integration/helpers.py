@@ -87,3 +87,59 @@ def stats(url: str, model: str) -> tuple[int, int]:
     client = httpclient.InferenceServerClient(url)
     entry = client.get_inference_statistics(model)["model_stats"][0]
     return int(entry.get("inference_count", 0)), int(entry.get("execution_count", 0))
+
+
+class GrpcStream:
+    """One request over its own gRPC stream, read response by response."""
+
+    def __init__(self, url: str, model: str, prompt, image, **params):
+        self.responses: queue.Queue = queue.Queue()
+        self.client = grpcclient.InferenceServerClient(url)
+        self.client.start_stream(callback=partial(lambda q, result, error: q.put((result, error)), self.responses))
+        tensors = inputs(grpcclient, prompt, image, **params)
+        self.client.async_stream_infer(model, tensors, enable_empty_final_response=True)
+        self.texts: list[str] = []
+        self.finish_reason: str | None = None
+        self.done = False
+
+    def read(self, timeout: float = 120) -> None:
+        """One more response; raises the server's error."""
+        result, error = self.responses.get(timeout=timeout)
+        if error is not None:
+            self.done = True
+            raise error
+        response = result.get_response()
+        if response.outputs:
+            self.texts.append(text_of(result))
+        if response.parameters["triton_final_response"].bool_param:
+            self.done = True
+            if response.outputs:
+                self.finish_reason = result.as_numpy("finish_reason").reshape(-1)[0].decode()
+
+    def first_text(self) -> str:
+        """Wait until the answer has begun (some text, or the end)."""
+        while not self.done and not any(self.texts):
+            self.read()
+        return "".join(self.texts)
+
+    def result(self) -> str:
+        while not self.done:
+            self.read()
+        self.client.stop_stream()
+        return "".join(self.texts)
+
+    def cancel(self) -> None:
+        self.client.stop_stream(cancel_requests=True)
+
+
+def metric(metrics_url: str, name: str, **labels: str) -> float:
+    """The sum of a metric's samples whose labels include ``labels`` (Triton's metrics port)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = requests.get(f"http://{metrics_url}/metrics", timeout=10).text
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total
