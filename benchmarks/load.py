@@ -21,6 +21,7 @@ class Sample:
     text: str = ""
     ok: bool = True
     error: str = ""
+    tokens: int = 0  # output tokens, where the server reports them
 
 
 @dataclass

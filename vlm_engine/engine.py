@@ -124,7 +124,9 @@ class VLMEngine:
         if image is None and self.adapter.requires_image:
             image = Image.new("RGB", BLANK, (127, 127, 127))
             messages[-1].decoded = [image]
-        return Prepared(messages, params, image, cancelled or (lambda: False), tokens)
+        prepared = Prepared(messages, params, image, cancelled or (lambda: False), tokens)
+        prepared.inputs = self.adapter.encode_row(prepared)  # here, not in the step loop
+        return prepared
 
     def submit(self, prepared: Prepared, emit: Callable[[Event], None]) -> None:
         """Hand one prepared request to the scheduler; ``emit`` gets its events (loop thread)."""

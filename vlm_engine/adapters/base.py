@@ -39,6 +39,7 @@ class Prepared:
     image: Image.Image | None = None
     cancelled: Callable[[], bool] = lambda: False
     prompt_tokens: int = 0
+    inputs: Any = None  # model inputs encoded on the request's thread (``Adapter.encode_row``)
 
 
 @dataclass
@@ -48,6 +49,9 @@ class Result:
     finish_reason: str  # "stop" | "length" | "cancelled"
     entities: list[dict[str, Any]] | None = None
     prompt_tokens: int = 0  # text tokens of the conversation (image tokens not counted)
+
+
+SEQUENCE_KEYS = ("input_ids", "attention_mask", "image_embeds_position_mask", "mm_token_type_ids")
 
 
 @dataclass
@@ -90,8 +94,14 @@ class Adapter(ABC):
     def count_tokens(self, text: str) -> int:
         """Tokens of user text, for the prompt-length limit (called from request threads)."""
 
+    def encode_row(self, prepared: Prepared) -> Any:
+        """Model inputs of one request, computed on the request's thread (not the step loop's)."""
+        return None
+
     def prefill_cost(self, prepared: Prepared) -> int:
         """Tokens a prefill of ``prepared`` processes, about (the prefill budget's unit)."""
+        if prepared.inputs is not None and "input_ids" in prepared.inputs:
+            return int(prepared.inputs["input_ids"].shape[-1])
         images = sum(len(m.decoded) for m in prepared.messages)
         return prepared.prompt_tokens + self.image_tokens * max(images, prepared.image is not None)
 
@@ -141,7 +151,27 @@ class GenerateAdapter(Adapter):
 
     @abstractmethod
     def encode(self, group: list[Prepared]) -> dict[str, Any]:
-        """Left-padded model inputs for the whole group."""
+        """Model inputs for ``group`` as the model's processor makes them (called per row)."""
+
+    def encode_row(self, prepared: Prepared) -> dict[str, Any]:
+        with self._count_lock:
+            return self.encode([prepared])
+
+    def collate(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        """One batch from rows encoded alone: sequences left-padded, image tensors stacked."""
+        import torch
+
+        length = max(row["input_ids"].shape[-1] for row in rows)
+        batch: dict[str, Any] = {}
+        for key in dict.fromkeys(k for row in rows for k in row):  # rows without an image lack some
+            tensors = [row[key] for row in rows if key in row]
+            if key in SEQUENCE_KEYS:
+                fill = self.pad_id if key == "input_ids" else 0
+                tensors = [
+                    torch.cat([t.new_full((t.shape[0], length - t.shape[-1]), fill), t], dim=-1) for t in tensors
+                ]
+            batch[key] = torch.cat(tensors)
+        return batch
 
     def after_load(self) -> None:
         self._counter = copy.deepcopy(self.tokenizer)  # request threads never share the Rust object
@@ -149,11 +179,16 @@ class GenerateAdapter(Adapter):
         eos = eos if isinstance(eos, list) else [eos]
         self.eos = {e for e in eos if e is not None}
         self.image_tokens = self.estimate_image_tokens()
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else next(iter(self.eos))
 
     def estimate_image_tokens(self) -> int:
         return 256
 
     def visible_text(self, ids: list[int]) -> str:
+        backend = getattr(self.tokenizer, "_tokenizer", None)  # the Rust tokenizer: no Python overhead
+        if backend is not None:
+            return backend.decode(ids, skip_special_tokens=True).strip()
         return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
 
     def finish(self, ids: list[int], finish_reason: str) -> Result:
@@ -200,7 +235,8 @@ class GenerateAdapter(Adapter):
 
         from vlm_engine.sampling import choose_tokens
 
-        inputs = {k: v.to(self.device) if hasattr(v, "to") else v for k, v in self.encode(group).items()}
+        rows = [p.inputs if p.inputs is not None else self.encode_row(p) for p in group]
+        inputs = {k: v.to(self.device) if hasattr(v, "to") else v for k, v in self.collate(rows).items()}
         if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
         mask = inputs["attention_mask"]
