@@ -32,6 +32,7 @@ from vlm_engine.adapters.base import Adapter, Prepared, Result, RowDecoder
 from vlm_engine.errors import EngineError, Overloaded, ShuttingDown
 
 log = logging.getLogger("vlm_engine.scheduler")
+CANCEL_CHECK_SECONDS = 0.05  # how often running rows are asked whether their client left
 Policy = Literal["inflight", "static"]
 
 
@@ -107,6 +108,7 @@ class Scheduler:
         self._wake = threading.Condition()
         self._closing = False
         self._drain = True
+        self._cancel_checked = 0.0
         self._thread = threading.Thread(target=self._loop, name=f"scheduler-{name}", daemon=True)
         self._thread.start()
 
@@ -183,10 +185,16 @@ class Scheduler:
         self._report()
 
     def _release(self) -> None:
-        """Rows that finished, failed or were cancelled leave the batch."""
-        for row in self._running:
-            if not row.done and row.prepared.cancelled():
-                self._finish(row, "cancelled")
+        """Rows that finished, failed or were cancelled leave the batch.
+
+        Asking whether a client left can cost a round trip (Triton's response sender), so
+        running rows are asked every ``CANCEL_CHECK_SECONDS``, not at every step."""
+        now = time.monotonic()
+        if now - self._cancel_checked >= CANCEL_CHECK_SECONDS:
+            self._cancel_checked = now
+            for row in self._running:
+                if not row.done and row.prepared.cancelled():
+                    self._finish(row, "cancelled")
         keep = [i for i, row in enumerate(self._running) if not row.done]
         if len(keep) == len(self._running):
             return

@@ -34,10 +34,10 @@ async def stream_from(model: str, inputs: list[pb_utils.Tensor], outputs: list[s
     """
     request = pb_utils.InferenceRequest(model_name=model, inputs=inputs, requested_output_names=outputs)
     responses = await request.async_exec(decoupled=True)
-    return _pieces(responses)
+    return read_pieces(responses)
 
 
-def _pieces(responses) -> Iterator[StreamPiece]:
+def read_pieces(responses) -> Iterator[StreamPiece]:
     for response in responses:  # in this Triton release the iterator is a plain one
         if response.has_error():
             yield StreamPiece(error=response.error())

@@ -1,42 +1,67 @@
 """``<model>``: the KServe ``infer`` face of a model (not decoupled, holds no weights).
 
 Each request is forwarded with BLS to ``<model>_stream``, where the weights live and the
-batching happens, and its streamed pieces are joined into one response.
+in-flight batching happens, asking for the whole answer in one response. ``execute``
+returns at once: worker threads wait for the answers and each request is answered through
+its own response sender (default-mode models may use it since Triton 24.06), so a short
+request never waits for a long one that arrived in the same batch.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from vlm_engine.errors import from_message
-from vlm_triton.bls import forward_inputs, stream_from
+from vlm_triton.bls import FORWARDED, read_pieces
 from vlm_triton.tensors import json_tensor, model_parameters, text_tensor, triton_error
+
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
 
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         config = json.loads(args["model_config"])
-        self.target = model_parameters(args)["stream_model"]
+        parameters = model_parameters(args)
+        self.target = parameters["stream_model"]
         self.outputs = [o["name"] for o in config["output"]]
+        self.pool = ThreadPoolExecutor(int(parameters.get("forwarders", "64")), thread_name_prefix="forward")
 
-    async def _one(self, request) -> pb_utils.InferenceResponse:
-        # One response with the whole answer: no per-token messages between the two models.
-        whole = pb_utils.Tensor("stream", np.array([[False]], dtype=np.bool_))
-        pieces = await stream_from(self.target, [*forward_inputs(request), whole], self.outputs)
-        text, entities = [], None
-        for piece in pieces:
-            if piece.error is not None:  # BLS drops the code; the message still carries it
-                return pb_utils.InferenceResponse(error=triton_error(from_message(piece.error.message())))
-            text.append(piece.text)
-            entities = piece.entities if piece.entities is not None else entities
-        tensors = [text_tensor("generated_text", "".join(text))]
-        if "entities" in self.outputs:
-            tensors.append(json_tensor("entities", entities or []))
-        return pb_utils.InferenceResponse(output_tensors=tensors)
+    def _inputs(self, request) -> list[pb_utils.Tensor]:
+        """Copies of the request's tensors (its own are freed when ``execute`` returns)."""
+        tensors = []
+        for name in FORWARDED:
+            tensor = pb_utils.get_input_tensor_by_name(request, name)
+            if tensor is not None:
+                tensors.append(pb_utils.Tensor(name, np.array(tensor.as_numpy(), copy=True)))
+        tensors.append(pb_utils.Tensor("stream", np.array([[False]], dtype=np.bool_)))
+        return tensors
 
-    async def execute(self, requests):
-        return list(await asyncio.gather(*(self._one(r) for r in requests)))
+    def _forward(self, inputs: list[pb_utils.Tensor], sender) -> None:
+        try:
+            bls = pb_utils.InferenceRequest(model_name=self.target, inputs=inputs, requested_output_names=self.outputs)
+            text, entities = [], None
+            for piece in read_pieces(bls.exec(decoupled=True)):
+                if piece.error is not None:  # BLS drops the code; the message still carries it
+                    error = triton_error(from_message(piece.error.message()))
+                    sender.send(pb_utils.InferenceResponse(error=error), flags=FINAL)
+                    return
+                text.append(piece.text)
+                entities = piece.entities if piece.entities is not None else entities
+            tensors = [text_tensor("generated_text", "".join(text))]
+            if "entities" in self.outputs:
+                tensors.append(json_tensor("entities", entities or []))
+            sender.send(pb_utils.InferenceResponse(output_tensors=tensors), flags=FINAL)
+        except Exception as exc:
+            sender.send(pb_utils.InferenceResponse(error=triton_error(exc)), flags=FINAL)
+
+    def execute(self, requests):
+        for request in requests:
+            self.pool.submit(self._forward, self._inputs(request), request.get_response_sender())
+        return None
+
+    def finalize(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=False)

@@ -139,3 +139,20 @@ def test_a_full_queue_answers_503_at_once_and_the_server_stays_healthy(small_que
     client = httpclient.InferenceServerClient(url)
     assert client.is_server_ready() and client.is_model_ready("llava_stream")
     assert text_of(client.infer("llava", inputs(httpclient, PROMPTS[0], png, max_tokens=4, **GREEDY)))
+
+
+def test_kserve_infer_answers_a_short_request_before_a_long_one_sent_first(triton):
+    """The face forwards every request at once and answers each when its own answer is done."""
+    prompt, image = _long_request(triton, "llava")
+    finished: dict[str, float] = {}
+
+    def infer(name: str, text: str, max_tokens: int) -> None:
+        infer_http(triton.http_url, "llava", text, image, max_tokens=max_tokens, **GREEDY)
+        finished[name] = time.monotonic()
+
+    with ThreadPoolExecutor(2) as pool:
+        long = pool.submit(infer, "long", prompt, 64)
+        time.sleep(0.01)
+        short = pool.submit(infer, "short", "What is this?", 2)
+        long.result(), short.result()
+    assert finished["short"] < finished["long"]

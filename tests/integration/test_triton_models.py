@@ -14,7 +14,7 @@ from tests.integration.helpers import (
     infer_grpc,
     infer_http,
     inputs,
-    stats,
+    metric,
     stream_grpc,
     stream_http,
     text_of,
@@ -73,15 +73,15 @@ def test_concurrent_requests_are_batched_and_match_single_answers(triton, model)
     requests = _requests()
     alone = [infer_http(triton.http_url, model, p, img, max_tokens=12, **GREEDY) for p, img in requests]
     assert len(set(alone)) > 1, "different inputs should give different answers"
-    before = stats(triton.http_url, f"{model}_stream")
+    steps = metric(triton.metrics_url, "vlm_scheduler_step_seconds_count", model=model, kind="decode")
+    tokens = metric(triton.metrics_url, "vlm_scheduler_generated_tokens_total", model=model)
     client = httpclient.InferenceServerClient(triton.http_url, concurrency=8)
     pending = [client.async_infer(model, inputs(httpclient, p, img, max_tokens=12, **GREEDY)) for p, img in requests]
     together = [text_of(p.get_result()) for p in pending]
-    after = stats(triton.http_url, f"{model}_stream")
     assert together == alone
-    inferences, executions = after[0] - before[0], after[1] - before[1]
-    assert inferences == 8
-    assert executions < inferences, f"{executions} executions for {inferences} requests: no batching"
+    steps = metric(triton.metrics_url, "vlm_scheduler_step_seconds_count", model=model, kind="decode") - steps
+    tokens = metric(triton.metrics_url, "vlm_scheduler_generated_tokens_total", model=model) - tokens
+    assert steps < tokens, f"{steps} decode steps for {tokens} tokens: the requests never shared a step"
 
 
 @pytest.mark.parametrize("model", MODELS)

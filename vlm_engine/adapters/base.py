@@ -216,7 +216,15 @@ class GenerateAdapter(Adapter):
         state.positions += 1
 
     def forward_prefill(self, inputs: dict[str, Any], positions: Any) -> Any:
-        return self.model(**inputs, position_ids=positions, use_cache=True, logits_to_keep=1)
+        from vlm_engine.kv import new_cache
+
+        return self.model(
+            **inputs,
+            position_ids=positions,
+            past_key_values=new_cache(self.model.config),
+            use_cache=True,
+            logits_to_keep=1,
+        )
 
     def forward_decode(self, tokens: Any, mask: Any, positions: Any, cache: Any) -> Any:
         return self.model(
@@ -272,4 +280,4 @@ class GenerateAdapter(Adapter):
     def select(self, state: KVBatch, keep: list[int]) -> KVBatch:
         from vlm_engine import kv
 
-        return kv.select(state, keep)
+        return kv.select(state, keep, self.model.config)
