@@ -1,0 +1,250 @@
+"""The in-flight scheduler in-process (the local backend's path; Triton runs the same code)."""
+
+from __future__ import annotations
+
+import queue
+import threading
+
+import pytest
+import torch
+
+from tests.conftest import image_bytes
+from vlm_engine.chat import single_turn
+from vlm_engine.engine import VLMEngine
+from vlm_engine.errors import EngineError, Overloaded, ShuttingDown
+from vlm_engine.params import GenerationParams
+from vlm_engine.sampling import choose_tokens
+from vlm_engine.scheduler import Event, Metrics
+from vlm_engine.settings import resolve_settings
+from vlm_engine.tiny.samples import PROMPTS
+
+MODELS = ["moondream2", "kosmos2", "llava", "qwen3-vl"]
+SIZES = [(64, 64), (224, 224), (300, 120), (97, 211), (500, 400), (32, 48), (160, 160), (640, 360)]
+
+
+class Recorder(Metrics):
+    def __init__(self) -> None:
+        self.calls: dict[str, list] = {"queue": [], "waited": [], "step": [], "tokens": []}
+
+    def queue(self, running, waiting):
+        self.calls["queue"].append((running, waiting))
+
+    def waited(self, seconds):
+        self.calls["waited"].append(seconds)
+
+    def step(self, kind, seconds, rows):
+        self.calls["step"].append((kind, rows))
+
+    def tokens(self, count):
+        self.calls["tokens"].append(count)
+
+
+def make_engine(models_dir, model: str, metrics: Metrics | None = None, **env) -> VLMEngine:
+    settings = resolve_settings(model, env={"VLM_MODELS_DIR": str(models_dir), **env})
+    return VLMEngine(settings, metrics=metrics)
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_models_dir):
+    loaded = {name: make_engine(tiny_models_dir, name) for name in MODELS}
+    yield loaded
+    for engine in loaded.values():
+        engine.close()
+
+
+class Request:
+    """One submitted request and its events, in arrival order."""
+
+    def __init__(self, engine: VLMEngine, prepared, order: list | None = None, name: str = ""):
+        self.events: queue.Queue[Event] = queue.Queue()
+        self.texts: list[str] = []
+        self.final: Event | None = None
+        self.order, self.name = order, name
+        engine.submit(prepared, self._emit)
+
+    def _emit(self, event: Event) -> None:
+        if event.final and self.order is not None:
+            self.order.append(self.name)
+        self.events.put(event)
+
+    def read(self) -> Event:
+        event = self.events.get(timeout=60)
+        self.texts.append(event.text)
+        if event.final:
+            self.final = event
+        return event
+
+    def first_text(self) -> None:
+        while self.final is None and not "".join(self.texts):
+            self.read()
+
+    def result(self):
+        while self.final is None:
+            self.read()
+        if self.final.error is not None:
+            raise self.final.error
+        assert "".join(self.texts) == self.final.result.text, "streamed chunks must join to the answer"
+        return self.final.result
+
+
+def prepare(engine: VLMEngine, i: int, max_tokens: int, temperature: float = 0.0, **kwargs):
+    image = image_bytes(SIZES[i], "PNG" if i % 2 else "JPEG", (30 * i, 90, 200 - 20 * i))
+    return engine.prepare(single_turn(PROMPTS[i], image), max_tokens, temperature, **kwargs)
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_rows_joining_at_different_steps_get_their_solo_answers(engines, model):
+    engine = engines[model]
+    alone = [engine.generate([prepare(engine, i, 10 + 4 * i)])[0].text for i in range(8)]
+    assert len(set(alone)) == 8
+    largest = engine.scheduler.stats.largest_batch
+    requests, sampled = [], []
+    for i in range(8):
+        requests.append(Request(engine, prepare(engine, i, 10 + 4 * i)))
+        if i % 3 == 0:  # sampled rows share the same steps
+            sampled.append(Request(engine, prepare(engine, i, 16, temperature=1.2, top_p=0.9)))
+        requests[-1].first_text()  # the next one joins a batch that is already running
+    assert [r.result().text for r in requests] == alone
+    for request in sampled:
+        request.result()
+    assert engine.scheduler.stats.largest_batch > max(largest, 1)
+
+
+def _long_prompt(engine: VLMEngine, max_tokens: int) -> int:
+    for i in range(8):
+        if engine.generate([prepare(engine, i, max_tokens)])[0].finish_reason == "length":
+            return i
+    raise AssertionError("no sample runs to its token limit")
+
+
+@pytest.mark.parametrize("model", ["llava", "kosmos2", "qwen3-vl"])
+def test_a_short_request_sent_during_a_long_one_finishes_first(engines, model):
+    engine = engines[model]
+    i = _long_prompt(engine, 200)
+    order: list[str] = []
+    long = Request(engine, prepare(engine, i, 200), order, "long")
+    long.first_text()
+    short = Request(engine, prepare(engine, 3, 3), order, "short")
+    short.result(), long.result()
+    assert order == ["short", "long"]
+
+
+def test_static_policy_makes_the_short_request_wait(tiny_models_dir):
+    """The comparison setting: a batch is admitted only when the previous one is done."""
+    engine = make_engine(tiny_models_dir, "llava", SCHEDULER="static")
+    try:
+        i = _long_prompt(engine, 120)
+        order: list[str] = []
+        long = Request(engine, prepare(engine, i, 120), order, "long")
+        long.first_text()
+        short = Request(engine, prepare(engine, 3, 3), order, "short")
+        short.result(), long.result()
+        assert order == ["long", "short"]
+    finally:
+        engine.close()
+
+
+def test_a_cancelled_row_stops_while_its_neighbour_goes_on(engines):
+    engine = engines["llava"]
+    i = _long_prompt(engine, 200)
+    expected = engine.generate([prepare(engine, 5, 60)])[0].text
+    gone = threading.Event()
+    doomed = Request(engine, prepare(engine, i, 200, cancelled=gone.is_set))
+    doomed.first_text()
+    neighbour = Request(engine, prepare(engine, 5, 60))
+    neighbour.first_text()
+    gone.set()
+    cancelled = doomed.result()
+    assert cancelled.finish_reason == "cancelled" and cancelled.output_tokens < 200
+    assert neighbour.result().text == expected
+
+
+def test_a_full_queue_is_refused_at_once(tiny_models_dir):
+    engine = make_engine(tiny_models_dir, "llava", MAX_RUNNING="1", MAX_WAITING="1")
+    try:
+        running = Request(engine, prepare(engine, 1, 200))
+        running.first_text()  # admitted: the running batch is full
+        waiting = Request(engine, prepare(engine, 2, 4))
+        with pytest.raises(Overloaded, match="at capacity: 1 requests waiting"):
+            Request(engine, prepare(engine, 3, 4))
+        assert engine.scheduler.stats.rejected == 1
+        running.result(), waiting.result()
+        assert Request(engine, prepare(engine, 3, 4)).result().output_tokens >= 1  # room again
+    finally:
+        engine.close()
+
+
+def test_a_request_whose_prefill_fails_fails_alone(engines):
+    engine = engines["llava"]
+    good = [prepare(engine, i, 8) for i in (0, 1, 2)]
+    expected = [engine.generate([p])[0].text for p in (prepare(engine, i, 8) for i in (0, 1, 2))]
+    bad = prepare(engine, 4, 8)
+    bad.inputs["pixel_values"] = torch.zeros(1, 3, 9, 9)  # not what the vision tower takes
+    requests = [Request(engine, p) for p in (good[0], bad, good[1], good[2])]
+    with pytest.raises(EngineError):
+        requests[1].result()
+    assert [r.result().text for r in (requests[0], requests[2], requests[3])] == expected
+
+
+def test_a_failed_decode_step_fails_its_rows_and_the_loop_goes_on(tiny_models_dir, monkeypatch):
+    engine = make_engine(tiny_models_dir, "llava")
+    try:
+        decode = engine.adapter.decode
+        calls = {"n": 0}
+
+        def flaky(state):
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise RuntimeError("CUDA error: an illegal memory access was encountered")
+            return decode(state)
+
+        monkeypatch.setattr(engine.adapter, "decode", flaky)
+        victims = [Request(engine, prepare(engine, i, 30)) for i in (0, 1)]
+        for victim in victims:
+            with pytest.raises(EngineError, match="illegal memory access"):
+                victim.result()
+        assert Request(engine, prepare(engine, 2, 6)).result().output_tokens >= 1
+    finally:
+        engine.close()
+
+
+def test_close_drains_or_fails_what_is_in_flight(tiny_models_dir):
+    engine = make_engine(tiny_models_dir, "llava")
+    drained = [Request(engine, prepare(engine, i, 20)) for i in (0, 1)]
+    engine.close(drain=True)
+    assert all(r.result().output_tokens >= 1 for r in drained)
+    with pytest.raises(ShuttingDown):
+        engine.submit(prepare(engine, 0, 4), lambda event: None)
+
+    engine = make_engine(tiny_models_dir, "llava")
+    i = _long_prompt(engine, 200)
+    doomed = Request(engine, prepare(engine, i, 200))
+    doomed.first_text()
+    engine.close(drain=False)
+    with pytest.raises(ShuttingDown, match="shut down before this request finished"):
+        doomed.result()
+
+
+def test_the_scheduler_reports_its_metrics(tiny_models_dir):
+    recorder = Recorder()
+    engine = make_engine(tiny_models_dir, "qwen3-vl", recorder)
+    try:
+        results = engine.generate([prepare(engine, i, 6) for i in range(3)])
+    finally:
+        engine.close()
+    kinds = {kind for kind, _ in recorder.calls["step"]}
+    assert kinds == {"prefill", "decode"}
+    assert sum(recorder.calls["tokens"]) >= sum(r.output_tokens for r in results)
+    assert recorder.calls["waited"] and all(s >= 0 for s in recorder.calls["waited"])
+    assert recorder.calls["queue"][-1] == (0, 0)
+
+
+def test_greedy_rows_ignore_sampled_neighbours():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 50)
+    greedy, hot = GenerationParams(5, 0.0, 1.0), GenerationParams(5, 1.5, 0.95)
+    chosen = choose_tokens(logits, [greedy, hot, greedy, GenerationParams(5, 1.0, 1e-9)])
+    assert chosen[0] == int(logits[0].argmax()) and chosen[2] == int(logits[2].argmax())
+    assert chosen[3] == int(logits[3].argmax()), "a tiny top_p keeps only the most likely token"
+    picks = {choose_tokens(logits[1:2], [hot])[0] for _ in range(30)}
+    assert len(picks) > 1, "a sampled row varies"
