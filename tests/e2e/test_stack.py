@@ -136,14 +136,16 @@ def test_prometheus_scrapes_every_target_and_sees_every_model(stack, png):
     while True:
         up = {r["metric"]["job"]: r["value"][1] for r in _query(stack, "up")}
         seen = {r["metric"]["model"] for r in _query(stack, "nv_inference_request_success > 0")}
+        scheduled = {r["metric"]["model"] for r in _query(stack, "vlm_scheduler_generated_tokens_total > 0")}
         if (
             set(up) >= {"triton", "fastapi", "nginx", "prometheus"}
             and set(up.values()) == {"1"}
             and seen >= set(MODELS)
+            and scheduled >= set(MODELS)
         ):
             break
-        assert time.monotonic() < deadline, f"targets {up}, models with successes {seen}"
+        assert time.monotonic() < deadline, f"targets {up}, models with successes {seen}, scheduled {scheduled}"
         time.sleep(2)
     rules = httpx.get(stack.prometheus_url + "/api/v1/rules", timeout=10).json()["data"]["groups"]
     names = {rule["name"] for group in rules for rule in group["rules"]}
-    assert {"vlm:batch_size_mean", "vlm:ttft_p95_seconds", "VLMModelNotReady"} <= names
+    assert {"vlm:batch_size_mean", "vlm:running_rows", "vlm:ttft_p95_seconds", "VLMSchedulerSaturated"} <= names
