@@ -1,8 +1,9 @@
 """``make bench``: serving figures measured side by side in one run, on this machine.
 
-Starts what it needs (tritonserver with and without dynamic batching, the local stack
-through nginx, the FastAPI service with the in-process engine), drives them with the same
-requests, and writes ``benchmarks/results/<date>-<host>.json``, ``.md`` and PNG plots.
+Starts what it needs (tritonserver with the in-flight and the static scheduler, the engine
+in this process, the local stack through nginx, the FastAPI service with the in-process
+engine), drives them with the same requests, and writes
+``benchmarks/results/<date>-<host>.json``, ``.md`` and PNG plots.
 """
 
 from __future__ import annotations
@@ -11,8 +12,6 @@ import argparse
 import asyncio
 import os
 import platform
-import re
-import shutil
 import socket
 import subprocess
 import sys
@@ -23,12 +22,11 @@ from pathlib import Path
 
 import httpx
 
-from benchmarks import load
+from benchmarks import load, scheduling
 from benchmarks.report import write_report
 from vlm_engine.tiny.samples import PROMPTS, sample_image
 from vlm_stack.config import StackConfig
-from vlm_stack.procs import ApiProcess, ephemeral_stack_env, free_port
-from vlm_triton.launch import TritonProcess
+from vlm_stack.procs import ApiProcess, ephemeral_stack_env
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -48,72 +46,6 @@ def triton_client(url: str):
     import tritonclient.http.aio as tc
 
     return tc.InferenceServerClient(url.split("://", 1)[-1], conn_limit=64, conn_timeout=600)
-
-
-def no_batching_repository(target: Path) -> Path:
-    """A copy of triton_models/ whose llava_stream has no dynamic batcher."""
-    shutil.copytree(ROOT / "triton_models", target)
-    config = target / f"{MODEL}_stream" / "config.pbtxt"
-    text = re.sub(r"dynamic_batching \{.*?\n\}\n", "", config.read_text(), flags=re.S)
-    assert "dynamic_batching" not in text
-    config.write_text(text)
-    return target
-
-
-async def batching_sweep(base: str, label: str, concurrencies: list[int], max_tokens: int, per_level: int) -> list:
-    runs = []
-    client = triton_client(base)
-    try:
-        await load.kserve_infer(client, MODEL, request_inputs(0, max_tokens))  # warm
-        for c in concurrencies:
-            total = max(per_level, 4 * c)
-            run = await load.drive(
-                f"{label} c={c}", c, total, lambda i: load.kserve_infer(client, MODEL, request_inputs(i, max_tokens))
-            )
-            runs.append(run)
-            say(f"{label}: {run.summary()}")
-    finally:
-        await client.close()
-    return runs
-
-
-def measure_batching(models_dir: Path, concurrencies: list[int], max_tokens: int, per_level: int) -> dict:
-    env = {"VLM_MODELS_DIR": str(models_dir), "HF_HUB_OFFLINE": "1"}
-    out: dict = {"max_tokens": max_tokens, "model": MODEL, "runs": {}}
-    answers: dict[str, dict[int, str]] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        repos = {"batching on": ROOT / "triton_models", "batching off": no_batching_repository(Path(tmp) / "repo")}
-        for label, repo in repos.items():
-            server = TritonProcess(
-                Path(tmp) / f"{label}.log",
-                env=env,
-                model_repository=repo,
-                http_port=free_port(),
-                grpc_port=free_port(),
-                metrics_port=free_port(),
-                models=[MODEL, f"{MODEL}_stream"],
-            ).start()
-            try:
-                server.wait_ready(300, say)
-                runs = asyncio.run(
-                    batching_sweep(f"http://{server.http_url}", label, concurrencies, max_tokens, per_level)
-                )
-                out["runs"][label] = [r.summary() for r in runs]
-                answers[label] = {i % 8: s.text for r in runs for i, s in enumerate(r.samples) if s.ok}
-                stats = httpx.get(f"http://{server.http_url}/v2/models/{MODEL}_stream/stats").json()
-                entry = stats["model_stats"][0]
-                out.setdefault("executions", {})[label] = {
-                    "inferences": int(entry["inference_count"]),
-                    "executions": int(entry["execution_count"]),
-                }
-            finally:
-                server.stop()
-    on, off = out["runs"]["batching on"], out["runs"]["batching off"]
-    out["gain_by_concurrency"] = {
-        str(a["concurrency"]): round(a["rps"] / b["rps"], 2) for a, b in zip(on, off, strict=True)
-    }
-    out["identical_answers"] = answers["batching on"] == answers["batching off"]
-    return out
 
 
 def stack_env(models_dir: Path, run_dir: Path) -> dict[str, str]:
@@ -239,9 +171,15 @@ def measure_stack(models_dir: Path, requests: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models-dir", type=Path, default=ROOT / ".models" / "tiny")
-    parser.add_argument("--concurrency", default="1,4,8,16", help="comma-separated levels")
-    parser.add_argument("--max-tokens", type=int, default=128, help="new tokens per request (batching sweep)")
+    parser.add_argument("--concurrency", default="1,4,16", help="comma-separated levels (batching gain)")
+    parser.add_argument("--max-tokens", type=int, default=128, help="new tokens per request (batching gain)")
     parser.add_argument("--requests", type=int, default=32, help="requests per measurement")
+    parser.add_argument("--rates", default="1,2,3,4,6,8", help="open loop: arrivals per second, tried in order")
+    parser.add_argument("--open-loop-seconds", type=float, default=20.0, help="open loop: arrivals per rate")
+    parser.add_argument("--long-tokens", type=int, default=1024, help="head-of-line: the long answer's max_tokens")
+    parser.add_argument(
+        "--only", default="", help="comma-separated parts: gain, head_of_line, open_loop, stack (default: all)"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     if not (args.models_dir / MODEL).exists():
@@ -255,10 +193,20 @@ def main(argv: list[str] | None = None) -> int:
         "checkpoints": str(args.models_dir),
         "tiny": (args.models_dir / MODEL / "tiny.json").exists(),
     }
-    say("dynamic batching: on vs off")
-    result["batching"] = measure_batching(args.models_dir, concurrencies, args.max_tokens, args.requests)
-    say("the stack: cold start, gateway overhead, streaming, in-process vs Triton")
-    result["stack"] = measure_stack(args.models_dir, args.requests)
+    parts = set(filter(None, args.only.split(","))) or {"gain", "head_of_line", "open_loop", "stack"}
+    if "gain" in parts:
+        say("batching gain of the four models, Triton (infer, stream) vs the engine in this process")
+        result["gain"] = scheduling.measure_gain(args.models_dir, concurrencies, args.max_tokens, args.requests, say)
+    if "head_of_line" in parts:
+        say("head-of-line: a short request while a long answer generates, in-flight vs static")
+        result["head_of_line"] = scheduling.measure_head_of_line(args.models_dir, say, args.long_tokens)
+    if "open_loop" in parts:
+        say("open loop: Poisson arrivals, 16 to 512 new tokens, static vs in-flight")
+        rates = [float(r) for r in args.rates.split(",")]
+        result["open_loop"] = scheduling.measure_open_loop(args.models_dir, rates, args.open_loop_seconds, say)
+    if "stack" in parts:
+        say("the stack: cold start, gateway overhead, streaming, in-process vs Triton")
+        result["stack"] = measure_stack(args.models_dir, args.requests)
     result["seconds"] = round(time.perf_counter() - started, 1)
     paths = write_report(result, args.out)
     for path in paths:

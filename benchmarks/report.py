@@ -6,80 +6,147 @@ import json
 from pathlib import Path
 
 TARGETS = {
-    "batching_gain_c16": 4.0,  # x the requests/s of unbatched, identical answers
+    "gain_c16": 5.0,  # llava req/s at concurrency 16 / at 1, through KServe infer
+    "infer_vs_ceiling": 0.85,  # llava KServe infer req/s / the engine in-process, concurrency 16
+    "infer_vs_stream": 0.90,  # KServe infer / requests sent straight to <model>_stream
+    "head_of_line_ratio": 3.0,  # short request during a long answer / idle
+    "open_loop_p95_ratio": 0.5,  # in-flight p95 / static p95 where static passes 5 s
     "gateway_added_p50_ms": 3.0,
     "ttft_ratio": 1.10,  # nginx within 10% of direct
 }
 
 
 def verdicts(result: dict) -> list[tuple[str, str, str, bool]]:
-    gain = result["batching"]["gain_by_concurrency"].get("16")
-    stack = result["stack"]
-    rows = [
-        (
-            "dynamic batching gain at concurrency 16",
-            f"{gain}x (identical answers: {result['batching']['identical_answers']})",
-            f">= {TARGETS['batching_gain_c16']}x",
-            gain is not None and gain >= TARGETS["batching_gain_c16"] and result["batching"]["identical_answers"],
-        ),
-        (
-            "gateway p50 added (nginx -> FastAPI -> Triton vs Triton)",
-            f"{stack['gateway_added_ms']['p50']} ms",
-            f"<= {TARGETS['gateway_added_p50_ms']} ms",
-            stack["gateway_added_ms"]["p50"] <= TARGETS["gateway_added_p50_ms"],
-        ),
-        (
-            "time to first token, nginx / direct",
-            f"{stack['ttft_ratio_nginx_vs_direct']}",
-            f"<= {TARGETS['ttft_ratio']}",
-            stack["ttft_ratio_nginx_vs_direct"] <= TARGETS["ttft_ratio"],
-        ),
-        ("cold start: stack up to first answer", f"{stack['cold_start_s']} s", "(recorded)", True),
-    ]
+    rows = []
+    if "gain" in result:
+        llava = result["gain"]["models"]["llava"]
+        rows += [
+            (
+                "llava gain at concurrency 16, KServe infer",
+                f"{llava['gain_infer']}x",
+                f">= {TARGETS['gain_c16']}x",
+                llava["gain_infer"] >= TARGETS["gain_c16"],
+            ),
+            (
+                "llava KServe infer / in-process ceiling, concurrency 16",
+                f"{llava['infer_vs_ceiling']:.0%}",
+                f">= {TARGETS['infer_vs_ceiling']:.0%}",
+                llava["infer_vs_ceiling"] >= TARGETS["infer_vs_ceiling"],
+            ),
+            (
+                "llava KServe infer / straight to llava_stream, concurrency 16",
+                f"{llava['infer_vs_stream']:.0%}",
+                f">= {TARGETS['infer_vs_stream']:.0%}",
+                llava["infer_vs_stream"] >= TARGETS["infer_vs_stream"],
+            ),
+        ]
+    if "head_of_line" in result:
+        worst = max(result["head_of_line"]["inflight"].items(), key=lambda kv: kv[1]["ratio"])
+        rows.append(
+            (
+                "head-of-line: short request during a long answer / idle (worst model)",
+                f"{worst[1]['ratio']}x ({worst[0]})",
+                f"<= {TARGETS['head_of_line_ratio']}x",
+                worst[1]["ratio"] <= TARGETS["head_of_line_ratio"],
+            )
+        )
+    if "open_loop" in result:
+        o = result["open_loop"]
+        rows.append(
+            (
+                f"open loop p95 at {o['at_rate']}/s: in-flight / static",
+                f"{o['inflight_p95_s']} s / {o['static_p95_s']} s = {o['p95_ratio']}",
+                f"<= {TARGETS['open_loop_p95_ratio']} (static p95 > 5 s)",
+                o["p95_ratio"] <= TARGETS["open_loop_p95_ratio"] and o["static_p95_s"] > 5.0,
+            )
+        )
+    if "stack" in result:
+        stack = result["stack"]
+        rows += [
+            (
+                "gateway p50 added (nginx -> FastAPI -> Triton vs Triton)",
+                f"{stack['gateway_added_ms']['p50']} ms",
+                f"<= {TARGETS['gateway_added_p50_ms']} ms",
+                stack["gateway_added_ms"]["p50"] <= TARGETS["gateway_added_p50_ms"],
+            ),
+            (
+                "time to first token, nginx / direct",
+                f"{stack['ttft_ratio_nginx_vs_direct']}",
+                f"<= {TARGETS['ttft_ratio']}",
+                stack["ttft_ratio_nginx_vs_direct"] <= TARGETS["ttft_ratio"],
+            ),
+            ("cold start: stack up to first answer", f"{stack['cold_start_s']} s", "(recorded)", True),
+        ]
     return rows
 
 
-def markdown(result: dict) -> str:
-    b, s = result["batching"], result["stack"]
+def _gain(g: dict) -> list[str]:
+    levels = sorted({k.split("=")[1] for m in g["models"].values() for k in m["in_process"]}, key=int)
+    head = " | ".join(f"c={c}" for c in levels)
     lines = [
-        f"# Benchmark {result['date']} on {result['host']}",
+        f"## Batching gain ({g['max_tokens']} new tokens, greedy; req/s)",
         "",
-        f"{result['machine']['cpus']} CPUs, {result['machine']['platform']}, Python {result['machine']['python']}; "
-        f"checkpoints: {result['checkpoints']}{' (tiny random weights)' if result['tiny'] else ''}; "
-        f"run took {result['seconds']} s.",
-        "",
-        "## Targets",
-        "",
-        "| Figure | Measured | Target | Met |",
-        "|---|---|---|---|",
+        f"| Model | Path | {head} | gain |",
+        "|---|---|" + "---|" * (len(levels) + 1),
     ]
-    lines += [f"| {a} | {m} | {t} | {'yes' if ok else '**no**'} |" for a, m, t, ok in verdicts(result)]
+    for model, m in g["models"].items():
+        for label, runs, gain in (
+            ("KServe infer (`" + model + "`)", {c: m["triton"][f"infer c={c}"] for c in levels}, m["gain_infer"]),
+            (
+                "stream model (`" + model + "_stream`)",
+                {c: m["triton"][f"stream c={c}"] for c in levels},
+                m["gain_stream"],
+            ),
+            ("engine in-process (ceiling)", {c: m["in_process"][f"c={c}"] for c in levels}, m["gain_in_process"]),
+        ):
+            lines.append(f"| {model} | {label} | " + " | ".join(str(runs[c]["rps"]) for c in levels) + f" | {gain}x |")
     lines += [
         "",
-        f"## Dynamic batching ({b['model']}, {b['max_tokens']} new tokens, greedy, KServe infer)",
-        "",
-        "| Configuration | Concurrency | req/s | p50 ms | p95 ms | failed |",
-        "|---|---|---|---|---|---|",
-    ]
-    for label, runs in b["runs"].items():
-        lines += [
-            f"| {label} | {r['concurrency']} | {r['rps']} | {r['p50_ms']} | {r['p95_ms']} | {r['failed']} |"
-            for r in runs
-        ]
-    lines += [
-        "",
-        "Gain (req/s on / off): " + ", ".join(f"c={c}: {g}x" for c, g in b["gain_by_concurrency"].items()),
-        "",
-        "Executions vs inferences of the stream model: "
-        + ", ".join(
-            f"{k}: {v['inferences']} inferences in {v['executions']} executions" for k, v in b["executions"].items()
+        "KServe infer at the highest concurrency, against the ceiling and the stream model: "
+        + "; ".join(
+            f"{model} {m['infer_vs_ceiling']:.0%} / {m['infer_vs_stream']:.0%}" for model, m in g["models"].items()
         ),
         "",
-        "## Gateway overhead (8 new tokens)",
-        "",
-        "| Path | Concurrency | req/s | p50 ms | p95 ms |",
-        "|---|---|---|---|---|",
     ]
+    return lines
+
+
+def _head_of_line(h: dict) -> list[str]:
+    lines = [
+        "## Head-of-line (8-token request while a long answer generates)",
+        "",
+        "| Scheduler | Model | long answer (tokens, s) | short alone ms | short during ms | ratio | short first |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for policy, models in h.items():
+        lines += [
+            f"| {policy} | {model} | {r['long_tokens']}, {r['long_seconds']} | {r['short_idle_ms']} | "
+            f"{r['short_during_ms']} | {r['ratio']}x | {'yes' if r['short_finished_before_long'] else 'no'} |"
+            for model, r in models.items()
+        ]
+    return [*lines, ""]
+
+
+def _open_loop(o: dict) -> list[str]:
+    lines = [
+        f"## Open loop ({o['model']}: Poisson arrivals for {o['seconds_per_rate']} s per rate, "
+        f"max_tokens 16 to 512 log-uniform; goodput = requests/s with TTFT <= {o['ttft_slo_s']} s)",
+        "",
+        "| Scheduler | rate/s | requests | p50 s | p95 s | TTFT p50 s | TTFT p95 s | goodput/s | tokens/s | failed |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for policy, runs in o["runs"].items():
+        lines += [
+            f"| {policy} | {r['rate']} | {r['requests']} | {r['p50_s']} | {r['p95_s']} | {r['ttft_p50_s']} | "
+            f"{r['ttft_p95_s']} | {r['goodput_rps']} | {r['tokens_per_s']} | {r['failed']} |"
+            for r in runs
+        ]
+    return [*lines, ""]
+
+
+def _stack(s: dict) -> list[str]:
+    lines = ["## Gateway overhead (8 new tokens)", "", "| Path | Concurrency | req/s | p50 ms | p95 ms |"]
+    lines += ["|---|---|---|---|---|"]
     lines += [
         f"| {k} | {r['concurrency']} | {r['rps']} | {r['p50_ms']} | {r['p95_ms']} |" for k, r in s["gateway"].items()
     ]
@@ -98,13 +165,39 @@ def markdown(result: dict) -> str:
     ]
     lines += [
         "",
-        "## The seed comparison: in-process engine vs Triton (FastAPI /v1, 64 new tokens)",
+        "## In-process engine vs Triton (FastAPI /v1, 64 new tokens)",
         "",
         "| Backend | req/s | p50 ms | p95 ms |",
         "|---|---|---|---|",
     ]
     lines += [f"| {k} | {r['rps']} | {r['p50_ms']} | {r['p95_ms']} |" for k, r in s["seed_comparison"].items()]
-    return "\n".join(lines) + "\n"
+    return [*lines, ""]
+
+
+def markdown(result: dict) -> str:
+    lines = [
+        f"# Benchmark {result['date']} on {result['host']}",
+        "",
+        f"{result['machine']['cpus']} CPUs, {result['machine']['platform']}, Python {result['machine']['python']}; "
+        f"checkpoints: {result['checkpoints']}{' (tiny random weights)' if result['tiny'] else ''}; "
+        f"run took {result['seconds']} s.",
+        "",
+        "## Targets",
+        "",
+        "| Figure | Measured | Target | Met |",
+        "|---|---|---|---|",
+    ]
+    lines += [f"| {a} | {m} | {t} | {'yes' if ok else '**no**'} |" for a, m, t, ok in verdicts(result)]
+    lines.append("")
+    for key, section in (
+        ("gain", _gain),
+        ("head_of_line", _head_of_line),
+        ("open_loop", _open_loop),
+        ("stack", _stack),
+    ):
+        if key in result:
+            lines += section(result[key])
+    return "\n".join(lines)
 
 
 def plots(result: dict, stem: Path) -> list[Path]:
@@ -114,22 +207,40 @@ def plots(result: dict, stem: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     written = []
-    for key, ylabel, name in (("rps", "requests/s", "throughput"), ("p95_ms", "p95 latency (ms)", "p95")):
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for label, runs in result["batching"]["runs"].items():
-            ax.plot([r["concurrency"] for r in runs], [r[key] for r in runs], marker="o", label=label)
-        ax.set_xlabel("concurrency")
-        ax.set_ylabel(ylabel)
+    if "gain" in result:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for model, m in result["gain"]["models"].items():
+            runs = m["in_process"]
+            levels = sorted(int(k.split("=")[1]) for k in runs)
+            ax.plot(levels, [m["triton"][f"infer c={c}"]["rps"] for c in levels], marker="o", label=f"{model} infer")
+            ax.plot(levels, [runs[f"c={c}"]["rps"] for c in levels], linestyle="--", label=f"{model} in-process")
+        ax.set(xlabel="concurrency", ylabel="requests/s", xscale="log", title=f"Batching gain ({result['host']})")
         ax.set_xscale("log", base=2)
-        ax.set_title(f"{result['batching']['model']}, {result['batching']['max_tokens']} new tokens ({result['host']})")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+        written.append(_save(fig, stem, "throughput"))
+    if "open_loop" in result:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for policy, runs in result["open_loop"]["runs"].items():
+            ax.plot([r["rate"] for r in runs], [r["p95_s"] for r in runs], marker="o", label=f"{policy} p95")
+            ax.plot(
+                [r["rate"] for r in runs], [r["ttft_p95_s"] for r in runs], linestyle="--", label=f"{policy} TTFT p95"
+            )
+        ax.set(xlabel="arrivals per second", ylabel="seconds", title="Open loop, llava (Poisson arrivals)")
         ax.grid(True, alpha=0.3)
         ax.legend()
-        path = stem.with_name(f"{stem.name}-{name}.png")
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(fig, stem, "p95"))
     return written
+
+
+def _save(fig, stem: Path, name: str) -> Path:
+    import matplotlib.pyplot as plt
+
+    path = stem.with_name(f"{stem.name}-{name}.png")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def write_report(result: dict, folder: Path) -> list[Path]:
