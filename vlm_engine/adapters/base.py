@@ -127,7 +127,7 @@ class TokenDecoder(RowDecoder):
     def __init__(self, adapter: GenerateAdapter):
         self.adapter = adapter
         self.text = RowText(adapter.visible_text)
-        self.eos = adapter.eos
+        self.eos = set() if adapter.settings.ignore_eos else adapter.eos
 
     def push(self, output: int) -> RowStep:
         if output in self.eos:
