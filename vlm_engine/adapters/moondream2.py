@@ -3,6 +3,13 @@
 moondream2's API generates one request at a time, so its rows are not computed as one
 tensor batch: each row is a stream from ``query``/``caption``, and every scheduler step
 advances each running row by one chunk, so requests join and leave at chunk boundaries.
+
+The real code keeps one key/value cache inside the model (``model.model.text.blocks[i]
+.kv_cache``, buffers ``k_cache``/``v_cache`` the whole context long): ``query`` writes the
+image into it and the stream decodes into it later. Each row therefore gets caches of its
+own, bound into the model before its ``query`` and before each of its steps (rebinding a
+buffer costs nothing; each row's cache costs its memory: about 384 MiB for the real 2B
+model, hence its smaller ``max_running``).
 Its API reports no token counts: a chunk counts as one token. ``/caption`` (optionally
 ``/caption short|normal|long``) as the prompt asks for a caption instead of an answer.
 """
@@ -34,6 +41,14 @@ class ChunkDecoder(RowDecoder):
 
     def finish(self, finish_reason: str) -> tuple[str, Result]:
         return "", Result("".join(self.chunks), len(self.chunks), finish_reason)
+
+
+class _Row:
+    """One request's stream and the cache buffers it owns."""
+
+    def __init__(self, caches: list[tuple[Any, Any]] | None):
+        self.caches = caches
+        self.stream: Iterator[str] | None = None
 
 
 class Moondream2Adapter(Adapter):
@@ -77,19 +92,39 @@ class Moondream2Adapter(Adapter):
     def decoder(self, prepared: Prepared) -> RowDecoder:
         return ChunkDecoder()
 
-    @staticmethod
-    def _next(stream: Iterator[str]) -> Any:
+    def _cache_modules(self) -> list[Any]:
+        """The model's per-block ``kv_cache`` modules, where its code keeps them (else none)."""
+        blocks = getattr(getattr(getattr(self.model, "model", None), "text", None), "blocks", None) or []
+        return [block.kv_cache for block in blocks if hasattr(block, "kv_cache")]
+
+    def _bind(self, row: _Row) -> None:
+        for module, (keys, values) in zip(self._cache_modules(), row.caches or [], strict=False):
+            module.k_cache, module.v_cache = keys, values
+
+    def _start(self, prepared: Prepared) -> _Row:
+        import torch
+
+        modules = self._cache_modules()
+        row = _Row([(torch.zeros_like(m.k_cache), torch.zeros_like(m.v_cache)) for m in modules] or None)
+        self._bind(row)
+        row.stream = self._chunks(prepared)
+        if row.caches is None and self._cache_modules():  # the model made its caches just now
+            row.caches = [(m.k_cache, m.v_cache) for m in self._cache_modules()]
+        return row
+
+    def _next(self, row: _Row) -> Any:
+        self._bind(row)
         try:
-            return next(stream, _END)
+            return next(row.stream, _END)
         except Exception as exc:  # this row's error only
             return exc
 
-    def prefill(self, group: list[Prepared]) -> tuple[list[Iterator[str]], list[Any]]:
-        streams = [self._chunks(p) for p in group]
-        return streams, [self._next(s) for s in streams]
+    def prefill(self, group: list[Prepared]) -> tuple[list[_Row], list[Any]]:
+        rows = [self._start(p) for p in group]
+        return rows, [self._next(row) for row in rows]
 
-    def decode(self, state: list[Iterator[str]]) -> list[Any]:
-        return [self._next(s) for s in state]
+    def decode(self, state: list[_Row]) -> list[Any]:
+        return [self._next(row) for row in state]
 
     def merge(self, a: list, b: list) -> list:
         return a + b

@@ -7,7 +7,11 @@ moondream2's real code lives on the Hugging Face hub and is loaded with
 ``encode_image``, ``query(image, question, stream=..., settings=...)`` and
 ``caption(image, length=..., stream=..., settings=...)``, with ``settings`` keys
 ``temperature``, ``top_p`` and ``max_tokens``, and streaming as a generator of text chunks.
-Its weights are random: its answers are gibberish.
+Like the real code, it keeps ONE key/value cache inside the model
+(``model.model.text.blocks[i].kv_cache.k_cache`` / ``v_cache``, the whole context long):
+``query`` writes the image into it at once, and the returned stream prefills and decodes
+into it later, so two streams advanced in turn corrupt each other unless the caller gives
+each its own cache. Its weights are random: its answers are gibberish.
 """
 
 from __future__ import annotations
@@ -15,9 +19,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import ClassVar
 
+import numpy as np
 import torch
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
+from transformers.cache_utils import DynamicLayer
 from transformers.configuration_utils import PretrainedConfig
 
 IMAGE_SIZE = 224
@@ -41,6 +47,61 @@ class HfConfig(PretrainedConfig):
         super().__init__(**kwargs)
 
 
+class KVCache(nn.Module):
+    """One block's keys and values for the whole context, held by the model."""
+
+    def __init__(self, heads: int, context: int, head_dim: int):
+        super().__init__()
+        self.register_buffer("k_cache", torch.zeros(1, heads, context, head_dim), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(1, heads, context, head_dim), persistent=False)
+
+
+class _Block(nn.Module):
+    def __init__(self, heads: int, context: int, head_dim: int):
+        super().__init__()
+        self.kv_cache = KVCache(heads, context, head_dim)
+
+
+class _Text(nn.Module):
+    def __init__(self, layers: int, heads: int, context: int, head_dim: int):
+        super().__init__()
+        self.blocks = nn.ModuleList(_Block(heads, context, head_dim) for _ in range(layers))
+
+
+class _Inner(nn.Module):
+    """Where the real ``MoondreamModel`` keeps its caches: ``.text.blocks[i].kv_cache``."""
+
+    def __init__(self, text_config: dict):
+        super().__init__()
+        heads = text_config.get("num_key_value_heads", text_config["num_attention_heads"])
+        head_dim = text_config["hidden_size"] // text_config["num_attention_heads"]
+        context = text_config.get("max_position_embeddings", 2048)
+        self.text = _Text(text_config["num_hidden_layers"], heads, context, head_dim)
+
+
+class _SharedLayer(DynamicLayer):
+    """Writes into whichever buffers the model's ``kv_cache`` holds at the time of the call."""
+
+    def __init__(self, kv_cache: KVCache, length: int):
+        super().__init__()
+        self.kv_cache, self.length = kv_cache, length
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        end = self.length + key_states.shape[-2]
+        if end > self.kv_cache.k_cache.shape[-2]:
+            raise IndexError(f"position {end} is past the context of {self.kv_cache.k_cache.shape[-2]}")
+        self.kv_cache.k_cache[:, :, self.length : end] = key_states
+        self.kv_cache.v_cache[:, :, self.length : end] = value_states
+        self.length = end
+        self.keys = self.kv_cache.k_cache[:, :, :end]
+        self.values = self.kv_cache.v_cache[:, :, :end]
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+
 class EncodedImage:
     """Image embeddings, reusable across questions (like the real ``encode_image``)."""
 
@@ -60,6 +121,7 @@ class HfMoondream(PreTrainedModel):
         self.patch = nn.Conv2d(3, config.vision_dim, config.patch_size, config.patch_size)
         self.proj = nn.Linear(config.vision_dim, hidden)
         self.text = LlamaForCausalLM(LlamaConfig(**config.text_config))
+        self.model = _Inner(config.text_config)
         self._tokenizer = None
         self.post_init()
 
@@ -73,14 +135,8 @@ class HfMoondream(PreTrainedModel):
     def encode_image(self, image) -> EncodedImage:
         if isinstance(image, EncodedImage):
             return image
-        pixels = (
-            torch.tensor(
-                list(image.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE)).getdata()),
-                dtype=torch.float32,
-            )
-            .view(IMAGE_SIZE, IMAGE_SIZE, 3)
-            .permute(2, 0, 1)
-        )
+        resized = image.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE))
+        pixels = torch.from_numpy(np.asarray(resized, dtype=np.float32)).permute(2, 0, 1)
         pixels = (pixels / 127.5 - 1.0).unsqueeze(0).to(self.device, self.dtype)
         patches = self.patch(pixels).flatten(2).transpose(1, 2)
         return EncodedImage(self.proj(patches))
@@ -88,30 +144,46 @@ class HfMoondream(PreTrainedModel):
     def query(self, image=None, question=None, reasoning=False, stream=False, settings=None):
         if not question:
             raise ValueError("question must be a non-empty string")
-        chunks = self._generate(image, f"\n\nQuestion: {question}\n\nAnswer:", settings or {})
+        pos = self._load_image(image)
+        chunks = self._generate(pos, f"\n\nQuestion: {question}\n\nAnswer:", settings or {})
         return {"answer": chunks if stream else "".join(chunks)}
 
     def caption(self, image, length="normal", stream=False, settings=None):
         if length not in PROMPTS:
             raise ValueError(f"length must be one of {sorted(PROMPTS)}")
-        chunks = self._generate(image, PROMPTS[length], settings or {})
+        pos = self._load_image(image)
+        chunks = self._generate(pos, PROMPTS[length], settings or {})
         return {"caption": chunks if stream else "".join(chunks)}
 
+    def _forward(self, embeds: torch.Tensor, pos: int):
+        """Run ``embeds`` at positions ``pos…`` through the text model, into the shared cache."""
+        cache = DynamicCache(config=self.text.config)
+        cache.layers = [_SharedLayer(block.kv_cache, pos) for block in self.model.text.blocks]
+        positions = torch.arange(pos, pos + embeds.shape[1], device=self.device)[None]
+        return self.text(inputs_embeds=embeds, past_key_values=cache, position_ids=positions, use_cache=True)
+
     @torch.inference_mode()
-    def _generate(self, image, prompt: str, settings: dict) -> Iterator[str]:
+    def _load_image(self, image) -> int:
+        """Like the real ``query``: the image is encoded into the cache at once; returns its length."""
+        if image is None:
+            return 0
+        embeddings = self.encode_image(image).embeddings
+        self._forward(embeddings, 0)
+        return embeddings.shape[1]
+
+    @torch.inference_mode()
+    def _generate(self, pos: int, prompt: str, settings: dict) -> Iterator[str]:
         max_tokens = int(settings.get("max_tokens", 768))
         temperature = float(settings.get("temperature", 0.5))
         top_p = float(settings.get("top_p", 0.3))
         tok = self.tokenizer
         ids = torch.tensor([tok.encode(prompt)], device=self.device)
-        embeds = self.text.get_input_embeddings()(ids)
-        if image is not None:
-            embeds = torch.cat([self.encode_image(image).embeddings, embeds], dim=1)
-        past, step_input, out_ids, emitted = None, embeds, [], ""
+        step_input = self.text.get_input_embeddings()(ids)
+        out_ids, emitted = [], ""
         for _ in range(max_tokens):
-            out = self.text(inputs_embeds=step_input, past_key_values=past, use_cache=True)
-            past = out.past_key_values
-            next_id = _pick(out.logits[0, -1].float(), temperature, top_p)
+            logits = self._forward(step_input, pos).logits
+            pos += step_input.shape[1]
+            next_id = _pick(logits[0, -1].float(), temperature, top_p)
             if next_id == tok.eos_token_id:
                 break
             out_ids.append(next_id)
