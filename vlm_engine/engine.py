@@ -78,7 +78,14 @@ class VLMEngine:
         )
         s = self.settings
         self.scheduler = Scheduler(
-            self.adapter, s.name, s.scheduler, s.max_running, s.max_waiting, s.prefill_budget, self.metrics
+            self.adapter,
+            s.name,
+            s.scheduler,
+            s.max_running,
+            s.max_waiting,
+            s.prefill_budget,
+            self.metrics,
+            s.stream_interval,
         )
         if s.warmup:
             self.warmup()

@@ -81,6 +81,9 @@ class Row:
     decoder: RowDecoder | None = None
     tokens: int = 0
     done: bool = False
+    pending: str = ""  # text held back by the stream interval
+    held: int = 0  # steps since text was last sent
+    started: bool = False  # some text was sent
 
 
 class Scheduler:
@@ -93,6 +96,7 @@ class Scheduler:
         max_waiting: int = 64,
         prefill_budget: int = 4096,
         metrics: Metrics | None = None,
+        stream_interval: int = 1,
     ):
         self.adapter = adapter
         self.name = name
@@ -100,6 +104,7 @@ class Scheduler:
         self.max_running = max_running
         self.max_waiting = max_waiting
         self.prefill_budget = prefill_budget
+        self.stream_interval = stream_interval
         self.metrics = metrics or Metrics()
         self.stats = Stats()
         self._waiting: deque[Row] = deque()
@@ -270,12 +275,15 @@ class Scheduler:
                 continue
             row.tokens += step.tokens
             produced += step.tokens
+            row.pending += step.delta
+            row.held += 1
             if step.stop:
-                self._finish(row, "stop", step.delta)
+                self._finish(row, "stop", row.pending)
             elif row.tokens >= row.prepared.params.max_tokens:
-                self._finish(row, "length", step.delta)
-            elif step.delta:
-                self._send(row, Event(step.delta))
+                self._finish(row, "length", row.pending)
+            elif row.pending and (row.held >= self.stream_interval or not row.started):
+                self._send(row, Event(row.pending))  # the first text goes out at once
+                row.pending, row.held, row.started = "", 0, True
         self.stats.tokens += produced
         self.metrics.tokens(produced)
 

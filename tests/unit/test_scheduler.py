@@ -248,3 +248,18 @@ def test_greedy_rows_ignore_sampled_neighbours():
     assert chosen[3] == int(logits[3].argmax()), "a tiny top_p keeps only the most likely token"
     picks = {choose_tokens(logits[1:2], [hot])[0] for _ in range(30)}
     assert len(picks) > 1, "a sampled row varies"
+
+
+def test_stream_interval_sends_fewer_chunks_with_the_same_text(tiny_models_dir):
+    every, grouped = (make_engine(tiny_models_dir, "llava", STREAM_INTERVAL=n) for n in ("1", "4"))
+    try:
+        chunks = {}
+        for name, engine in (("every", every), ("grouped", grouped)):
+            request = Request(engine, prepare(engine, 1, 24))
+            request.result()
+            chunks[name] = [t for t in request.texts if t]
+        assert "".join(chunks["every"]) == "".join(chunks["grouped"])
+        assert len(chunks["grouped"]) < len(chunks["every"])
+        assert chunks["grouped"][0] == chunks["every"][0], "the first text is sent at once"
+    finally:
+        every.close(), grouped.close()
