@@ -174,8 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", default="1,4,16", help="comma-separated levels (batching gain)")
     parser.add_argument("--max-tokens", type=int, default=128, help="new tokens per request (batching gain)")
     parser.add_argument("--requests", type=int, default=32, help="requests per measurement")
-    parser.add_argument("--rates", default="1,2,3,4,5,6,8,10", help="open loop: arrivals per second, tried in order")
-    parser.add_argument("--open-loop-seconds", type=float, default=20.0, help="open loop: arrivals per rate")
+    parser.add_argument("--rates", default="2,3,4,5,6,7,8,10", help="open loop: arrivals per second, tried in order")
+    parser.add_argument("--open-loop-seconds", type=float, default=30.0, help="open loop: arrivals per rate")
     parser.add_argument("--long-tokens", type=int, default=1024, help="head-of-line: the long answer's max_tokens")
     parser.add_argument(
         "--only", default="", help="comma-separated parts: gain, head_of_line, open_loop, stack (default: all)"

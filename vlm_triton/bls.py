@@ -19,22 +19,15 @@ class StreamPiece:
     error: pb_utils.TritonError | None = None
 
 
-def forward_inputs(request) -> list[pb_utils.Tensor]:
-    """The request's own input tensors, passed on as they came (no copy)."""
-    tensors = (pb_utils.get_input_tensor_by_name(request, name) for name in FORWARDED)
-    return [t for t in tensors if t is not None]
+def stream_from(model: str, inputs: list[pb_utils.Tensor], outputs: list[str]) -> Iterator[StreamPiece]:
+    """Send one request to a decoupled model and read its responses as ``StreamPiece``s.
 
-
-async def stream_from(model: str, inputs: list[pb_utils.Tensor], outputs: list[str]) -> Iterator[StreamPiece]:
-    """Send one request to a decoupled model; return its responses as ``StreamPiece``s.
-
-    The iterator blocks the stub's event loop while it waits (iterating it from a worker
-    thread crashed the 2.51 stub), so a model that forwards requests gathers all of a batch's
-    requests first and runs more than one instance.
+    Blocking: call it from a worker thread (synchronous BLS from worker threads works in
+    Triton 2.51; iterating an ``async_exec`` iterator from one crashed the stub), so that
+    ``execute`` can return at once and each request is answered when its own answer is done.
     """
     request = pb_utils.InferenceRequest(model_name=model, inputs=inputs, requested_output_names=outputs)
-    responses = await request.async_exec(decoupled=True)
-    return read_pieces(responses)
+    return read_pieces(request.exec(decoupled=True))
 
 
 def read_pieces(responses) -> Iterator[StreamPiece]:

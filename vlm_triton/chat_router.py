@@ -10,8 +10,8 @@ then ``{"type":"complete"}``; with ``streaming: false`` one
 
 from __future__ import annotations
 
-import asyncio
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -76,17 +76,31 @@ def _relay(pieces, sender, streaming: bool) -> None:
         sender.send(_message("complete", "".join(answer)), flags=FINAL)
 
 
-class TritonPythonModel:
-    async def _serve(self, request) -> None:
-        sender = request.get_response_sender()
-        try:
-            model, streaming, inputs = _request_inputs(request)
-        except BadChat as exc:
-            sender.send(_message("error", str(exc)), flags=FINAL)
-            return
-        pieces = await stream_from(f"{model}_stream", inputs, ["generated_text"])
-        _relay(pieces, sender, streaming)
+def _forward(model: str, inputs: list[pb_utils.Tensor], sender, streaming: bool) -> None:
+    try:
+        _relay(stream_from(f"{model}_stream", inputs, ["generated_text"]), sender, streaming)
+    except Exception as exc:
+        sender.send(_message("error", f"{type(exc).__name__}: {exc}"), flags=FINAL)
 
-    async def execute(self, requests):
-        await asyncio.gather(*(self._serve(r) for r in requests))
+
+class TritonPythonModel:
+    """``execute`` parses each request and returns; forwarder threads relay the answers."""
+
+    def initialize(self, args: dict) -> None:
+        config = json.loads(args["model_config"])
+        forwarders = config.get("parameters", {}).get("forwarders", {}).get("string_value") or "64"
+        self.pool = ThreadPoolExecutor(int(forwarders), thread_name_prefix="forward")
+
+    def execute(self, requests):
+        for request in requests:
+            sender = request.get_response_sender()
+            try:
+                model, streaming, inputs = _request_inputs(request)
+            except BadChat as exc:
+                sender.send(_message("error", str(exc)), flags=FINAL)
+                continue
+            self.pool.submit(_forward, model, inputs, sender, streaming)
         return None
+
+    def finalize(self) -> None:
+        self.pool.shutdown(wait=True)

@@ -16,7 +16,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from vlm_engine.errors import from_message
-from vlm_triton.bls import FORWARDED, read_pieces
+from vlm_triton.bls import FORWARDED, stream_from
 from vlm_triton.tensors import json_tensor, model_parameters, text_tensor, triton_error
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -42,9 +42,8 @@ class TritonPythonModel:
 
     def _forward(self, inputs: list[pb_utils.Tensor], sender) -> None:
         try:
-            bls = pb_utils.InferenceRequest(model_name=self.target, inputs=inputs, requested_output_names=self.outputs)
             text, entities = [], None
-            for piece in read_pieces(bls.exec(decoupled=True)):
+            for piece in stream_from(self.target, inputs, self.outputs):
                 if piece.error is not None:  # BLS drops the code; the message still carries it
                     error = triton_error(from_message(piece.error.message()))
                     sender.send(pb_utils.InferenceResponse(error=error), flags=FINAL)

@@ -82,13 +82,6 @@ def stream_grpc(url: str, model: str, prompt, image, **params) -> list[str]:
         client.stop_stream()
 
 
-def stats(url: str, model: str) -> tuple[int, int]:
-    """(inference_count, execution_count) of a model from Triton's statistics API."""
-    client = httpclient.InferenceServerClient(url)
-    entry = client.get_inference_statistics(model)["model_stats"][0]
-    return int(entry.get("inference_count", 0)), int(entry.get("execution_count", 0))
-
-
 class GrpcStream:
     """One request over its own gRPC stream, read response by response."""
 
