@@ -19,11 +19,6 @@ class GenerationParams:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
-    @property
-    def sampling_key(self) -> tuple:
-        """Requests with equal keys can share one ``generate`` call."""
-        return (True,) if self.greedy else (False, self.temperature, self.top_p)
-
 
 def resolve_params(
     settings: ModelSettings,

@@ -80,9 +80,3 @@ def test_params_default_from_settings_and_are_range_checked():
     ]:
         with pytest.raises(InvalidParameter, match=says):
             resolve_params(settings, **kwargs)
-
-
-def test_greedy_requests_share_a_sampling_key_and_sampled_ones_split_by_settings():
-    settings = resolve_settings("llava", env={})
-    assert resolve_params(settings, 5, 0.0, 0.5).sampling_key == resolve_params(settings, 9, 0.0, 1.0).sampling_key
-    assert resolve_params(settings, 5, 0.7, 0.9).sampling_key != resolve_params(settings, 5, 0.8, 0.9).sampling_key
