@@ -19,15 +19,17 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
 from vlm_engine.chat import Message
-from vlm_engine.kv import KVBatch
 from vlm_engine.params import GenerationParams
 from vlm_engine.settings import ModelSettings
 from vlm_engine.streaming import RowText
+
+if TYPE_CHECKING:  # torch only where a model is loaded: the service image has none
+    from vlm_engine.kv import KVBatch
 
 
 @dataclass
@@ -241,6 +243,7 @@ class GenerateAdapter(Adapter):
     def prefill(self, group: list[Prepared]) -> tuple[KVBatch, list[int]]:
         import torch
 
+        from vlm_engine.kv import KVBatch
         from vlm_engine.sampling import choose_tokens
 
         rows = [p.inputs if p.inputs is not None else self.encode_row(p) for p in group]

@@ -9,11 +9,13 @@ text model alone (the top-level forward would rerun the vision tower).
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vlm_engine.adapters.base import GenerateAdapter, Prepared, Result
-from vlm_engine.kv import KVBatch
 from vlm_engine.loading import from_pretrained_kwargs
+
+if TYPE_CHECKING:  # torch only where a model is loaded: the service image has none
+    from vlm_engine.kv import KVBatch
 
 TAG = re.compile(r"</?(phrase|object|grounding|delimiter_of_multi_objects/)>|<patch_index_\d+>")
 

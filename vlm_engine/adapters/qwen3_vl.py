@@ -13,11 +13,13 @@ processor are loaded separately and the processor's image step is done here: eac
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vlm_engine.adapters.base import GenerateAdapter, Prepared
-from vlm_engine.kv import KVBatch
 from vlm_engine.loading import from_pretrained_kwargs
+
+if TYPE_CHECKING:  # torch only where a model is loaded: the service image has none
+    from vlm_engine.kv import KVBatch
 
 IMAGE_PAD = "<|image_pad|>"
 
