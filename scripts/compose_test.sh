@@ -52,6 +52,8 @@ export DOCKER_CONFIG=$WORK/docker-config
 export DOCKER_BUILDKIT=1 COMPOSE_PROJECT_NAME=vlm-serve-test BUILDKIT_PROGRESS=plain
 export NGINX_PORT NGINX_GRPC_PORT PROMETHEUS_PORT BASE_IMAGE
 export NGINX_BIND=127.0.0.1 HF_HUB_OFFLINE=1
+# The stack under test serves the tiny checkpoints, whatever VLM_MODELS_DIR the caller has.
+export VLM_MODELS_DIR=/models/tiny
 export PIP_DISABLE_PIP_VERSION_CHECK=1 DEBIAN_FRONTEND=noninteractive
 COMPOSE=(docker compose -f "$COMPOSE_FILE_CPU")
 
