@@ -228,8 +228,12 @@ class GenerateAdapter(Adapter):
             logits_to_keep=1,
         )
 
+    def decoder_model(self) -> Any:
+        """What a decode step runs: the whole model (Kosmos-2: its text model)."""
+        return self.model
+
     def forward_decode(self, tokens: Any, mask: Any, positions: Any, cache: Any) -> Any:
-        return self.model(
+        return self.decoder_model()(
             input_ids=tokens,
             attention_mask=mask,
             position_ids=positions,

@@ -61,15 +61,8 @@ class Kosmos2Adapter(GenerateAdapter):
     def decode_positions(self, state: KVBatch) -> Any:
         return (state.positions + self.padding_idx + 1)[:, None]
 
-    def forward_decode(self, tokens: Any, mask: Any, positions: Any, cache: Any) -> Any:
-        return self.model.text_model(
-            input_ids=tokens,
-            attention_mask=mask,
-            position_ids=positions,
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
+    def decoder_model(self) -> Any:
+        return self.model.text_model  # the top-level forward would rerun the vision tower
 
     def _extract(self, ids: list[int]) -> tuple[str, list[dict[str, Any]]]:
         raw = self.tokenizer.decode(ids, skip_special_tokens=True)
