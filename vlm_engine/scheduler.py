@@ -114,6 +114,7 @@ class Scheduler:
         self._closing = False
         self._drain = True
         self._cancel_checked = 0.0
+        self._admitting: list[Row] = []  # taken from the queue, not yet in the batch
         self._thread = threading.Thread(target=self._loop, name=f"scheduler-{name}", daemon=True)
         self._thread.start()
 
@@ -168,22 +169,28 @@ class Scheduler:
                     break
             try:
                 self._turn()
-            except Exception as exc:  # a bug outside one row: fail the running rows, go on
+            except Exception as exc:  # a bug outside one row: fail the rows in play, go on
                 log.exception("%s: scheduler step failed", self.name)
+                for row in self._admitting:
+                    if not row.done:
+                        self._fail(row, exc)
+                self._admitting = []
                 self._fail_running(exc)
         error = ShuttingDown(f"{self.name} shut down before this request finished")
         with self._wake:
             left, self._waiting = list(self._waiting) + self._running, deque()
         for row in left:
-            self._fail(row, error)
+            if not row.done:  # rows that finished in the last step already had their final event
+                self._fail(row, error)
         self._running, self._state = [], None
         self._report()
 
     def _turn(self) -> None:
         self._release()
-        group = self._admit()
+        group = self._admitting = self._admit()
         if group:
             self._prefill(group)
+            self._admitting = []
             self._release()
         if self._running:
             self._step()
@@ -200,6 +207,12 @@ class Scheduler:
             for row in self._running:
                 if not row.done and row.prepared.cancelled():
                     self._finish(row, "cancelled")
+            with self._wake:  # clients that left while waiting free their place in the queue
+                gone = [row for row in self._waiting if row.prepared.cancelled()]
+                for row in gone:
+                    self._waiting.remove(row)
+            for row in gone:
+                self._cancel_waiting(row)
         keep = [i for i, row in enumerate(self._running) if not row.done]
         if len(keep) == len(self._running):
             return
@@ -226,7 +239,7 @@ class Scheduler:
                 budget -= cost
         now = time.monotonic()
         for row in group:
-            self.metrics.waited(now - row.submitted)
+            self._measure(self.metrics.waited, now - row.submitted)
         return group
 
     def _prefill(self, group: list[Row]) -> None:
@@ -241,7 +254,7 @@ class Scheduler:
             log.warning("%s: prefill failed: %s", self.name, exc)
             self._fail(group[0], exc)
             return
-        self.metrics.step("prefill", time.perf_counter() - start, len(group))
+        self._measure(self.metrics.step, "prefill", time.perf_counter() - start, len(group))
         self.stats.prefills += 1
         self.stats.admitted += len(group)
         for row in group:
@@ -259,7 +272,7 @@ class Scheduler:
             log.exception("%s: decode step failed for %d rows", self.name, len(self._running))
             self._fail_running(exc)
             return
-        self.metrics.step("decode", time.perf_counter() - start, len(self._running))
+        self._measure(self.metrics.step, "decode", time.perf_counter() - start, len(self._running))
         self.stats.decode_steps += 1
         self._apply(self._running, outputs)
 
@@ -285,7 +298,7 @@ class Scheduler:
                 self._send(row, Event(row.pending))  # the first text goes out at once
                 row.pending, row.held, row.started = "", 0, True
         self.stats.tokens += produced
-        self.metrics.tokens(produced)
+        self._measure(self.metrics.tokens, produced)
 
     # -- row endings
 
@@ -323,4 +336,11 @@ class Scheduler:
             row.done = True
 
     def _report(self) -> None:
-        self.metrics.queue(len(self._running), len(self._waiting))
+        self._measure(self.metrics.queue, len(self._running), len(self._waiting))
+
+    def _measure(self, record: Callable[..., None], *args: Any) -> None:
+        """Metrics are reported, never allowed to fail a row (on Triton they are IPC calls)."""
+        try:
+            record(*args)
+        except Exception:
+            log.warning("%s: metrics update failed", self.name, exc_info=True)

@@ -56,7 +56,7 @@ class ModelSettings(BaseModel):
     )
     ignore_eos: bool = Field(False, description="benchmarks only: every answer runs to max_tokens")
     max_running: int = Field(16, ge=1, description="rows decoding together at most")
-    max_waiting: int = Field(64, ge=0, description="requests queued beyond that are refused (503)")
+    max_waiting: int = Field(64, ge=1, description="requests queued beyond that are refused (503)")
     stream_interval: int = Field(1, ge=1, description="tokens per streamed chunk at most (1: every token)")
     prefill_budget: int = Field(4096, ge=1, description="prompt tokens prefilled between two decode steps")
 
