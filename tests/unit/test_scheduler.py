@@ -117,29 +117,26 @@ def _long_prompt(engine: VLMEngine, max_tokens: int) -> int:
     raise AssertionError("no sample runs to its token limit")
 
 
-@pytest.mark.parametrize("model", ["llava", "kosmos2", "qwen3-vl"])
-def test_a_short_request_sent_during_a_long_one_finishes_first(engines, model):
-    engine = engines[model]
-    i = _long_prompt(engine, 200)
+def _finishing_order(engine: VLMEngine, long_tokens: int) -> list[str]:
+    """A short request sent once a long answer has begun: which finishes first."""
     order: list[str] = []
-    long = Request(engine, prepare(engine, i, 200), order, "long")
+    long = Request(engine, prepare(engine, _long_prompt(engine, long_tokens), long_tokens), order, "long")
     long.first_text()
     short = Request(engine, prepare(engine, 3, 3), order, "short")
     short.result(), long.result()
-    assert order == ["short", "long"]
+    return order
+
+
+@pytest.mark.parametrize("model", ["llava", "kosmos2", "qwen3-vl"])
+def test_a_short_request_sent_during_a_long_one_finishes_first(engines, model):
+    assert _finishing_order(engines[model], 200) == ["short", "long"]
 
 
 def test_static_policy_makes_the_short_request_wait(tiny_models_dir):
     """The comparison setting: a batch is admitted only when the previous one is done."""
     engine = make_engine(tiny_models_dir, "llava", SCHEDULER="static")
     try:
-        i = _long_prompt(engine, 120)
-        order: list[str] = []
-        long = Request(engine, prepare(engine, i, 120), order, "long")
-        long.first_text()
-        short = Request(engine, prepare(engine, 3, 3), order, "short")
-        short.result(), long.result()
-        assert order == ["long", "short"]
+        assert _finishing_order(engine, 120) == ["long", "short"]
     finally:
         engine.close()
 
