@@ -28,7 +28,7 @@ MODELS: dict[str, tuple[Architecture, str, str | None]] = {
     "llava": ("llava", "llava-hf/llava-1.5-7b-hf", None),
     "qwen3-vl": ("qwen3_vl", "Qwen/Qwen3-VL-8B-Instruct", None),
 }
-SOURCE_KEYS = ("model_path", "model_revision")
+SOURCE_KEYS = ("model_path", "model_revision", "tokenizer_repo", "tokenizer_revision")
 
 
 class ModelSettings(BaseModel):
@@ -59,6 +59,11 @@ class ModelSettings(BaseModel):
     max_waiting: int = Field(64, ge=1, description="requests queued beyond that are refused (503)")
     stream_interval: int = Field(1, ge=1, description="tokens per streamed chunk at most (1: every token)")
     prefill_budget: int = Field(4096, ge=1, description="prompt tokens prefilled between two decode steps")
+    # moondream2 only: the tokenizer its code fetches separately, kept images, grounding
+    tokenizer_repo: str | None = Field(None, description="moondream2: default moondream/starmie-v1")
+    tokenizer_revision: str | None = Field(None, description="moondream2: default the pinned commit")
+    encoded_images: int = Field(4, ge=0, description="moondream2: encoded images kept for later turns (0: none)")
+    max_objects: int = Field(50, ge=1, le=200, description="moondream2: boxes or points a /detect or /point returns")
 
     @property
     def env_prefix(self) -> str:

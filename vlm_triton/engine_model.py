@@ -39,7 +39,7 @@ class TritonPythonModel:
         parameters = model_parameters(args)
         name = parameters.pop("model")
         self.engine = VLMEngine.from_config(name, parameters, metrics=TritonMetrics(name))
-        self.with_entities = self.engine.settings.architecture == "kosmos2"
+        self.with_entities = self.engine.adapter.grounding
         self.outbox: queue.SimpleQueue = queue.SimpleQueue()
         self.sender_thread = threading.Thread(target=self._send_loop, name="responses", daemon=True)
         self.sender_thread.start()

@@ -82,6 +82,7 @@ class Adapter(ABC):
     max_images = 1
     requires_image = False  # a blank image is supplied for text-only chats
     image_tokens = 256  # rough prompt cost of an image, for the prefill budget
+    grounding = False  # results carry ``entities`` (boxes or points)
 
     def __init__(self, settings: ModelSettings, device: str):
         self.settings = settings

@@ -22,6 +22,7 @@ TAG = re.compile(r"</?(phrase|object|grounding|delimiter_of_multi_objects/)>|<pa
 
 class Kosmos2Adapter(GenerateAdapter):
     requires_image = True
+    grounding = True
 
     def load(self) -> None:
         from transformers import AutoProcessor, Kosmos2ForConditionalGeneration

@@ -215,27 +215,38 @@ def build_qwen3_vl(out: Path) -> None:
 
 
 def build_moondream2(out: Path) -> None:
+    """The stand-in (``moondream_standin``), with its tokenizer where the adapter finds the
+    one the real code fetches: ``<checkpoint>/moondream/starmie-v1/tokenizer.json``."""
+    from vlm_engine.adapters.moondream2 import TOKENIZER_REPO, tokenizer_from
     from vlm_engine.tiny import moondream_standin as standin
 
-    tok = train_byte_bpe(["<|endoftext|>"], bos_token="<|endoftext|>", eos_token="<|endoftext|>")
+    specials = ["<|endoftext|>", "<|md_open|>", "<|md_sep|>", "<|md_answer|>", "<|md_think|>", "<|md_coord|>"]
+    tok = train_byte_bpe([*specials, "<|md_size|>"]).backend_tokenizer
+
+    def words(text: str) -> list[int]:
+        return tok.encode(text).ids
+
+    templates = {
+        "caption": {length: [1, *words("caption"), 2, *words(length), 3] for length in ("short", "normal", "long")},
+        "query": {"prefix": [1, *words("query"), 2], "suffix": [3]},
+        "detect": {"prefix": [1, *words("detect"), 2], "suffix": [3]},
+        "point": {"prefix": [1, *words("point"), 2], "suffix": [3]},
+    }
+    inner = {
+        "text": {"vocab_size": tok.get_vocab_size(), "max_context": 512},
+        "tokenizer": {"bos_id": 0, "eos_id": 0, "answer_id": 3, "coord_id": 5, "size_id": 6, "templates": templates},
+    }
     config = standin.HfConfig(
-        text_config={
-            **TEXT,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 4,
-            "vocab_size": len(tok),
-            "max_position_embeddings": 2048,
-            "initializer_range": INIT_RANGE,
-            "bos_token_id": tok.bos_token_id,
-            "eos_token_id": tok.eos_token_id,
-        },
-        auto_map={
-            "AutoConfig": "hf_moondream.HfConfig",
-            "AutoModelForCausalLM": "hf_moondream.HfMoondream",
-        },
+        config=inner,
+        auto_map={"AutoConfig": "hf_moondream.HfConfig", "AutoModelForCausalLM": "hf_moondream.HfMoondream"},
     )
-    model = standin.HfMoondream(config)
-    _save(model, None, out, tokenizer=tok)
+    tokenizer_dir = out / TOKENIZER_REPO
+    tokenizer_dir.mkdir(parents=True)
+    tok.save(str(tokenizer_dir / "tokenizer.json"))
+    with tokenizer_from(standin.HfMoondream, tokenizer_dir / "tokenizer.json"):
+        model = standin.HfMoondream(config)
+    standin.randomize(model, INIT_RANGE)
+    _save(model, None, out)
     shutil.copyfile(standin.__file__, out / "hf_moondream.py")
 
 
@@ -281,8 +292,8 @@ def build(name: str, out: Path) -> Path:
     torch.manual_seed(SEED)
     builder(out)
     (out / "README.md").write_text(README.format(arch=name, real=real))
-    for path in out.iterdir():  # safetensors writes 0600; containers read these as another user
-        path.chmod(0o644)
+    for path in out.rglob("*"):  # safetensors writes 0600; containers read these as another user
+        path.chmod(0o755 if path.is_dir() else 0o644)
     (out / "tiny.json").write_text(
         json.dumps({"tiny": True, "architecture": name, "seed": SEED, "source": source_hash()})
     )
