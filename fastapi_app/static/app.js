@@ -63,8 +63,11 @@ function setImage(file) {
 function clearBoxes() {
   const canvas = $("boxes");
   canvas.getContext("2d").clearRect(0, 0, canvas.width, canvas.height);
+  canvas.dataset.drawn = "0";
 }
 
+// Kosmos-2 entities and moondream2's /detect carry boxes, moondream2's /point carries points;
+// every coordinate is a fraction (0..1) of the image's width or height.
 function drawBoxes(entities) {
   const canvas = $("boxes");
   const img = $("preview");
@@ -74,14 +77,21 @@ function drawBoxes(entities) {
   ctx.lineWidth = 2;
   ctx.font = "13px system-ui";
   entities.forEach((entity, i) => {
-    const color = `hsl(${(i * 67) % 360} 80% 45%)`;
-    for (const [x0, y0, x1, y1] of entity.boxes) {
+    ctx.strokeStyle = ctx.fillStyle = `hsl(${(i * 67) % 360} 80% 45%)`;
+    for (const [x0, y0, x1, y1] of entity.boxes || []) {
       const x = x0 * canvas.width, y = y0 * canvas.height;
-      ctx.strokeStyle = ctx.fillStyle = color;
       ctx.strokeRect(x, y, (x1 - x0) * canvas.width, (y1 - y0) * canvas.height);
       ctx.fillText(entity.phrase, x + 3, Math.max(12, y - 3));
     }
+    for (const [px, py] of entity.points || []) {
+      const x = px * canvas.width, y = py * canvas.height;
+      ctx.beginPath();
+      ctx.arc(x, y, 5, 0, 2 * Math.PI);
+      ctx.fill();
+      ctx.fillText(entity.phrase, x + 7, Math.max(12, y - 7));
+    }
   });
+  canvas.dataset.drawn = String(entities.reduce((n, e) => n + (e.boxes || []).length + (e.points || []).length, 0));
 }
 
 async function errorText(reply) {

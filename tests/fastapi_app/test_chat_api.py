@@ -107,3 +107,16 @@ def test_rest_chat_bad_input(api):
         assert says in reply.json()["detail"], (body, reply.json())
     reply = httpx.post(api.url + "/api/chat", content=b"{oops", headers={"content-type": "application/json"})
     assert reply.status_code == 400 and "not valid JSON" in reply.json()["detail"]
+
+
+def test_moondream2_point_through_the_rest_chat_carries_entities(api, png):
+    body = {
+        "session_id": uuid.uuid4().hex,
+        "model": "moondream2",
+        "prompt": "/point tree",
+        "image": base64.b64encode(png).decode(),
+    }
+    reply = httpx.post(api.url + "/api/chat", json=body, timeout=60)
+    assert reply.status_code == 200, reply.text
+    (entity,) = reply.json()["entities"]
+    assert entity["phrase"] == "tree" and entity["points"] and all(0 <= v <= 1 for p in entity["points"] for v in p)

@@ -156,3 +156,28 @@ def test_remote_image_to_private_targets_is_refused_when_remote_fetch_is_on(loca
     reply = _post(local_api, body)
     assert reply.status_code == 400
     assert "private, loopback or reserved address" in reply.json()["error"]["message"]
+
+
+def test_moondream2_detect_and_point_return_entities(any_api, png):
+    client = sdk(any_api)
+    whole = client.chat.completions.create(model="moondream2", messages=vision_messages(png, "/detect red car"))
+    (entity,) = whole.choices[0].message.model_extra["entities"]
+    assert entity["phrase"] == "red car" and entity["boxes"] and all(len(b) == 4 for b in entity["boxes"])
+    assert (
+        whole.choices[0].message.content
+        == f"red car: {len(entity['boxes'])} {'box' if len(entity['boxes']) == 1 else 'boxes'}"
+    )
+    chunks = list(
+        client.chat.completions.create(model="moondream2", messages=vision_messages(png, "/point tree"), stream=True)
+    )
+    (entity,) = chunks[-1].model_extra["entities"]
+    assert entity["phrase"] == "tree" and all(len(p) == 2 for p in entity["points"])
+
+
+def test_moondream2_bad_commands_and_the_context_are_400s(any_api, png):
+    client = sdk(any_api)
+    text_only = [{"role": "user", "content": "/caption"}]
+    with pytest.raises(openai.BadRequestError, match="/caption needs an image"):
+        client.chat.completions.create(model="moondream2", messages=text_only)
+    with pytest.raises(openai.BadRequestError, match="context is 512 positions"):
+        client.chat.completions.create(model="moondream2", messages=vision_messages(png, "why " * 140), max_tokens=64)

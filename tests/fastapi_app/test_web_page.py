@@ -61,6 +61,36 @@ def test_upload_ask_and_watch_the_answer_stream_in(api, browser, tmp_path, png):
     page.close()
 
 
+@pytest.mark.parametrize(("prompt", "shape"), [("/detect red car", "boxes"), ("/point tree", "points")])
+def test_moondream2_detect_and_point_are_drawn_on_the_image(api, browser, tmp_path, png, prompt, shape):
+    image = tmp_path / "photo.png"
+    image.write_bytes(png)
+    page = browser.new_page(viewport={"width": 1100, "height": 760})
+    page.goto(api.url + "/")
+    expect(page.locator("#model option")).to_have_count(4)
+    page.select_option("#model", "moondream2")
+    page.set_input_files("#file", str(image))
+    expect(page.locator("#preview")).to_be_visible()
+    page.fill("#prompt", prompt)
+    page.click("#send")
+    answer = page.locator("#log li.assistant").last
+    expect(answer.locator(".meta")).to_contain_text("moondream2", timeout=60_000)
+    expect(answer).to_contain_text(shape if shape == "points" else "box")
+    drawn = int(page.locator("#boxes").get_attribute("data-drawn"))
+    assert drawn >= 1, "nothing was drawn"
+    painted = page.evaluate("""() => {
+        const canvas = document.getElementById('boxes');
+        const pixels = canvas.getContext('2d').getImageData(0, 0, canvas.width, canvas.height).data;
+        let count = 0;
+        for (let i = 3; i < pixels.length; i += 4) if (pixels[i] > 0) count++;
+        return count;
+    }""")
+    assert painted > 20, f"the canvas holds {painted} painted pixels"
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"web-page-moondream2-{shape}.png"), full_page=True)
+    page.close()
+
+
 def test_errors_are_shown_as_readable_messages(api, browser, tmp_path):
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")

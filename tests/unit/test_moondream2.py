@@ -114,7 +114,7 @@ def test_the_stand_in_hits_the_context_wall_mid_stream(remote_model, engine):
 
 def test_the_adapter_loads_the_tables_the_tokenizer_and_the_dtype(engine, tiny_models_dir):
     inner = engine.adapter.model.model
-    config, remote = _remote_class(tiny_models_dir / "moondream2")
+    _config, remote = _remote_class(tiny_models_dir / "moondream2")
     with tokenizer_from(remote, tiny_models_dir / "moondream2" / TOKENIZER_REPO / "tokenizer.json"):
         fresh = type(inner)(inner.config, setup_caches=False)
     assert torch.equal(inner.attn_mask, fresh.attn_mask)
