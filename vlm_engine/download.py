@@ -2,7 +2,9 @@
 
 Sources follow the same settings as serving (``<MODEL>_MODEL_PATH``, ``_MODEL_REVISION``,
 ``HF_CACHE_DIR``), so what is downloaded is what the servers load. Models whose source is
-a local folder are skipped.
+a local folder are skipped. moondream2's code also fetches a tokenizer of its own
+(``moondream/starmie-v1``) when it starts: it is downloaded here too, at the pinned revision,
+so that the model starts offline.
 """
 
 from __future__ import annotations
@@ -12,8 +14,10 @@ import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from pathlib import Path
+
 from vlm_engine.errors import ModelConfigError
-from vlm_engine.settings import MODELS, resolve_settings
+from vlm_engine.settings import MODELS, ModelSettings, resolve_settings
 
 
 @dataclass(frozen=True)
@@ -32,10 +36,26 @@ def plan(names: list[str], env: Mapping[str, str] | None = None) -> list[Downloa
     downloads = []
     for name in names or list(MODELS):
         settings = resolve_settings(name, env=env)
-        if settings.model_path.startswith(("/", ".", "~")):
-            continue
-        downloads.append(Download(name, settings.model_path, settings.model_revision, settings.hf_cache_dir))
+        if not _is_local(settings.model_path):
+            downloads.append(Download(name, settings.model_path, settings.model_revision, settings.hf_cache_dir))
+        if settings.architecture == "moondream2":
+            downloads += _moondream2_tokenizer(settings)
     return downloads
+
+
+def _is_local(path: str) -> bool:
+    return path.startswith(("/", ".", "~"))
+
+
+def _moondream2_tokenizer(settings: ModelSettings) -> list[Download]:
+    """The tokenizer moondream2's code fetches, unless a local copy is configured."""
+    from vlm_engine.adapters.moondream2 import TOKENIZER_REPO, TOKENIZER_REVISION
+
+    repo = settings.tokenizer_repo or TOKENIZER_REPO
+    if _is_local(repo) or (Path(settings.model_path) / repo / "tokenizer.json").is_file():
+        return []
+    revision = settings.tokenizer_revision or TOKENIZER_REVISION
+    return [Download(f"{settings.name} tokenizer", repo, revision, settings.hf_cache_dir)]
 
 
 def main(argv: list[str] | None = None, download: Callable[..., str] | None = None) -> int:

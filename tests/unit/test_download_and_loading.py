@@ -6,10 +6,19 @@ from vlm_engine.loading import check_source, quantization_config, resolve_device
 from vlm_engine.settings import resolve_settings
 
 
-def test_plan_covers_all_four_with_the_pinned_moondream_revision():
+def test_plan_covers_all_four_with_the_pinned_moondream_revision_and_its_tokenizer():
     todo = plan([], env={})
-    assert [d.name for d in todo] == ["moondream2", "kosmos2", "llava", "qwen3-vl"]
+    assert [d.name for d in todo] == ["moondream2", "moondream2 tokenizer", "kosmos2", "llava", "qwen3-vl"]
     assert todo[0] == Download("moondream2", "vikhyatk/moondream2", "2025-06-21", None)
+    pinned = "35192e10a54e36eabe0a7cc57a2c1aab371cafc5"
+    assert todo[1] == Download("moondream2 tokenizer", "moondream/starmie-v1", pinned, None)
+
+
+def test_the_moondream2_tokenizer_goes_to_the_configured_cache_even_for_local_weights(tiny_models_dir, tmp_path):
+    env = {"MOONDREAM2_MODEL_PATH": str(tmp_path), "HF_CACHE_DIR": "/cache"}
+    assert [(d.repo_id, d.cache_dir) for d in plan(["moondream2"], env=env)] == [("moondream/starmie-v1", "/cache")]
+    env["MOONDREAM2_MODEL_PATH"] = str(tiny_models_dir / "moondream2")  # it carries a copy: nothing to fetch
+    assert plan(["moondream2"], env=env) == []
 
 
 def test_plan_follows_overrides_and_skips_local_folders():
