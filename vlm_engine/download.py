@@ -13,7 +13,6 @@ import argparse
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-
 from pathlib import Path
 
 from vlm_engine.errors import ModelConfigError

@@ -75,6 +75,9 @@ def test_the_stand_in_fails_to_load_like_the_real_code(tiny_models_dir, tmp_path
     assert torch.equal(model.model.attn_mask, fresh.attn_mask)
     assert torch.allclose(model.model.text.freqs_cis, fresh.text.freqs_cis, atol=1e-5)
     assert not hasattr(model, "tokenizer") and type(model.model.tokenizer).__name__ == "Tokenizer"
+    model.to(torch.float32)
+    with pytest.raises(RuntimeError, match="dtype"):  # its image crops stay bfloat16
+        model.encode_image(Image.new("RGB", (40, 40)), {"variant": None})
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,10 @@ transformers 5 (``docs/MOONDREAM2.md`` lists each point and how it was checked):
 
 - **Loading.** ``HfMoondream`` never calls ``post_init()``; a subclass does. Its
   non-persistent tables (``attn_mask``, ``text.freqs_cis``) come back uninitialised, so
-  they are computed again; weights are cast to the configured dtype (the code always
-  builds bfloat16). Failures become the engine's ``ModelConfigError``.
+  they are computed again. The code builds bfloat16 weights and prepares image crops in
+  bfloat16 whatever is asked: weights are cast to the configured dtype (float32 on CPU,
+  float16 on GPUs without bfloat16) and the crops at the vision encoder's entry. Failures
+  become the engine's ``ModelConfigError``.
 - **Tokenizer.** The code fetches ``moondream/starmie-v1`` at construction (latest
   revision, default cache). While it loads, that call reads the pinned revision from the
   configured cache (``make models`` puts it there), or a copy inside the checkpoint folder.
@@ -197,9 +199,11 @@ class Moondream2Adapter(Adapter):
             raise ModelConfigError(
                 f"moondream2's own code from {s.model_path!r} failed to load: {type(exc).__name__}: {exc}"
             ) from exc
-        model.to(resolve_dtype(s, self.device))
+        dtype = resolve_dtype(s, self.device)
+        model.to(dtype)
         inner = model.model
         restore_tables(inner)
+        self._vision_input_as(inner, dtype)
         model._setup_caches()  # the cache modules the rows' buffers are bound into
         self.model, self.inner = model, inner
         self.tokenizer = inner.tokenizer
@@ -236,6 +240,17 @@ class Moondream2Adapter(Adapter):
                 "Fetch it with `make models MODELS=moondream2`, or put its tokenizer.json in "
                 f"{Path(s.model_path) / repo}"
             ) from exc
+
+    @staticmethod
+    def _vision_input_as(inner: Any, dtype: Any) -> None:
+        """The code prepares image crops in bfloat16 whatever the weights are: cast them to the
+        weights' dtype at the vision encoder's entry (the seam its own ``compile()`` uses)."""
+        original = inner._vis_enc
+
+        def encode(crops: Any) -> Any:
+            return original(crops.to(dtype))
+
+        inner._vis_enc = encode
 
     def _count_decode_calls(self, inner: Any) -> None:
         """The stream calls ``_decode_one_tok`` once per generated token: count them per row."""
@@ -280,7 +295,8 @@ class Moondream2Adapter(Adapter):
             text = " " + argument if kind != "query" else argument
             with self._count_lock:
                 prompt = len(template["prefix"]) + len(self._counter.encode(text).ids) + len(template["suffix"])
-            prompt += 1 if prepared.image is None else 0  # a text-only query starts with BOS
+            if kind == "query":  # the code appends the suffix twice, and a text-only query starts with BOS
+                prompt += len(template["suffix"]) + (1 if prepared.image is None else 0)
         used = (self.image_tokens if prepared.image is not None else 0) + prompt
         task = Task(kind, argument, used, self._image_key(prepared))
         if kind in ("detect", "point"):  # one object takes up to 3 positions

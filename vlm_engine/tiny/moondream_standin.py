@@ -13,7 +13,8 @@ depends on it, including the real code's traps (the adapter must cope with all o
 - ``attn_mask`` (causal, the image prefix attending both ways) and ``text.freqs_cis`` (the
   rotary table) are non-persistent buffers computed in ``__init__`` and never saved, so
   they come back uninitialised from transformers 5's ``from_pretrained``.
-- Weights are built in bfloat16 whatever dtype the caller asks for.
+- Weights are built in bfloat16 whatever dtype the caller asks for, and image crops are
+  prepared in bfloat16 too: weights cast to another dtype fail in the vision encoder.
 - The tokenizer is ``model.model.tokenizer``, a ``tokenizers.Tokenizer`` fetched at
   construction with ``Tokenizer.from_pretrained("moondream/starmie-v1")`` (latest
   revision, default HF cache): no ``.tokenizer`` on the outer model.
@@ -28,6 +29,8 @@ depends on it, including the real code's traps (the adapter must cope with all o
   per token, and report no token counts.
 - The context is ``max_context`` positions (2048 in the real model, about 730 of them per
   image); past it a stream raises IndexError in the middle of its answer.
+- ``query`` appends its template's suffix twice (the real code does), so its prompt is one
+  position longer than the template suggests.
 - ``caption`` without an image or with an unknown length raises ValueError.
 - ``detect(image, object)`` gives ``{"objects": [{x_min, y_min, x_max, y_max}]}`` and
   ``point`` gives ``{"points": [{x, y}]}``, coordinates in 0..1 (boxes may cross the
@@ -264,6 +267,10 @@ class MoondreamModel(nn.Module):
 
     # -- images
 
+    def _vis_enc(self, patches: torch.Tensor) -> torch.Tensor:
+        features = self.vision.patch_emb(patches) + self.vision.pos_emb
+        return self.vision.proj(F.gelu(features))
+
     def encode_image(self, image, settings: dict | None = None) -> EncodedImage:
         from PIL import Image
 
@@ -280,8 +287,7 @@ class MoondreamModel(nn.Module):
             torch.from_numpy(pixels).reshape(side, p, side, p, 3).permute(0, 2, 1, 3, 4).reshape(1, side * side, -1)
         )
         with torch.inference_mode():
-            features = self.vision.patch_emb(patches.to(self.device, self.vision.pos_emb.dtype)) + self.vision.pos_emb
-            image_emb = self.vision.proj(F.gelu(features))
+            image_emb = self._vis_enc(patches.to(self.device, torch.bfloat16))  # bfloat16 whatever the weights
             bos = self._embed(torch.tensor([[self.config.tokenizer.bos_id]], device=self.device))
             x = torch.cat([bos, image_emb], dim=1)
             length = x.shape[1]
@@ -381,7 +387,7 @@ class MoondreamModel(nn.Module):
             pos, prefix = 0, [self.config.tokenizer.bos_id, *template["prefix"]]
             context = self.config.text.max_context
             mask = torch.ones(1, 1, context, context, dtype=torch.bool, device=self.device).tril()
-        ids = prefix + self.tokenizer.encode(question).ids + list(template["suffix"])
+        ids = prefix + self.tokenizer.encode(question).ids + list(template["suffix"]) * 2  # twice, as the real one
         chunks = self._generate_answer(torch.tensor([ids], device=self.device), pos, settings, mask)
         return {"answer": chunks if stream else "".join(chunks)}
 
