@@ -30,12 +30,12 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from vlm_engine.tiny.samples import sample_image as image_bytes  # noqa: E402
 from vlm_engine.adapters.moondream2 import TOKENIZER_REPO, tokenizer_from  # noqa: E402
 from vlm_engine.chat import Message, single_turn  # noqa: E402
 from vlm_engine.engine import VLMEngine  # noqa: E402
 from vlm_engine.errors import InvalidRequest, PromptTooLong  # noqa: E402
 from vlm_engine.settings import resolve_settings  # noqa: E402
+from vlm_engine.tiny.samples import sample_image as image_bytes  # noqa: E402
 from vlm_engine.tiny.tokenizer import train_byte_bpe  # noqa: E402
 
 SIZES = {
