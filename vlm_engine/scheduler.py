@@ -217,7 +217,10 @@ class Scheduler:
         if len(keep) == len(self._running):
             return
         self._running = [self._running[i] for i in keep]
-        self._state = self.adapter.select(self._state, keep) if keep else None
+        if keep:
+            self._state = self.adapter.select(self._state, keep)
+        else:
+            self._drop_state()
 
     def _admit(self) -> list[Row]:
         if self.policy == "static" and self._running:
@@ -326,7 +329,17 @@ class Scheduler:
         for row in self._running:
             if not row.done:
                 self._fail(row, exc)
-        self._running, self._state = [], None
+        self._running = []
+        self._drop_state()
+
+    def _drop_state(self) -> None:
+        """Every row has left: the adapter may keep what the state held for the next rows."""
+        state, self._state = self._state, None
+        if state is not None:
+            try:
+                self.adapter.release(state)
+            except Exception:
+                log.warning("%s: releasing the batch state failed", self.name, exc_info=True)
 
     def _send(self, row: Row, event: Event) -> None:
         try:

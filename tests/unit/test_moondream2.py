@@ -252,3 +252,13 @@ def test_an_encoded_image_is_reused_in_the_next_turn(engine, tiny_models_dir):
         assert plain.adapter.image_hits == 0
     finally:
         plain.close()
+
+
+def test_released_rows_leave_their_buffers_for_the_next_ones(engine):
+    engine.generate([ask(engine, PROMPTS[0], image(0), 3)])  # the batch empties: its buffers are kept
+    pool = engine.adapter._pool
+    assert pool, "the last row's buffers were dropped"
+    kept = {keys.data_ptr() for caches in pool for keys, _ in caches}
+    before = engine.generate([ask(engine, "Say something.", None, 6)])[0].text  # text-only: no new caches either
+    assert {keys.data_ptr() for caches in pool for keys, _ in caches} == kept
+    assert engine.generate([ask(engine, "Say something.", None, 6)])[0].text == before  # reused buffers are clean

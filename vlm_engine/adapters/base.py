@@ -7,6 +7,7 @@ The scheduler (``vlm_engine.scheduler``) drives adapters through four verbs:
 - ``merge(a, b)``: one state holding the rows of ``a`` then those of ``b``.
 - ``decode(state)``: one more output for every row of ``state``.
 - ``select(state, keep)``: only the rows ``keep`` (released rows leave).
+- ``release(state)``: the last rows have left (optional: memory to reuse).
 
 An output is a token id (HF models) or a text chunk (moondream2's own API), turned into
 text by the row's ``decoder``.
@@ -122,6 +123,10 @@ class Adapter(ABC):
 
     @abstractmethod
     def select(self, state: Any, keep: list[int]) -> Any: ...
+
+    def release(self, state: Any) -> None:
+        """Every row of ``state`` has left the batch (nothing to do for most adapters)."""
+        return None
 
 
 class TokenDecoder(RowDecoder):

@@ -14,10 +14,11 @@ transformers 5 (``docs/MOONDREAM2.md`` lists each point and how it was checked):
 - **Tokenizer.** The code fetches ``moondream/starmie-v1`` at construction (latest
   revision, default cache). While it loads, that call reads the pinned revision from the
   configured cache (``make models`` puts it there), or a copy inside the checkpoint folder.
-- **One cache inside the model.** ``query`` writes the image and prompt into the model's
-  KV cache (``model.text.blocks[i].kv_cache``) and the stream decodes into it later. Each
-  row owns cache buffers, bound into the model before its call and before each of its
-  steps (rebinding costs nothing; about 384 MiB a row for the real model, pooled).
+- **One cache inside the model.** ``query`` writes the image into the model's KV cache
+  (``model.text.blocks[i].kv_cache``) at once; its stream prefills the prompt and decodes
+  into it later. Each row owns cache buffers, bound into the model before its call and
+  before each of its steps (rebinding costs nothing; about 384 MiB a row for the real
+  model, pooled).
 - **Steps and counts.** Every scheduler step advances each row by one chunk (a word: the
   stream yields per word). Tokens are counted exactly by wrapping ``_decode_one_tok``,
   which the stream calls once per generated token; a row that reached ``max_tokens``
@@ -205,6 +206,9 @@ class Moondream2Adapter(Adapter):
         restore_tables(inner)
         self._vision_input_as(inner, dtype)
         model._setup_caches()  # the cache modules the rows' buffers are bound into
+        # A text-only query would replace those modules with new, zeroed ones; the row's own
+        # buffers serve it as well (it masks everything past its own positions).
+        inner._setup_caches = lambda: None
         self.model, self.inner = model, inner
         self.tokenizer = inner.tokenizer
         self._counter = type(inner.tokenizer).from_str(inner.tokenizer.to_str())  # for request threads
@@ -299,8 +303,9 @@ class Moondream2Adapter(Adapter):
                 prompt += len(template["suffix"]) + (1 if prepared.image is None else 0)
         used = (self.image_tokens if prepared.image is not None else 0) + prompt
         task = Task(kind, argument, used, self._image_key(prepared))
-        if kind in ("detect", "point"):  # one object takes up to 3 positions
-            task.max_objects = min(self.settings.max_objects, (self.context - used - 1) // 3)
+        if kind in ("detect", "point"):
+            per_object = 3 if kind == "detect" else 2  # x, y (and size), then the next token
+            task.max_objects = min(self.settings.max_objects, (self.context - used) // per_object)
             if task.max_objects < 1:
                 raise PromptTooLong(f"'{argument[:40]}' leaves no room in moondream2's {self.context} positions")
             return task
@@ -338,8 +343,12 @@ class Moondream2Adapter(Adapter):
     def _new_caches(self) -> list[tuple[Any, Any]]:
         import torch
 
-        if self._pool:
-            return self._pool.pop()
+        if self._pool:  # zeroed: masked positions must not hold a stale inf or NaN
+            caches = self._pool.pop()
+            for keys, values in caches:
+                keys.zero_()
+                values.zero_()
+            return caches
         return [(torch.zeros_like(m.k_cache), torch.zeros_like(m.v_cache)) for m in self._modules()]
 
     def _encoded(self, prepared: Prepared, task: Task) -> Any:
@@ -371,7 +380,7 @@ class Moondream2Adapter(Adapter):
             found = locate(image, task.argument, {"variant": None, "max_objects": task.max_objects})
             row.entities = [grounded(task, found)]
             row.stream = iter([summary(task, row.entities[0])])
-        row.caches = [(m.k_cache, m.v_cache) for m in self._modules()]  # a text-only query made new ones
+        row.caches = [(m.k_cache, m.v_cache) for m in self._modules()]  # in case its code made new ones
 
     def _next(self, row: _Row) -> Any:
         self._bind(row.caches)
@@ -407,10 +416,15 @@ class Moondream2Adapter(Adapter):
 
     def select(self, state: list[_Row], keep: list[int]) -> list[_Row]:
         kept = set(keep)
-        for i, row in enumerate(state):
-            if i not in kept and row.caches and len(self._pool) < self.settings.max_running:
-                self._pool.append(row.caches)  # released rows' buffers serve the next ones
+        self.release([row for i, row in enumerate(state) if i not in kept])
         return [state[i] for i in keep]
+
+    def release(self, state: list[_Row]) -> None:
+        """Released rows' buffers serve the next rows (up to ``max_running`` sets kept)."""
+        for row in state:
+            if row.caches and len(self._pool) < self.settings.max_running:
+                self._pool.append(row.caches)
+            row.caches = []
 
 
 def grounded(task: Task, found: dict[str, list[dict[str, float]]]) -> dict[str, Any]:

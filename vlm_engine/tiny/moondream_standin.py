@@ -22,9 +22,9 @@ depends on it, including the real code's traps (the adapter must cope with all o
   returns an ``EncodedImage(pos, caches)`` that later calls reuse.
 - ONE key/value cache lives inside the model, ``model.text.blocks[i].kv_cache`` with
   ``k_cache``/``v_cache`` the whole context long, created by the first API call; a query
-  without an image replaces them. ``query``/``caption`` write the image and prefill the
-  prompt into it at once; the returned stream decodes into it later, so streams advanced in
-  turn corrupt each other unless the caller gives each its own cache.
+  without an image replaces them. ``query``/``caption`` write the image into it at once;
+  the returned stream prefills the prompt at its first step and decodes into it later, so
+  streams advanced in turn corrupt each other unless the caller gives each its own cache.
 - Streams yield text per word (up to the last space, a newline or a CJK character), not
   per token, and report no token counts.
 - The context is ``max_context`` positions (2048 in the real model, about 730 of them per
@@ -331,7 +331,7 @@ class MoondreamModel(nn.Module):
         temperature = settings.get("temperature", DEFAULT_TEMPERATURE)
         top_p = settings.get("top_p", DEFAULT_TOP_P)
         ids = self.config.tokenizer
-        _, _, next_token, pos = self._prefill_prompt(tokens, pos, temperature, top_p, mask)  # now, not in the stream
+        _, _, next_token, pos = self._prefill_prompt(tokens, pos, temperature, top_p, mask)
 
         def stream(next_token: torch.Tensor, pos: int):
             seen = torch.zeros(1, 1, self.config.text.max_context, dtype=torch.bool, device=self.device)
@@ -388,8 +388,11 @@ class MoondreamModel(nn.Module):
             context = self.config.text.max_context
             mask = torch.ones(1, 1, context, context, dtype=torch.bool, device=self.device).tril()
         ids = prefix + self.tokenizer.encode(question).ids + list(template["suffix"]) * 2  # twice, as the real one
-        chunks = self._generate_answer(torch.tensor([ids], device=self.device), pos, settings, mask)
-        return {"answer": chunks if stream else "".join(chunks)}
+
+        def answer():  # the prompt is prefilled at the first next(), as in the real code
+            yield from self._generate_answer(torch.tensor([ids], device=self.device), pos, settings, mask)
+
+        return {"answer": answer() if stream else "".join(answer())}
 
     def caption(self, image, length="normal", stream=False, settings=None):
         templates = self.config.tokenizer.templates["caption"]
@@ -398,8 +401,11 @@ class MoondreamModel(nn.Module):
         image = self.encode_image(image, settings)
         self.load_encoded_image(image)
         tokens = torch.tensor([templates[length]], device=self.device)
-        chunks = self._generate_answer(tokens, image.pos, settings)
-        return {"caption": chunks if stream else "".join(chunks)}
+
+        def answer():
+            yield from self._generate_answer(tokens, image.pos, settings)
+
+        return {"caption": answer() if stream else "".join(answer())}
 
     # -- grounding
 
