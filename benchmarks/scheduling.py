@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 import statistics
 import tempfile
 import threading
@@ -200,6 +201,19 @@ def measure_gain(models_dir: Path, levels: list[int], max_tokens: int, per_level
 # -- head-of-line blocking
 
 
+async def _allowed_tokens(client, model: str, wanted: int) -> int:
+    """``wanted``, or the most the model allows when its limits say less (moondream2's tiny
+    stand-in has a 512-position context: its 400 says the largest max_tokens that fits)."""
+    try:
+        await stream_infer(client, model, PROMPTS[0], IMAGES[0], wanted)
+        return wanted
+    except Exception as exc:
+        limit = re.search(r"at most (\d+)|between 1 and (\d+)", str(exc))
+        if limit is None:
+            raise
+        return min(wanted, int(limit.group(1) or limit.group(2))) - 8  # room for longer prompts
+
+
 async def _head_of_line(url: str, model: str, long_tokens: int, short_tokens: int, say: Say) -> dict:
     import tritonclient.grpc.aio as tc
 
@@ -208,6 +222,7 @@ async def _head_of_line(url: str, model: str, long_tokens: int, short_tokens: in
         short = (PROMPTS[3], IMAGES[3])
         await stream_infer(client, model, *short, short_tokens)  # warm
         idle = [(await stream_infer(client, model, *short, short_tokens)).seconds for _ in range(5)]
+        long_tokens = await _allowed_tokens(client, model, long_tokens)
         candidates = []
         for i in (0, 1, 2, 4, 5, 6, 7):  # the sample that runs longest
             sample = await stream_infer(client, model, PROMPTS[i], IMAGES[i], long_tokens)
