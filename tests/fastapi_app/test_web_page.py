@@ -30,15 +30,20 @@ def browser():
         chromium.close()
 
 
-def test_upload_ask_and_watch_the_answer_stream_in(api, browser, tmp_path, png):
-    image = tmp_path / "photo.png"
-    image.write_bytes(png)
+def page_with_image(api, browser, path, data: bytes, model: str):
+    """The page, with ``model`` chosen and ``data`` uploaded as an image."""
+    path.write_bytes(data)
     page = browser.new_page(viewport={"width": 1100, "height": 760})
     page.goto(api.url + "/")
     expect(page.locator("#model option")).to_have_count(4)
-    page.select_option("#model", "qwen3-vl")
-    page.set_input_files("#file", str(image))
+    page.select_option("#model", model)
+    page.set_input_files("#file", str(path))
     expect(page.locator("#preview")).to_be_visible()
+    return page
+
+
+def test_upload_ask_and_watch_the_answer_stream_in(api, browser, tmp_path, png):
+    page = page_with_image(api, browser, tmp_path / "photo.png", png, "qwen3-vl")
     # record how the answer's text grows while it streams
     page.evaluate("""() => {
         window.lengths = [];
@@ -63,14 +68,7 @@ def test_upload_ask_and_watch_the_answer_stream_in(api, browser, tmp_path, png):
 
 @pytest.mark.parametrize(("prompt", "shape"), [("/detect red car", "boxes"), ("/point tree", "points")])
 def test_moondream2_detect_and_point_are_drawn_on_the_image(api, browser, tmp_path, png, prompt, shape):
-    image = tmp_path / "photo.png"
-    image.write_bytes(png)
-    page = browser.new_page(viewport={"width": 1100, "height": 760})
-    page.goto(api.url + "/")
-    expect(page.locator("#model option")).to_have_count(4)
-    page.select_option("#model", "moondream2")
-    page.set_input_files("#file", str(image))
-    expect(page.locator("#preview")).to_be_visible()
+    page = page_with_image(api, browser, tmp_path / "photo.png", png, "moondream2")
     page.fill("#prompt", prompt)
     page.click("#send")
     answer = page.locator("#log li.assistant").last
