@@ -1,4 +1,10 @@
-"""Server-side chat history in SQLite, bounded to the last ``max_history`` turns per session."""
+"""Server-side chat history in SQLite, bounded to the last ``max_history`` turns per session.
+
+The database runs in WAL mode (readers never block the writer) with a busy timeout (a
+second writer, such as another service process on the same file, waits instead of failing),
+and every turn is committed with a full sync before its answer is sent: a turn that was
+answered survives a ``kill -9`` of the service.
+"""
 
 from __future__ import annotations
 
@@ -35,12 +41,22 @@ class Turn:
 
 
 class HistoryStore:
-    def __init__(self, path: Path, max_turns: int):
+    def __init__(self, path: Path, max_turns: int, busy_timeout_s: float = 10.0):
         self.max_turns = max_turns
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(str(path), check_same_thread=False)
+        self._db = sqlite3.connect(str(path), timeout=busy_timeout_s, check_same_thread=False)
+        self._db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
+        mode = self._db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if mode.lower() != "wal":
+            raise RuntimeError(f"history database {path} cannot use WAL mode (got {mode!r})")
+        self._db.execute("PRAGMA synchronous = FULL")
         self._db.executescript(SCHEMA)
         self._lock = threading.Lock()
+
+    def pragma(self, name: str):
+        """A PRAGMA's value (``journal_mode``, ``busy_timeout``), for checks."""
+        with self._lock:
+            return self._db.execute(f"PRAGMA {name}").fetchone()[0]
 
     def turns(self, session_id: str) -> list[Turn]:
         with self._lock:

@@ -23,7 +23,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        app.state.history = HistoryStore(settings.history_db, settings.max_history)
+        app.state.history = HistoryStore(settings.history_db, settings.max_history, settings.history_busy_timeout_s)
         await app.state.backend.start()
         log.info("serving %s through the %s backend", ", ".join(settings.models), app.state.backend.name)
         try:

@@ -29,6 +29,7 @@ class Settings(BaseSettings):
     top_p: float | None = Field(None, gt=0, le=1)
     max_history: int = Field(10, ge=0, description="turns kept per session")
     history_db: Path = Path("data/history.sqlite3")
+    history_busy_timeout_s: float = Field(10.0, gt=0, description="how long a write waits for a locked database")
     max_body_bytes: int = Field(25 * 1024 * 1024, ge=1024, description="larger bodies get 413")
     allow_remote_images: bool = False
     remote_image_max_bytes: int = Field(10 * 1024 * 1024, ge=1)

@@ -12,6 +12,7 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, Field, ValidationError
 from sse_starlette.sse import EventSourceResponse
+from starlette.concurrency import run_in_threadpool
 
 from fastapi_app.backends.base import Final, GenerationRequest
 from fastapi_app.generation import check_model, first_item, generate, with_defaults
@@ -75,7 +76,7 @@ async def chat(request: Request):
     settings, store = request.app.state.settings, request.app.state.history
     body, image = await _read(request)
     model = check_model(settings, body.model)
-    history = store.turns(body.session_id)
+    history = await run_in_threadpool(store.turns, body.session_id)
     generation = GenerationRequest(
         model,
         _conversation(history, body.prompt, image),
@@ -87,8 +88,9 @@ async def chat(request: Request):
     started = time.perf_counter()
     first, stream = await first_item(generate(request.app.state.backend, with_defaults(settings, generation)))
 
-    def answer(final: Final) -> dict[str, Any]:
-        store.add(body.session_id, model, body.prompt, final.text, image is not None)
+    async def answer(final: Final) -> dict[str, Any]:
+        # committed before the answer leaves: an answered turn is never lost
+        await run_in_threadpool(store.add, body.session_id, model, body.prompt, final.text, image is not None)
         result = {
             "session_id": body.session_id,
             "model": model,
@@ -105,7 +107,7 @@ async def chat(request: Request):
         item = first
         while not isinstance(item, Final):
             item = await anext(stream)
-        return answer(item)
+        return await answer(item)
 
     async def events():
         item = first
@@ -113,7 +115,7 @@ async def chat(request: Request):
             while not isinstance(item, Final):
                 yield {"data": json.dumps({"type": "chunk", "content": item})}
                 item = await anext(stream)
-            yield {"data": json.dumps({"type": "done", **answer(item)})}
+            yield {"data": json.dumps({"type": "done", **(await answer(item))})}
         except EngineError as exc:
             yield {"data": json.dumps({"type": "error", "code": exc.code, "message": exc.message})}
 
@@ -122,7 +124,7 @@ async def chat(request: Request):
 
 @router.get("/sessions/{session_id}")
 async def get_session(session_id: str, request: Request):
-    turns = request.app.state.history.turns(session_id)
+    turns = await run_in_threadpool(request.app.state.history.turns, session_id)
     if not turns:
         raise NotFound(f"no session {session_id!r}")
     return {"session_id": session_id, "turns": [t.as_dict() for t in turns]}
@@ -130,6 +132,6 @@ async def get_session(session_id: str, request: Request):
 
 @router.delete("/sessions/{session_id}", status_code=204)
 async def delete_session(session_id: str, request: Request):
-    if not request.app.state.history.delete(session_id):
+    if not await run_in_threadpool(request.app.state.history.delete, session_id):
         raise NotFound(f"no session {session_id!r}")
     return Response(status_code=204)

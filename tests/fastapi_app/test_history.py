@@ -1,0 +1,101 @@
+"""The history store keeps every answered turn: WAL, a busy timeout, concurrent sessions,
+and a ``kill -9`` of the service in the middle of the load."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sqlite3
+import threading
+import time
+import uuid
+
+import httpx
+
+from fastapi_app.history import HistoryStore
+from tests.fastapi_app.conftest import ApiProcess, api_env
+
+MODEL = "llava"  # the quickest tiny checkpoint
+
+
+def test_the_store_runs_in_wal_mode_and_waits_for_a_busy_database(tmp_path):
+    path = tmp_path / "history.sqlite3"
+    store = HistoryStore(path, max_turns=10, busy_timeout_s=5)
+    assert store.pragma("journal_mode") == "wal"
+    assert store.pragma("busy_timeout") == 5000
+    # another writer holds the lock for a while
+    other = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")
+    threading.Timer(0.5, other.execute, args=("COMMIT",)).start()
+    started = time.monotonic()
+    store.add("s", "llava", "hello", "hi", False)  # waits instead of failing with "database is locked"
+    assert time.monotonic() - started >= 0.4
+    assert [t.prompt for t in store.turns("s")] == ["hello"]
+    assert other.execute("SELECT count(*) FROM turns").fetchone()[0] == 1  # a reader beside the writer
+    store.close()
+
+
+async def _session(client: httpx.AsyncClient, url: str, session: str, turns: int, answered: list) -> None:
+    for turn in range(turns):
+        body = {"session_id": session, "model": MODEL, "prompt": f"turn {turn}", "max_tokens": 2, "temperature": 0}
+        reply = await client.post(url + "/api/chat", json=body, timeout=120)
+        reply.raise_for_status()
+        answered.append((session, turn, reply.json()["response"]))
+
+
+def _stored(url: str, session: str) -> list[tuple[str, str]]:
+    reply = httpx.get(f"{url}/api/sessions/{session}", timeout=30)
+    return [] if reply.status_code == 404 else [(t["prompt"], t["response"]) for t in reply.json()["turns"]]
+
+
+def test_32_concurrent_sessions_of_5_turns_keep_all_160_in_order(triton, tmp_path_factory):
+    env = api_env(tmp_path_factory, TRITON_GRPC_URL=triton.grpc_url, MAX_HISTORY="10")
+    api = ApiProcess("api-history", env).start()
+    try:
+        sessions = [uuid.uuid4().hex for _ in range(32)]
+        answered: list = []
+
+        async def run() -> None:
+            async with httpx.AsyncClient(limits=httpx.Limits(max_connections=32)) as client:
+                await asyncio.gather(*(_session(client, api.url, s, 5, answered) for s in sessions))
+
+        asyncio.run(run())
+        assert len(answered) == 160
+        for session in sessions:
+            expected = [(f"turn {t}", text) for s, t, text in sorted(answered) if s == session]
+            assert _stored(api.url, session) == expected
+    finally:
+        api.stop()
+
+
+def test_kill_9_in_the_middle_of_the_load_loses_no_answered_turn(triton, tmp_path_factory):
+    env = api_env(tmp_path_factory, TRITON_GRPC_URL=triton.grpc_url, MAX_HISTORY="50")
+    api = ApiProcess("api-history-kill", env).start()
+    answered: list = []
+    sessions = [uuid.uuid4().hex for _ in range(16)]
+
+    async def load() -> None:
+        async with httpx.AsyncClient() as client:
+            await asyncio.gather(
+                *(_session(client, api.url, s, 40, answered) for s in sessions), return_exceptions=True
+            )
+
+    worker = threading.Thread(target=asyncio.run, args=(load(),))
+    worker.start()
+    deadline = time.monotonic() + 120
+    while len(answered) < 40 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    api.process.send_signal(signal.SIGKILL)
+    api.process.wait()
+    worker.join(120)
+    count = len(answered)
+    assert 40 <= count < 16 * 40, "the kill must land in the middle of the load"
+    restarted = ApiProcess("api-history-kill", env).start()  # the same database file
+    try:
+        for session in sessions:
+            stored = _stored(restarted.url, session)
+            mine = [(f"turn {t}", text) for s, t, text in sorted(answered) if s == session]
+            assert stored[: len(mine)] == mine, f"session {session}: answered turns missing after kill -9"
+            assert len(stored) <= len(mine) + 1  # at most the turn in flight was stored unanswered
+    finally:
+        restarted.stop()
