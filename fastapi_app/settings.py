@@ -17,6 +17,9 @@ class Settings(BaseSettings):
     inference_backend: Literal["triton", "local"] = "triton"
     triton_grpc_url: str = "127.0.0.1:8001"
     triton_timeout_s: float = Field(300.0, gt=0, description="longest a generation may take")
+    triton_health_url: str | None = Field(
+        None, description="vlm_triton.serve's health endpoint (http://host:8003): knows models whose stub died"
+    )
     served_models: str = Field(",".join(MODELS), description="comma-separated model names offered")
     default_model: str = "qwen3-vl"
     # Local backend (the direct path): which models to load in-process; MODEL_PATH is the

@@ -16,6 +16,7 @@ PORT_NAMES = (
     "TRITON_HTTP_PORT",
     "TRITON_GRPC_PORT",
     "TRITON_METRICS_PORT",
+    "TRITON_HEALTH_PORT",
     "PROMETHEUS_PORT",
 )
 
@@ -41,6 +42,7 @@ class StackConfig:
     triton_http_port: int = 8000
     triton_grpc_port: int = 8001
     triton_metrics_port: int = 8002
+    triton_health_port: int = 8003
     prometheus_port: int = 9090
     max_body: str = "25m"
     run_dir: Path = ROOT / ".run"
@@ -59,6 +61,7 @@ class StackConfig:
             triton_http_port=_port(env, "TRITON_HTTP_PORT", 8000),
             triton_grpc_port=_port(env, "TRITON_GRPC_PORT", 8001),
             triton_metrics_port=_port(env, "TRITON_METRICS_PORT", 8002),
+            triton_health_port=_port(env, "TRITON_HEALTH_PORT", 8003),
             prometheus_port=_port(env, "PROMETHEUS_PORT", 9090),
             max_body=env.get("NGINX_MAX_BODY", "25m"),
             run_dir=Path(env.get("STACK_RUN_DIR", ROOT / ".run")),

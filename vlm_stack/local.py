@@ -1,8 +1,10 @@
 """The stack as local processes (no Docker): tritonserver, uvicorn, nginx, Prometheus.
 
-Every service runs detached with a PID file and a log under ``.run/``; ``up`` returns once
-each service and model is ready. The nginx and Prometheus configs are the ones Compose
-mounts, rendered for 127.0.0.1 ports.
+supervisord (``vlm_stack.supervisor``) runs every service, with its log under
+``.run/logs/``, and restarts any that dies; tritonserver runs inside ``vlm_triton.serve``,
+whose watchdog reloads a model whose stub died. ``up`` starts the services in order and
+returns once each service and model is ready. The nginx and Prometheus configs are the
+ones Compose mounts, rendered for 127.0.0.1 ports.
 """
 
 from __future__ import annotations
@@ -10,8 +12,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -22,6 +24,8 @@ from pathlib import Path
 from vlm_stack.config import ROOT, StackConfig
 from vlm_stack.procs import uvicorn_command
 from vlm_stack.render import render
+from vlm_stack.supervisor import BACKOFF, FATAL, Program, Supervisor
+from vlm_stack.supervisor import render as supervisord_conf
 from vlm_triton import launch
 
 MODELS = ["moondream2", "kosmos2", "llava", "qwen3-vl"]
@@ -73,16 +77,20 @@ class LocalStack:
             "HISTORY_DB": c.env.get("HISTORY_DB", str(self.run / "data" / "history.sqlite3")),
             "MAX_BODY_BYTES": str(c.max_body_bytes()),
         }
+        api_env["TRITON_HEALTH_URL"] = f"http://127.0.0.1:{c.triton_health_port}"
         services = [
             Service(
                 "triton",
-                launch.command(
-                    http_port=c.triton_http_port,
-                    grpc_port=c.triton_grpc_port,
-                    metrics_port=c.triton_metrics_port,
-                    address="127.0.0.1",
-                ),
-                f"http://127.0.0.1:{c.triton_http_port}/v2/health/ready",
+                [
+                    sys.executable,
+                    "-m",
+                    "vlm_triton.serve",
+                    f"--http-port={c.triton_http_port}",
+                    f"--grpc-port={c.triton_grpc_port}",
+                    f"--metrics-port={c.triton_metrics_port}",
+                    f"--health-port={c.triton_health_port}",
+                ],
+                f"http://127.0.0.1:{c.triton_health_port}/ready",
                 env=triton_env,
             ),
             Service(
@@ -192,42 +200,42 @@ class LocalStack:
         (prom / "targets" / "local.json").write_text(json.dumps(targets, indent=1))
 
     # -- processes -----------------------------------------------------------------------
+    @property
+    def supervisor(self) -> Supervisor:
+        return Supervisor(self.run)
+
     def pid(self, name: str) -> int | None:
-        path = self.pids / f"{name}.pid"
-        if not path.exists():
-            return None
-        pid = int(path.read_text())
-        try:
-            os.kill(pid, 0)
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (ProcessLookupError, FileNotFoundError):
-            return None
-        return None if state == "Z" else pid  # an exited child not yet reaped counts as stopped
+        return self.supervisor.pid(name)
+
+    def write_supervisor_config(self) -> None:
+        base = self.c.env
+        programs = [
+            Program(
+                s.name,
+                s.command,
+                {k: v for k, v in (s.env or {}).items() if base.get(k) != v},
+                stop_seconds=60 if s.name == "triton" else 20,
+            )
+            for s in self.services()
+        ]
+        (self.run / "supervisord.conf").write_text(supervisord_conf(self.run, programs, ROOT))
 
     def start(self, service: Service) -> None:
         if self.pid(service.name):
             say(f"{service.name} already running (pid {self.pid(service.name)})")
             return
-        log = (self.logs / f"{service.name}.log").open("ab")
-        process = subprocess.Popen(
-            service.command,
-            cwd=ROOT,
-            env=service.env or self.c.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        (self.pids / f"{service.name}.pid").write_text(str(process.pid))
-        say(f"{service.name} started (pid {process.pid}, log {self.logs / (service.name + '.log')})")
+        self.supervisor.start_program(service.name)
+        say(f"{service.name} started (pid {self.pid(service.name)}, log {self.logs / (service.name + '.log')})")
 
     def wait(self, service: Service, timeout_s: float, extra: Callable[[], str | None] | None = None) -> None:
         start = time.monotonic()
         last = 0.0
         while True:
-            if not self.pid(service.name):
+            info = self.supervisor.info(service.name) or {}
+            if info.get("statename") in (FATAL, BACKOFF):
                 tail = (self.logs / f"{service.name}.log").read_text(errors="replace")[-2000:]
                 raise SystemExit(f"{service.name} exited during start-up; last log lines:\n{tail}")
-            if service.health_url is None or http_ok(service.health_url):
+            if self.pid(service.name) and (service.health_url is None or http_ok(service.health_url)):
                 say(f"{service.name} ready after {time.monotonic() - start:.1f}s")
                 return
             waited = time.monotonic() - start
@@ -240,8 +248,17 @@ class LocalStack:
             time.sleep(0.5)
 
     def model_states(self) -> dict[str, bool]:
+        """Triton's readiness, corrected by the watchdog's (it knows models whose stub died)."""
         base = f"http://127.0.0.1:{self.c.triton_http_port}/v2/models"
-        return {m: http_ok(f"{base}/{m}/ready") and http_ok(f"{base}/{m}_stream/ready") for m in MODELS}
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.c.triton_health_port}/models", timeout=2) as reply:
+                healing = set(json.load(reply)["not_ready"])
+        except (OSError, ValueError, KeyError):
+            healing = set()
+        return {
+            m: http_ok(f"{base}/{m}/ready") and http_ok(f"{base}/{m}_stream/ready") and not {m, f"{m}_stream"} & healing
+            for m in MODELS
+        }
 
     def _models_progress(self) -> str:
         states = self.model_states()
@@ -256,11 +273,14 @@ class LocalStack:
         for folder in (self.logs, self.pids, self.run / "data"):
             folder.mkdir(parents=True, exist_ok=True)
         self.write_configs()
+        self.write_supervisor_config()
         nginx_check = [s for s in self.services() if s.name == "nginx"]
         if nginx_check:
             test = subprocess.run([*nginx_check[0].command[:5], "-t"], capture_output=True, text=True)
             if test.returncode != 0:
                 raise SystemExit(f"nginx config test failed:\n{test.stderr}")
+        self.supervisor.start(self.c.env, ROOT)
+        say(f"supervisord running (restarts any service that dies; log {self.logs / 'supervisord.log'})")
         for service in self.services():
             self.start(service)
             extra = self._models_progress if service.name == "triton" else None
@@ -268,19 +288,13 @@ class LocalStack:
         self.print_urls()
 
     def down(self) -> None:
-        for service in reversed(self.services()):
-            pid = self.pid(service.name)
-            if pid is None:
-                (self.pids / f"{service.name}.pid").unlink(missing_ok=True)
-                continue
-            os.killpg(pid, signal.SIGTERM)
-            deadline = time.monotonic() + 20
-            while self.pid(service.name) and time.monotonic() < deadline:
-                time.sleep(0.1)
-            if self.pid(service.name):
-                os.killpg(pid, signal.SIGKILL)
-            (self.pids / f"{service.name}.pid").unlink(missing_ok=True)
-            say(f"{service.name} stopped")
+        was_running = self.supervisor.running()
+        self.supervisor.shutdown()
+        for path in self.pids.glob("*.pid") if self.pids.exists() else []:
+            path.unlink()
+        if was_running:
+            for service in reversed(self.services()):
+                say(f"{service.name} stopped")
 
     def status(self) -> bool:
         ok = True

@@ -7,6 +7,7 @@ import uuid
 from collections.abc import AsyncIterator
 
 import grpc
+import httpx
 import numpy as np
 import tritonclient.grpc.aio as grpcclient
 from tritonclient.utils import InferenceServerException
@@ -33,8 +34,14 @@ class TritonBackend:
             await self.client.close()
 
     async def ready(self) -> dict[str, bool]:
+        """Triton's model readiness, corrected by its watchdog's (``TRITON_HEALTH_URL``): Triton
+        keeps calling a model ready after its stub process died."""
         states = {}
+        healing = await self._not_ready_per_watchdog()
         for model in self.settings.models:
+            if model in healing or f"{model}_stream" in healing:
+                states[model] = False
+                continue
             try:
                 states[model] = bool(
                     await self.client.is_model_ready(model, client_timeout=2)
@@ -43,6 +50,17 @@ class TritonBackend:
             except (InferenceServerException, grpc.RpcError):
                 states[model] = False
         return states
+
+    async def _not_ready_per_watchdog(self) -> set[str]:
+        url = self.settings.triton_health_url
+        if not url:
+            return set()
+        try:
+            async with httpx.AsyncClient(timeout=2) as client:
+                reply = await client.get(url.rstrip("/") + "/models")
+            return set(reply.json()["not_ready"]) if reply.status_code == 200 else set(self.settings.models)
+        except (httpx.HTTPError, ValueError, KeyError):
+            return set(self.settings.models)  # no watchdog answer: Triton is down or restarting
 
     @staticmethod
     def _inputs(request: GenerationRequest) -> list[grpcclient.InferInput]:

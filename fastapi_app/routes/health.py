@@ -21,6 +21,8 @@ async def ready(request: Request):
     models = await backend.ready()
     ok = bool(models) and all(models.values())
     body = {"status": "ready" if ok else "not ready", "backend": backend.name, "models": models}
+    if not ok:
+        body["not_ready"] = sorted(name for name, state in models.items() if not state)
     return JSONResponse(body, status_code=200 if ok else 503)
 
 

@@ -1,0 +1,147 @@
+"""supervisord for the local stack: it starts every service, restarts any that dies (with
+back-off and a line in ``supervisord.log``), and answers over XML-RPC on a unix socket."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+import xmlrpc.client
+from dataclasses import dataclass
+from pathlib import Path
+
+# The program states supervisord reports (supervisor.states.ProcessStates)
+RUNNING, BACKOFF, FATAL = "RUNNING", "BACKOFF", "FATAL"
+
+
+@dataclass
+class Program:
+    name: str
+    command: list[str]
+    env: dict[str, str]  # what differs from supervisord's own environment
+    stop_seconds: int = 30
+
+
+def _quote(value: str) -> str:
+    """A value for supervisord's ``environment=`` (its ``%`` expansion and quoting)."""
+    return '"' + value.replace("%", "%%").replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _argument(value: str) -> str:
+    """One command-line argument for supervisord's ``command=`` (shlex-split, ``%`` expanded)."""
+    value = value.replace("%", "%%")
+    return value if value and not any(c in value for c in " \t'\"\\;") else '"' + value.replace('"', '\\"') + '"'
+
+
+def render(run_dir: Path, programs: list[Program], cwd: Path) -> str:
+    logs = run_dir / "logs"
+    lines = [
+        "[supervisord]",
+        f"logfile={logs / 'supervisord.log'}",
+        f"pidfile={run_dir / 'pids' / 'supervisord.pid'}",
+        f"childlogdir={logs}",
+        "loglevel=info",
+        "",
+        "[unix_http_server]",
+        f"file={run_dir / 'supervisor.sock'}",
+        "chmod=0700",
+        "",
+        "[rpcinterface:supervisor]",
+        "supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface",
+        "",
+        "[supervisorctl]",
+        f"serverurl=unix://{run_dir / 'supervisor.sock'}",
+    ]
+    for program in programs:
+        lines += [
+            "",
+            f"[program:{program.name}]",
+            "command=" + " ".join(_argument(a) for a in program.command),
+            f"directory={cwd}",
+            # started in order by ``up``, each once the previous one is healthy
+            "autostart=false",
+            # any exit restarts it; exits within startsecs are retried with growing back-off
+            "autorestart=true",
+            "startsecs=3",
+            "startretries=20",
+            "stopsignal=TERM",
+            f"stopwaitsecs={program.stop_seconds}",
+            "stopasgroup=true",
+            "killasgroup=true",
+            f"stdout_logfile={logs / (program.name + '.log')}",
+            "stdout_logfile_maxbytes=20MB",
+            "stdout_logfile_backups=2",
+            "redirect_stderr=true",
+        ]
+        if program.env:
+            lines.append("environment=" + ",".join(f"{k}={_quote(v)}" for k, v in sorted(program.env.items())))
+    return "\n".join(lines) + "\n"
+
+
+class Supervisor:
+    """The stack's supervisord: started once by ``up``, shut down by ``down``."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+        self.config = run_dir / "supervisord.conf"
+        self.socket = run_dir / "supervisor.sock"
+        self.pidfile = run_dir / "pids" / "supervisord.pid"
+
+    def rpc(self):
+        from supervisor.xmlrpc import SupervisorTransport
+
+        transport = SupervisorTransport(None, None, f"unix://{self.socket}")
+        return xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport).supervisor
+
+    def running(self) -> bool:
+        if not self.socket.exists():
+            return False
+        try:
+            return self.rpc().getState()["statename"] == "RUNNING"
+        except (OSError, xmlrpc.client.Fault):
+            return False
+
+    def start(self, env: dict[str, str], cwd: Path) -> None:
+        """supervisord as a daemon with ``env`` (what every program inherits)."""
+        if self.running():  # up again: take new programs into the running supervisord
+            added, _changed, _removed = self.rpc().reloadConfig()[0]
+            for name in added:
+                self.rpc().addProcessGroup(name)
+            return
+        command = [sys.executable, "-m", "supervisor.supervisord", "-c", str(self.config)]
+        subprocess.run(command, cwd=cwd, env=env, check=True)
+        deadline = time.monotonic() + 20
+        while not self.running():
+            if time.monotonic() > deadline:
+                raise SystemExit(f"supervisord did not start; see {self.run_dir / 'logs' / 'supervisord.log'}")
+            time.sleep(0.1)
+
+    def info(self, name: str) -> dict | None:
+        if not self.running():
+            return None
+        try:
+            return self.rpc().getProcessInfo(name)
+        except xmlrpc.client.Fault:
+            return None
+
+    def pid(self, name: str) -> int | None:
+        info = self.info(name)
+        return info["pid"] if info and info["statename"] in (RUNNING, "STARTING") and info["pid"] else None
+
+    def start_program(self, name: str) -> None:
+        info = self.info(name)
+        if info and info["statename"] in (RUNNING, "STARTING", BACKOFF):
+            return
+        self.rpc().startProcess(name, False)
+
+    def shutdown(self, timeout_s: float = 90) -> None:
+        """Stop every program (each within its stop timeout), then supervisord itself."""
+        if not self.running():
+            self.pidfile.unlink(missing_ok=True)
+            return
+        self.rpc().stopAllProcesses(True)
+        self.rpc().shutdown()
+        deadline = time.monotonic() + timeout_s
+        while self.socket.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        self.pidfile.unlink(missing_ok=True)
