@@ -443,3 +443,55 @@ if [ -d tests/e2e ]; then
 else
   log "no tests/e2e yet: smoke checks only"
 fi
+
+# --- 10. faults ----------------------------------------------------------------------------
+# A model's stub, the service and tritonserver killed with SIGKILL inside their containers:
+# each comes back by itself, and /health/ready through nginx says "not ready" meanwhile.
+log "faults: kill -9 a stub, the service, tritonserver"
+kill_in() {  # kill_in SERVICE PATTERN: SIGKILL every process of SERVICE whose command line has PATTERN
+  "${COMPOSE[@]}" exec -T "$1" python -c "import os, pathlib, signal, sys
+for p in pathlib.Path('/proc').iterdir():
+    if p.name.isdigit() and int(p.name) != os.getpid() and sys.argv[1].encode() in (p / 'cmdline').read_bytes():
+        os.kill(int(p.name), signal.SIGKILL)" "$2" || fail "kill $2 in $1"
+}
+recovery() {  # recovery EXPECTED_NOT_READY LIMIT_S: prints the seconds until /health/ready is 200 again
+  "$PYTHON" - "$url/health/ready" "$1" "$2" <<'EOF'
+import json, sys, time, urllib.error, urllib.request
+url, named, limit = sys.argv[1], sys.argv[2], float(sys.argv[3])
+started, seen = time.monotonic(), []
+while time.monotonic() - started < limit:
+    try:
+        with urllib.request.urlopen(url, timeout=5):
+            if seen:
+                break
+    except urllib.error.HTTPError as exc:
+        seen.append(json.loads(exc.read() or b"{}") if exc.code == 503 else {"status": exc.code})
+    except OSError:
+        seen.append({})
+    time.sleep(0.1)
+else:
+    sys.exit(f"not ready again after {limit} s: {seen[-1:] or 'never not ready'}")
+if named != "-" and not any(named in body.get("not_ready", []) for body in seen):
+    sys.exit(f"readiness never named {named}: {seen[:2]}")
+print(f"{time.monotonic() - started:.1f}")
+EOF
+}
+kill_in triton llava_stream/1/model.py
+seconds=$(recovery llava 30) || fail "after a stub was killed: $seconds"
+note "stub of llava_stream killed: ready again in $seconds s (readiness named llava meanwhile)"
+kill_in fastapi uvicorn
+seconds=$(recovery - 60) || fail "after the service was killed: $seconds"
+note "the service killed: ready again in $seconds s"
+kill_in triton bin/tritonserver
+seconds=$(recovery - 300) || fail "after tritonserver was killed: $seconds"
+note "tritonserver killed: ready again in $seconds s"
+"$PYTHON" - "$url" <<'EOF' || fail "answers after the faults"
+import json, sys, urllib.request
+body = {"model": "llava", "max_tokens": 4, "messages": [{"role": "user", "content": "Hello?"}]}
+request = urllib.request.Request(
+    sys.argv[1] + "/v1/chat/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
+)
+with urllib.request.urlopen(request, timeout=120) as reply:
+    assert reply.status == 200 and json.load(reply)["choices"][0]["message"]["content"]
+EOF
+note "answers again after the faults"
