@@ -166,7 +166,14 @@ def health_server(watchdog: Watchdog, address: str, port: int) -> ThreadingHTTPS
         def log_message(self, *args) -> None:  # probes every few seconds: keep the log quiet
             return
 
-    server = ThreadingHTTPServer((address, port), Handler)
+    class Server(ThreadingHTTPServer):
+        daemon_threads = True
+
+        def handle_error(self, request, client_address) -> None:
+            if not isinstance(sys.exc_info()[1], ConnectionError):  # probes that hang up early are normal
+                super().handle_error(request, client_address)
+
+    server = Server((address, port), Handler)
     threading.Thread(target=server.serve_forever, name="health", daemon=True).start()
     return server
 
