@@ -9,6 +9,7 @@ from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
 from fastapi_app import errors
+from fastapi_app.auth import ApiKeys
 from fastapi_app.backends import make_backend
 from fastapi_app.history import HistoryStore
 from fastapi_app.middleware import BodyLimit, RequestMetrics
@@ -44,6 +45,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for router in (openai_api.router, chat.router, health.router, web.router):
         app.include_router(router)
     app.mount("/static", StaticFiles(directory=web.STATIC), name="static")
+    keys = settings.keys
+    app.state.api_keys = keys
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(ApiKeys, keys=keys)  # before the body is read: a request without a key costs nothing
     app.add_middleware(RequestMetrics)
+    if keys:
+        log.info("API keys on: %d key(s); /v1 and /api need 'Authorization: Bearer <key>'", len(keys))
     return app

@@ -34,6 +34,8 @@ class Settings(BaseSettings):
     history_db: Path = Path("data/history.sqlite3")
     history_busy_timeout_s: float = Field(10.0, gt=0, description="how long a write waits for a locked database")
     max_body_bytes: int = Field(25 * 1024 * 1024, ge=1024, description="larger bodies get 413")
+    api_keys: str = Field("", description="comma-separated API keys; set (or API_KEYS_FILE) turns auth on")
+    api_keys_file: Path | None = Field(None, description="a file of API keys, one per line")
     allow_remote_images: bool = False
     remote_image_max_bytes: int = Field(10 * 1024 * 1024, ge=1)
     remote_image_timeout_s: float = Field(10.0, gt=0)
@@ -45,6 +47,12 @@ class Settings(BaseSettings):
         if unknown:
             raise ValueError(f"unknown model(s) {unknown}; choose from {', '.join(MODELS)}")
         return value
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        from fastapi_app.auth import load_keys
+
+        return load_keys(self.api_keys, self.api_keys_file)
 
     @property
     def models(self) -> list[str]:

@@ -80,6 +80,7 @@ class StackConfig:
             "TRITON_GRPC_UPSTREAM": f"127.0.0.1:{self.triton_grpc_port}",
             "NGINX_MAX_BODY": self.max_body,
             "NGINX_ACCESS_LOG": str(self.run_dir / "logs" / "nginx-access.log"),
+            "NGINX_AUTH_REQUEST": "/_auth" if self.env.get("API_KEYS") or self.env.get("API_KEYS_FILE") else "off",
         }
 
     def max_body_bytes(self) -> int:

@@ -9,6 +9,10 @@ templates=${NGINX_ENVSUBST_TEMPLATE_DIR:-/etc/nginx/templates}
 output=${NGINX_ENVSUBST_OUTPUT_DIR:-/etc/nginx/conf.d}
 suffix=${NGINX_ENVSUBST_TEMPLATE_SUFFIX:-.template}
 
+# API keys off unless the service has them (Compose passes /_auth when API_KEYS is set).
+NGINX_AUTH_REQUEST=${NGINX_AUTH_REQUEST:-off}
+export NGINX_AUTH_REQUEST
+
 if [ "${1:-}" = nginx ]; then
   defined=$(env | sed -n 's/^\([A-Za-z_][A-Za-z0-9_]*\)=.*/${\1}/p' | tr '\n' ' ')
   found=0

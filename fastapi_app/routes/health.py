@@ -6,6 +6,8 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from fastapi_app.auth import authorized, unauthorized_body
+
 router = APIRouter(tags=["health"])
 
 
@@ -24,6 +26,14 @@ async def ready(request: Request):
     if not ok:
         body["not_ready"] = sorted(name for name, state in models.items() if not state)
     return JSONResponse(body, status_code=200 if ok else 503)
+
+
+@router.get("/auth/check", include_in_schema=False)
+async def auth_check(request: Request):
+    """For nginx's ``auth_request`` in front of Triton: 204 with a valid key (or keys off), else 401."""
+    if authorized(request.app.state.api_keys, request.headers.get("authorization")):
+        return Response(status_code=204)
+    return Response(unauthorized_body("/v1/"), status_code=401, media_type="application/json")
 
 
 @router.get("/metrics", include_in_schema=False)

@@ -10,6 +10,33 @@ function newSessionId() {
   return id;
 }
 
+// API keys: when the server answers 401, the page asks for a key once and keeps it in
+// this browser (localStorage); every call then sends it as a Bearer token.
+let apiKey = localStorage.getItem("vlm-api-key") || "";
+
+async function call(url, options = {}) {
+  const headers = new Headers(options.headers || {});
+  if (apiKey) headers.set("Authorization", `Bearer ${apiKey}`);
+  const reply = await fetch(url, { ...options, headers });
+  if (reply.status === 401) {
+    $("key-pane").hidden = false;
+    $("api-key").focus();
+    throw new Error(apiKey ? "The API key was refused: enter a valid one." : "This server needs an API key: enter it above.");
+  }
+  return reply;
+}
+
+function useKey(event) {
+  event.preventDefault();
+  apiKey = $("api-key").value.trim();
+  localStorage.setItem("vlm-api-key", apiKey);
+  $("api-key").value = "";
+  $("key-pane").hidden = true;
+  showError("");
+  loadModels();
+  loadHistory();
+}
+
 function showError(message) {
   $("error").textContent = message;
   $("error").hidden = !message;
@@ -26,7 +53,7 @@ function addEntry(role, text) {
 
 async function loadModels() {
   try {
-    const reply = await fetch("/v1/models");
+    const reply = await call("/v1/models");
     const { data } = await reply.json();
     $("model").innerHTML = "";
     for (const model of data) {
@@ -41,7 +68,12 @@ async function loadModels() {
 }
 
 async function loadHistory() {
-  const reply = await fetch(`/api/sessions/${sessionId}`);
+  let reply;
+  try {
+    reply = await call(`/api/sessions/${sessionId}`);
+  } catch (err) {
+    return;  // loadModels says what is wrong
+  }
   if (!reply.ok) return;
   for (const turn of (await reply.json()).turns) {
     addEntry("user", turn.prompt + (turn.had_image ? "  [image]" : ""));
@@ -119,7 +151,7 @@ async function ask(event) {
   if (image) form.append("image", image);
   localStorage.setItem("vlm-model", $("model").value);
   try {
-    const reply = await fetch("/api/chat", { method: "POST", body: form });
+    const reply = await call("/api/chat", { method: "POST", body: form });
     if (!reply.ok) throw new Error(await errorText(reply));
     await readEvents(reply, (event) => {
       if (event.type === "chunk") {
@@ -172,12 +204,13 @@ $("clear-image").addEventListener("click", () => {
   image = null; $("preview-wrap").hidden = true; $("clear-image").hidden = true; $("file").value = "";
 });
 $("new-chat").addEventListener("click", async () => {
-  await fetch(`/api/sessions/${sessionId}`, { method: "DELETE" });
+  await call(`/api/sessions/${sessionId}`, { method: "DELETE" }).catch(() => {});
   sessionId = newSessionId();
   $("log").innerHTML = "";
   showError("");
 });
 $("ask").addEventListener("submit", ask);
+$("key-form").addEventListener("submit", useKey);
 $("prompt").addEventListener("keydown", (e) => { if (e.key === "Enter" && !e.shiftKey) ask(e); });
 loadModels();
 loadHistory();

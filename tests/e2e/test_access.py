@@ -1,0 +1,122 @@
+"""API keys through nginx, in a local stack of its own started with ``API_KEYS``: 401 with
+the OpenAI error body without a key, every route with one, health and the page open, the
+page asking for the key, and the key in no log."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from dataclasses import dataclass
+
+import httpx
+import openai
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from playwright.sync_api import expect, sync_playwright
+from tritonclient.utils import InferenceServerException
+
+from tests.conftest import ARTIFACTS, ROOT
+from tests.fastapi_app.test_web_page import CHROMIUM, FLAGS
+from tests.integration.helpers import GREEDY, inputs, text_of
+from vlm_stack.procs import ephemeral_stack_env
+
+KEY = "sk-test-0123456789abcdef"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+@dataclass
+class KeyedStack:
+    url: str
+    grpc_url: str
+    run_dir: object
+
+
+@pytest.fixture(scope="module")
+def keyed(tiny_models_dir):
+    if os.environ.get("E2E_STACK_URL"):
+        pytest.skip("this module starts a local stack of its own")
+    run_dir = ARTIFACTS / "stack-keys"
+    env = {**ephemeral_stack_env(run_dir, tiny_models_dir), "API_KEYS": f"other-key,{KEY}", "VLM_STACK_MODE": "local"}
+    env["SERVED_MODELS"] = "llava"
+
+    def run(command: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["./triton_start.sh", command], cwd=ROOT, env=env, text=True, capture_output=True)
+
+    up = run("up")
+    assert up.returncode == 0, up.stdout[-2000:] + up.stderr[-2000:]
+    try:
+        yield KeyedStack(f"http://127.0.0.1:{env['NGINX_PORT']}", f"127.0.0.1:{env['NGINX_GRPC_PORT']}", run_dir)
+    finally:
+        run("down")
+
+
+def test_health_and_the_page_stay_open(keyed):
+    for path in ("/health", "/health/ready", "/", "/static/app.js", "/v2/health/ready"):
+        assert httpx.get(keyed.url + path, timeout=10).status_code == 200, path
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}])
+def test_v1_and_api_need_the_key(keyed, headers):
+    reply = httpx.get(keyed.url + "/v1/models", headers=headers, timeout=10)
+    assert reply.status_code == 401 and reply.headers["www-authenticate"].startswith("Bearer")
+    assert reply.json()["error"]["code"] == "invalid_api_key"
+    chat = httpx.post(keyed.url + "/api/chat", json={"prompt": "hi", "model": "llava"}, headers=headers, timeout=10)
+    assert chat.status_code == 401 and chat.json()["code"] == "invalid_api_key"
+
+
+def test_the_openai_sdk_with_and_without_the_key(keyed):
+    with pytest.raises(openai.AuthenticationError, match="missing or wrong API key"):
+        openai.OpenAI(base_url=keyed.url + "/v1", api_key="wrong", max_retries=0).models.list()
+    client = openai.OpenAI(base_url=keyed.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+    reply = client.chat.completions.create(
+        model="llava", messages=[{"role": "user", "content": "Hello?"}], max_tokens=3, temperature=0
+    )
+    assert reply.choices[0].message.content
+
+
+def test_triton_http_routes_need_the_key(keyed, png):
+    blocked = httpx.get(keyed.url + "/v2/models/llava/config", timeout=10)
+    assert blocked.status_code == 401 and blocked.json()["error"]["code"] == "invalid_api_key"
+    assert httpx.get(keyed.url + "/v2/models/llava/config", headers=AUTH, timeout=10).status_code == 200
+    host = keyed.url.split("://", 1)[1]
+    with pytest.raises(InferenceServerException):
+        httpclient.InferenceServerClient(host).infer("llava", inputs(httpclient, "Hi", png, max_tokens=3))
+    result = httpclient.InferenceServerClient(host).infer(
+        "llava", inputs(httpclient, "Hi", png, max_tokens=3, **GREEDY), headers=AUTH
+    )
+    assert text_of(result)
+
+
+def test_triton_grpc_needs_the_key_but_health_is_open(keyed, png):
+    client = grpcclient.InferenceServerClient(keyed.grpc_url)
+    assert client.is_server_ready()
+    with pytest.raises(InferenceServerException, match="API key"):
+        client.infer("llava", inputs(grpcclient, "Hi", png, max_tokens=3))
+    metadata = {"authorization": AUTH["Authorization"]}  # gRPC metadata keys are lower case
+    result = client.infer("llava", inputs(grpcclient, "Hi", png, max_tokens=3, **GREEDY), headers=metadata)
+    assert text_of(result)
+
+
+def test_the_page_asks_for_the_key(keyed):
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        page = browser.new_page()
+        page.goto(keyed.url + "/")
+        expect(page.locator("#key-pane")).to_be_visible(timeout=20_000)
+        expect(page.locator("#error")).to_contain_text("needs an API key")
+        page.fill("#api-key", KEY)
+        page.click("#key-form button")
+        expect(page.locator("#model option")).to_have_count(1, timeout=20_000)
+        expect(page.locator("#key-pane")).to_be_hidden()
+        page.fill("#prompt", "Hello?")
+        page.click("#send")
+        expect(page.locator("#log li.assistant .meta")).to_contain_text("llava", timeout=60_000)
+        browser.close()
+
+
+def test_the_key_is_in_no_log(keyed):
+    logs = list((keyed.run_dir / "logs").glob("*.log"))
+    assert logs
+    for path in logs:
+        assert KEY not in path.read_text(errors="replace"), f"the key is written in {path}"
