@@ -8,6 +8,7 @@ from fastapi.responses import JSONResponse
 
 from vlm_engine.errors import EngineError
 
+RETRY_AFTER_S = 1
 OPENAI_TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 413: "invalid_request_error"}
 
 
@@ -17,7 +18,9 @@ def error_response(request: Request, status: int, code: str, message: str, param
         body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
     else:
         body = {"detail": message, "code": code}
-    return JSONResponse(body, status_code=status)
+    # overloaded, shutting down, Triton restarting: a client may try again shortly
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if status in (429, 503) else None
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:

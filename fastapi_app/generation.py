@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 
 from fastapi_app import metrics
 from fastapi_app.backends.base import Backend, Final, GenerationRequest
 from fastapi_app.settings import Settings
-from vlm_engine.errors import EngineError, UnknownModel
+from vlm_engine.errors import EngineError, Overloaded, UnknownModel
 
 
 def check_model(settings: Settings, model: str | None) -> str:
@@ -29,13 +30,40 @@ def with_defaults(settings: Settings, request: GenerationRequest) -> GenerationR
     return request
 
 
-async def generate(backend: Backend, request: GenerationRequest) -> AsyncIterator[str | Final]:
+class Admission:
+    """At most ``limit`` generations per model in flight in this service; one more is refused
+    at once (503, Retry-After) instead of queueing behind the backend's own full queue, so a
+    burst is refused in milliseconds. The default (80) is a model's MAX_RUNNING + MAX_WAITING."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.in_flight: Counter[str] = Counter()
+
+    def enter(self, model: str) -> None:
+        if self.in_flight[model] >= self.limit:
+            raise Overloaded(
+                f"{model} is at capacity: {self.in_flight[model]} generations in flight "
+                f"(MAX_INFLIGHT_PER_MODEL={self.limit}); retry later"
+            )
+        self.in_flight[model] += 1
+
+    def leave(self, model: str) -> None:
+        self.in_flight[model] -= 1
+
+
+async def generate(
+    backend: Backend, request: GenerationRequest, admission: Admission | None = None
+) -> AsyncIterator[str | Final]:
     """The backend's stream, timed: time to first token, between tokens, total, token count."""
     model = request.model
     start = last = time.perf_counter()
     first = True
     status = "error"
+    entered = False
     try:
+        if admission is not None:
+            admission.enter(model)
+            entered = True
         async for item in backend.stream(request):
             now = time.perf_counter()
             if isinstance(item, Final):
@@ -53,6 +81,8 @@ async def generate(backend: Backend, request: GenerationRequest) -> AsyncIterato
         status = exc.code
         raise
     finally:
+        if entered:
+            admission.leave(model)
         metrics.GENERATIONS.labels(model, status).inc()
 
 

@@ -11,6 +11,7 @@ from fastapi.staticfiles import StaticFiles
 from fastapi_app import errors
 from fastapi_app.auth import ApiKeys
 from fastapi_app.backends import make_backend
+from fastapi_app.generation import Admission
 from fastapi_app.history import HistoryStore
 from fastapi_app.middleware import BodyLimit, RequestMetrics
 from fastapi_app.routes import chat, health, openai_api, web
@@ -41,6 +42,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.backend = make_backend(settings)
+    app.state.admission = Admission(settings.max_inflight_per_model)
     errors.install(app)
     for router in (openai_api.router, chat.router, health.router, web.router):
         app.include_router(router)

@@ -30,6 +30,9 @@ class Settings(BaseSettings):
     max_new_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
+    max_inflight_per_model: int = Field(
+        80, ge=1, description="generations per model in flight here; one more: 503 at once (MAX_RUNNING+MAX_WAITING)"
+    )
     max_history: int = Field(10, ge=0, description="turns kept per session")
     history_db: Path = Path("data/history.sqlite3")
     history_busy_timeout_s: float = Field(10.0, gt=0, description="how long a write waits for a locked database")

@@ -86,6 +86,7 @@ class VLMEngine:
             s.prefill_budget,
             self.metrics,
             s.stream_interval,
+            s.max_queue_wait_s,
         )
         if s.warmup:
             self.warmup()
@@ -104,8 +105,12 @@ class VLMEngine:
         temperature: float | None = None,
         top_p: float | None = None,
         cancelled: Callable[[], bool] | None = None,
+        reserved: bool = False,
     ) -> Prepared:
-        """Validate one request; raises an ``InvalidRequest`` subclass saying what to fix."""
+        """Validate one request; raises an ``InvalidRequest`` subclass saying what to fix
+        (or ``Overloaded`` first, without decoding anything, when the queue is full)."""
+        if self.scheduler is not None and not reserved:
+            self.scheduler.check_capacity()
         if not messages:
             raise InvalidRequest("the conversation is empty: send at least one user message")
         if messages[-1].role != "user":
@@ -135,11 +140,21 @@ class VLMEngine:
         prepared.inputs = self.adapter.encode_row(prepared)  # here, not in the step loop
         return prepared
 
-    def submit(self, prepared: Prepared, emit: Callable[[Event], None]) -> None:
+    def submit(self, prepared: Prepared, emit: Callable[[Event], None], reserved: bool = False) -> None:
         """Hand one prepared request to the scheduler; ``emit`` gets its events (loop thread)."""
         if self.scheduler is None:
             raise ShuttingDown(f"{self.name} is not serving")
-        self.scheduler.submit(prepared, emit)
+        self.scheduler.submit(prepared, emit, reserved)
+
+    def reserve(self) -> None:
+        """A place in the queue for a request about to be prepared, or ``Overloaded`` at once."""
+        if self.scheduler is None:
+            raise ShuttingDown(f"{self.name} is not serving")
+        self.scheduler.reserve()
+
+    def unreserve(self) -> None:
+        if self.scheduler is not None:
+            self.scheduler.unreserve()
 
     def stream(self, batch: list[Prepared]) -> Iterator[Chunk]:
         """Every request of ``batch`` through the scheduler; chunks carry indices into ``batch``."""

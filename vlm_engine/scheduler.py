@@ -97,6 +97,7 @@ class Scheduler:
         prefill_budget: int = 4096,
         metrics: Metrics | None = None,
         stream_interval: int = 1,
+        max_queue_wait_s: float = 60.0,
     ):
         self.adapter = adapter
         self.name = name
@@ -105,6 +106,7 @@ class Scheduler:
         self.max_waiting = max_waiting
         self.prefill_budget = prefill_budget
         self.stream_interval = stream_interval
+        self.max_queue_wait_s = max_queue_wait_s
         self.metrics = metrics or Metrics()
         self.stats = Stats()
         self._waiting: deque[Row] = deque()
@@ -115,23 +117,52 @@ class Scheduler:
         self._drain = True
         self._cancel_checked = 0.0
         self._admitting: list[Row] = []  # taken from the queue, not yet in the batch
+        self._reserved = 0  # places promised to requests being prepared
         self._thread = threading.Thread(target=self._loop, name=f"scheduler-{name}", daemon=True)
         self._thread.start()
 
     # -- the edges' side
 
-    def submit(self, prepared: Prepared, emit: Callable[[Event], None]) -> Row:
-        """Queue one request; raises ``Overloaded`` at once when the waiting queue is full."""
+    def _refuse_when_full(self) -> None:
+        """Under ``self._wake``: requests waiting, and places promised to requests still being
+        prepared, fill the queue."""
+        if self._closing:
+            raise ShuttingDown(f"{self.name} is shutting down; retry on another instance")
+        if len(self._waiting) + self._reserved >= self.max_waiting:
+            self.stats.rejected += 1
+            raise Overloaded(
+                f"{self.name} is at capacity: {len(self._waiting) + self._reserved} requests waiting "
+                f"(MAX_WAITING={self.max_waiting}); retry later"
+            )
+
+    def check_capacity(self) -> None:
+        """Raise ``Overloaded`` at once when the queue is full: the cheap check before the
+        costly part of a request (decoding its image), so overload is refused fast."""
+        with self._wake:
+            self._refuse_when_full()
+
+    def reserve(self) -> None:
+        """Promise a place in the queue to a request about to be prepared (or refuse at once);
+        ``submit(..., reserved=True)`` or ``unreserve()`` ends the promise."""
+        with self._wake:
+            self._refuse_when_full()
+            self._reserved += 1
+
+    def unreserve(self) -> None:
+        with self._wake:
+            self._reserved -= 1
+
+    def submit(self, prepared: Prepared, emit: Callable[[Event], None], reserved: bool = False) -> Row:
+        """Queue one request; raises ``Overloaded`` at once when the waiting queue is full
+        (unless a place was reserved for it)."""
         row = Row(prepared, emit)
         with self._wake:
-            if self._closing:
-                raise ShuttingDown(f"{self.name} is shutting down; retry on another instance")
-            if len(self._waiting) >= self.max_waiting:
-                self.stats.rejected += 1
-                raise Overloaded(
-                    f"{self.name} is at capacity: {len(self._waiting)} requests waiting "
-                    f"(MAX_WAITING={self.max_waiting}); retry later"
-                )
+            if reserved:
+                self._reserved -= 1
+                if self._closing:
+                    raise ShuttingDown(f"{self.name} is shutting down; retry on another instance")
+            else:
+                self._refuse_when_full()
             self._waiting.append(row)
             self._report()
             self._wake.notify()
@@ -209,10 +240,20 @@ class Scheduler:
                     self._finish(row, "cancelled")
             with self._wake:  # clients that left while waiting free their place in the queue
                 gone = [row for row in self._waiting if row.prepared.cancelled()]
-                for row in gone:
+                late = [row for row in self._waiting if now - row.submitted > self.max_queue_wait_s and row not in gone]
+                for row in gone + late:
                     self._waiting.remove(row)
             for row in gone:
                 self._cancel_waiting(row)
+            for row in late:  # waited too long: a clear 503 rather than a request that hangs
+                self.stats.rejected += 1
+                self._fail(
+                    row,
+                    Overloaded(
+                        f"{self.name} is busy: the request waited {now - row.submitted:.0f} s in the queue "
+                        f"(MAX_QUEUE_WAIT_S={self.max_queue_wait_s:g}); retry later"
+                    ),
+                )
         keep = [i for i, row in enumerate(self._running) if not row.done]
         if len(keep) == len(self._running):
             return

@@ -59,6 +59,7 @@ class ModelSettings(BaseModel):
     max_waiting: int = Field(64, ge=1, description="requests queued beyond that are refused (503)")
     stream_interval: int = Field(1, ge=1, description="tokens per streamed chunk at most (1: every token)")
     prefill_budget: int = Field(4096, ge=1, description="prompt tokens prefilled between two decode steps")
+    max_queue_wait_s: float = Field(60.0, gt=0, description="a request waiting longer for admission gets 503")
     # moondream2 only: the tokenizer its code fetches separately, kept images, grounding
     tokenizer_repo: str | None = Field(None, description="moondream2: default moondream/starmie-v1")
     tokenizer_revision: str | None = Field(None, description="moondream2: default the pinned commit")

@@ -81,6 +81,9 @@ class StackConfig:
             "NGINX_MAX_BODY": self.max_body,
             "NGINX_ACCESS_LOG": str(self.run_dir / "logs" / "nginx-access.log"),
             "NGINX_AUTH_REQUEST": "/_auth" if self.env.get("API_KEYS") or self.env.get("API_KEYS_FILE") else "off",
+            "NGINX_RATE": self.env.get("NGINX_RATE") or "50",
+            "NGINX_BURST": self.env.get("NGINX_BURST") or "200",
+            "NGINX_CONNECTIONS": self.env.get("NGINX_CONNECTIONS") or "256",
         }
 
     def max_body_bytes(self) -> int:

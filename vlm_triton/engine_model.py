@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import queue
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import triton_python_backend_utils as pb_utils
 
@@ -41,6 +42,7 @@ class TritonPythonModel:
         self.engine = VLMEngine.from_config(name, parameters, metrics=TritonMetrics(name))
         self.with_entities = self.engine.adapter.grounding
         self.outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.preparing = ThreadPoolExecutor(int(parameters.get("preparing_threads", "4")), thread_name_prefix="prepare")
         self.sender_thread = threading.Thread(target=self._send_loop, name="responses", daemon=True)
         self.sender_thread.start()
         pb_utils.Logger.log_info(
@@ -49,26 +51,51 @@ class TritonPythonModel:
             f"{self.engine.settings.scheduler}, up to {self.engine.settings.max_running} rows"
         )
 
-    def _prepare(self, request, sender):
+    @staticmethod
+    def _read(request) -> dict:
+        """The request's inputs as plain values (cheap: no image is decoded here)."""
         batch_size(request)
-        messages_json = string_input(request, "messages")
-        if messages_json is not None:
+        return {
+            "messages": string_input(request, "messages"),
+            "prompt": string_input(request, "prompt"),
+            "image": bytes_input(request, "image"),
+            "max_tokens": scalar_input(request, "max_tokens", int),
+            "temperature": scalar_input(request, "temperature", float),
+            "top_p": scalar_input(request, "top_p", float),
+            "streaming": scalar_input(request, "stream", bool) is not False,
+        }
+
+    def _prepare(self, values: dict, sender):
+        if values["messages"] is not None:
             try:
-                messages = parse_openai_messages(json.loads(messages_json))
+                messages = parse_openai_messages(json.loads(values["messages"]))
             except json.JSONDecodeError as exc:
                 raise InvalidRequest(f"messages is not valid JSON: {exc}") from None
         else:
-            prompt = string_input(request, "prompt")
-            if prompt is None:
+            if values["prompt"] is None:
                 raise InvalidRequest("send a 'prompt' (with an 'image') or 'messages'")
-            messages = single_turn(prompt, bytes_input(request, "image"))
+            messages = single_turn(values["prompt"], values["image"])
         return self.engine.prepare(
             messages,
-            max_tokens=scalar_input(request, "max_tokens", int),
-            temperature=scalar_input(request, "temperature", float),
-            top_p=scalar_input(request, "top_p", float),
+            max_tokens=values["max_tokens"],
+            temperature=values["temperature"],
+            top_p=values["top_p"],
             cancelled=sender.is_cancelled,
+            reserved=True,
         )
+
+    def _admit(self, values: dict, sender) -> None:
+        """On a preparing thread: decode and check the request, then queue it in its reserved place."""
+        try:
+            prepared = self._prepare(values, sender)
+        except Exception as exc:  # this request alone fails
+            self.engine.unreserve()
+            self.outbox.put((sender, False, Event(error=exc)))
+            return
+        try:
+            self.engine.submit(prepared, self._responder(sender, values["streaming"]), reserved=True)
+        except Exception as exc:
+            self.outbox.put((sender, False, Event(error=exc)))
 
     def _responder(self, sender, streaming: bool):
         """The scheduler's callback for one request: hand its events to the sender thread."""
@@ -106,18 +133,22 @@ class TritonPythonModel:
         sender.send(pb_utils.InferenceResponse(output_tensors=outputs), flags=FINAL)
 
     def execute(self, requests):
+        """Refuses at once what the queue cannot take; the rest is decoded and checked on the
+        preparing threads (images are the costly part), never here: a burst is refused fast."""
         for request in requests:
             sender = request.get_response_sender()
             try:
-                prepared = self._prepare(request, sender)
-                streaming = scalar_input(request, "stream", bool) is not False
-                self.engine.submit(prepared, self._responder(sender, streaming))
+                values = self._read(request)
+                self.engine.reserve()
             except Exception as exc:  # this request alone fails, at once
                 self.outbox.put((sender, False, Event(error=exc)))
+                continue
+            self.preparing.submit(self._admit, values, sender)
         return None
 
     def finalize(self) -> None:
         """Unloading: finish what is running (bounded), refuse the rest, stop the loop."""
+        self.preparing.shutdown(wait=True)
         if self.engine is not None:
             self.engine.close(drain=True)
             self.engine = None

@@ -86,7 +86,8 @@ async def chat(request: Request):
         body.stream,
     )
     started = time.perf_counter()
-    first, stream = await first_item(generate(request.app.state.backend, with_defaults(settings, generation)))
+    state = request.app.state
+    first, stream = await first_item(generate(state.backend, with_defaults(settings, generation), state.admission))
 
     async def answer(final: Final) -> dict[str, Any]:
         # committed before the answer leaves: an answered turn is never lost

@@ -85,7 +85,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         body.top_p,
         body.stream,
     )
-    stream = generate(request.app.state.backend, with_defaults(settings, generation))
+    stream = generate(request.app.state.backend, with_defaults(settings, generation), request.app.state.admission)
     first, stream = await first_item(stream)
     completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if not body.stream:

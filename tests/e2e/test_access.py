@@ -1,11 +1,14 @@
-"""API keys through nginx, in a local stack of its own started with ``API_KEYS``: 401 with
-the OpenAI error body without a key, every route with one, health and the page open, the
-page asking for the key, and the key in no log."""
+"""The gateway's door, in a local stack of its own started with ``API_KEYS`` and small
+per-client limits: 401 with the OpenAI error body without a key, every route with one,
+health and the page open, the page asking for the key, the key in no log; 429 with
+Retry-After past the limits; security headers on the page."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
+import time
 from dataclasses import dataclass
 
 import httpx
@@ -39,6 +42,7 @@ def keyed(tiny_models_dir):
     run_dir = ARTIFACTS / "stack-keys"
     env = {**ephemeral_stack_env(run_dir, tiny_models_dir), "API_KEYS": f"other-key,{KEY}", "VLM_STACK_MODE": "local"}
     env["SERVED_MODELS"] = "llava"
+    env.update(NGINX_RATE="5", NGINX_BURST="20", NGINX_CONNECTIONS="8")  # small, to reach them here
 
     def run(command: str) -> subprocess.CompletedProcess:
         return subprocess.run(["./triton_start.sh", command], cwd=ROOT, env=env, text=True, capture_output=True)
@@ -78,12 +82,12 @@ def test_the_openai_sdk_with_and_without_the_key(keyed):
 def test_triton_http_routes_need_the_key(keyed, png):
     blocked = httpx.get(keyed.url + "/v2/models/llava/config", timeout=10)
     assert blocked.status_code == 401 and blocked.json()["error"]["code"] == "invalid_api_key"
-    assert httpx.get(keyed.url + "/v2/models/llava/config", headers=AUTH, timeout=10).status_code == 200
+    assert httpx.get(keyed.url + "/v2/models/llava/config", headers=dict(AUTH), timeout=10).status_code == 200
     host = keyed.url.split("://", 1)[1]
     with pytest.raises(InferenceServerException):
         httpclient.InferenceServerClient(host).infer("llava", inputs(httpclient, "Hi", png, max_tokens=3))
     result = httpclient.InferenceServerClient(host).infer(
-        "llava", inputs(httpclient, "Hi", png, max_tokens=3, **GREEDY), headers=AUTH
+        "llava", inputs(httpclient, "Hi", png, max_tokens=3, **GREEDY), headers=dict(AUTH)
     )
     assert text_of(result)
 
@@ -120,3 +124,27 @@ def test_the_key_is_in_no_log(keyed):
     assert logs
     for path in logs:
         assert KEY not in path.read_text(errors="replace"), f"the key is written in {path}"
+
+
+def test_past_the_per_client_limits_a_json_429_with_retry_after(keyed):
+    time.sleep(4)  # the bucket refills (5/s)
+
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=keyed.url, headers=dict(AUTH), timeout=30) as client:
+            return await asyncio.gather(*(client.get("/v1/models") for _ in range(60)))
+
+    replies = asyncio.run(burst())
+    limited = [r for r in replies if r.status_code == 429]
+    assert limited and any(r.status_code == 200 for r in replies)
+    assert all(r.headers["retry-after"] == "1" and r.json()["error"]["code"] == "rate_limited" for r in limited)
+    assert httpx.get(keyed.url + "/health/ready", timeout=10).status_code == 200  # health is never limited
+    time.sleep(4)
+
+
+def test_the_page_has_security_headers_and_no_server_version(keyed):
+    page = httpx.get(keyed.url + "/", timeout=10)
+    csp = page.headers["content-security-policy"]
+    assert "default-src 'self'" in csp and "frame-ancestors 'none'" in csp
+    assert page.headers["x-content-type-options"] == "nosniff" and page.headers["x-frame-options"] == "DENY"
+    assert page.headers["server"] == "nginx"  # server_tokens off: no version
+    assert httpx.get(keyed.url + "/static/app.js", timeout=10).headers["x-content-type-options"] == "nosniff"

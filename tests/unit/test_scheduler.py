@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 
 import pytest
 import torch
@@ -167,6 +168,34 @@ def test_a_full_queue_is_refused_at_once(tiny_models_dir):
         assert engine.scheduler.stats.rejected == 1
         running.result(), waiting.result()
         assert Request(engine, prepare(engine, 3, 4)).result().output_tokens >= 1  # room again
+    finally:
+        engine.close()
+
+
+def test_when_full_the_refusal_comes_before_the_image_is_decoded(tiny_models_dir):
+    engine = make_engine(tiny_models_dir, "llava", MAX_RUNNING="1", MAX_WAITING="1", IGNORE_EOS="true")
+    try:
+        running = Request(engine, prepare(engine, 1, 300))
+        running.first_text()
+        waiting = Request(engine, prepare(engine, 2, 4))
+        with pytest.raises(Overloaded):  # not InvalidImage: nothing was decoded
+            engine.prepare(single_turn("What is this?", b"not an image at all"), 4)
+        running.result(), waiting.result()
+    finally:
+        engine.close()
+
+
+def test_a_request_that_waits_too_long_gets_a_clear_503(tiny_models_dir):
+    engine = make_engine(tiny_models_dir, "llava", MAX_RUNNING="1", MAX_QUEUE_WAIT_S="0.5", IGNORE_EOS="true")
+    try:
+        running = Request(engine, prepare(engine, 1, 1000))
+        running.first_text()
+        started = time.monotonic()
+        late = Request(engine, prepare(engine, 2, 4))
+        with pytest.raises(Overloaded, match=r"waited \d+ s in the queue \(MAX_QUEUE_WAIT_S=0.5\)") as caught:
+            late.result()
+        assert caught.value.status == 503 and 0.5 <= time.monotonic() - started < 5
+        assert running.result().output_tokens == 1000  # the running row is not disturbed
     finally:
         engine.close()
 
