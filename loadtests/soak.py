@@ -1,0 +1,249 @@
+"""``make soak``: the mixed locust load for ``DURATION`` (10m) on a local stack of its own,
+with a fault injected on a schedule: a model's stub killed, the service killed,
+tritonserver killed, nginx reloaded. Then a report (``soak.md``, ``soak.json``):
+
+- requests sent, and errors outside the fault windows (which must be 0);
+- each fault's recovery time (until ``/health/ready`` through nginx is 200 again);
+- RSS and open file descriptors of every service (its whole process tree) at the start
+  and at the end.
+
+    python -m loadtests.soak --duration 10m --users 8
+    DURATION=60s make soak
+
+Exit status: 0 when no request failed outside a fault window and every fault recovered;
+1 otherwise; 2 when the stack or locust could not run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import httpx
+
+from loadtests.config import parse_duration
+from vlm_stack.procs import ephemeral_stack_env
+from vlm_stack.supervisor import Supervisor
+from vlm_triton.serve import stub_processes
+
+ROOT = Path(__file__).resolve().parent.parent
+GRACE_S = 5.0  # after readiness is back, requests already in flight may still fail
+
+
+@dataclass
+class Fault:
+    name: str
+    at: float = 0.0  # wall time
+    recovered_after_s: float | None = None
+    not_ready_seen: bool = False
+
+
+@dataclass
+class Report:
+    duration_s: float
+    users: int
+    requests: int = 0
+    failures: int = 0
+    failures_outside_windows: list = field(default_factory=list)
+    faults: list[Fault] = field(default_factory=list)
+    resources: dict = field(default_factory=dict)
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(entry.name))
+            except (OSError, ValueError, IndexError):
+                pass
+    return found
+
+
+def tree(pid: int) -> list[int]:
+    pids, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        pids.append(current)
+        todo += _children(current)
+    return pids
+
+
+def usage(pid: int) -> tuple[int, int, int]:
+    """RSS (MiB) and open files of ``pid``'s whole tree, and its process count."""
+    rss_kb = fds = count = 0
+    for p in tree(pid):
+        try:
+            status = Path(f"/proc/{p}/status").read_text()
+            rss_kb += int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:")))
+            fds += len(os.listdir(f"/proc/{p}/fd"))
+            count += 1
+        except (OSError, StopIteration, ValueError):
+            pass
+    return rss_kb // 1024, fds, count
+
+
+class Soak:
+    def __init__(self, run_dir: Path, models_dir: Path, out: Path):
+        self.env = {**ephemeral_stack_env(run_dir, models_dir), "VLM_STACK_MODE": "local"}
+        self.run_dir, self.out = run_dir, out
+        self.url = f"http://127.0.0.1:{self.env['NGINX_PORT']}"
+        self.supervisor = Supervisor(run_dir)
+
+    def stack(self, command: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["./triton_start.sh", command], cwd=ROOT, env=self.env, text=True, capture_output=True)
+
+    def resources(self) -> dict[str, dict]:
+        found = {}
+        for name in ("triton", "fastapi", "nginx", "nginx-exporter", "prometheus"):
+            pid = self.supervisor.pid(name)
+            if pid:
+                rss, fds, count = usage(pid)
+                found[name] = {"pid": pid, "rss_mib": rss, "open_files": fds, "processes": count}
+        return found
+
+    def _tritonserver(self) -> int:
+        return next(p for p in _children(self.supervisor.pid("triton")) if "tritonserver" in _comm(p))
+
+    # -- the faults
+    def kill_stub(self) -> None:
+        stubs = stub_processes(self._tritonserver())
+        os.kill(next(pid for pid, model in stubs.items() if model == "llava_stream"), signal.SIGKILL)
+
+    def kill_service(self) -> None:
+        os.kill(self.supervisor.pid("fastapi"), signal.SIGKILL)
+
+    def kill_tritonserver(self) -> None:
+        os.kill(self._tritonserver(), signal.SIGKILL)
+
+    def reload_nginx(self) -> None:
+        self.supervisor.rpc().signalProcess("nginx", "HUP")
+
+    def inject(self, fault: Fault, action, limit_s: float = 240) -> None:
+        fault.at = time.time()
+        action()
+        started = time.monotonic()
+        while time.monotonic() - started < limit_s:
+            try:
+                ok = httpx.get(self.url + "/health/ready", timeout=5).status_code == 200
+            except httpx.HTTPError:
+                ok = False
+            fault.not_ready_seen |= not ok
+            settled = time.monotonic() - started > 1.0  # a fault may take a moment to show
+            if ok and (fault.not_ready_seen or settled):
+                fault.recovered_after_s = round(time.monotonic() - started, 1)
+                return
+            time.sleep(0.1)
+
+    def run(self, duration_s: float, users: int) -> Report:
+        report = Report(duration_s, users)
+        report.resources["start"] = self.resources()
+        samples = self.out / "locust" / "samples.json"
+        locust = subprocess.Popen(
+            [
+                sys.executable, "-m", "loadtests.run",
+                "--host", self.url, "--users", str(users), "--spawn-rate", str(users),
+                "--duration", f"{int(duration_s)}s", "--profile", "mixed", "--max-tokens", "16",
+            ],
+            cwd=ROOT,
+            env={**self.env, "RESULTS_DIR": str(self.out / "locust"), "WAIT": "0.2-1.0"},
+            stdout=(self.out / "locust-console.txt").open("w"),
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        schedule = [
+            ("model stub killed (llava_stream)", self.kill_stub),
+            ("service killed", self.kill_service),
+            ("tritonserver killed", self.kill_tritonserver),
+            ("nginx reloaded", self.reload_nginx),
+        ]
+        started = time.monotonic()
+        for i, (name, action) in enumerate(schedule, start=1):
+            time.sleep(max(0.0, started + duration_s * i / (len(schedule) + 1) - time.monotonic()))
+            fault = Fault(name)
+            report.faults.append(fault)
+            self.inject(fault, action)
+            print(f"[soak] {name}: ready again after {fault.recovered_after_s} s", flush=True)
+        code = locust.wait(timeout=duration_s + 300)
+        report.resources["end"] = self.resources()
+        if code == 2 or not samples.exists():
+            raise SystemExit(f"locust failed (exit {code}); see {self.out / 'locust-console.txt'}")
+        document = json.loads(samples.read_text())
+        entries = document["entries"]
+        report.requests = sum(len(e["times_ms"]) + e["failures"] for e in entries)
+        report.failures = sum(e["failures"] for e in entries)
+        windows = [(f.at, f.at + (f.recovered_after_s or 240) + GRACE_S) for f in report.faults]
+        report.failures_outside_windows = [
+            failure for failure in document.get("failures_at", []) if not any(a <= failure[0] <= b for a, b in windows)
+        ]
+        return report
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+def markdown(report: Report) -> str:
+    lines = [
+        f"# Soak: {report.duration_s:.0f} s, {report.users} users, mixed profile",
+        "",
+        f"- requests sent: {report.requests}",
+        f"- failed: {report.failures}, of which outside the fault windows: {len(report.failures_outside_windows)}",
+        "",
+        "| fault | at (s) | ready again after (s) | not ready seen |",
+        "|---|---|---|---|",
+    ]
+    first = report.faults[0].at if report.faults else 0.0
+    for fault in report.faults:
+        lines.append(f"| {fault.name} | {fault.at - first:.0f} | {fault.recovered_after_s} | {fault.not_ready_seen} |")
+    lines += ["", "| service | RSS start (MiB) | RSS end (MiB) | open files start | open files end |", "|---|---|---|---|---|"]
+    start, end = report.resources.get("start", {}), report.resources.get("end", {})
+    for name in start:
+        a, b = start[name], end.get(name, {})
+        lines.append(f"| {name} | {a['rss_mib']} | {b.get('rss_mib')} | {a['open_files']} | {b.get('open_files')} |")
+    for failure in report.failures_outside_windows[:20]:
+        lines.append(f"- outside a window: {failure}")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m loadtests.soak", description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", default=os.environ.get("DURATION") or "10m", help="e.g. 60s, 10m")
+    parser.add_argument("--users", type=int, default=int(os.environ.get("USERS") or 8))
+    parser.add_argument("--models-dir", type=Path, default=Path(os.environ.get("VLM_MODELS_DIR") or ROOT / ".models/tiny"))
+    parser.add_argument("--out", type=Path, default=ROOT / "loadtests" / "results" / f"soak-{time.strftime('%Y%m%d-%H%M%S')}")
+    args = parser.parse_args(argv)
+    duration_s = parse_duration(args.duration)
+    args.out.mkdir(parents=True, exist_ok=True)
+    soak = Soak(args.out / "stack", args.models_dir.resolve(), args.out)
+    up = soak.stack("up")
+    (args.out / "stack-up.log").write_text(up.stdout + up.stderr)
+    if up.returncode != 0:
+        print(up.stdout[-2000:], up.stderr[-2000:], file=sys.stderr)
+        return 2
+    try:
+        report = soak.run(duration_s, args.users)
+    finally:
+        soak.stack("down")
+    (args.out / "soak.json").write_text(json.dumps(asdict(report), indent=1))
+    text = markdown(report)
+    (args.out / "soak.md").write_text(text)
+    print(text)
+    healed = all(f.recovered_after_s is not None for f in report.faults)
+    return 0 if healed and not report.failures_outside_windows else 1
+
+
+if __name__ == "__main__":
+    threading.current_thread().name = "soak"
+    sys.exit(main())
