@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 INSTALLED := .cache/installed.stamp
 TRITON := .triton/.installed-0.7.0-py$(shell $(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])')
 
-.PHONY: help install tiny-models models demo up down status logs triton api loadtest loadtest-ui bench test test-compose lint
+.PHONY: help install tiny-models models demo up down status logs triton api loadtest loadtest-ui soak bench test test-compose lint
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -55,6 +55,9 @@ loadtest: install  ## locust through nginx (HOST, USERS, SPAWN_RATE, DURATION, P
 
 loadtest-ui: install  ## locust's web UI for the same load tests on http://127.0.0.1:8089
 	$(PYTHON) -m loadtests.run --ui
+
+soak: install tiny-models  ## mixed load on a stack of its own for DURATION (10m) with faults injected; a report
+	HF_HUB_OFFLINE=1 $(PYTHON) -m loadtests.soak
 
 bench: install tiny-models  ## benchmark (batching, gateway, streaming, cold start) -> benchmarks/results/
 	HF_HUB_OFFLINE=1 $(PYTHON) -m benchmarks.bench

@@ -259,6 +259,7 @@ class MixedUser(VLMUser):
 class _Samples:
     def __init__(self) -> None:
         self.entries: dict[tuple[str, str, str], dict] = {}
+        self.failures_at: list[list] = []  # [wall time, endpoint, message] of every failure
         self.started = self.stopped = None
 
     def add(self, request_type, name, response_time, exception, context) -> None:
@@ -281,6 +282,7 @@ class _Samples:
         if exception:
             entry["failures"] += 1
             entry["errors"][_short(str(exception), 300)] += 1
+            self.failures_at.append([round(time.time(), 3), key[1], _short(str(exception), 200)])  # for the soak
             return
         entry["times_ms"].append(round(float(response_time), 3))
         tokens = context.get("output_tokens")
@@ -293,6 +295,7 @@ class _Samples:
         document = {"started": self.started, "stopped": self.stopped, "elapsed_s": elapsed}
         document["settings"] = SETTINGS.as_dict()
         document["entries"] = [{**e, "errors": dict(e["errors"])} for e in self.entries.values()]
+        document["failures_at"] = self.failures_at
         runner = getattr(environment, "runner", None)
         document["exceptions"] = [
             {"count": e["count"], "message": e["msg"], "traceback": e["traceback"]}

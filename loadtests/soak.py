@@ -207,7 +207,11 @@ def markdown(report: Report) -> str:
     first = report.faults[0].at if report.faults else 0.0
     for fault in report.faults:
         lines.append(f"| {fault.name} | {fault.at - first:.0f} | {fault.recovered_after_s} | {fault.not_ready_seen} |")
-    lines += ["", "| service | RSS start (MiB) | RSS end (MiB) | open files start | open files end |", "|---|---|---|---|---|"]
+    lines += [
+        "",
+        "| service | RSS start (MiB) | RSS end (MiB) | open files start | open files end |",
+        "|---|---|---|---|---|",
+    ]
     start, end = report.resources.get("start", {}), report.resources.get("end", {})
     for name in start:
         a, b = start[name], end.get(name, {})
@@ -221,8 +225,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m loadtests.soak", description=__doc__.splitlines()[0])
     parser.add_argument("--duration", default=os.environ.get("DURATION") or "10m", help="e.g. 60s, 10m")
     parser.add_argument("--users", type=int, default=int(os.environ.get("USERS") or 8))
-    parser.add_argument("--models-dir", type=Path, default=Path(os.environ.get("VLM_MODELS_DIR") or ROOT / ".models/tiny"))
-    parser.add_argument("--out", type=Path, default=ROOT / "loadtests" / "results" / f"soak-{time.strftime('%Y%m%d-%H%M%S')}")
+    parser.add_argument(
+        "--models-dir", type=Path, default=Path(os.environ.get("VLM_MODELS_DIR") or ROOT / ".models/tiny")
+    )
+    parser.add_argument(
+        "--out", type=Path, default=ROOT / "loadtests" / "results" / f"soak-{time.strftime('%Y%m%d-%H%M%S')}"
+    )
     args = parser.parse_args(argv)
     duration_s = parse_duration(args.duration)
     args.out.mkdir(parents=True, exist_ok=True)
