@@ -54,6 +54,9 @@ export NGINX_PORT NGINX_GRPC_PORT PROMETHEUS_PORT BASE_IMAGE
 export NGINX_BIND=127.0.0.1 HF_HUB_OFFLINE=1
 # The stack under test serves the tiny checkpoints, whatever VLM_MODELS_DIR the caller has.
 export VLM_MODELS_DIR=/models/tiny
+# The tests drive the gateway hard from one address: the per-client limits out of their way
+# (tests/e2e/test_access.py checks them in a local stack with small ones).
+export NGINX_RATE=10000 NGINX_BURST=10000 NGINX_CONNECTIONS=10000
 export PIP_DISABLE_PIP_VERSION_CHECK=1 DEBIAN_FRONTEND=noninteractive
 COMPOSE=(docker compose -f "$COMPOSE_FILE_CPU")
 
