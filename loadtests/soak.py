@@ -32,7 +32,7 @@ import httpx
 from loadtests.config import parse_duration
 from vlm_stack.procs import ephemeral_stack_env
 from vlm_stack.supervisor import Supervisor
-from vlm_triton.serve import stub_processes
+from vlm_triton.serve import children, stub_processes
 
 ROOT = Path(__file__).resolve().parent.parent
 GRACE_S = 5.0  # after readiness is back, requests already in flight may still fail
@@ -57,24 +57,12 @@ class Report:
     resources: dict = field(default_factory=dict)
 
 
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                    found.append(int(entry.name))
-            except (OSError, ValueError, IndexError):
-                pass
-    return found
-
-
 def tree(pid: int) -> list[int]:
     pids, todo = [], [pid]
     while todo:
         current = todo.pop()
         pids.append(current)
-        todo += _children(current)
+        todo += children(current)
     return pids
 
 
@@ -112,7 +100,7 @@ class Soak:
         return found
 
     def _tritonserver(self) -> int:
-        return next(p for p in _children(self.supervisor.pid("triton")) if "tritonserver" in _comm(p))
+        return next(p for p in children(self.supervisor.pid("triton")) if "tritonserver" in _comm(p))
 
     # -- the faults
     def kill_stub(self) -> None:

@@ -39,6 +39,20 @@ log = logging.getLogger("vlm_triton.serve")
 STUB = "triton_python_backend_stub"
 
 
+def children(pid: int) -> list[int]:
+    """Live child processes of ``pid``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                state, ppid = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:2]
+                if int(ppid) == pid and state not in ("Z", "X"):
+                    found.append(int(entry.name))
+            except (OSError, ValueError, IndexError):
+                pass
+    return found
+
+
 def stub_processes(server_pid: int) -> dict[int, str]:
     """Live Python-backend stubs of ``server_pid``: pid -> model name (from its model.py path)."""
     found = {}

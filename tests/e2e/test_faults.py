@@ -14,7 +14,7 @@ import pytest
 
 from tests.conftest import ARTIFACTS
 from vlm_stack.supervisor import Supervisor
-from vlm_triton.serve import stub_processes
+from vlm_triton.serve import children, stub_processes
 
 RUN_DIR = ARTIFACTS / "stack"
 RECOVERY_S = 30  # the bound for a model; the whole server reloads four models
@@ -28,20 +28,8 @@ def local(stack):
     return Supervisor(RUN_DIR)
 
 
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                    found.append(int(entry.name))
-            except (OSError, ValueError, IndexError):
-                pass
-    return found
-
-
 def _tritonserver_pid(supervisor: Supervisor) -> int:
-    (pid,) = [p for p in _children(supervisor.pid("triton")) if "tritonserver" in Path(f"/proc/{p}/comm").read_text()]
+    (pid,) = [p for p in children(supervisor.pid("triton")) if "tritonserver" in Path(f"/proc/{p}/comm").read_text()]
     return pid
 
 
