@@ -2,7 +2,9 @@
 with a fault injected on a schedule: a model's stub killed, the service killed,
 tritonserver killed, nginx reloaded. Then a report (``soak.md``, ``soak.json``):
 
-- requests sent, and errors outside the fault windows (which must be 0);
+- requests sent, and errors outside the fault windows (which must be 0); a stub that dies
+  by itself (the watchdog says so in its log) is listed as an unplanned fault, and the errors
+  while the watchdog heals it are counted apart;
 - each fault's recovery time (until ``/health/ready`` through nginx is 200 again);
 - RSS and open file descriptors of every service (its whole process tree) at the start
   and at the end.
@@ -19,12 +21,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 import httpx
@@ -54,7 +58,35 @@ class Report:
     failures: int = 0
     failures_outside_windows: list = field(default_factory=list)
     faults: list[Fault] = field(default_factory=list)
+    # stubs that died by themselves and that the watchdog reloaded: [model, died at, reloaded at]
+    unplanned: list = field(default_factory=list)
+    failures_in_unplanned: int = 0
     resources: dict = field(default_factory=dict)
+
+
+WATCHDOG_LINE = re.compile(r"^(\S+ \S+) vlm_triton\.serve WARNING model (\S+): (stub process .* died|reloaded in)")
+
+
+def watchdog_events(log: Path) -> list[tuple[str, float, str]]:
+    """(model, wall time, "died" | "reloaded") from vlm_triton.serve's log lines."""
+    events = []
+    for line in log.read_text(errors="replace").splitlines() if log.exists() else []:
+        match = WATCHDOG_LINE.match(line)
+        if match:
+            when = datetime.strptime(match[1], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+            events.append((match[2], when, "died" if "died" in match[3] else "reloaded"))
+    return events
+
+
+def unplanned_faults(events: list[tuple[str, float, str]], planned: list[Fault]) -> list[list]:
+    """Stub deaths the soak did not cause (none near an injected fault), with their reload."""
+    found = []
+    for model, when, kind in events:
+        if kind != "died" or any(f.at - 1 <= when <= f.at + (f.recovered_after_s or 0) + GRACE_S for f in planned):
+            continue
+        reloaded = next((t for m, t, k in events if m == model and k == "reloaded" and t >= when), None)
+        found.append([model, when, reloaded])
+    return found
 
 
 def tree(pid: int) -> list[int]:
@@ -134,6 +166,7 @@ class Soak:
 
     def run(self, duration_s: float, users: int) -> Report:
         report = Report(duration_s, users)
+        began = time.time()
         report.resources["start"] = self.resources()
         samples = self.out / "locust" / "samples.json"
         locust = subprocess.Popen(
@@ -169,9 +202,12 @@ class Soak:
         report.requests = sum(len(e["times_ms"]) + e["failures"] for e in entries)
         report.failures = sum(e["failures"] for e in entries)
         windows = [(f.at, f.at + (f.recovered_after_s or 240) + GRACE_S) for f in report.faults]
-        report.failures_outside_windows = [
-            failure for failure in document.get("failures_at", []) if not any(a <= failure[0] <= b for a, b in windows)
-        ]
+        events = [e for e in watchdog_events(self.run_dir / "logs" / "triton.log") if e[1] >= began]  # this run's
+        report.unplanned = unplanned_faults(events, report.faults)
+        healed = [(died - GRACE_S, (reloaded or died) + GRACE_S) for _, died, reloaded in report.unplanned if reloaded]
+        failures = [f for f in document.get("failures_at", []) if not any(a <= f[0] <= b for a, b in windows)]
+        report.failures_outside_windows = [f for f in failures if not any(a <= f[0] <= b for a, b in healed)]
+        report.failures_in_unplanned = len(failures) - len(report.failures_outside_windows)
         return report
 
 
@@ -195,6 +231,11 @@ def markdown(report: Report) -> str:
     first = report.faults[0].at if report.faults else 0.0
     for fault in report.faults:
         lines.append(f"| {fault.name} | {fault.at - first:.0f} | {fault.recovered_after_s} | {fault.not_ready_seen} |")
+    for model, died, reloaded in report.unplanned:
+        back = f"reloaded by the watchdog {reloaded - died:.1f} s later" if reloaded else "NOT reloaded"
+        lines.append(f"- unplanned: {model}'s stub died by itself at {died - first:.0f} s, {back}")
+    if report.unplanned:
+        lines.append(f"- failed during those unplanned faults: {report.failures_in_unplanned}")
     lines += [
         "",
         "| service | RSS start (MiB) | RSS end (MiB) | open files start | open files end |",

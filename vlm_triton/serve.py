@@ -82,12 +82,20 @@ def _request(url: str, body: dict | None = None, timeout: float = 5.0) -> tuple[
         return exc.code, exc.read()
 
 
+RETRY_S = 10.0  # a failed reload is tried again after this long
+
+
 @dataclass
 class ModelWatch:
     stubs: set[int] = field(default_factory=set)
     recovering: bool = False
+    failed_at: float | None = None  # the last reload failed: not ready, tried again later
     reason: str = ""
     restarts: int = 0
+
+    @property
+    def ready(self) -> bool:
+        return not self.recovering and self.failed_at is None
 
 
 class Watchdog:
@@ -121,8 +129,13 @@ class Watchdog:
                 watch = self.models.setdefault(model, ModelWatch())
                 if watch.recovering:
                     continue
-                dead = watch.stubs - live
-                watch.stubs = live
+                if watch.failed_at is not None:
+                    if time.monotonic() - watch.failed_at < RETRY_S:
+                        continue
+                    dead = {0}  # try the reload again
+                else:
+                    dead = watch.stubs - live
+                    watch.stubs = live
                 if not dead:
                     continue
                 watch.recovering, watch.restarts = True, watch.restarts + 1
@@ -147,16 +160,17 @@ class Watchdog:
             with self._lock:
                 watch = self.models[model]
                 watch.stubs = {pid for pid, name in stub_processes(self.server_pid).items() if name == model}
-                watch.recovering, watch.reason = False, ""
-        except Exception as exc:  # stays not ready; the next round tries again
-            log.error("model %s: reload failed: %s", model, exc)
+                watch.recovering, watch.failed_at, watch.reason = False, None, ""
+        except Exception as exc:  # stays not ready; tried again after RETRY_S
+            log.error("model %s: reload failed (tried again in %.0f s): %s", model, RETRY_S, exc)
             with self._lock:
-                self.models[model] = ModelWatch(reason=f"reload failed: {exc}", restarts=self.models[model].restarts)
+                watch = self.models[model]
+                watch.recovering, watch.failed_at, watch.reason = False, time.monotonic(), f"reload failed: {exc}"
 
     def state(self) -> dict:
         with self._lock:
             models = {
-                name: {"ready": not w.recovering and self.server_ready, "restarts": w.restarts, "reason": w.reason}
+                name: {"ready": w.ready and self.server_ready, "restarts": w.restarts, "reason": w.reason}
                 for name, w in sorted(self.models.items())
             }
         not_ready = [name for name, m in models.items() if not m["ready"]]
