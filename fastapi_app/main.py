@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
-from fastapi_app import errors
+from fastapi_app import errors, openapi
 from fastapi_app.auth import ApiKeys
 from fastapi_app.backends import make_backend
 from fastapi_app.generation import Admission
@@ -44,6 +44,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.backend = make_backend(settings)
     app.state.admission = Admission(settings.max_inflight_per_model)
     errors.install(app)
+    openapi.install(app)
     for router in (openai_api.router, chat.router, health.router, web.router):
         app.include_router(router)
     app.mount("/static", StaticFiles(directory=web.STATIC), name="static")

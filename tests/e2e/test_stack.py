@@ -149,3 +149,32 @@ def test_prometheus_scrapes_every_target_and_sees_every_model(stack, png):
     rules = httpx.get(stack.prometheus_url + "/api/v1/rules", timeout=10).json()["data"]["groups"]
     names = {rule["name"] for group in rules for rule in group["rules"]}
     assert {"vlm:batch_size_mean", "vlm:running_rows", "vlm:ttft_p95_seconds", "VLMSchedulerSaturated"} <= names
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allow"),
+    [
+        ("TRACE", "/", "GET, HEAD"),
+        ("TRACE", "/v1/chat/completions", "POST"),
+        ("TRACE", "/api/sessions/abc", "GET, DELETE"),
+        ("PUT", "/v1/models", "GET"),  # the service's own 405
+        ("DELETE", "/v1/chat/completions", "POST"),
+    ],
+)
+def test_unsupported_methods_get_405_with_allow(stack, method, path, allow):
+    reply = httpx.request(method, stack.url + path, timeout=10)
+    assert reply.status_code == 405, reply.text
+    assert reply.headers["allow"] == allow
+
+
+def test_openapi_declares_every_error_with_its_schema(stack):
+    document = httpx.get(stack.url + "/openapi.json", timeout=10).json()
+    for path, operations in document["paths"].items():
+        for operation in operations.values():
+            statuses = set(operation["responses"])
+            assert "422" not in statuses, path
+            if path.startswith(("/v1/", "/api/")):
+                assert {"400", "401", "404", "413", "429", "503"} <= statuses, (path, statuses)
+                body = operation["responses"]["400"]["content"]["application/json"]["schema"]["$ref"]
+                assert body.endswith("OpenAIError" if path.startswith("/v1/") else "APIError")
+    assert "503" in document["paths"]["/health/ready"]["get"]["responses"]
