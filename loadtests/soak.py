@@ -25,7 +25,6 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
@@ -282,5 +281,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    threading.current_thread().name = "soak"
     sys.exit(main())

@@ -19,6 +19,7 @@ network and no GPU; it is not part of ``make test`` because it needs the externa
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 import tempfile
@@ -62,8 +63,7 @@ def build(source: Path, out: Path) -> None:
     tokenizer.save(str(out / TOKENIZER_REPO / "tokenizer.json"))
     (out / "__init__.py").write_text("")  # importable here, to build the weights
     sys.path.insert(0, str(out.parent))
-    package = __import__(out.name, fromlist=["hf_moondream"])
-    hf = package.hf_moondream
+    hf = importlib.import_module(f"{out.name}.hf_moondream")
     config = hf.HfConfig(config=SIZES)
     with tokenizer_from(hf.HfMoondream, out / TOKENIZER_REPO / "tokenizer.json"):
         model = hf.HfMoondream(config)

@@ -7,6 +7,7 @@ under transformers 5 where the engine depends on it; the first tests prove that 
 
 from __future__ import annotations
 
+import io
 import shutil
 from pathlib import Path
 
@@ -86,7 +87,7 @@ def remote_model(engine):
 
 
 def test_the_stand_in_keeps_one_cache_streams_per_word_and_needs_variant(remote_model, engine):
-    red, blue = Image.new("RGB", (80, 80), (220, 20, 20)), Image.open(__import__("io").BytesIO(image(4)))
+    red, blue = Image.new("RGB", (80, 80), (220, 20, 20)), Image.open(io.BytesIO(image(4)))
     settings = {"variant": None, "max_tokens": 24, "temperature": 0}
     with pytest.raises(KeyError, match="variant"):
         remote_model.query(red, "what is it?", settings={"max_tokens": 4})

@@ -380,7 +380,6 @@ class Moondream2Adapter(Adapter):
             found = locate(image, task.argument, {"variant": None, "max_objects": task.max_objects})
             row.entities = [grounded(task, found)]
             row.stream = iter([summary(task, row.entities[0])])
-        row.caches = [(m.k_cache, m.v_cache) for m in self._modules()]  # in case its code made new ones
 
     def _next(self, row: _Row) -> Any:
         self._bind(row.caches)
