@@ -5,6 +5,8 @@ from __future__ import annotations
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+from starlette.routing import Match
 
 from vlm_engine.errors import EngineError
 
@@ -34,7 +36,30 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return "invalid request: " + "; ".join(problems), param
 
 
+HTTP_CODES = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed"}
+MESSAGES = {"There was an error parsing the body": "request body could not be parsed: send UTF-8 JSON"}
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route takes on this path (Starlette's 405 names only the first route's)."""
+    methods: list[str] = []
+    for route in request.app.router.routes:
+        if route.matches(request.scope)[0] is not Match.NONE:
+            methods += [m for m in getattr(route, "methods", None) or () if m not in methods]
+    return methods
+
+
 def install(app: FastAPI) -> None:
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException):
+        """Starlette's own errors (unparsable body, 404, 405) in the API's error shape."""
+        detail = MESSAGES.get(str(exc.detail), str(exc.detail))
+        response = error_response(request, exc.status_code, HTTP_CODES.get(exc.status_code, "http_error"), detail)
+        response.headers.update(exc.headers or {})
+        if exc.status_code == 405:
+            response.headers["Allow"] = ", ".join(allowed_methods(request))
+        return response
+
     @app.exception_handler(EngineError)
     async def engine_error(request: Request, exc: EngineError):
         return error_response(request, exc.status, exc.code, exc.message)

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from fastapi_app import metrics
 from fastapi_app.backends.base import Backend, Final, GenerationRequest
 from fastapi_app.settings import Settings
-from vlm_engine.errors import EngineError, Overloaded, UnknownModel
+from vlm_engine.errors import EngineError, InvalidParameter, Overloaded, UnknownModel
 
 
 def check_model(settings: Settings, model: str | None) -> str:
@@ -17,6 +17,12 @@ def check_model(settings: Settings, model: str | None) -> str:
     if model not in settings.models:
         raise UnknownModel(f"unknown model {model!r}; available: {', '.join(settings.models)}")
     return model
+
+
+def check_max_tokens(settings: Settings, max_tokens: int | None) -> None:
+    """The API's range (the OpenAPI maximum); a model's own smaller limit answers 413 later."""
+    if max_tokens is not None and max_tokens > settings.max_tokens_cap:
+        raise InvalidParameter(f"max_tokens must be between 1 and {settings.max_tokens_cap}, got {max_tokens}")
 
 
 def with_defaults(settings: Settings, request: GenerationRequest) -> GenerationRequest:

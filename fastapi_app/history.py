@@ -4,6 +4,9 @@ The database runs in WAL mode (readers never block the writer) with a busy timeo
 second writer, such as another service process on the same file, waits instead of failing),
 and every turn is committed with a full sync before its answer is sent: a turn that was
 answered survives a ``kill -9`` of the service.
+
+A deleted session stays deleted: its id is kept (``deleted_sessions``) and a later turn for it,
+even one already in flight when it was deleted, is refused (``SessionDeleted``, 409).
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from vlm_engine.errors import SessionDeleted
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS turns (
@@ -25,6 +30,7 @@ CREATE TABLE IF NOT EXISTS turns (
     created_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS turns_session ON turns (session_id, id);
+CREATE TABLE IF NOT EXISTS deleted_sessions (session_id TEXT PRIMARY KEY, deleted_at REAL NOT NULL);
 """
 
 
@@ -66,8 +72,18 @@ class HistoryStore:
             ).fetchall()
         return [Turn(m, p, r, bool(i), c) for m, p, r, i, c in rows]
 
+    def check_open(self, session_id: str) -> None:
+        """``SessionDeleted`` for an id that was deleted."""
+        with self._lock:
+            self._check_open(session_id)
+
+    def _check_open(self, session_id: str) -> None:
+        if self._db.execute("SELECT 1 FROM deleted_sessions WHERE session_id = ?", (session_id,)).fetchone():
+            raise SessionDeleted(f"session {session_id!r} was deleted; start another (a new session_id)")
+
     def add(self, session_id: str, model: str, prompt: str, response: str, had_image: bool) -> None:
         with self._lock, self._db:
+            self._check_open(session_id)
             self._db.execute(
                 "INSERT INTO turns (session_id, model, prompt, response, had_image, created_at) "
                 "VALUES (?, ?, ?, ?, ?, ?)",
@@ -81,7 +97,10 @@ class HistoryStore:
 
     def delete(self, session_id: str) -> bool:
         with self._lock, self._db:
-            return self._db.execute("DELETE FROM turns WHERE session_id = ?", (session_id,)).rowcount > 0
+            if self._db.execute("DELETE FROM turns WHERE session_id = ?", (session_id,)).rowcount == 0:
+                return False
+            self._db.execute("INSERT OR REPLACE INTO deleted_sessions VALUES (?, ?)", (session_id, time.time()))
+            return True
 
     def close(self) -> None:
         self._db.close()

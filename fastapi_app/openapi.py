@@ -1,6 +1,14 @@
-"""The OpenAPI document: every error a route can answer, with its body's schema.
+"""The OpenAPI document: the real request constraints, and every error a route can answer.
 
-FastAPI lists only the success response (and a 422 this service never sends: validation
+Requests: the model enum (the served models), the API's ``max_tokens`` maximum
+(``MAX_TOKENS_CAP``), and the message shapes the engine accepts: at least one user message
+with text, images only in user messages and at most one per request, images as data URLs
+(custom formats ``image-data-url`` and ``image-base64``; ``image-file`` for multipart).
+A request that passes the document is not refused as malformed (400); it can still be too
+large for one model (413: a prompt past moondream2's context).
+
+
+Responses: FastAPI lists only the success response (and a 422 this service never sends: validation
 errors are 400). This adds, per operation, the errors it can return: 400 (malformed), 401
 (API keys on), 404 (unknown model or session), 413 (body too large), 429 (per-client limit at
 the gateway), 503 (overloaded, Triton unavailable, shutting down), each with the OpenAI
@@ -13,37 +21,40 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
+from fastapi_app.schemas import (
+    MESSAGE_SCHEMAS,
+    RESPONSE_SCHEMAS,
+    SCHEMAS,
+    SSE_EVENT,
+    SUCCESS,
+    USER_WITH_TEXT,
+    WITH_IMAGE,
+    ref,
+)
+from fastapi_app.settings import Settings
+
 ERRORS = {
     "400": "malformed request: bad JSON, wrong types, out-of-range parameters, a bad image",
     "401": "missing or wrong API key (when API_KEYS is set)",
     "404": "unknown model or session",
-    "413": "request body over the size limit",
+    "409": "the session was deleted: start another (a new session_id)",
+    "413": "request body over the size limit, or more than the model takes (prompt past its context)",
     "429": "too many requests from this client (gateway limit); see Retry-After",
     "503": "overloaded, Triton unavailable or shutting down; see Retry-After",
 }
-SCHEMAS: dict[str, Any] = {
-    "OpenAIError": {
-        "type": "object",
-        "required": ["error"],
-        "properties": {
-            "error": {
-                "type": "object",
-                "required": ["message", "type", "code"],
-                "properties": {
-                    "message": {"type": "string"},
-                    "type": {"type": "string"},
-                    "param": {"type": ["string", "null"]},
-                    "code": {"type": "string"},
-                },
-            }
-        },
-    },
-    "APIError": {
-        "type": "object",
-        "required": ["detail", "code"],
-        "properties": {"detail": {"type": "string"}, "code": {"type": "string"}},
-    },
-}
+
+
+GENERAL = [status for status in ERRORS if status != "409"]
+
+
+def _messages_schema() -> dict[str, Any]:
+    return {
+        "type": "array",
+        "minItems": 1,
+        "items": {"anyOf": [ref("UserMessage"), ref("OtherMessage")]},
+        "allOf": [{"contains": USER_WITH_TEXT}, {"contains": WITH_IMAGE, "minContains": 0, "maxContains": 1}],
+        "description": "OpenAI chat messages: a user message with text; one image at most, in a user message",
+    }
 
 
 def _error(path: str, status: str) -> dict[str, Any]:
@@ -57,19 +68,100 @@ def _error(path: str, status: str) -> dict[str, Any]:
     return response
 
 
+def _with_maximum(schema: dict[str, Any], maximum: int) -> None:
+    """``int | None`` with ``ge=1`` -> its integer branch gets the API's maximum."""
+    for branch in schema.get("anyOf", [schema]):
+        if branch.get("type") == "integer":
+            branch["maximum"] = maximum
+
+
+def _chat_request_body(settings: Settings) -> dict[str, Any]:
+    """``/api/chat`` reads its body itself (JSON or multipart), so its schema is declared here."""
+    from fastapi_app.routes.chat import ChatRequest
+
+    schema = ChatRequest.model_json_schema()
+    properties = schema["properties"]
+    properties["model"] = {"anyOf": [{"enum": settings.models}, {"type": "null"}], **_doc(properties["model"])}
+    properties["image"] = {
+        "anyOf": [{"type": "string", "format": "image-base64"}, {"type": "null"}],
+        **_doc(properties["image"]),
+    }
+    _with_maximum(properties["max_tokens"], settings.max_tokens_cap)
+    # multipart: text fields, the image as a file; an empty optional field counts as unset
+    form = {"type": "object", "required": ["prompt"], "properties": {}}
+    for name, field in properties.items():
+        branches = [b for b in field.get("anyOf", [field]) if b.get("type") != "null"]
+        value = {"type": "string", "format": "image-file"} if name == "image" else branches[0]
+        if name != "prompt":
+            value = {"anyOf": [value, {"const": ""}]}
+        form["properties"][name] = {**value, **_doc(field)}
+    return {
+        "required": True,
+        "content": {
+            "application/json": {"schema": schema},
+            "multipart/form-data": {"schema": form},
+        },
+    }
+
+
+def _doc(field: dict[str, Any]) -> dict[str, Any]:
+    return {k: field[k] for k in ("title", "description") if k in field}
+
+
+def _requests(schema: dict[str, Any], settings: Settings) -> None:
+    components = schema["components"]["schemas"]
+    components.update(MESSAGE_SCHEMAS)
+    completion = components["ChatCompletionRequest"]["properties"]
+    completion["model"]["enum"] = settings.models
+    completion["messages"] = _messages_schema()
+    for name in ("max_tokens", "max_completion_tokens"):
+        _with_maximum(completion[name], settings.max_tokens_cap)
+    schema["paths"]["/api/chat"]["post"]["requestBody"] = _chat_request_body(settings)
+
+
+def _responses(schema: dict[str, Any]) -> None:
+    """Success bodies, SSE for the chat routes, and the link from a chat to its session."""
+    schema["components"]["schemas"].update(RESPONSE_SCHEMAS)
+    paths = schema["paths"]
+    for (path, method), name in SUCCESS.items():
+        paths[path][method]["responses"]["200"]["content"] = {"application/json": {"schema": ref(name)}}
+    for path in ("/v1/chat/completions", "/api/chat"):
+        paths[path]["post"]["responses"]["200"]["content"]["text/event-stream"] = {"schema": SSE_EVENT}
+    session = {"session_id": "$response.body#/session_id"}
+    paths["/api/chat"]["post"]["responses"]["200"]["links"] = {
+        "GetSession": {"operationId": "get_session", "parameters": session},
+        "DeleteSession": {"operationId": "delete_session", "parameters": session},
+    }
+
+
+def _security(schema: dict[str, Any]) -> None:
+    """With API keys on: a bearer scheme on every /v1 and /api operation."""
+    schema["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+    for path, operations in schema["paths"].items():
+        if path.startswith(("/v1/", "/api/")):
+            for operation in operations.values():
+                operation["security"] = [{"bearer": []}]
+
+
 def document(app: FastAPI) -> dict[str, Any]:
     schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
     components = schema.setdefault("components", {}).setdefault("schemas", {})
     components.update(SCHEMAS)
     for name in ("HTTPValidationError", "ValidationError"):
         components.pop(name, None)
+    _requests(schema, app.state.settings)
+    _responses(schema)
+    if app.state.api_keys:
+        _security(schema)
     for path, operations in schema["paths"].items():
         for operation in operations.values():
             responses = operation["responses"]
             responses.pop("422", None)
             if path.startswith(("/v1/", "/api/")):
-                for status in ERRORS:
+                for status in GENERAL:
                     responses.setdefault(status, _error(path, status))
+            if path == "/api/chat":
+                responses["409"] = _error(path, "409")
             if path == "/health/ready":
                 body = {"type": "object", "properties": {"status": {"type": "string"}, "not_ready": {"type": "array"}}}
                 responses["503"] = {

@@ -30,6 +30,9 @@ class Settings(BaseSettings):
     max_new_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
+    max_tokens_cap: int = Field(
+        1024, ge=1, description="largest max_tokens the API accepts (its OpenAPI maximum); the models' own cap"
+    )
     max_inflight_per_model: int = Field(
         80, ge=1, description="generations per model in flight here; one more: 503 at once (MAX_RUNNING+MAX_WAITING)"
     )

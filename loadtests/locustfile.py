@@ -218,6 +218,7 @@ class VLMUser(HttpUser):
                     response.success()
                 else:
                     response.failure(_http_failure(response))
+            self.session_id = f"loadtest-{uuid.uuid4().hex[:16]}"  # a deleted session stays deleted
 
 
 class KServeInferUser(VLMUser):

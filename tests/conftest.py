@@ -109,6 +109,7 @@ def stack(tiny_models_dir):
         return
     run_dir = ARTIFACTS / "stack"
     env = ephemeral_stack_env(run_dir, tiny_models_dir)
+    env["MAX_TOKENS_CAP"] = TRITON_ENV["MAX_TOKENS_CAP"]  # the API's maximum: keeps fuzzed requests short
     if _docker_daemon_here():  # this suite is about the local stack; Compose has its own
         env["VLM_STACK_MODE"] = "local"
     up = _run("up", env)

@@ -13,6 +13,11 @@ from PIL import Image
 from vlm_engine.errors import InvalidImage, InvalidRequest
 
 ROLES = ("system", "user", "assistant")
+# "has text": one character other than ASCII blanks. The same class is the OpenAPI document's
+# pattern, so a conversation the schema accepts is one the engine accepts (Python's ``\s``
+# and JSON Schema's differ on some control characters).
+TEXT_PATTERN = r"[^\t\n\v\f\r ]"
+_TEXT = re.compile(TEXT_PATTERN)
 DATA_URL = re.compile(r"^data:(?P<mime>[^;,]*)(?P<params>(;[^;,]*)*?);base64,(?P<data>.*)$", re.S)
 
 
@@ -24,6 +29,15 @@ class Message:
     text: str
     images: list[bytes] = field(default_factory=list)
     decoded: list[Image.Image] = field(default_factory=list)
+
+
+def has_text(text: str) -> bool:
+    return _TEXT.search(text) is not None
+
+
+def prompt_message(messages: list[Message]) -> Message:
+    """The message a model answers: the conversation's last user message."""
+    return next(m for m in reversed(messages) if m.role == "user")
 
 
 def single_turn(prompt: str, image: bytes | None) -> list[Message]:

@@ -15,7 +15,7 @@ from PIL import Image
 
 from vlm_engine.adapters import adapter_class
 from vlm_engine.adapters.base import Adapter, Prepared, Result
-from vlm_engine.chat import Message, single_turn
+from vlm_engine.chat import Message, has_text, prompt_message, single_turn
 from vlm_engine.errors import InvalidRequest, ModelConfigError, PromptTooLong, ShuttingDown
 from vlm_engine.images import decode_image
 from vlm_engine.loading import check_source, load_error, resolve_device
@@ -111,12 +111,12 @@ class VLMEngine:
         (or ``Overloaded`` first, without decoding anything, when the queue is full)."""
         if self.scheduler is not None and not reserved:
             self.scheduler.check_capacity()
-        if not messages:
-            raise InvalidRequest("the conversation is empty: send at least one user message")
-        if messages[-1].role != "user":
-            raise InvalidRequest("the last message must be the user's")
-        if not messages[-1].text.strip():
-            raise InvalidRequest("prompt is empty: send a question or instruction")
+        if not any(m.role == "user" for m in messages):
+            raise InvalidRequest("the conversation has no user message: send at least one with role 'user'")
+        if not any(has_text(m.text) for m in messages if m.role == "user"):
+            raise InvalidRequest("prompt is empty: the user messages hold no text; send a question or instruction")
+        if any(m.images for m in messages if m.role != "user"):
+            raise InvalidRequest("images go in user messages only")
         params = resolve_params(self.settings, max_tokens, temperature, top_p)
         count = sum(len(m.images) for m in messages)
         if count > self.adapter.max_images:
@@ -135,7 +135,7 @@ class VLMEngine:
             )
         if image is None and self.adapter.requires_image:
             image = Image.new("RGB", BLANK, (127, 127, 127))
-            messages[-1].decoded = [image]
+            prompt_message(messages).decoded = [image]
         prepared = Prepared(messages, params, image, cancelled or (lambda: False), tokens)
         prepared.inputs = self.adapter.encode_row(prepared)  # here, not in the step loop
         return prepared

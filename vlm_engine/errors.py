@@ -33,8 +33,21 @@ class InvalidParameter(InvalidRequest):
     code = "invalid_parameter"
 
 
-class PromptTooLong(InvalidRequest):
+class TooLarge(InvalidRequest):
+    """Well formed, but more than the model takes: a prompt past its context, ``max_tokens``
+    past its cap. 413, not 400: the OpenAPI document's ranges are the service's, and a model's
+    own limits (moondream2's 2048 positions) can be smaller."""
+
+    code = "too_large"
+    status = 413
+
+
+class PromptTooLong(TooLarge):
     code = "prompt_too_long"
+
+
+class MaxTokensTooLarge(TooLarge):
+    code = "max_tokens_too_large"
 
 
 class UnknownModel(InvalidRequest):
@@ -86,6 +99,11 @@ class BackendUnavailable(EngineError):
 class NotFound(InvalidRequest):
     code = "not_found"
     status = 404
+
+
+class SessionDeleted(InvalidRequest):
+    code = "session_deleted"
+    status = 409
 
 
 class ShuttingDown(Overloaded):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from vlm_engine.errors import InvalidParameter
+from vlm_engine.errors import InvalidParameter, MaxTokensTooLarge
 from vlm_engine.settings import ModelSettings
 
 
@@ -32,8 +32,10 @@ def resolve_params(
         max_tokens = min(settings.max_new_tokens, cap)
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int):
         raise InvalidParameter(f"max_tokens must be an integer, got {max_tokens!r}")
-    if not 1 <= max_tokens <= cap:
+    if max_tokens < 1:
         raise InvalidParameter(f"max_tokens must be between 1 and {cap}, got {max_tokens}")
+    if max_tokens > cap:
+        raise MaxTokensTooLarge(f"max_tokens must be between 1 and {cap} for {settings.name}, got {max_tokens}")
     temperature = settings.temperature if temperature is None else temperature
     top_p = settings.top_p if top_p is None else top_p
     for name, value in (("temperature", temperature), ("top_p", top_p)):

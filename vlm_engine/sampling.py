@@ -21,11 +21,16 @@ def choose_tokens(logits: torch.Tensor, params: Sequence[GenerationParams], gene
     if sampled:
         index = torch.tensor(sampled, device=logits.device)
         temperature = torch.tensor([params[i].temperature for i in sampled], device=logits.device)
+        temperature = temperature.clamp(min=torch.finfo(torch.float32).tiny)  # 1e-300 is 0 in float32
         top_p = torch.tensor([params[i].top_p for i in sampled], device=logits.device)
-        probs = torch.softmax(logits[index] / temperature[:, None], dim=-1)
+        rows = logits[index]
+        # shifted so the largest is 0: a tiny temperature gives 0 and -inf (argmax), not inf/inf
+        probs = torch.softmax((rows - rows.max(dim=-1, keepdim=True).values) / temperature[:, None], dim=-1)
         sorted_probs, order = torch.sort(probs, descending=True, dim=-1)
         before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
-        sorted_probs = sorted_probs * (before < top_p[:, None])  # the first token always stays
+        keep = before < top_p[:, None]
+        keep[:, 0] = True  # the likeliest token always stays (top_p 5e-324 is 0 in float32)
+        sorted_probs = sorted_probs * keep
         picks = torch.multinomial(sorted_probs / sorted_probs.sum(-1, keepdim=True), 1, generator=generator)
         chosen[index] = order.gather(-1, picks).squeeze(-1)
     return chosen.tolist()

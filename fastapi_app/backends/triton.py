@@ -80,7 +80,7 @@ class TritonBackend:
         for name in ("temperature", "top_p"):
             value = getattr(request, name)
             if value is not None:
-                add(name, np.array([[value]], dtype=np.float32), "FP32")
+                add(name, np.array([[_fp32(value)]], dtype=np.float32), "FP32")
         return tensors
 
     def _error(self, exc: Exception) -> EngineError:
@@ -138,3 +138,9 @@ class TritonBackend:
         except (InferenceServerException, grpc.RpcError, OSError) as exc:
             raise self._error(exc) from None
         raise BackendUnavailable(f"Triton at {self.url} ended the stream without a final answer")
+
+
+def _fp32(value: float) -> np.float32:
+    """Triton's FP32: a positive value too small for it stays positive (top_p 5e-324 is not 0)."""
+    single = np.float32(value)
+    return np.float32(np.finfo(np.float32).smallest_subnormal) if value > 0 and single == 0 else single

@@ -15,22 +15,27 @@ from sse_starlette.sse import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 
 from fastapi_app.backends.base import Final, GenerationRequest
-from fastapi_app.generation import check_model, first_item, generate, with_defaults
-from vlm_engine.chat import Message
+from fastapi_app.fields import PositiveInteger, form_booleans
+from fastapi_app.generation import check_max_tokens, check_model, first_item, generate, with_defaults
+from vlm_engine.chat import TEXT_PATTERN, Message, has_text
 from vlm_engine.errors import EngineError, InvalidImage, InvalidRequest, NotFound
 
 router = APIRouter(prefix="/api", tags=["REST chat"])
 
 
 class ChatRequest(BaseModel):
-    session_id: str = Field(default_factory=lambda: uuid.uuid4().hex, max_length=128)
-    model: str | None = None
-    prompt: str
-    image: str | None = Field(None, description="base64 image bytes (or use a multipart upload)")
+    """JSON bodies are read strictly (no "5" for 5); multipart form fields are text, so leniently."""
+
+    session_id: str = Field(default_factory=lambda: uuid.uuid4().hex, min_length=1, max_length=128)
+    model: str | None = Field(None, description="a served model; unset: DEFAULT_MODEL")
+    prompt: str = Field(
+        description="the question or instruction (not blank)", json_schema_extra={"pattern": TEXT_PATTERN}
+    )
+    image: str | None = Field(None, description="base64 image bytes or a data: URL (or a multipart upload)")
     stream: bool = False
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
+    max_tokens: PositiveInteger | None = None
+    temperature: float | None = Field(None, ge=0, le=2, description="0 = greedy")
+    top_p: float | None = Field(None, gt=0, le=1)
 
 
 async def _read(request: Request) -> tuple[ChatRequest, bytes | None]:
@@ -42,7 +47,7 @@ async def _read(request: Request) -> tuple[ChatRequest, bytes | None]:
             fields: dict[str, Any] = {k: v for k, v in form.items() if isinstance(v, str) and v != ""}
             upload = form.get("image")
             fields.pop("image", None)
-            chat = ChatRequest(**fields)
+            chat = ChatRequest.model_validate(form_booleans(fields, ("stream",)))
             return chat, (await upload.read()) if upload is not None and not isinstance(upload, str) else None
         try:
             payload = json.loads(await request.body())
@@ -50,10 +55,12 @@ async def _read(request: Request) -> tuple[ChatRequest, bytes | None]:
             raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
         if not isinstance(payload, dict):
             raise InvalidRequest("request body must be a JSON object")
-        chat = ChatRequest(**payload)
+        chat = ChatRequest.model_validate(payload, strict=True)
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         raise InvalidRequest(f"invalid chat request: {problems}") from None
+    if not has_text(chat.prompt):
+        raise InvalidRequest("prompt is empty: send a question or instruction")
     if chat.image is None:
         return chat, None
     try:
@@ -76,6 +83,8 @@ async def chat(request: Request):
     settings, store = request.app.state.settings, request.app.state.history
     body, image = await _read(request)
     model = check_model(settings, body.model)
+    check_max_tokens(settings, body.max_tokens)
+    await run_in_threadpool(store.check_open, body.session_id)
     history = await run_in_threadpool(store.turns, body.session_id)
     generation = GenerationRequest(
         model,
@@ -123,7 +132,7 @@ async def chat(request: Request):
     return EventSourceResponse(events(), ping=15, headers={"X-Accel-Buffering": "no"})
 
 
-@router.get("/sessions/{session_id}")
+@router.get("/sessions/{session_id}", operation_id="get_session")
 async def get_session(session_id: str, request: Request):
     turns = await run_in_threadpool(request.app.state.history.turns, session_id)
     if not turns:
@@ -131,7 +140,7 @@ async def get_session(session_id: str, request: Request):
     return {"session_id": session_id, "turns": [t.as_dict() for t in turns]}
 
 
-@router.delete("/sessions/{session_id}", status_code=204)
+@router.delete("/sessions/{session_id}", status_code=204, operation_id="delete_session")
 async def delete_session(session_id: str, request: Request):
     if not await run_in_threadpool(request.app.state.history.delete, session_id):
         raise NotFound(f"no session {session_id!r}")

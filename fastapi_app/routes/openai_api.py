@@ -12,25 +12,31 @@ from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette.sse import EventSourceResponse
 
 from fastapi_app.backends.base import Final, GenerationRequest
-from fastapi_app.generation import check_model, first_item, generate, with_defaults
+from fastapi_app.fields import PositiveInteger, integer
+from fastapi_app.generation import check_max_tokens, check_model, first_item, generate, with_defaults
 from fastapi_app.remote_images import fetch_as_data_url
 from vlm_engine.chat import parse_openai_messages
-from vlm_engine.errors import EngineError, InvalidParameter
+from vlm_engine.errors import EngineError
 
 router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"])
 
 
 class ChatCompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    """Strict types (no "5" for 5); the message shapes, the model enum and the API's max_tokens
+    maximum are in the OpenAPI document (``fastapi_app.openapi``) and checked by the engine."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
 
     model: str = Field(description="one of the served models (GET /v1/models)")
-    messages: list[dict[str, Any]] = Field(description="OpenAI chat messages; image_url parts with data: URLs")
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
+    messages: list[dict[str, Any]] = Field(
+        min_length=1, description="OpenAI chat messages; image_url parts with data: URLs"
+    )
+    max_tokens: PositiveInteger | None = None
+    max_completion_tokens: PositiveInteger | None = None
+    temperature: float | None = Field(None, ge=0, le=2, description="0 = greedy")
+    top_p: float | None = Field(None, gt=0, le=1)
     stream: bool = False
-    n: int = 1
+    n: integer(ge=1, le=1) = Field(1, description="one choice per request")
 
 
 async def _inline_remote_images(messages: list[dict[str, Any]], settings) -> None:
@@ -74,13 +80,14 @@ def _finish(reason: str) -> str:
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     settings = request.app.state.settings
     model = check_model(settings, body.model)
-    if body.n != 1:
-        raise InvalidParameter(f"n must be 1 (one choice per request), got {body.n}")
+    check_max_tokens(settings, body.max_tokens)
+    check_max_tokens(settings, body.max_completion_tokens)
+    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     await _inline_remote_images(body.messages, settings)
     generation = GenerationRequest(
         model,
         parse_openai_messages(body.messages),
-        body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens,
+        max_tokens,
         body.temperature,
         body.top_p,
         body.stream,

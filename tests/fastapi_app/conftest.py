@@ -20,7 +20,13 @@ class ApiProcess(procs.ApiProcess):
 
 def api_env(tmp_path_factory, **extra) -> dict[str, str]:
     db = tmp_path_factory.mktemp("history") / "history.sqlite3"
-    return {"HISTORY_DB": str(db), "MAX_HISTORY": "3", "MAX_BODY_BYTES": str(MAX_BODY_BYTES), **extra}
+    return {
+        "HISTORY_DB": str(db),
+        "MAX_HISTORY": "3",
+        "MAX_BODY_BYTES": str(MAX_BODY_BYTES),
+        "MAX_TOKENS_CAP": TRITON_ENV["MAX_TOKENS_CAP"],
+        **extra,
+    }
 
 
 @pytest.fixture(scope="session")

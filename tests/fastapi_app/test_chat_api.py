@@ -61,6 +61,9 @@ def test_history_is_trimmed_and_survives_a_restart(tmp_path, triton):
         assert httpx.delete(f"{api.url}/api/sessions/{session}").status_code == 204
         missing = httpx.get(f"{api.url}/api/sessions/{session}")
         assert missing.status_code == 404 and "no session" in missing.json()["detail"]
+        again = httpx.post(f"{api.url}/api/chat", json={"session_id": session, "prompt": "back?"}, timeout=60)
+        assert again.status_code == 409 and "was deleted" in again.json()["detail"], again.text
+        assert httpx.get(f"{api.url}/api/sessions/{session}").status_code == 404, "a deleted session stays deleted"
     finally:
         api.stop()
 
@@ -99,7 +102,7 @@ def test_rest_chat_bad_input(api):
             "not a recognised image",
         ),
         ({"prompt": "", "model": "llava"}, 400, "prompt is empty"),
-        ({"prompt": "hi", "model": "llava", "max_tokens": 0}, 400, "max_tokens must be between"),
+        ({"prompt": "hi", "model": "llava", "max_tokens": 0}, 400, "max_tokens: Input should be greater than or equal"),
     ]
     for body, status, says in cases:
         reply = httpx.post(api.url + "/api/chat", json=body, timeout=30)

@@ -11,9 +11,11 @@ import time
 import uuid
 
 import httpx
+import pytest
 
 from fastapi_app.history import HistoryStore
 from tests.fastapi_app.conftest import ApiProcess, api_env
+from vlm_engine.errors import SessionDeleted
 
 MODEL = "llava"  # the quickest tiny checkpoint
 
@@ -46,6 +48,21 @@ async def _session(client: httpx.AsyncClient, url: str, session: str, turns: int
 def _stored(url: str, session: str) -> list[tuple[str, str]]:
     reply = httpx.get(f"{url}/api/sessions/{session}", timeout=30)
     return [] if reply.status_code == 404 else [(t["prompt"], t["response"]) for t in reply.json()["turns"]]
+
+
+def test_a_deleted_session_stays_deleted_even_for_a_turn_in_flight(tmp_path):
+    """A turn answered after its session was deleted (a retry, a slow stream) is refused, not stored."""
+    store = HistoryStore(tmp_path / "history.sqlite3", max_turns=10)
+    store.add("s1", "llava", "first", "answer", False)
+    store.check_open("s1")
+    assert store.delete("s1") and not store.delete("s1")
+    with pytest.raises(SessionDeleted, match="was deleted"):
+        store.check_open("s1")
+    with pytest.raises(SessionDeleted):
+        store.add("s1", "llava", "second", "late answer", False)
+    assert store.turns("s1") == []
+    assert not store.delete("never-there")
+    store.check_open("never-there")  # deleting an unknown id marks nothing
 
 
 def test_32_concurrent_sessions_of_5_turns_keep_all_160_in_order(triton, tmp_path_factory):

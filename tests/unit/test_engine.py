@@ -87,8 +87,15 @@ def test_request_validation(engines):
     image = image_bytes((32, 32))
     with pytest.raises(InvalidRequest, match="prompt is empty"):
         engine.prepare(single_turn("  ", image))
-    with pytest.raises(InvalidRequest, match="last message must be the user"):
-        engine.prepare([Message("user", "hi"), Message("assistant", "hello")])
+    with pytest.raises(InvalidRequest, match="no user message"):
+        engine.prepare([Message("system", "be brief"), Message("assistant", "hello")])
+    with pytest.raises(InvalidRequest, match="prompt is empty"):
+        engine.prepare([Message("user", " \t\n", [image]), Message("assistant", "hello")])
+    with pytest.raises(InvalidRequest, match="images go in user messages"):
+        engine.prepare([Message("user", "hi"), Message("assistant", "look", [image])])
+    # OpenAI's shape, not ours to narrow: a conversation may end with the assistant's turn
+    ends_with_assistant = engine.prepare([Message("user", "hi", [image]), Message("assistant", "hello")], max_tokens=3)
+    assert engine.generate([ends_with_assistant])[0].output_tokens == 3
     with pytest.raises(InvalidRequest, match="at most 1 image"):
         engine.prepare([Message("user", "compare", [image, image])])
     with pytest.raises(PromptTooLong, match="above the limit of 300"):

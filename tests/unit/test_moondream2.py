@@ -179,6 +179,14 @@ def test_token_counts_and_finish_reasons_are_exact(engine, max_tokens):
     assert len(engine.adapter.tokenizer.encode(result.text).ids) >= 1
 
 
+@pytest.mark.parametrize("temperature", [1.401298464324817e-45, 1e-300])
+def test_a_tiny_temperature_is_sampled_not_a_nan_error(engine, temperature):
+    """Found by schemathesis: the code divides its logits by the temperature (inf, then NaN)."""
+    greedy = engine.generate([ask(engine, PROMPTS[2], image(2), 6)])[0]
+    prepared = engine.prepare(single_turn(PROMPTS[2], image(2)), 6, temperature, 5e-324)
+    assert engine.generate([prepared])[0].text == greedy.text
+
+
 def test_the_context_limit_is_refused_up_front_and_the_last_position_is_usable(engine):
     adapter = engine.adapter
     prepared = ask(engine, PROMPTS[0], image(0), 1)

@@ -276,6 +276,17 @@ def test_greedy_rows_ignore_sampled_neighbours():
     assert len(picks) > 1, "a sampled row varies"
 
 
+@pytest.mark.parametrize("temperature", [1e-300, 1.1754943508222875e-38, 1e-45])
+@pytest.mark.parametrize("top_p", [5e-324, 1e-300, 1.0])
+def test_extreme_but_valid_values_pick_the_likeliest_token(temperature, top_p):
+    """Found by schemathesis: a temperature that is 0 or overflows in float32, a top_p that is 0
+    in float32; both are in range, so they must sample (as greedy), not fail on NaN."""
+    torch.manual_seed(1)
+    logits = torch.randn(3, 50) * 30
+    chosen = choose_tokens(logits, [GenerationParams(5, temperature, top_p)] * 3)
+    assert chosen == logits.argmax(dim=-1).tolist()
+
+
 def test_stream_interval_sends_fewer_chunks_with_the_same_text(tiny_models_dir):
     every, grouped = (make_engine(tiny_models_dir, "llava", STREAM_INTERVAL=n) for n in ("1", "4"))
     try:

@@ -45,12 +45,14 @@ from pathlib import Path
 from typing import Any
 
 from vlm_engine.adapters.base import Adapter, Prepared, Result, RowDecoder, RowStep
+from vlm_engine.chat import prompt_message
 from vlm_engine.errors import InvalidParameter, InvalidRequest, ModelConfigError, PromptTooLong
 from vlm_engine.loading import from_pretrained_kwargs, resolve_dtype
 
 TOKENIZER_REPO = "moondream/starmie-v1"  # what the real code asks for
 TOKENIZER_REVISION = "35192e10a54e36eabe0a7cc57a2c1aab371cafc5"  # pinned here; the code asks for "main"
 CAPTION_LENGTHS = ("short", "normal", "long")
+SMALLEST_TEMPERATURE = 1e-30  # logits / 1e-30 stay finite in bfloat16; still the argmax in effect
 COMMANDS = ("/caption", "/detect", "/point")
 _END = object()
 
@@ -275,14 +277,15 @@ class Moondream2Adapter(Adapter):
             return len(self._counter.encode(text).ids)
 
     def question(self, prepared: Prepared) -> str:
-        """Earlier turns are given to ``query`` as context before the question."""
-        *history, last = prepared.messages
-        context = "\n".join(f"{m.role}: {m.text.strip()}" for m in history if m.text.strip())
+        """The other turns are given to ``query`` as context before the question (the last user message)."""
+        last = prompt_message(prepared.messages)
+        others = [m for m in prepared.messages if m is not last and m.text.strip()]
+        context = "\n".join(f"{m.role}: {m.text.strip()}" for m in others)
         return f"{context}\n{last.text.strip()}" if context else last.text.strip()
 
     def encode_row(self, prepared: Prepared) -> Task:
         """Parse the command, check its arguments and the context; a bad request fails here."""
-        command, _, rest = prepared.messages[-1].text.strip().partition(" ")
+        command, _, rest = prompt_message(prepared.messages).text.strip().partition(" ")
         kind = command.lower()[1:] if command.lower() in COMMANDS else "query"
         argument = rest.strip() if kind != "query" else self.question(prepared)
         if kind != "query" and prepared.image is None:
@@ -369,7 +372,9 @@ class Moondream2Adapter(Adapter):
         row.caches = self._new_caches()
         self._bind(row.caches)
         image = self._encoded(prepared, task) if prepared.image is not None else None
-        settings = {"variant": None, "max_tokens": params.max_tokens, "temperature": params.temperature}
+        # its code divides the logits by the temperature: 1e-300 would make them inf, then NaN
+        temperature = max(params.temperature, SMALLEST_TEMPERATURE) if params.temperature > 0 else 0.0
+        settings = {"variant": None, "max_tokens": params.max_tokens, "temperature": temperature}
         settings["top_p"] = params.top_p
         if task.kind == "caption":
             row.stream = self.model.caption(image, length=task.argument, stream=True, settings=settings)["caption"]

@@ -1,0 +1,35 @@
+"""schemathesis hooks (``SCHEMATHESIS_HOOKS=tests.contract.schemathesis_hooks``): the OpenAPI
+document's custom image formats, generated as real small PNG, JPEG and WebP files, so that
+every image schemathesis sends is one the service must accept."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import schemathesis
+from hypothesis import strategies as st
+from PIL import Image
+
+FORMATS = ("PNG", "JPEG", "WEBP")
+MIME = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
+
+
+@st.composite
+def image_files(draw) -> tuple[str, bytes]:
+    size = (draw(st.integers(1, 48)), draw(st.integers(1, 48)))
+    color = tuple(draw(st.integers(0, 255)) for _ in range(3))
+    kind = draw(st.sampled_from(FORMATS))
+    buffer = io.BytesIO()
+    Image.new("RGB", size, color).save(buffer, kind)
+    return kind, buffer.getvalue()
+
+
+def _data_url(image: tuple[str, bytes]) -> str:
+    kind, data = image
+    return f"data:{MIME[kind]};base64,{base64.b64encode(data).decode()}"
+
+
+schemathesis.openapi.format("image-data-url", image_files().map(_data_url))
+schemathesis.openapi.format("image-base64", image_files().map(lambda image: base64.b64encode(image[1]).decode()))
+schemathesis.openapi.format("image-file", image_files().map(lambda image: image[1]))
