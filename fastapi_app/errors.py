@@ -43,7 +43,7 @@ MESSAGES = {"There was an error parsing the body": "request body could not be pa
 def allowed_methods(request: Request) -> list[str]:
     """Every method some route takes on this path (Starlette's 405 names only the first route's)."""
     methods: list[str] = []
-    for route in request.app.router.routes:
+    for route in request.app.state.routes:
         if route.matches(request.scope)[0] is not Match.NONE:
             methods += [m for m in getattr(route, "methods", None) or () if m not in methods]
     return methods

@@ -45,8 +45,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.admission = Admission(settings.max_inflight_per_model)
     errors.install(app)
     openapi.install(app)
-    for router in (openai_api.router, chat.router, health.router, web.router):
+    routers = (openai_api.router, chat.router, health.router, web.router)
+    for router in routers:
         app.include_router(router)
+    app.state.routes = [route for router in routers for route in router.routes]  # for 405's Allow
     app.mount("/static", StaticFiles(directory=web.STATIC), name="static")
     keys = settings.keys
     app.state.api_keys = keys

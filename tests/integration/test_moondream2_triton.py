@@ -41,9 +41,7 @@ def test_a_caption_without_an_image_fails_alone_in_its_batch(triton):
     prompts = [f"Describe picture number {i}." for i in range(6)]
     prompts[2], images[2] = "/caption", None
     prompts[4] = "/caption gigantic"
-    alone = {
-        i: infer_http(triton.http_url, MODEL, prompts[i], images[i], max_tokens=8, **GREEDY) for i in (0, 1, 3, 5)
-    }
+    alone = {i: infer_http(triton.http_url, MODEL, prompts[i], images[i], max_tokens=8, **GREEDY) for i in (0, 1, 3, 5)}
     client = httpclient.InferenceServerClient(triton.http_url, concurrency=6)
     pending = [
         client.async_infer(MODEL, inputs(httpclient, prompts[i], images[i], max_tokens=8, **GREEDY)) for i in range(6)

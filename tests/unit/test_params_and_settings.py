@@ -1,6 +1,6 @@
 import pytest
 
-from vlm_engine.errors import InvalidParameter, ModelConfigError
+from vlm_engine.errors import InvalidParameter, MaxTokensTooLarge, ModelConfigError
 from vlm_engine.params import resolve_params
 from vlm_engine.settings import MODELS, resolve_settings
 
@@ -70,7 +70,6 @@ def test_params_default_from_settings_and_are_range_checked():
     assert resolve_params(settings, 50, 0.0, 0.5).greedy
     for kwargs, says in [
         ({"max_tokens": 0}, "between 1 and 50"),
-        ({"max_tokens": 51}, "between 1 and 50"),
         ({"max_tokens": True}, "integer"),
         ({"temperature": -0.1}, "temperature"),
         ({"temperature": 2.5}, "temperature"),
@@ -80,3 +79,7 @@ def test_params_default_from_settings_and_are_range_checked():
     ]:
         with pytest.raises(InvalidParameter, match=says):
             resolve_params(settings, **kwargs)
+    # well formed but above this model's cap: 413, not "malformed"
+    with pytest.raises(MaxTokensTooLarge, match="between 1 and 50 for llava") as caught:
+        resolve_params(settings, 51)
+    assert caught.value.status == 413
