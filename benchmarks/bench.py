@@ -24,6 +24,8 @@ import httpx
 
 from benchmarks import load, scheduling
 from benchmarks.report import write_report
+from loadtests import payloads
+from loadtests.burst import burst, refusal_figures
 from vlm_engine.tiny.samples import PROMPTS, sample_image
 from vlm_stack.config import StackConfig
 from vlm_stack.procs import ApiProcess, ephemeral_stack_env
@@ -138,6 +140,19 @@ def start_local_api(models_dir: Path, log: Path) -> ApiProcess:
     return ApiProcess(log, env).start()
 
 
+def overload_bursts(gateway: str) -> dict:
+    """300 requests for one model sent at once through nginx, on the OpenAI route and on
+    KServe infer: how many are refused (503 at the door) and how fast."""
+    image = payloads.Picture("160x120.png", "PNG", IMAGES[0])
+    chat = load.chat_body(MODEL, PROMPTS[0], IMAGES[0], 8, False)
+    out = {"openai": refusal_figures(burst(gateway, "/v1/chat/completions", chat))}
+    time.sleep(5)  # the answered ones finish
+    kserve = payloads.kserve_json_body(PROMPTS[0], image, 8)
+    out["kserve"] = refusal_figures(burst(gateway, f"/v2/models/{MODEL}/infer", kserve))
+    time.sleep(5)
+    return out
+
+
 def measure_stack(models_dir: Path, requests: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         env = stack_env(models_dir, Path(tmp) / "run")
@@ -156,6 +171,8 @@ def measure_stack(models_dir: Path, requests: int) -> dict:
             out = {"cold_start_s": round(cold, 2)}
             out.update(asyncio.run(gateway_and_streaming(config, requests)))
             say(f"gateway: {out['gateway_added_ms']}, streaming TTFT ratio {out['ttft_ratio_nginx_vs_direct']}")
+            out["overload"] = overload_bursts(gateway)
+            say(f"overload (300 at once): {out['overload']}")
             local_api = start_local_api(models_dir, Path(tmp) / "local-api.log")
             try:
                 out["seed_comparison"] = asyncio.run(

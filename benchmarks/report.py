@@ -13,6 +13,7 @@ TARGETS = {
     "open_loop_p95_ratio": 0.5,  # in-flight p95 / static p95 where static passes 5 s
     "gateway_added_p50_ms": 3.0,
     "ttft_ratio": 1.10,  # nginx within 10% of direct
+    "refusal_p95_ms": 100.0,  # 300 requests at once: the refused ones' p95 latency
 }
 
 
@@ -77,6 +78,16 @@ def verdicts(result: dict) -> list[tuple[str, str, str, bool]]:
             ),
             ("cold start: stack up to first answer", f"{stack['cold_start_s']} s", "(recorded)", True),
         ]
+        for route, burst in stack.get("overload", {}).items():
+            p95 = burst.get("refusal_p95_ms", float("inf"))
+            rows.append(
+                (
+                    f"300 at once, {route}: refusals' p95 ({burst['refused']} refused)",
+                    f"{p95} ms",
+                    f"< {TARGETS['refusal_p95_ms']} ms",
+                    p95 < TARGETS["refusal_p95_ms"],
+                )
+            )
     return rows
 
 

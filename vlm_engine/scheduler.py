@@ -124,15 +124,17 @@ class Scheduler:
     # -- the edges' side
 
     def _refuse_when_full(self) -> None:
-        """Under ``self._wake``: requests waiting, and places promised to requests still being
-        prepared, fill the queue."""
+        """Under ``self._wake``: the capacity is MAX_RUNNING + MAX_WAITING requests in all (rows
+        running, waiting, and places promised to requests still being prepared), so a burst
+        that arrives before the running batch has filled still gets every place."""
         if self._closing:
             raise ShuttingDown(f"{self.name} is shutting down; retry on another instance")
-        if len(self._waiting) + self._reserved >= self.max_waiting:
+        in_flight = len(self._running) + len(self._waiting) + self._reserved
+        if in_flight >= self.max_running + self.max_waiting:
             self.stats.rejected += 1
             raise Overloaded(
-                f"{self.name} is at capacity: {len(self._waiting) + self._reserved} requests waiting "
-                f"(MAX_WAITING={self.max_waiting}); retry later"
+                f"{self.name} is at capacity: {in_flight} requests in flight "
+                f"(MAX_RUNNING={self.max_running} + MAX_WAITING={self.max_waiting}); retry later"
             )
 
     def check_capacity(self) -> None:

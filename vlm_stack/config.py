@@ -84,6 +84,9 @@ class StackConfig:
             "NGINX_RATE": self.env.get("NGINX_RATE") or "50",
             "NGINX_BURST": self.env.get("NGINX_BURST") or "200",
             "NGINX_CONNECTIONS": self.env.get("NGINX_CONNECTIONS") or "256",
+            "NGINX_MAX_CHATS": self.env.get("NGINX_MAX_CHATS") or "80",
+            "NGINX_MAX_PER_MODEL": self.env.get("NGINX_MAX_PER_MODEL") or "80",
+            "NGINX_ADMISSION_SOCKET": str(self.run_dir / "nginx-admission.sock"),
         }
 
     def max_body_bytes(self) -> int:

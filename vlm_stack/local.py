@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -105,7 +106,10 @@ class LocalStack:
             services.append(
                 Service(
                     "nginx",
-                    [
+                    [  # a killed nginx leaves its admission socket behind; bind() would fail on it
+                        "/bin/sh",
+                        "-c",
+                        f'rm -f {shlex.quote(c.nginx_vars()["NGINX_ADMISSION_SOCKET"])}; exec "$0" "$@"',
                         nginx,
                         "-p",
                         str(self.run / "nginx"),
@@ -276,7 +280,9 @@ class LocalStack:
         self.write_supervisor_config()
         nginx_check = [s for s in self.services() if s.name == "nginx"]
         if nginx_check:
-            test = subprocess.run([*nginx_check[0].command[:5], "-t"], capture_output=True, text=True)
+            command = nginx_check[0].command
+            nginx = command[command.index("-p") - 1 :]  # past the stale-socket wrapper
+            test = subprocess.run([*nginx[:5], "-t"], capture_output=True, text=True)
             if test.returncode != 0:
                 raise SystemExit(f"nginx config test failed:\n{test.stderr}")
         self.supervisor.start(self.c.env, ROOT)

@@ -163,7 +163,7 @@ def test_a_full_queue_is_refused_at_once(tiny_models_dir):
         running = Request(engine, prepare(engine, 1, 200))
         running.first_text()  # admitted: the running batch is full
         waiting = Request(engine, prepare(engine, 2, 4))
-        with pytest.raises(Overloaded, match="at capacity: 1 requests waiting"):
+        with pytest.raises(Overloaded, match=r"at capacity: 2 requests in flight \(MAX_RUNNING=1 \+ MAX_WAITING=1\)"):
             Request(engine, prepare(engine, 3, 4))
         assert engine.scheduler.stats.rejected == 1
         running.result(), waiting.result()
