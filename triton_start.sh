@@ -2,7 +2,8 @@
 # Bring the whole stack up, the way this machine allows: Docker Compose with the GPU file on
 # an NVIDIA host, the CPU file without a GPU, local processes without Docker.
 #   ./triton_start.sh [up|down|status|logs]      (default: up)
-# Environment: NGINX_PORT (80), VLM_MODELS_DIR (empty: real weights), VLM_STACK_MODE (force).
+# Environment: NGINX_PORT (80), VLM_MODELS_DIR (empty: real weights), VLM_STACK_MODE (force),
+# VLM_SYSTEM_PACKAGES=skip (local mode: start without the system packages that are missing).
 set -euo pipefail
 cd "$(dirname "$0")"
 command=${1:-up}
@@ -12,6 +13,11 @@ compose_file=docker-compose-cpu.yml
 [ "$mode" = gpu ] && compose_file=docker-compose.yml
 echo "[stack] mode: $mode$([ "$mode" != local ] && echo " ($compose_file)")"
 if [ "$mode" = local ]; then
+  # nginx, prometheus and the exporter: installed now as root with apt, or the command to run
+  # (VLM_SYSTEM_PACKAGES=skip starts without whatever is missing).
+  if [ "$command" = up ] && [ "${VLM_SYSTEM_PACKAGES:-}" != skip ]; then
+    ./scripts/system_packages.sh || exit $?
+  fi
   exec "$PYTHON" -m vlm_stack "$command"
 fi
 # Compose mounts ./.models at /models: a checkpoint folder under it is passed by its container

@@ -18,7 +18,7 @@ def _sandbox_path(tmp_path: Path, fakes: dict[str, str]) -> str:
     """A PATH with only basic tools and the given fake commands (name -> script body)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    for tool in TOOLS:
+    for tool in set(TOOLS) - set(fakes):  # a fake never writes through a link to the real tool
         real = subprocess.run(["bash", "-c", f"command -v {tool}"], capture_output=True, text=True).stdout.strip()
         (bin_dir / tool).symlink_to(real)
     for name, body in fakes.items():
@@ -100,3 +100,35 @@ def test_port_80_without_root_says_so_and_offers_another():
         check_port_privilege(80, euid=1000)
     check_port_privilege(80, euid=0)
     check_port_privilege(8088, euid=1000)
+
+
+def system_packages(tmp_path: Path, fakes: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    """scripts/system_packages.sh with only the given commands on PATH (no nginx in /usr/sbin)."""
+    fakes = {"chmod": 'exec /bin/chmod "$@"', "rm": 'exec /bin/rm "$@"', **fakes}
+    env = {"PATH": _sandbox_path(tmp_path, fakes), "NGINX_SBIN": "/nonexistent", "POLICY_RC_D": str(tmp_path / "rc")}
+    return subprocess.run(
+        [str(ROOT / "scripts" / "system_packages.sh"), *args], env=env, capture_output=True, text=True
+    )
+
+
+def test_missing_packages_without_root_stop_with_the_command_to_run(tmp_path):
+    result = system_packages(tmp_path, {"id": "echo 1000", "apt-get": "exit 1"})
+    assert result.returncode == 3, result
+    assert "sudo apt-get install -y --no-install-recommends nginx prometheus prometheus-nginx-exporter" in result.stderr
+
+
+def test_missing_packages_as_root_are_installed_with_apt_and_start_no_service(tmp_path):
+    log = tmp_path / "apt.log"
+    apt = f'echo "$* policy:$(grep -c "exit 101" {tmp_path / "rc"})" >> {log}'
+    result = system_packages(tmp_path, {"id": "echo 0", "apt-get": apt}, "--tests")
+    assert result.returncode == 0, result
+    update, install = log.read_text().splitlines()
+    assert update == "update -qq policy:1", update  # services are held back meanwhile
+    assert install.startswith("install -y -qq --no-install-recommends chromium nginx prometheus")
+    assert not (tmp_path / "rc").exists(), "the policy file is removed afterwards"
+
+
+def test_nothing_missing_means_nothing_to_do(tmp_path):
+    present = {name: "true" for name in ("nginx", "prometheus", "prometheus-nginx-exporter")}
+    result = system_packages(tmp_path, {"id": "echo 1000", "apt-get": "exit 1", **present})
+    assert result.returncode == 0 and result.stderr == "" and result.stdout == ""
