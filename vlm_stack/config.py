@@ -21,6 +21,24 @@ PORT_NAMES = (
 )
 
 
+REPLICA_PORT_STEP = 10  # replica i listens on the Triton ports + 10*i, unless TRITON_REPLICA_PORTS says
+
+
+@dataclass(frozen=True)
+class Replica:
+    """One tritonserver (with its watchdog) of the stack."""
+
+    index: int
+    http_port: int
+    grpc_port: int
+    metrics_port: int
+    health_port: int
+
+    @property
+    def name(self) -> str:
+        return "triton" if self.index == 0 else f"triton-{self.index}"
+
+
 def _port(env: dict[str, str], name: str, default: int) -> int:
     value = env.get(name, "")
     try:
@@ -44,6 +62,8 @@ class StackConfig:
     triton_metrics_port: int = 8002
     triton_health_port: int = 8003
     prometheus_port: int = 9090
+    triton_replicas: int = 1
+    replica_ports: str = ""
     max_body: str = "25m"
     run_dir: Path = ROOT / ".run"
     models_dir: str = ""
@@ -63,11 +83,32 @@ class StackConfig:
             triton_metrics_port=_port(env, "TRITON_METRICS_PORT", 8002),
             triton_health_port=_port(env, "TRITON_HEALTH_PORT", 8003),
             prometheus_port=_port(env, "PROMETHEUS_PORT", 9090),
+            triton_replicas=_replicas(env),
+            replica_ports=env.get("TRITON_REPLICA_PORTS", ""),
             max_body=env.get("NGINX_MAX_BODY", "25m"),
             run_dir=Path(env.get("STACK_RUN_DIR", ROOT / ".run")),
             models_dir=env.get("VLM_MODELS_DIR", ""),
             env=env,
         )
+
+    def replicas(self) -> list[Replica]:
+        """``TRITON_REPLICAS`` tritonservers; the first on the Triton ports, replica i on them
+        + 10*i, or on ``TRITON_REPLICA_PORTS`` ("http:grpc:metrics:health,..." for 1, 2, ...)."""
+        given = [p.split(":") for p in self.replica_ports.split(",") if p.strip()]
+        replicas = []
+        for i in range(self.triton_replicas):
+            if i > 0 and len(given) >= i:
+                ports = [int(p) for p in given[i - 1]]
+            else:
+                base = (self.triton_http_port, self.triton_grpc_port, self.triton_metrics_port, self.triton_health_port)
+                ports = [p + REPLICA_PORT_STEP * i for p in base]
+            replicas.append(Replica(i, *ports))
+        return replicas
+
+    def triton_grpc_target(self) -> str:
+        """The service's gRPC target: one address, or all replicas' for round-robin."""
+        addresses = [f"127.0.0.1:{r.grpc_port}" for r in self.replicas()]
+        return addresses[0] if len(addresses) == 1 else "ipv4:" + ",".join(addresses)
 
     def nginx_vars(self) -> dict[str, str]:
         """Values for nginx/templates/*.template (the Compose image uses the same names)."""
@@ -76,8 +117,8 @@ class StackConfig:
             "NGINX_GRPC_PORT": f"127.0.0.1:{self.nginx_grpc_port}",
             "NGINX_STATUS_PORT": f"127.0.0.1:{self.nginx_status_port}",
             "FASTAPI_UPSTREAM": f"127.0.0.1:{self.api_port}",
-            "TRITON_HTTP_UPSTREAM": f"127.0.0.1:{self.triton_http_port}",
-            "TRITON_GRPC_UPSTREAM": f"127.0.0.1:{self.triton_grpc_port}",
+            "TRITON_HTTP_SERVERS": " ".join(f"server 127.0.0.1:{r.http_port};" for r in self.replicas()),
+            "TRITON_GRPC_SERVERS": " ".join(f"server 127.0.0.1:{r.grpc_port};" for r in self.replicas()),
             "NGINX_MAX_BODY": self.max_body,
             "NGINX_ACCESS_LOG": str(self.run_dir / "logs" / "nginx-access.log"),
             "NGINX_AUTH_REQUEST": "/_auth" if self.env.get("API_KEYS") or self.env.get("API_KEYS_FILE") else "off",
@@ -93,3 +134,10 @@ class StackConfig:
         units = {"k": 1024, "m": 1024**2, "g": 1024**3}
         text = self.max_body.strip().lower()
         return int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text)
+
+
+def _replicas(env: dict[str, str]) -> int:
+    value = env.get("TRITON_REPLICAS", "") or "1"
+    if not value.isdigit() or not 1 <= int(value) <= 16:
+        raise SystemExit(f"TRITON_REPLICAS must be a number from 1 to 16, got {value!r}")
+    return int(value)

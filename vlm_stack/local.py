@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -72,28 +73,32 @@ class LocalStack:
         triton_env = launch.environment({**c.env, "TRITON_ADDRESS": "127.0.0.1"})
         if c.models_dir:
             triton_env["VLM_MODELS_DIR"] = c.models_dir
+        replicas = c.replicas()
         api_env = {
             **c.env,
-            "TRITON_GRPC_URL": f"127.0.0.1:{c.triton_grpc_port}",
+            "TRITON_GRPC_URL": c.triton_grpc_target(),  # several replicas: round-robin per stream
             "HISTORY_DB": c.env.get("HISTORY_DB", str(self.run / "data" / "history.sqlite3")),
             "MAX_BODY_BYTES": str(c.max_body_bytes()),
         }
-        api_env["TRITON_HEALTH_URL"] = f"http://127.0.0.1:{c.triton_health_port}"
+        api_env["TRITON_HEALTH_URL"] = ",".join(f"http://127.0.0.1:{r.health_port}" for r in replicas)
         services = [
             Service(
-                "triton",
+                replica.name,
                 [
                     sys.executable,
                     "-m",
                     "vlm_triton.serve",
-                    f"--http-port={c.triton_http_port}",
-                    f"--grpc-port={c.triton_grpc_port}",
-                    f"--metrics-port={c.triton_metrics_port}",
-                    f"--health-port={c.triton_health_port}",
+                    f"--http-port={replica.http_port}",
+                    f"--grpc-port={replica.grpc_port}",
+                    f"--metrics-port={replica.metrics_port}",
+                    f"--health-port={replica.health_port}",
                 ],
-                f"http://127.0.0.1:{c.triton_health_port}/ready",
+                f"http://127.0.0.1:{replica.health_port}/ready",
                 env=triton_env,
-            ),
+            )
+            for replica in replicas
+        ]
+        services += [
             Service(
                 "fastapi",
                 uvicorn_command(c.api_port),
@@ -191,11 +196,16 @@ class LocalStack:
         if prom.exists():
             shutil.rmtree(prom / "rules", ignore_errors=True)
         (prom / "targets").mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(ROOT / "prometheus" / "prometheus.yml", prom / "prometheus.yml")
+        config = (ROOT / "prometheus" / "prometheus.yml").read_text()
+        config = re.sub(r"  # compose-only: begin.*?# compose-only: end\n", "", config, flags=re.S)
+        (prom / "prometheus.yml").write_text(config)
         shutil.copytree(ROOT / "prometheus" / "rules", prom / "rules")
         c = self.c
         targets = [
-            {"targets": [f"127.0.0.1:{c.triton_metrics_port}"], "labels": {"job_name": "triton"}},
+            *(
+                {"targets": [f"127.0.0.1:{r.metrics_port}"], "labels": {"job_name": "triton", "replica": r.name}}
+                for r in c.replicas()
+            ),
             {"targets": [f"127.0.0.1:{c.api_port}"], "labels": {"job_name": "fastapi"}},
             {"targets": [f"127.0.0.1:{c.prometheus_port}"], "labels": {"job_name": "prometheus"}},
         ]
@@ -218,7 +228,7 @@ class LocalStack:
                 s.name,
                 s.command,
                 {k: v for k, v in (s.env or {}).items() if base.get(k) != v},
-                stop_seconds=60 if s.name == "triton" else 20,
+                stop_seconds=60 if s.name.startswith("triton") else 20,
             )
             for s in self.services()
         ]
@@ -287,10 +297,15 @@ class LocalStack:
                 raise SystemExit(f"nginx config test failed:\n{test.stderr}")
         self.supervisor.start(self.c.env, ROOT)
         say(f"supervisord running (restarts any service that dies; log {self.logs / 'supervisord.log'})")
-        for service in self.services():
+        services = self.services()
+        tritons = [s for s in services if s.name.startswith("triton")]
+        for service in tritons:  # the replicas load their models at the same time
             self.start(service)
-            extra = self._models_progress if service.name == "triton" else None
-            self.wait(service, timeout_s, extra)
+        for service in tritons:
+            self.wait(service, timeout_s, self._models_progress)
+        for service in services[len(tritons) :]:
+            self.start(service)
+            self.wait(service, timeout_s)
         self.print_urls()
 
     def down(self) -> None:

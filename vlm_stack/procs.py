@@ -26,6 +26,8 @@ def ephemeral_stack_env(run_dir: Path, models_dir: Path) -> dict[str, str]:
     return {
         **os.environ,
         **{name: str(free_port()) for name in PORT_NAMES},
+        # ports for up to three more Triton replicas (TRITON_REPLICAS), free ones too
+        "TRITON_REPLICA_PORTS": ",".join(":".join(str(free_port()) for _ in range(4)) for _ in range(3)),
         "NGINX_LOCAL_ONLY": "1",
         "STACK_RUN_DIR": str(run_dir),
         "VLM_MODELS_DIR": str(models_dir),

@@ -20,6 +20,7 @@ from vlm_engine.engine import VLMEngine
 from vlm_engine.errors import InvalidRequest
 from vlm_engine.scheduler import Event
 from vlm_triton.metrics import TritonMetrics
+from vlm_triton.placement import instance_device
 from vlm_triton.tensors import (
     batch_size,
     bytes_input,
@@ -39,6 +40,7 @@ class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         parameters = model_parameters(args)
         name = parameters.pop("model")
+        parameters.update(instance_device(args))
         self.engine = VLMEngine.from_config(name, parameters, metrics=TritonMetrics(name))
         self.with_entities = self.engine.adapter.grounding
         self.outbox: queue.SimpleQueue = queue.SimpleQueue()

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import socket
 import uuid
 from collections.abc import AsyncIterator
+from urllib.parse import urlsplit
 
 import grpc
 import httpx
@@ -17,6 +20,17 @@ from fastapi_app.settings import Settings
 from vlm_engine.chat import to_openai
 from vlm_engine.errors import BackendUnavailable, EngineError, Overloaded, from_message
 
+# tritonclient's own channel options (its defaults are dropped when any are given), plus round-robin
+CHANNEL_ARGS = [
+    ("grpc.max_send_message_length", grpcclient.MAX_GRPC_MESSAGE_SIZE),
+    ("grpc.max_receive_message_length", grpcclient.MAX_GRPC_MESSAGE_SIZE),
+    ("grpc.keepalive_time_ms", 2**31 - 1),
+    ("grpc.keepalive_timeout_ms", 20000),
+    ("grpc.keepalive_permit_without_calls", False),
+    ("grpc.http2.max_pings_without_data", 2),
+    ("grpc.lb_policy_name", "round_robin"),
+]
+
 
 class TritonBackend:
     name = "triton"
@@ -27,7 +41,9 @@ class TritonBackend:
         self.client: grpcclient.InferenceServerClient | None = None
 
     async def start(self) -> None:
-        self.client = grpcclient.InferenceServerClient(self.url)
+        # Several replicas ("ipv4:a:8001,b:8001", or a name that resolves to each, "dns:///triton:8001"):
+        # each stream goes to the next ready one (round-robin); one address works the same.
+        self.client = grpcclient.InferenceServerClient(self.url, channel_args=CHANNEL_ARGS)
 
     async def close(self) -> None:
         if self.client is not None:
@@ -52,15 +68,24 @@ class TritonBackend:
         return states
 
     async def _not_ready_per_watchdog(self) -> set[str]:
-        url = self.settings.triton_health_url
-        if not url:
+        """Models no replica serves, per the replicas' watchdogs (``TRITON_HEALTH_URL``, comma-separated)."""
+        urls = [u.strip() for u in (self.settings.triton_health_url or "").split(",") if u.strip()]
+        if not urls:
             return set()
+        urls = [address for url in urls for address in await _each_address(url)]
+        async with httpx.AsyncClient(timeout=2) as client:
+            healing = [await self._replica_not_ready(client, url) for url in urls]
+        return set.intersection(*healing)
+
+    async def _replica_not_ready(self, client: httpx.AsyncClient, url: str) -> set[str]:
         try:
-            async with httpx.AsyncClient(timeout=2) as client:
-                reply = await client.get(url.rstrip("/") + "/models")
-            return set(reply.json()["not_ready"]) if reply.status_code == 200 else set(self.settings.models)
+            reply = await client.get(url.rstrip("/") + "/models")
+            return set(reply.json()["not_ready"]) if reply.status_code == 200 else self._all()
         except (httpx.HTTPError, ValueError, KeyError):
-            return set(self.settings.models)  # no watchdog answer: Triton is down or restarting
+            return self._all()  # no watchdog answer: that replica is down or restarting
+
+    def _all(self) -> set[str]:
+        return set(self.settings.models) | {f"{m}_stream" for m in self.settings.models}
 
     @staticmethod
     def _inputs(request: GenerationRequest) -> list[grpcclient.InferInput]:
@@ -144,3 +169,14 @@ def _fp32(value: float) -> np.float32:
     """Triton's FP32: a positive value too small for it stays positive (top_p 5e-324 is not 0)."""
     single = np.float32(value)
     return np.float32(np.finfo(np.float32).smallest_subnormal) if value > 0 and single == 0 else single
+
+
+async def _each_address(url: str) -> list[str]:
+    """``http://triton:8003`` -> one URL per address the name has (Compose replicas share a name)."""
+    parts = urlsplit(url)
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(parts.hostname, parts.port, type=socket.SOCK_STREAM)
+    except OSError:
+        return [url]  # unknown now (restarting): asked as it is, and found not ready
+    hosts = sorted({info[4][0] for info in infos})
+    return [f"{parts.scheme}://{f'[{h}]' if ':' in h else h}:{parts.port}" for h in hosts] or [url]

@@ -83,3 +83,11 @@ def test_params_default_from_settings_and_are_range_checked():
     with pytest.raises(MaxTokensTooLarge, match="between 1 and 50 for llava") as caught:
         resolve_params(settings, 51)
     assert caught.value.status == 413
+
+
+def test_a_gpu_instance_runs_on_the_gpu_triton_assigned():
+    from vlm_triton.placement import instance_device
+
+    assert instance_device({"model_instance_kind": "GPU", "model_instance_device_id": "3"}) == {"device": "cuda:3"}
+    assert instance_device({"model_instance_kind": "MODEL", "model_instance_device_id": "0"}) == {}
+    assert instance_device({"model_instance_kind": "CPU"}) == {}
