@@ -44,7 +44,9 @@ def replicated(tiny_models_dir):
 
 
 def served(replica, model: str) -> float:
-    return metric(f"127.0.0.1:{replica.metrics_port}", "nv_inference_request_success", model=model)
+    return metric(
+        f"127.0.0.1:{replica.metrics_port}", "nv_inference_request_success_total", model=model
+    )  # the parser adds _total
 
 
 def test_kserve_requests_through_nginx_reach_both_replicas(replicated, png):
@@ -76,9 +78,10 @@ def test_prometheus_scrapes_each_replica(replicated):
     deadline = time.monotonic() + 60
     while True:
         result = httpx.get(query, params={"query": 'up{job="triton"}'}, timeout=10).json()["data"]["result"]
-        if sorted((r["metric"]["replica"], r["value"][1]) for r in result) == [("triton", "1"), ("triton-1", "1")]:
+        states = {r["metric"]["replica"]: r["value"][1] for r in result}
+        if states == {"triton": "1", "triton-1": "1"}:
             return
-        assert time.monotonic() < deadline, result
+        assert time.monotonic() < deadline, states
         time.sleep(2)
 
 
