@@ -496,3 +496,57 @@ seconds=$(recovery triton bin/tritonserver - 300) || fail "$seconds"
 [ "$(restarts triton)" -gt "$before" ] || fail "the triton container was not restarted"
 note "tritonserver killed: ready again in $seconds s (container restarted by Docker)"
 note "answers again after the faults"
+
+# --- 11. replicas --------------------------------------------------------------------------
+# TRITON_REPLICAS=2: a second Triton joins under the same name. nginx (reloaded), the service
+# (restarted: a new gRPC channel) and Prometheus (DNS, every 10 s) find it; KServe requests
+# through nginx and the service's streams reach both.
+start=$(date +%s)
+log "TRITON_REPLICAS=2: a second Triton under the same name"
+TRITON_REPLICAS=2 "${COMPOSE[@]}" up -d --wait --wait-timeout "$UP_TIMEOUT" --no-build triton || fail "two replicas"
+"${COMPOSE[@]}" exec -T nginx nginx -s reload || fail "nginx reload"
+"${COMPOSE[@]}" restart fastapi >/dev/null || fail "restart fastapi"
+"${COMPOSE[@]}" up -d --wait --wait-timeout "$UP_TIMEOUT" --no-build fastapi nginx || fail "fastapi after restart"
+"$PYTHON" - "$url" "http://127.0.0.1:$PROMETHEUS_PORT" <<'EOF' || fail "two replicas"
+import json, sys, time, urllib.parse, urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from loadtests.payloads import Picture, kserve_json_body
+from vlm_engine.tiny.samples import sample_image
+
+url, prometheus = sys.argv[1], sys.argv[2]
+
+def query(expr):
+    with urllib.request.urlopen(prometheus + "/api/v1/query?" + urllib.parse.urlencode({"query": expr}), timeout=10) as r:
+        return {s["metric"].get("replica", "?"): float(s["value"][1]) for s in json.load(r)["data"]["result"]}
+
+deadline = time.monotonic() + 90
+while set((up := query('up{job="triton"}')).values()) != {1.0} or len(up) != 2:
+    assert time.monotonic() < deadline, f"Prometheus triton targets: {up}"
+    time.sleep(2)
+print(f"Prometheus scrapes both replicas: {sorted(up)}")
+png = Picture("p.png", "PNG", sample_image((160, 120), "PNG"))
+
+def infer(i):
+    body = kserve_json_body(f"Picture {i}?", png, 4)
+    request = urllib.request.Request(url + "/v2/models/llava/infer", body, {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as reply:
+        return reply.status
+
+def chat(i):
+    body = {"model": "llava", "max_tokens": 4, "messages": [{"role": "user", "content": f"Hello {i}?"}]}
+    request = urllib.request.Request(url + "/v1/chat/completions", json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as reply:
+        return reply.status
+
+before = query('nv_inference_request_success{model="llava_stream"} - ignoring(model) nv_inference_request_success{model="llava"}')
+with ThreadPoolExecutor(8) as pool:
+    assert set(pool.map(infer, range(24))) == {200} and set(pool.map(chat, range(12))) == {200}
+time.sleep(12)  # two scrapes
+kserve = query('nv_inference_request_success{model="llava"}')
+streams = query('nv_inference_request_success{model="llava_stream"} - ignoring(model) nv_inference_request_success{model="llava"}')
+service = {k: streams[k] - before.get(k, 0) for k in streams}
+assert len(kserve) == 2 and all(v > 0 for v in kserve.values()), f"KServe per replica: {kserve}"
+assert len(service) == 2 and all(v > 0 for v in service.values()), f"service streams per replica: {service}"
+print(f"KServe requests per replica {sorted(kserve.values())}; the service's streams per replica {sorted(service.values())}")
+EOF
+note "two replicas: both scraped, both served KServe requests and the service's streams ($(($(date +%s) - start)) s)"
