@@ -503,7 +503,8 @@ note "answers again after the faults"
 # through nginx and the service's streams reach both.
 start=$(date +%s)
 log "TRITON_REPLICAS=2: a second Triton under the same name"
-TRITON_REPLICAS=2 "${COMPOSE[@]}" up -d --wait --wait-timeout "$UP_TIMEOUT" --no-build triton || fail "two replicas"
+export TRITON_REPLICAS=2  # for every compose command from here: one without it would scale back to 1
+"${COMPOSE[@]}" up -d --wait --wait-timeout "$UP_TIMEOUT" --no-build triton || fail "two replicas"
 "${COMPOSE[@]}" exec -T nginx nginx -s reload || fail "nginx reload"
 "${COMPOSE[@]}" restart fastapi >/dev/null || fail "restart fastapi"
 "${COMPOSE[@]}" up -d --wait --wait-timeout "$UP_TIMEOUT" --no-build fastapi nginx || fail "fastapi after restart"

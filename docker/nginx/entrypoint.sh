@@ -30,6 +30,8 @@ if [ "${1:-}" = nginx ]; then
     echo "nginx-entrypoint: rendered $template -> $output/$name" >&2
   done
   [ "$found" = 1 ] || echo "nginx-entrypoint: no $templates/*$suffix; serving /etc/nginx/conf.d as is" >&2
+  # a restarted container keeps its files: the last run's admission socket would block bind()
+  [ -z "${NGINX_ADMISSION_SOCKET:-}" ] || rm -f "$NGINX_ADMISSION_SOCKET"
   nginx -t -q
 fi
 exec "$@"
