@@ -45,190 +45,91 @@ SCHEMAS: dict[str, Any] = {
 }
 
 
+def obj(required: list[str], **properties: Any) -> dict[str, Any]:
+    """An object schema: these properties, these of them required."""
+    return {"type": "object", "required": required, "properties": properties}
+
+
 IMAGE_DATA_URL = {"type": "string", "format": "image-data-url", "description": "data:image/png;base64,<bytes>"}
 TEXT = {"type": "string", "pattern": TEXT_PATTERN}
+IMAGE_REF = obj(["url"], url=IMAGE_DATA_URL, detail={"enum": ["auto", "low", "high"]})
+USER_CONTENT = {
+    "type": "array",
+    "items": {"anyOf": [ref("TextPart"), ref("ImagePart")]},
+    "contains": ref("ImagePart"),
+    "minContains": 0,
+    "maxContains": 1,
+}
 MESSAGE_SCHEMAS: dict[str, Any] = {
-    "TextPart": {
-        "type": "object",
-        "required": ["type", "text"],
-        "properties": {"type": {"const": "text"}, "text": {"type": "string"}},
-    },
-    "ImagePart": {
-        "type": "object",
-        "required": ["type", "image_url"],
-        "properties": {
-            "type": {"const": "image_url"},
-            "image_url": {
-                "anyOf": [
-                    {
-                        "type": "object",
-                        "required": ["url"],
-                        "properties": {"url": IMAGE_DATA_URL, "detail": {"enum": ["auto", "low", "high"]}},
-                    },
-                    IMAGE_DATA_URL,
-                ]
-            },
-        },
-    },
-    "UserMessage": {
-        "type": "object",
-        "required": ["role", "content"],
-        "properties": {
-            "role": {"const": "user"},
-            "content": {
-                "anyOf": [
-                    {"type": "string"},
-                    {
-                        "type": "array",
-                        "items": {"anyOf": [ref("TextPart"), ref("ImagePart")]},
-                        "contains": ref("ImagePart"),
-                        "minContains": 0,
-                        "maxContains": 1,
-                    },
-                ]
-            },
-            "name": {"type": "string"},
-        },
-    },
-    "OtherMessage": {
-        "type": "object",
-        "required": ["role", "content"],
-        "properties": {
-            "role": {"enum": ["system", "assistant"]},
-            "content": {"anyOf": [{"type": "string"}, {"type": "array", "items": ref("TextPart")}]},
-            "name": {"type": "string"},
-        },
-    },
+    "TextPart": obj(["type", "text"], type={"const": "text"}, text={"type": "string"}),
+    "ImagePart": obj(
+        ["type", "image_url"], type={"const": "image_url"}, image_url={"anyOf": [IMAGE_REF, IMAGE_DATA_URL]}
+    ),
+    "UserMessage": obj(
+        ["role", "content"],
+        role={"const": "user"},
+        content={"anyOf": [{"type": "string"}, USER_CONTENT]},
+        name={"type": "string"},
+    ),
+    "OtherMessage": obj(
+        ["role", "content"],
+        role={"enum": ["system", "assistant"]},
+        content={"anyOf": [{"type": "string"}, {"type": "array", "items": ref("TextPart")}]},
+        name={"type": "string"},
+    ),
 }
 # the conversation: a user message with text somewhere; at most one message with an image
-USER_WITH_TEXT = {
-    "type": "object",
-    "required": ["role", "content"],
-    "properties": {
-        "role": {"const": "user"},
-        "content": {
-            "anyOf": [
-                TEXT,
-                {
-                    "type": "array",
-                    "contains": {
-                        "type": "object",
-                        "required": ["type", "text"],
-                        "properties": {"type": {"const": "text"}, "text": TEXT},
-                    },
-                },
-            ]
-        },
-    },
-}
-WITH_IMAGE = {
-    "type": "object",
-    "required": ["content"],
-    "properties": {"content": {"type": "array", "contains": ref("ImagePart")}},
-}
+TEXT_PART_WITH_TEXT = obj(["type", "text"], type={"const": "text"}, text=TEXT)
+USER_WITH_TEXT = obj(
+    ["role", "content"],
+    role={"const": "user"},
+    content={"anyOf": [TEXT, {"type": "array", "contains": TEXT_PART_WITH_TEXT}]},
+)
+WITH_IMAGE = obj(["content"], content={"type": "array", "contains": ref("ImagePart")})
 
 
-USAGE = {
-    "type": "object",
-    "required": ["prompt_tokens", "completion_tokens"],
-    "properties": {
-        name: {"type": "integer", "minimum": 0} for name in ("prompt_tokens", "completion_tokens", "total_tokens")
-    },
-}
+STRING, NUMBER = {"type": "string"}, {"type": "number"}
+COUNT = {"type": "integer", "minimum": 0}
+USAGE = obj(["prompt_tokens", "completion_tokens"], prompt_tokens=COUNT, completion_tokens=COUNT, total_tokens=COUNT)
 ENTITIES = {
     "type": "array",
     "description": "grounded phrases (Kosmos-2; moondream2's /detect and /point): boxes or points in 0..1",
     "items": {"type": "object"},
 }
 FINISH = {"enum": ["stop", "length"]}
+MESSAGE = obj(["role", "content"], role={"const": "assistant"}, content=STRING, entities=ENTITIES)
+CHOICE = obj(["index", "message", "finish_reason"], index={"const": 0}, message=MESSAGE, finish_reason=FINISH)
+MODEL = obj(["id", "object", "ready"], id=STRING, object={"const": "model"}, ready={"type": "boolean"})
+TURN = obj(
+    ["model", "prompt", "response", "had_image", "created_at"],
+    model=STRING,
+    prompt=STRING,
+    response=STRING,
+    had_image={"type": "boolean"},
+    created_at=NUMBER,
+)
 RESPONSE_SCHEMAS: dict[str, Any] = {
-    "ChatCompletion": {
-        "type": "object",
-        "required": ["id", "object", "created", "model", "choices", "usage"],
-        "properties": {
-            "id": {"type": "string"},
-            "object": {"const": "chat.completion"},
-            "created": {"type": "integer"},
-            "model": {"type": "string"},
-            "choices": {
-                "type": "array",
-                "minItems": 1,
-                "maxItems": 1,
-                "items": {
-                    "type": "object",
-                    "required": ["index", "message", "finish_reason"],
-                    "properties": {
-                        "index": {"const": 0},
-                        "message": {
-                            "type": "object",
-                            "required": ["role", "content"],
-                            "properties": {
-                                "role": {"const": "assistant"},
-                                "content": {"type": "string"},
-                                "entities": ENTITIES,
-                            },
-                        },
-                        "finish_reason": FINISH,
-                    },
-                },
-            },
-            "usage": USAGE,
-        },
-    },
-    "ModelList": {
-        "type": "object",
-        "required": ["object", "data"],
-        "properties": {
-            "object": {"const": "list"},
-            "data": {
-                "type": "array",
-                "items": {
-                    "type": "object",
-                    "required": ["id", "object", "ready"],
-                    "properties": {
-                        "id": {"type": "string"},
-                        "object": {"const": "model"},
-                        "ready": {"type": "boolean"},
-                    },
-                },
-            },
-        },
-    },
-    "ChatAnswer": {
-        "type": "object",
-        "required": ["session_id", "model", "response", "finish_reason", "usage"],
-        "properties": {
-            "session_id": {"type": "string"},
-            "model": {"type": "string"},
-            "response": {"type": "string"},
-            "seconds": {"type": "number", "minimum": 0},
-            "finish_reason": FINISH,
-            "usage": USAGE,
-            "entities": ENTITIES,
-        },
-    },
-    "Session": {
-        "type": "object",
-        "required": ["session_id", "turns"],
-        "properties": {
-            "session_id": {"type": "string"},
-            "turns": {
-                "type": "array",
-                "minItems": 1,
-                "items": {
-                    "type": "object",
-                    "required": ["model", "prompt", "response", "had_image", "created_at"],
-                    "properties": {
-                        "model": {"type": "string"},
-                        "prompt": {"type": "string"},
-                        "response": {"type": "string"},
-                        "had_image": {"type": "boolean"},
-                        "created_at": {"type": "number"},
-                    },
-                },
-            },
-        },
-    },
+    "ChatCompletion": obj(
+        ["id", "object", "created", "model", "choices", "usage"],
+        id=STRING,
+        object={"const": "chat.completion"},
+        created={"type": "integer"},
+        model=STRING,
+        choices={"type": "array", "minItems": 1, "maxItems": 1, "items": CHOICE},
+        usage=USAGE,
+    ),
+    "ModelList": obj(["object", "data"], object={"const": "list"}, data={"type": "array", "items": MODEL}),
+    "ChatAnswer": obj(
+        ["session_id", "model", "response", "finish_reason", "usage"],
+        session_id=STRING,
+        model=STRING,
+        response=STRING,
+        seconds={"type": "number", "minimum": 0},
+        finish_reason=FINISH,
+        usage=USAGE,
+        entities=ENTITIES,
+    ),
+    "Session": obj(["session_id", "turns"], session_id=STRING, turns={"type": "array", "minItems": 1, "items": TURN}),
 }
 # operation -> its 200 body
 SUCCESS = {
