@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from vlm_engine.chat import TEXT_PATTERN
+from vlm_engine.chat import DETAILS, TEXT_PATTERN
 
 # OpenAPI before 3.2: a text/event-stream schema describes one event
 SSE_EVENT = {
@@ -52,7 +52,7 @@ def obj(required: list[str], **properties: Any) -> dict[str, Any]:
 
 IMAGE_DATA_URL = {"type": "string", "format": "image-data-url", "description": "data:image/png;base64,<bytes>"}
 TEXT = {"type": "string", "pattern": TEXT_PATTERN}
-IMAGE_REF = obj(["url"], url=IMAGE_DATA_URL, detail={"enum": ["auto", "low", "high"]})
+IMAGE_REF = obj(["url"], url=IMAGE_DATA_URL, detail={"enum": list(DETAILS)})
 USER_CONTENT = {
     "type": "array",
     "items": {"anyOf": [ref("TextPart"), ref("ImagePart")]},

@@ -13,6 +13,7 @@ from PIL import Image
 from vlm_engine.errors import InvalidImage, InvalidRequest
 
 ROLES = ("system", "user", "assistant")
+DETAILS = ("auto", "low", "high")  # OpenAI's image detail: accepted, the models see the whole image
 # "has text": one character other than ASCII blanks. The same class is the OpenAPI document's
 # pattern, so a conversation the schema accepts is one the engine accepts (Python's ``\s``
 # and JSON Schema's differ on some control characters).
@@ -71,6 +72,8 @@ def parse_openai_messages(messages: Any) -> list[Message]:
         role = msg.get("role")
         if role not in ROLES:
             raise InvalidRequest(f"messages[{i}].role must be one of {ROLES}, got {role!r}")
+        if not isinstance(msg.get("name", ""), str):
+            raise InvalidRequest(f"messages[{i}].name must be a string")
         content = msg.get("content")
         if isinstance(content, str):
             parsed.append(Message(role, content))
@@ -86,6 +89,8 @@ def parse_openai_messages(messages: Any) -> list[Message]:
             elif kind == "image_url":
                 ref = part.get("image_url")
                 url = ref.get("url") if isinstance(ref, dict) else ref
+                if isinstance(ref, dict) and ref.get("detail", "auto") not in DETAILS:
+                    raise InvalidRequest(f"{where}.image_url.detail must be one of {DETAILS}")
                 if not isinstance(url, str):
                     raise InvalidRequest(f"{where}.image_url.url must be a string")
                 if not url.startswith("data:"):

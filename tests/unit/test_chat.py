@@ -34,6 +34,12 @@ def test_string_and_part_contents():
         ("hello", InvalidRequest, "non-empty list"),
         ([{"role": "robot", "content": "hi"}], InvalidRequest, "role must be one of"),
         ([{"role": "user", "content": 5}], InvalidRequest, "string or a list"),
+        ([{"role": "user", "content": "hi", "name": {}}], InvalidRequest, r"messages\[0\].name must be a string"),
+        (
+            [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:,", "detail": "max"}}]}],
+            InvalidRequest,
+            "detail must be one of",
+        ),
         ([{"role": "user", "content": [{"type": "audio"}]}], InvalidRequest, r"content\[0\] must be"),
         (
             [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://example.org/a.png"}}]}],
