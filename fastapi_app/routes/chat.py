@@ -65,9 +65,12 @@ async def _read(request: Request) -> tuple[ChatRequest, bytes | None]:
         return chat, None
     try:
         data = chat.image.split(",", 1)[1] if chat.image.startswith("data:") else chat.image
-        return chat, base64.b64decode(data, validate=True)
+        image = base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError, IndexError):
         raise InvalidImage("image must be base64-encoded file bytes (or a data: URL)") from None
+    if not image:
+        raise InvalidImage("image is empty: send base64-encoded file bytes, or leave image out")
+    return chat, image
 
 
 def _conversation(history, prompt: str, image: bytes | None) -> list[Message]:

@@ -102,6 +102,7 @@ def test_rest_chat_bad_input(api):
             "not a recognised image",
         ),
         ({"prompt": "", "model": "llava"}, 400, "prompt is empty"),
+        ({"prompt": "hi", "model": "llava", "image": ""}, 400, "image is empty"),
         ({"prompt": "hi", "model": "llava", "max_tokens": 0}, 400, "max_tokens: Input should be greater than or equal"),
     ]
     for body, status, says in cases:
