@@ -52,14 +52,18 @@ def test_upload_ask_and_watch_the_answer_stream_in(api, browser, tmp_path, png):
             if (answers.length) window.lengths.push(answers[answers.length - 1].textContent.length);
         }).observe(document.getElementById('log'), {subtree: true, childList: true, characterData: true});
     }""")
-    page.fill("#prompt", "What is in this image?")
-    page.click("#send")
-    answer = page.locator("#log li.assistant").last
-    expect(answer.locator(".meta")).to_contain_text("qwen3-vl", timeout=60_000)
-    lengths = page.evaluate("window.lengths")
-    growing = [n for n in lengths if n > 0]
-    assert len(set(growing)) >= 3, f"answer did not stream in: lengths seen {lengths}"
-    assert answer.inner_text().strip()
+    seen = []
+    for turn in range(3):  # a starved browser can read a whole short answer at once: ask again
+        page.evaluate("window.lengths = []")
+        page.fill("#prompt", "What is in this image?")
+        page.click("#send")
+        answer = page.locator("#log li.assistant").nth(turn)
+        expect(answer.locator(".meta")).to_contain_text("qwen3-vl", timeout=60_000)
+        assert answer.inner_text().strip()
+        seen.append(page.evaluate("window.lengths"))
+        if len({n for n in seen[-1] if n > 0}) >= 3:
+            break
+    assert len({n for n in seen[-1] if n > 0}) >= 3, f"no answer streamed in: lengths seen {seen}"
     expect(page.locator("#log li.user").last).to_contain_text("What is in this image?")
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "web-page.png"), full_page=True)
