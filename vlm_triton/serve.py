@@ -72,6 +72,31 @@ def stub_processes(server_pid: int) -> dict[int, str]:
     return found
 
 
+def kill_orphan_stubs() -> list[int]:
+    """SIGKILL the stubs whose tritonserver is gone (killed with it, they may live on and keep
+    their memory), and remove their shared-memory regions. A stub's arguments name its
+    server's pid (the 6th) and its region (the 3rd); a live server's stubs are left alone."""
+    killed = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            args = (entry / "cmdline").read_bytes().split(b"\0")
+            if len(args) < 6 or not args[0].decode(errors="replace").endswith(STUB):
+                continue
+            server = Path("/proc") / args[5].decode()
+            if server.exists() and b"tritonserver" in (server / "cmdline").read_bytes():
+                continue  # its server still runs
+            os.kill(int(entry.name), signal.SIGKILL)
+        except (OSError, ValueError):
+            continue
+        killed.append(int(entry.name))
+        Path("/dev/shm", args[2].decode(errors="replace")).unlink(missing_ok=True)
+    if killed:
+        log.warning("killed %d stub process(es) left behind by a dead tritonserver: %s", len(killed), killed)
+    return killed
+
+
 def _request(url: str, body: dict | None = None, timeout: float = 5.0) -> tuple[int, bytes]:
     data = json.dumps(body).encode() if body is not None else None
     request = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET")
@@ -223,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         args.model_repository, args.http_port, args.grpc_port, args.metrics_port, args.models or ["*"], extra=extra
     )
     print(" ".join(cmd), flush=True)
+    kill_orphan_stubs()  # a previous server of this stack may have died with its stubs running
     server = subprocess.Popen(cmd, env=launch.environment())
     stopping = threading.Event()
 
@@ -237,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     while server.poll() is None:
         watchdog.check()
         time.sleep(args.interval)
+    kill_orphan_stubs()
     if stopping.is_set():
         return 0
     log.error("tritonserver exited with %s: leaving so that the supervisor starts it again", server.returncode)

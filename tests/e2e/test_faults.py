@@ -88,12 +88,28 @@ def test_a_killed_service_is_restarted_by_the_supervisor(stack, local):
     (ARTIFACTS / "recovery-service.txt").write_text(f"{recovered:.1f}\n")
 
 
+def _stubs_of(server_pid: int) -> list[int]:
+    """Python-backend stubs that name ``server_pid`` as their server (their 6th argument)."""
+    found = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            args = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if len(args) > 5 and args[0].endswith(b"triton_python_backend_stub") and args[5] == str(server_pid).encode():
+            found.append(int(entry.name))
+    return found
+
+
 def test_a_killed_tritonserver_comes_back_and_the_service_reconnects(stack, local):
     service_pid = local.pid("fastapi")
-    os.kill(_tritonserver_pid(local), signal.SIGKILL)
+    server_pid = _tritonserver_pid(local)
+    assert _stubs_of(server_pid), "no stub names its server: the check below would prove nothing"
+    os.kill(server_pid, signal.SIGKILL)
     recovered, seen = _wait_ready(stack, time.monotonic(), 180)
     assert any(body.get("status") == "not ready" for body in seen), "the service never said 'not ready'"
     assert _answers(stack)
     assert local.pid("fastapi") == service_pid, "the service reconnects without a restart"
     assert "exited: triton" in (RUN_DIR / "logs" / "supervisord.log").read_text()
+    assert _stubs_of(server_pid) == [], "the dead server's stubs live on (vlm_triton.serve kills them)"
     (ARTIFACTS / "recovery-tritonserver.txt").write_text(f"{recovered:.1f}\n")
