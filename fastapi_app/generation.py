@@ -13,7 +13,7 @@ from vlm_engine.errors import EngineError, InvalidParameter, Overloaded, Unknown
 
 
 def check_model(settings: Settings, model: str | None) -> str:
-    model = model or settings.default_model
+    model = settings.default_model if model is None else model  # "" names no model
     if model not in settings.models:
         raise UnknownModel(f"unknown model {model!r}; available: {', '.join(settings.models)}")
     return model

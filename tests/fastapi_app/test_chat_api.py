@@ -95,6 +95,7 @@ def test_rest_chat_bad_input(api):
     cases = [
         ({"model": "llava"}, 400, "prompt: Field required"),
         ({"prompt": "hi", "model": "nope"}, 404, "unknown model"),
+        ({"prompt": "hi", "model": ""}, 404, "unknown model ''"),
         ({"prompt": "hi", "model": "llava", "image": "%%%"}, 400, "base64"),
         (
             {"prompt": "hi", "model": "llava", "image": base64.b64encode(b"not an image").decode()},
