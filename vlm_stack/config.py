@@ -116,7 +116,7 @@ class StackConfig:
             "NGINX_PORT": f"127.0.0.1:{self.nginx_port}" if self.env.get("NGINX_LOCAL_ONLY") else str(self.nginx_port),
             "NGINX_GRPC_PORT": f"127.0.0.1:{self.nginx_grpc_port}",
             "NGINX_STATUS_PORT": f"127.0.0.1:{self.nginx_status_port}",
-            "FASTAPI_UPSTREAM": f"127.0.0.1:{self.api_port}",
+            "FASTAPI_SERVERS": f"server 127.0.0.1:{self.api_port};",
             "TRITON_HTTP_SERVERS": " ".join(f"server 127.0.0.1:{r.http_port};" for r in self.replicas()),
             "TRITON_GRPC_SERVERS": " ".join(f"server 127.0.0.1:{r.grpc_port};" for r in self.replicas()),
             "NGINX_MAX_BODY": self.max_body,

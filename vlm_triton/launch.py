@@ -91,6 +91,9 @@ def command(
         f"--backend-config=python,stub-timeout-seconds={stub_timeout_s}",
         "--log-info=true",
         "--exit-timeout-secs=10",
+        # Clients (the service) ping every 10 s to find a replica whose host is gone; allow it.
+        "--grpc-keepalive-permit-without-calls=1",
+        "--grpc-http2-min-recv-ping-interval-without-data=5000",
     ]
     if (server_dir() / "backends").exists():
         cmd.append(f"--backend-directory={server_dir() / 'backends'}")

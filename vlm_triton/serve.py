@@ -12,6 +12,10 @@ health port answers 503 naming it. If tritonserver itself exits, this process ex
 its code, so that the supervisor (supervisord locally, Docker's restart policy in Compose)
 starts both again.
 
+On SIGTERM with ``TRITON_DRAIN_S`` set (rolling updates in Swarm and Kubernetes), it first
+says "not ready" and goes on serving for that long, so that nginx and the service stop sending
+new requests here; then tritonserver stops and finishes the requests in flight.
+
 The health port (``TRITON_HEALTH_PORT``, 8003) and the repository API are for the stack's
 inside only: nginx routes neither.
 """
@@ -132,6 +136,7 @@ class Watchdog:
         self.reload_timeout_s = reload_timeout_s
         self.models: dict[str, ModelWatch] = {}
         self.server_ready = False
+        self.draining = False  # stopping: still serving, but no longer ready (callers move away)
         self._lock = threading.Lock()
 
     def loaded_models(self) -> list[str]:
@@ -198,8 +203,12 @@ class Watchdog:
                 name: {"ready": w.ready and self.server_ready, "restarts": w.restarts, "reason": w.reason}
                 for name, w in sorted(self.models.items())
             }
+        if self.draining:
+            for state in models.values():
+                state.update(ready=False, reason="the server is stopping")
         not_ready = [name for name, m in models.items() if not m["ready"]]
-        return {"ready": self.server_ready and not not_ready, "not_ready": not_ready, "models": models}
+        ready = self.server_ready and not not_ready and not self.draining
+        return {"ready": ready, "not_ready": not_ready, "models": models}
 
 
 def health_server(watchdog: Watchdog, address: str, port: int) -> ThreadingHTTPServer:
@@ -252,13 +261,20 @@ def main(argv: list[str] | None = None) -> int:
     server = subprocess.Popen(cmd, env=launch.environment())
     stopping = threading.Event()
 
-    def stop(signum: int, _frame) -> None:
-        stopping.set()
-        server.send_signal(signum)
+    drain_s = float(env.get("TRITON_DRAIN_S", 0))
 
+    def stop(signum: int, _frame) -> None:
+        if stopping.is_set() or drain_s <= 0:  # a second signal does not wait
+            server.send_signal(signum)
+            return
+        stopping.set()
+        watchdog.draining = True
+        log.warning("stopping: not ready now, still serving for %.0f s (TRITON_DRAIN_S), then tritonserver", drain_s)
+        threading.Timer(drain_s, server.send_signal, (signum,)).start()
+
+    watchdog = Watchdog(f"127.0.0.1:{args.http_port}", server.pid)
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, stop)
-    watchdog = Watchdog(f"127.0.0.1:{args.http_port}", server.pid)
     health_server(watchdog, address, args.health_port)
     while server.poll() is None:
         watchdog.check()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import socket
 import uuid
 from collections.abc import AsyncIterator
@@ -20,16 +21,21 @@ from fastapi_app.settings import Settings
 from vlm_engine.chat import to_openai
 from vlm_engine.errors import BackendUnavailable, EngineError, Overloaded, from_message
 
-# tritonclient's own channel options (its defaults are dropped when any are given), plus round-robin
+logger = logging.getLogger(__name__)
+
+# tritonclient's message sizes (its defaults are dropped when any option is given), round-robin
+# over the replicas, and a ping every 10 s: a replica whose host is cut off is dropped within
+# 15 s instead of holding streams until their timeout (vlm_triton.launch lets Triton accept it).
 CHANNEL_ARGS = [
     ("grpc.max_send_message_length", grpcclient.MAX_GRPC_MESSAGE_SIZE),
     ("grpc.max_receive_message_length", grpcclient.MAX_GRPC_MESSAGE_SIZE),
-    ("grpc.keepalive_time_ms", 2**31 - 1),
-    ("grpc.keepalive_timeout_ms", 20000),
-    ("grpc.keepalive_permit_without_calls", False),
-    ("grpc.http2.max_pings_without_data", 2),
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
     ("grpc.lb_policy_name", "round_robin"),
 ]
+RETRY_PAUSE_S = 0.2
 
 
 class TritonBackend:
@@ -123,6 +129,23 @@ class TritonBackend:
         return BackendUnavailable(f"Triton at {self.url} is unavailable: {exc}")
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[str | Final]:
+        """Tokens, then the final answer. A replica that fails before the first token (stopping,
+        restarting, its host gone) is not the caller's problem: the stream starts again on the
+        next one (round-robin), up to ``TRITON_RETRIES`` times. Overload and bad input are not retried."""
+        for attempt in range(self.settings.triton_retries + 1):
+            started = False
+            try:
+                async for item in self._stream_once(request):
+                    started = True
+                    yield item
+                return
+            except BackendUnavailable as exc:
+                if started or attempt == self.settings.triton_retries:
+                    raise
+                logger.warning("Triton stream failed before its first token (%s); trying again", exc)
+                await asyncio.sleep(RETRY_PAUSE_S)
+
+    async def _stream_once(self, request: GenerationRequest) -> AsyncIterator[str | Final]:
         request_id = uuid.uuid4().hex
 
         async def requests():

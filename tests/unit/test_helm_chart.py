@@ -89,7 +89,7 @@ def test_the_gateway_runs_the_repositorys_nginx_template():
     template = objects[("ConfigMap", "demo-vlm-gateway-template")]["data"]["vlm.conf.template"]
     assert template == (ROOT / "nginx" / "templates" / "vlm.conf.template").read_text().rstrip("\n")
     env = env_of(objects[("Deployment", "demo-vlm-gateway")])
-    assert env["NGINX_AUTH_REQUEST"] == "/_auth" and env["FASTAPI_UPSTREAM"] == "demo-vlm-fastapi:8080"
+    assert env["NGINX_AUTH_REQUEST"] == "/_auth" and env["FASTAPI_SERVERS"] == "server demo-vlm-fastapi:8080;"
     fastapi = objects[("Deployment", "demo-vlm-fastapi")]["spec"]["template"]["spec"]["containers"][0]
     assert fastapi["envFrom"] == [{"secretRef": {"name": "vlm-keys"}}]
 
