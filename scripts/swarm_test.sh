@@ -143,3 +143,100 @@ stack_env() {  # what make swarm-up sets, with this test's port and the tiny che
   VLM_CONFIG_VERSION=$(cat nginx/templates/vlm.conf.template prometheus/prometheus.yml prometheus/targets/compose.json prometheus/rules/*.yml | sha256sum | cut -c1-12)
   export VLM_CONFIG_VERSION
 }
+
+DNS_PID=
+cleanup() {
+  local rc=$?
+  set +e
+  trap - EXIT INT TERM
+  if [ -S "$WORK/node0/docker.sock" ] && on 0 info --format '{{.Swarm.LocalNodeState}}' 2>/dev/null | grep -q active; then
+    if [ "$rc" != 0 ]; then
+      log "diagnostics: services, Triton tasks, the last lines of each container on the manager"
+      on 0 service ls
+      on 0 service ps --no-trunc vlm_triton | head -20
+      for container in $(on 0 ps -aq | head -12); do
+        echo "--- $(on 0 inspect -f '{{.Name}} {{.State.Status}}' "$container")"
+        on 0 logs --tail 15 "$container" 2>&1
+      done
+    fi
+    log "docker stack rm $STACK"
+    on 0 stack rm "$STACK" >/dev/null
+  fi
+  for node in "${NODES[@]}"; do
+    [ -S "$WORK/node$node/docker.sock" ] && timeout 30 docker -H "unix://$WORK/node$node/docker.sock" swarm leave --force >/dev/null 2>&1
+    stop_dockerd "$node"
+  done
+  [ -z "$DNS_PID" ] || kill "$DNS_PID" 2>/dev/null
+  network_down
+  if [ "${#SUMMARY[@]}" -gt 0 ]; then
+    echo "== swarm summary"
+    printf '   %s\n' "${SUMMARY[@]}"
+  fi
+  log "swarm test $([ "$rc" = 0 ] && echo passed || echo "FAILED (exit $rc)") in $(($(date +%s) - T0)) s"
+  exit "$rc"
+}
+
+main() {
+  [ "$(id -u)" = 0 ] || fail "run as root (network namespaces, dockerd)"
+  for tool in ip nsenter dockerd docker; do
+    command -v "$tool" >/dev/null || fail "$tool is missing (make test-compose installs docker.io)"
+  done
+  docker -H "$SOURCE" image inspect "$TRITON_IMAGE" "${OTHER_IMAGES[@]}" >/dev/null ||
+    fail "the images are not in $SOURCE: build them first (make test-compose)"
+  trap cleanup EXIT
+  trap 'exit 130' INT TERM
+
+  log "stack files: docker stack config (the CLI's own loader), CPU and GPU"
+  stack_env
+  docker stack config -c deploy/swarm/vlm-serve.yml >/dev/null || fail "docker stack config deploy/swarm/vlm-serve.yml"
+  docker stack config -c deploy/swarm/vlm-serve.yml -c deploy/swarm/gpu.yml >/dev/null ||
+    fail "docker stack config with deploy/swarm/gpu.yml"
+
+  for node in "${NODES[@]}"; do stop_dockerd "$node"; done  # of an earlier run
+  log "network: a switch namespace and 3 node namespaces ($SUBNET.10-12), this machine at $SUBNET.1"
+  network_up
+  # the nodes' upstream DNS: knows no name, answers at once (Docker's embedded DNS asks it for
+  # every name that is not a service; with no answer each lookup would take 20 s)
+  "$PYTHON" scripts/nxdomain_dns.py "$SUBNET.1" >"$WORK/dns.log" 2>&1 &
+  DNS_PID=$!
+
+  local start
+  start=$(date +%s)
+  for node in "${NODES[@]}"; do
+    rm -rf "$WORK/node$node/data/swarm"  # a new swarm each run
+    start_dockerd "$node"
+  done
+  for node in "${NODES[@]}"; do wait_dockerd "$node"; done
+  note "3 dockerds $(on 0 version --format '{{.Server.Version}}') up in $(($(date +%s) - start)) s"
+
+  start=$(date +%s)
+  local copies=()
+  for node in "${NODES[@]}"; do
+    copy_images "$node" "$TRITON_IMAGE" &
+    copies+=($!)
+  done
+  for pid in "${copies[@]}"; do wait "$pid" || fail "copying $TRITON_IMAGE to a node"; done
+  copy_images 0 "${OTHER_IMAGES[@]}"
+  note "images copied to the nodes in $(($(date +%s) - start)) s (Triton's on each, the rest on the manager)"
+
+  start=$(date +%s)
+  on 0 swarm init --advertise-addr "$MANAGER_IP" --default-addr-pool 10.201.0.0/16 >/dev/null
+  local token
+  token=$(on 0 swarm join-token -q worker)
+  for node in 1 2; do
+    on "$node" swarm join --advertise-addr "$SUBNET.1$node" --token "$token" "$MANAGER_IP:2377" >/dev/null
+  done
+  [ "$(on 0 node ls -q | wc -l)" = 3 ] || fail "the swarm does not have 3 nodes"
+  note "swarm of 3 nodes (1 manager, 2 workers) in $(($(date +%s) - start)) s"
+
+  start=$(date +%s)
+  log "docker stack deploy (TRITON_REPLICAS=2, tiny checkpoints)"
+  on 0 stack deploy --resolve-image never -c deploy/swarm/vlm-serve.yml "$STACK" >/dev/null
+  "$PYTHON" scripts/swarm_checks.py --work "$WORK" --url "http://$MANAGER_IP:$NGINX_PORT" \
+    --prometheus "http://$MANAGER_IP:$PROMETHEUS_PORT" --up-timeout "$UP_TIMEOUT" | tee "$WORK/checks.log" ||
+    fail "swarm checks (above)"
+  note "stack deploy and every check: $(($(date +%s) - start)) s"
+  while read -r line; do note "${line#RESULT }"; done < <(grep '^RESULT' "$WORK/checks.log")
+}
+
+main "$@"

@@ -67,6 +67,9 @@ def environment(base: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+STREAM_GRACE_MS = 900_000  # a stream open when its connection ages out may run this long
+
+
 def command(
     model_repository: Path = ROOT / "triton_models",
     http_port: int = 8000,
@@ -94,6 +97,11 @@ def command(
         # Clients (the service) ping every 10 s to find a replica whose host is gone; allow it.
         "--grpc-keepalive-permit-without-calls=1",
         "--grpc-http2-min-recv-ping-interval-without-data=5000",
+        # Each gRPC connection is closed gently (GOAWAY; its streams finish) after 5 s, so that
+        # clients look the replicas up again: a replica that stops, or a new one, is seen within
+        # seconds (gRPC's round-robin otherwise keeps its first addresses for good).
+        "--grpc-max-connection-age=5000",
+        f"--grpc-max-connection-age-grace={STREAM_GRACE_MS}",
     ]
     if (server_dir() / "backends").exists():
         cmd.append(f"--backend-directory={server_dir() / 'backends'}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import random
 import socket
 import uuid
 from collections.abc import AsyncIterator
@@ -26,7 +27,10 @@ logger = logging.getLogger(__name__)
 # tritonclient's message sizes (its defaults are dropped when any option is given), round-robin
 # over the replicas, and a ping every 10 s: a replica whose host is cut off is dropped within
 # 15 s instead of holding streams until their timeout (vlm_triton.launch lets Triton accept it).
+# Triton closes each connection after 5 s (vlm_triton.launch); the name is then looked up again
+# (at most once a second), so replicas that leave or join are seen within seconds.
 CHANNEL_ARGS = [
+    ("grpc.dns_min_time_between_resolutions_ms", 1_000),
     ("grpc.max_send_message_length", grpcclient.MAX_GRPC_MESSAGE_SIZE),
     ("grpc.max_receive_message_length", grpcclient.MAX_GRPC_MESSAGE_SIZE),
     ("grpc.keepalive_time_ms", 10_000),
@@ -35,7 +39,7 @@ CHANNEL_ARGS = [
     ("grpc.http2.max_pings_without_data", 0),
     ("grpc.lb_policy_name", "round_robin"),
 ]
-RETRY_PAUSE_S = 0.2
+RETRY_PAUSE_S = (0.1, 0.5)  # a random pause: retries of concurrent streams do not march in step
 
 
 class TritonBackend:
@@ -143,7 +147,7 @@ class TritonBackend:
                 if started or attempt == self.settings.triton_retries:
                     raise
                 logger.warning("Triton stream failed before its first token (%s); trying again", exc)
-                await asyncio.sleep(RETRY_PAUSE_S)
+                await asyncio.sleep(random.uniform(*RETRY_PAUSE_S))
 
     async def _stream_once(self, request: GenerationRequest) -> AsyncIterator[str | Final]:
         request_id = uuid.uuid4().hex
