@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 INSTALLED := .cache/installed.stamp
 TRITON := .triton/.installed-0.7.0-py$(shell $(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])')
 
-.PHONY: help install tiny-models models demo up down status logs triton api loadtest loadtest-ui soak bench test test-compose lint
+.PHONY: help install tiny-models models demo up down status logs triton api loadtest loadtest-ui soak bench test test-compose test-swarm swarm-up swarm-down lint
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -38,6 +38,12 @@ up: install  ## the whole stack with real weights: Compose (GPU or CPU file) or 
 down:  ## stop the stack
 	PYTHON=$(PYTHON) ./triton_start.sh down
 
+swarm-up: tiny-models  ## the stack on Docker Swarm, several hosts (deploy/swarm; TRITON_REPLICAS, SWARM_GPU=1)
+	./scripts/swarm.sh up
+
+swarm-down:  ## remove the Swarm stack
+	./scripts/swarm.sh down
+
 status:  ## each service and model, ready or not
 	PYTHON=$(PYTHON) ./triton_start.sh status
 
@@ -64,6 +70,9 @@ bench: install tiny-models  ## benchmark (batching, gateway, streaming, cold sta
 
 test-compose: install  ## build the Docker images offline and test the CPU Compose stack end to end (root; own dockerd)
 	PYTHON=$(PYTHON) ./scripts/compose_test.sh
+
+test-swarm: install  ## a 3-node Docker Swarm in network namespaces: replicas, scaling, rolling update, a worker cut off (root; after test-compose)
+	PYTHON=$(PYTHON) ./scripts/swarm_test.sh
 
 lint: $(INSTALLED)  ## ruff
 	$(PYTHON) -m ruff check .

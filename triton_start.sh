@@ -3,6 +3,7 @@
 # an NVIDIA host, the CPU file without a GPU, local processes without Docker.
 #   ./triton_start.sh [up|down|status|logs]      (default: up)
 # Environment: NGINX_PORT (80), VLM_MODELS_DIR (empty: real weights), VLM_STACK_MODE (force),
+# TRITON_REPLICAS (Triton servers; GPU hosts: one per GPU by default), TRITON_GPUS (0,1,...),
 # VLM_SYSTEM_PACKAGES=skip (local mode: start without the system packages that are missing).
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -31,11 +32,25 @@ case "${VLM_MODELS_DIR-}" in
 esac
 # Grafana comes from its public image; COMPOSE_PROFILES= (empty) leaves it out offline.
 export COMPOSE_PROFILES=${COMPOSE_PROFILES-grafana}
+compose=(docker compose -f "$compose_file")
+# GPU hosts: one Triton per GPU (TRITON_GPUS=0,2 picks them; TRITON_REPLICAS=N the first N),
+# each with its own device_ids, all under the name "triton" (vlm_stack/gpu_compose.py).
+gpu_override=.cache/compose-gpus.yml
+if [ "$mode" = gpu ] && [ "$command" = up ]; then
+  gpus=${TRITON_GPUS:-$(nvidia-smi --query-gpu=index --format=csv,noheader | head -n "${TRITON_REPLICAS:-64}" | paste -sd, -)}
+  rm -f "$gpu_override"
+  if [ "$(echo "$gpus" | tr ',' '\n' | grep -c .)" -gt 1 ]; then
+    mkdir -p .cache
+    "$PYTHON" -m vlm_stack.gpu_compose "$gpus" >"$gpu_override"
+    echo "[stack] one Triton per GPU: $gpus ($gpu_override)"
+  fi
+fi
+[ "$mode" = gpu ] && [ -f "$gpu_override" ] && compose+=(-f "$gpu_override")
 case "$command" in
-  up) docker compose -f "$compose_file" up -d --build --wait
+  up) "${compose[@]}" up -d --build --wait
       echo "vlm-serve is up: http://localhost$([ "${NGINX_PORT:-80}" != 80 ] && echo ":${NGINX_PORT}")/" ;;
-  down) docker compose -f "$compose_file" down ;;
-  status) docker compose -f "$compose_file" ps ;;
-  logs) docker compose -f "$compose_file" logs --tail=100 ;;
+  down) "${compose[@]}" down --remove-orphans ;;
+  status) "${compose[@]}" ps ;;
+  logs) "${compose[@]}" logs --tail=100 ;;
   *) echo "usage: $0 [up|down|status|logs]" >&2; exit 2 ;;
 esac

@@ -331,6 +331,24 @@ if gpu != cpu:
     names = sorted(n for n in set(gpu[0]) | set(cpu[0]) if gpu[0].get(n) != cpu[0].get(n))
     raise SystemExit(f"services other than triton differ: {names or 'volumes'}")
 EOF
+# One Triton per GPU (triton_start.sh on a host with 2 GPUs): the override Compose reads.
+mkdir -p .cache
+"$PYTHON" -m vlm_stack.gpu_compose 0,1 >.cache/compose-test-gpus.yml
+"$PYTHON" - <<'EOF' || fail "the one-Triton-per-GPU override (vlm_stack/gpu_compose.py)"
+import json, subprocess
+out = subprocess.run(["docker", "compose", "-f", "docker-compose.yml", "-f", ".cache/compose-test-gpus.yml", "config",
+                      "--format", "json"], check=True, capture_output=True, text=True).stdout
+services = json.loads(out)["services"]
+tritons = {name: s for name, s in services.items() if name.startswith("triton")}
+assert set(tritons) == {"triton", "triton-gpu1"}, set(tritons)
+for name, gpu in (("triton", "0"), ("triton-gpu1", "1")):
+    (device,) = tritons[name]["deploy"]["resources"]["reservations"]["devices"]
+    assert device["device_ids"] == [gpu] and "count" not in device, (name, device)
+    assert "triton" in tritons[name]["networks"]["default"]["aliases"], name
+for key in ("image", "environment", "healthcheck", "volumes", "shm_size"):
+    assert tritons["triton-gpu1"][key] == tritons["triton"][key], key
+print("one Triton per GPU: triton on GPU 0, triton-gpu1 on GPU 1, both answer to 'triton'")
+EOF
 
 # --- 7. images ----------------------------------------------------------------------------
 for service in "${SERVICES[@]}"; do

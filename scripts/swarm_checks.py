@@ -116,7 +116,7 @@ def wait_ready(swarm: Swarm, timeout: float) -> float:
 
 
 def check_both_replicas_serve(swarm: Swarm) -> None:
-    swarm.wait_targets(2)
+    replicas = set(swarm.wait_targets(2))
     before = swarm.query('nv_inference_request_success{model="llava"}')
     streams_before = swarm.query('nv_inference_request_success{model="llava_stream"}')
     results = []
@@ -129,8 +129,8 @@ def check_both_replicas_serve(swarm: Swarm) -> None:
     time.sleep(12)  # two scrapes
     kserve = swarm.query('nv_inference_request_success{model="llava"}')
     streams = swarm.query('nv_inference_request_success{model="llava_stream"}')
-    kserve = {k: v - before.get(k, 0) for k, v in kserve.items()}
-    streams = {k: v - streams_before.get(k, 0) - kserve.get(k, 0) for k, v in streams.items()}
+    kserve = {k: v - before.get(k, 0) for k, v in kserve.items() if k in replicas}
+    streams = {k: v - streams_before.get(k, 0) - kserve.get(k, 0) for k, v in streams.items() if k in replicas}
     assert len(kserve) == 2 and all(v > 0 for v in kserve.values()), f"KServe requests per replica: {kserve}"
     assert len(streams) == 2 and all(v > 0 for v in streams.values()), f"the service's streams per replica: {streams}"
     total_k, total_s = sum(kserve.values()), sum(streams.values())

@@ -137,11 +137,10 @@ copy_images() {  # $1: node; the rest: images (skipped where the node has the sa
 }
 
 # --- the stack ----------------------------------------------------------------------------
-stack_env() {  # what make swarm-up sets, with this test's port and the tiny checkpoints
+stack_env() {  # for scripts/swarm.sh (make swarm-up): this test's ports, 2 replicas, the tiny checkpoints
   export NGINX_PORT TRITON_REPLICAS=2 VLM_MODELS_DIR=/models/tiny VLM_MODELS_HOST_DIR=$ROOT/.models HF_HUB_OFFLINE=1
   export NGINX_RATE=10000 NGINX_BURST=10000 NGINX_CONNECTIONS=10000 PROMETHEUS_PORT=19099
-  VLM_CONFIG_VERSION=$(cat nginx/templates/vlm.conf.template prometheus/prometheus.yml prometheus/targets/compose.json prometheus/rules/*.yml | sha256sum | cut -c1-12)
-  export VLM_CONFIG_VERSION
+  export SWARM_URL=http://$MANAGER_IP:$NGINX_PORT UP_TIMEOUT
 }
 
 DNS_PID=
@@ -206,7 +205,10 @@ main() {
     rm -rf "$WORK/node$node/data/swarm"  # a new swarm each run
     start_dockerd "$node"
   done
-  for node in "${NODES[@]}"; do wait_dockerd "$node"; done
+  for node in "${NODES[@]}"; do
+    wait_dockerd "$node"
+    on "$node" volume prune -f >/dev/null  # an earlier run's Prometheus data and chat history
+  done
   note "3 dockerds $(on 0 version --format '{{.Server.Version}}') up in $(($(date +%s) - start)) s"
 
   start=$(date +%s)
@@ -230,12 +232,15 @@ main() {
   note "swarm of 3 nodes (1 manager, 2 workers) in $(($(date +%s) - start)) s"
 
   start=$(date +%s)
-  log "docker stack deploy (TRITON_REPLICAS=2, tiny checkpoints)"
-  on 0 stack deploy --resolve-image never -c deploy/swarm/vlm-serve.yml "$STACK" >/dev/null
+  log "make swarm-up on the manager (TRITON_REPLICAS=2, tiny checkpoints)"
+  DOCKER_HOST=unix://$WORK/node0/docker.sock STACK=$STACK ./scripts/swarm.sh up || fail "scripts/swarm.sh up"
+  note "make swarm-up: deployed and ready through nginx in $(($(date +%s) - start)) s"
   "$PYTHON" scripts/swarm_checks.py --work "$WORK" --url "http://$MANAGER_IP:$NGINX_PORT" \
     --prometheus "http://$MANAGER_IP:$PROMETHEUS_PORT" --up-timeout "$UP_TIMEOUT" | tee "$WORK/checks.log" ||
     fail "swarm checks (above)"
-  note "stack deploy and every check: $(($(date +%s) - start)) s"
+  on 0 logs "$(on 0 ps -q --filter name=vlm_nginx.1 | head -1)" 2>&1 | grep -q "upstream addresses changed, reloading" ||
+    fail "nginx never reloaded its upstreams from DNS"
+  note "nginx reloaded its upstreams $(on 0 logs "$(on 0 ps -q --filter name=vlm_nginx.1 | head -1)" 2>&1 | grep -c "upstream addresses changed") times as tasks came and went"
   while read -r line; do note "${line#RESULT }"; done < <(grep '^RESULT' "$WORK/checks.log")
 }
 

@@ -79,6 +79,7 @@ def command(
     stub_timeout_s: int = 600,
     address: str = os.environ.get("TRITON_ADDRESS", "127.0.0.1"),
     extra: list[str] | None = None,
+    model_config: str = os.environ.get("TRITON_MODEL_CONFIG", ""),
 ) -> list[str]:
     """The tritonserver command line for this repository."""
     cmd = [
@@ -107,6 +108,8 @@ def command(
         cmd.append(f"--backend-directory={server_dir() / 'backends'}")
     if not has_gpu():
         cmd.append("--allow-gpu-metrics=false")
+    if model_config:  # e.g. "gpu": configs/gpu.pbtxt where a model has one (vlm_triton.gpu_configs)
+        cmd.append(f"--model-config-name={model_config}")
     if models:
         cmd += ["--model-control-mode=explicit", *(f"--load-model={m}" for m in models)]
     return cmd + list(extra or [])

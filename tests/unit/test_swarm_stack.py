@@ -97,7 +97,8 @@ def test_config_files_are_the_repositorys(stack):
         assert config["name"].endswith("-${VLM_CONFIG_VERSION:-0}"), name
     # everything Compose mounts from ./prometheus reaches the Prometheus task
     mounted = {c["target"] for c in stack["prometheus"]["configs"]}
-    files = {f"/etc/prometheus/{p.relative_to(ROOT / 'prometheus')}" for p in (ROOT / "prometheus").rglob("*") if p.is_file()}
+    folder = ROOT / "prometheus"
+    files = {f"/etc/prometheus/{p.relative_to(folder)}" for p in folder.rglob("*") if p.is_file()}
     assert mounted == files
 
 

@@ -1,0 +1,68 @@
+"""vlm_triton.serve stopping gently (``TRITON_DRAIN_S``, set by the Swarm stack and the Helm
+chart): on SIGTERM its health endpoint says "not ready" at once, Triton goes on answering for
+the drain time, then stops; the process exits 0."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import tritonclient.http as httpclient
+
+from tests.conftest import ARTIFACTS, TRITON_ENV, free_port
+from tests.integration.helpers import GREEDY, inputs, text_of
+from vlm_triton import launch
+
+DRAIN_S = 6
+
+
+def test_sigterm_drains_then_stops(tiny_models_dir, png):
+    http, grpc, metrics, health = free_port(), free_port(), free_port(), free_port()
+    env = launch.environment(
+        {
+            **os.environ,
+            **TRITON_ENV,
+            "VLM_MODELS_DIR": str(tiny_models_dir),
+            "HF_HUB_OFFLINE": "1",
+            "TRITON_DRAIN_S": str(DRAIN_S),
+        }
+    )
+    command = [sys.executable, "-m", "vlm_triton.serve", "--model", "llava", "--model", "llava_stream"]
+    command += [f"--http-port={http}", f"--grpc-port={grpc}", f"--metrics-port={metrics}", f"--health-port={health}"]
+    with (ARTIFACTS / "serve-drain.log").open("wb") as log:
+        server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 300
+        while _ready(health) != 200:
+            assert server.poll() is None and time.monotonic() < deadline, "vlm_triton.serve did not become ready"
+            time.sleep(1)
+        client = httpclient.InferenceServerClient(f"127.0.0.1:{http}", network_timeout=60)
+
+        server.send_signal(signal.SIGTERM)
+        stopped_at = time.monotonic()
+        time.sleep(0.5)
+        state = httpx.get(f"http://127.0.0.1:{health}/ready", timeout=5)
+        assert state.status_code == 503
+        assert state.json()["models"]["llava"]["reason"] == "the server is stopping"
+        answered = 0
+        while time.monotonic() - stopped_at < DRAIN_S - 2:  # still serving meanwhile
+            assert text_of(client.infer("llava", inputs(httpclient, "Still here?", png, max_tokens=4, **GREEDY)))
+            answered += 1
+        assert answered >= 1 and server.poll() is None
+        assert server.wait(timeout=60) == 0
+        assert time.monotonic() - stopped_at >= DRAIN_S
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+
+
+def _ready(port: int) -> int:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/ready", timeout=2).status_code
+    except httpx.HTTPError:
+        return 0
