@@ -31,7 +31,9 @@ def test_triton_reads_configs_gpu_pbtxt_where_there_is_one(tiny_models_dir):
         models=["llava", "llava_stream"],
         model_config="gpu",
     )
-    env = launch.environment({**os.environ, **TRITON_ENV, "VLM_MODELS_DIR": str(tiny_models_dir), "HF_HUB_OFFLINE": "1"})
+    env = launch.environment(
+        {**os.environ, **TRITON_ENV, "VLM_MODELS_DIR": str(tiny_models_dir), "HF_HUB_OFFLINE": "1"}
+    )
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
     output = done.stdout + done.stderr
     (ARTIFACTS / "tritonserver-gpu-config.log").write_text(output)
