@@ -1,13 +1,15 @@
 """Two Triton replicas on one host (``TRITON_REPLICAS=2``), in a local stack of its own:
 nginx spreads KServe requests over both (least_conn), the service spreads its gRPC streams
 over both (round-robin), Prometheus scrapes each, and with one replica killed the other
-serves alone while the dead one is brought back."""
+serves alone while the dead one is brought back; one stopped gently loses no chat."""
 
 from __future__ import annotations
 
 import os
 import subprocess
+import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -101,6 +103,41 @@ def test_one_replica_killed_the_other_serves_alone(replicated, png):
         ok += 1
     assert ok >= 3
     deadline = time.monotonic() + 180  # supervisord brings it back
+    while not _ready(replicated.replicas()[1]):
+        assert time.monotonic() < deadline, "replica 1 did not come back"
+        time.sleep(2)
+
+
+def test_one_replica_stopped_under_load_loses_no_chat(replicated):
+    """A replica stopped on purpose (SIGTERM, as in a rolling restart): Triton refuses new
+    requests while it finishes the others; the service sends those streams to the other
+    replica before their first token (TRITON_RETRIES), so no chat fails."""
+    supervisor = Supervisor(Path(replicated.run_dir))
+    deadline = time.monotonic() + 180
+    while not all(_ready(r) for r in replicated.replicas()):  # after the test above
+        assert time.monotonic() < deadline, "the replicas are not both ready"
+        time.sleep(2)
+    stop = threading.Event()
+    statuses: list[int] = []
+
+    def chat_until_stopped() -> None:
+        while not stop.is_set():
+            statuses.append(httpx.post(_url(replicated), json=CHAT, timeout=120).status_code)
+
+    threads = [threading.Thread(target=chat_until_stopped) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    try:
+        time.sleep(2)
+        supervisor.rpc().stopProcess("triton-1", True)  # SIGTERM; waits until it has exited
+        time.sleep(3)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+        supervisor.start_program("triton-1")
+    assert statuses and set(statuses) == {200}, Counter(statuses)
+    deadline = time.monotonic() + 180
     while not _ready(replicated.replicas()[1]):
         assert time.monotonic() < deadline, "replica 1 did not come back"
         time.sleep(2)
