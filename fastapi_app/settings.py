@@ -18,7 +18,7 @@ class Settings(BaseSettings):
     triton_grpc_url: str = "127.0.0.1:8001"
     triton_timeout_s: float = Field(300.0, gt=0, description="longest a generation may take")
     triton_retries: int = Field(
-        2, ge=0, le=10, description="tries on another replica when one fails a stream before its first token"
+        4, ge=0, le=10, description="tries on another replica when one fails a stream before its first token"
     )
     triton_health_url: str | None = Field(
         None, description="vlm_triton.serve's health endpoint (http://host:8003): knows models whose stub died"

@@ -39,7 +39,7 @@ CHANNEL_ARGS = [
     ("grpc.http2.max_pings_without_data", 0),
     ("grpc.lb_policy_name", "round_robin"),
 ]
-RETRY_PAUSE_S = (0.1, 0.5)  # a random pause: retries of concurrent streams do not march in step
+RETRY_PAUSE_S = 0.2  # doubled at each retry, times 0.5 to 1 at random (concurrent retries do not march in step)
 
 
 class TritonBackend:
@@ -135,7 +135,8 @@ class TritonBackend:
     async def stream(self, request: GenerationRequest) -> AsyncIterator[str | Final]:
         """Tokens, then the final answer. A replica that fails before the first token (stopping,
         restarting, its host gone) is not the caller's problem: the stream starts again on the
-        next one (round-robin), up to ``TRITON_RETRIES`` times. Overload and bad input are not retried."""
+        next one (round-robin), up to ``TRITON_RETRIES`` times with growing pauses (about 3 s in
+        all). Overload and bad input are not retried."""
         for attempt in range(self.settings.triton_retries + 1):
             started = False
             try:
@@ -147,7 +148,8 @@ class TritonBackend:
                 if started or attempt == self.settings.triton_retries:
                     raise
                 logger.warning("Triton stream failed before its first token (%s); trying again", exc)
-                await asyncio.sleep(random.uniform(*RETRY_PAUSE_S))
+                # a stopping replica still takes connections for a moment: wait until it is gone
+                await asyncio.sleep(RETRY_PAUSE_S * 2**attempt * random.uniform(0.5, 1.0))
 
     async def _stream_once(self, request: GenerationRequest) -> AsyncIterator[str | Final]:
         request_id = uuid.uuid4().hex

@@ -78,8 +78,11 @@ def test_the_service_spreads_its_streams_over_both_replicas(replicated):
 def test_prometheus_scrapes_each_replica(replicated):
     query = f"http://127.0.0.1:{replicated.prometheus_port}/api/v1/query"
     deadline = time.monotonic() + 60
+    # this stack's replicas (an earlier run's series may still be in the TSDB: same labels, other ports)
+    ports = "|".join(str(r.metrics_port) for r in replicated.replicas())
+    expr = f'up{{job="triton", instance=~"127.0.0.1:({ports})"}}'
     while True:
-        result = httpx.get(query, params={"query": 'up{job="triton"}'}, timeout=10).json()["data"]["result"]
+        result = httpx.get(query, params={"query": expr}, timeout=10).json()["data"]["result"]
         states = {r["metric"]["replica"]: r["value"][1] for r in result}
         if states == {"triton": "1", "triton-1": "1"}:
             return
