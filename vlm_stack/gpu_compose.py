@@ -37,7 +37,7 @@ def gpu_reservation(gpu: str) -> dict:
     return {"resources": _Override(reservations={"devices": [device]})}
 
 
-def override(gpus: list[str], base: str = f"../{BASE}") -> dict:
+def override(gpus: list[str], base: str = BASE) -> dict:
     """The override for these GPU ids: ``triton`` on the first, ``triton-gpu<id>`` on each other."""
     if not gpus or len(set(gpus)) != len(gpus) or not all(g.isdigit() for g in gpus):
         raise ValueError(f"GPU ids must be distinct numbers, got {gpus}")
@@ -58,7 +58,7 @@ def override(gpus: list[str], base: str = f"../{BASE}") -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("gpus", help="comma-separated GPU ids, e.g. 0,1")
-    parser.add_argument("--base", default=f"../{BASE}", help="docker-compose.yml, relative to the override's folder")
+    parser.add_argument("--base", default=BASE, help="the Compose file to extend (relative to the project folder)")
     args = parser.parse_args(argv)
     gpus = [g.strip() for g in args.gpus.split(",") if g.strip()]
     try:

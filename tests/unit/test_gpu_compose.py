@@ -30,7 +30,7 @@ def test_one_service_per_gpu_all_named_triton(capsys):
     assert [device_ids(s) for s in services.values()] == [["0"], ["1"], ["3"]]
     for name, service in services.items():
         assert service["networks"]["default"]["aliases"] == ["triton"], name
-    assert services["triton-gpu1"]["extends"] == {"file": "../docker-compose.yml", "service": "triton"}
+    assert services["triton-gpu1"]["extends"] == {"file": "docker-compose.yml", "service": "triton"}
     assert "extends" not in services["triton"]
 
 

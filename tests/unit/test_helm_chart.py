@@ -70,6 +70,8 @@ def test_triton_gets_its_gpus_the_shared_cache_and_probes():
     claim = {v["name"]: v for v in pod["volumes"]}["hf-cache"]["persistentVolumeClaim"]["claimName"]
     assert objects[("PersistentVolumeClaim", claim)]["spec"]["accessModes"] == ["ReadWriteMany"]
     assert container["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "health"}  # the watchdog
+    drain = int(env_of(triton)["TRITON_DRAIN_S"])  # rolling updates: not ready, still serving, then stop
+    assert 0 < drain < pod["terminationGracePeriodSeconds"] - 10
     cpu = render(triton={"gpus": 0}, autoscaling={"enabled": False})[("Deployment", "demo-vlm-triton")]
     assert "nvidia.com/gpu" not in cpu["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
     assert cpu["spec"]["replicas"] == 1
