@@ -200,8 +200,9 @@ cleanup() {
 
 main() {
   [ "$(id -u)" = 0 ] || fail "run as root (network namespaces, dockerd)"
-  for tool in ip nsenter dockerd docker; do
-    command -v "$tool" >/dev/null || fail "$tool is missing (make test-compose installs docker.io)"
+  command -v ip >/dev/null || { log "apt-get install iproute2"; apt-get install -y -q iproute2 >/dev/null; }
+  for tool in ip nsenter dockerd docker curl; do
+    command -v "$tool" >/dev/null || fail "$tool is missing (make test-compose installs docker.io and curl)"
   done
   mkdir -p "$WORK"
   trap cleanup EXIT
