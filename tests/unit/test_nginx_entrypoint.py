@@ -16,8 +16,7 @@ import pytest
 
 from tests.conftest import ROOT
 
-NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
-pytestmark = pytest.mark.skipif(not os.path.exists(NGINX), reason="nginx is installed by scripts/system_packages.sh")
+NGINX = shutil.which("nginx") or "/usr/sbin/nginx"  # installed by scripts/system_packages.sh
 
 TEMPLATE = """
 upstream backend {
