@@ -265,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def stop(signum: int, _frame) -> None:
         if stopping.is_set() or drain_s <= 0:  # a second signal does not wait
+            stopping.set()
             server.send_signal(signum)
             return
         stopping.set()

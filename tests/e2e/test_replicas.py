@@ -133,6 +133,7 @@ def test_one_replica_stopped_under_load_loses_no_chat(replicated):
     try:
         time.sleep(2)
         supervisor.rpc().stopProcess("triton-1", True)  # SIGTERM; waits until it has exited
+        assert supervisor.info("triton-1")["exitstatus"] == 0, "a replica asked to stop did not exit cleanly"
         time.sleep(3)
     finally:
         stop.set()
