@@ -49,6 +49,7 @@ class TritonBackend:
         self.settings = settings
         self.url = settings.triton_grpc_url
         self.client: grpcclient.InferenceServerClient | None = None
+        self._direct: dict[str, grpcclient.InferenceServerClient] = {}  # retries: one client per replica
 
     async def start(self) -> None:
         # Several replicas ("ipv4:a:8001,b:8001", or a name that resolves to each, "dns:///triton:8001"):
@@ -58,6 +59,9 @@ class TritonBackend:
     async def close(self) -> None:
         if self.client is not None:
             await self.client.close()
+        for client in self._direct.values():
+            await client.close()
+        self._direct.clear()
 
     async def ready(self) -> dict[str, bool]:
         """Triton's model readiness, corrected by its watchdog's (``TRITON_HEALTH_URL``): Triton
@@ -135,12 +139,16 @@ class TritonBackend:
     async def stream(self, request: GenerationRequest) -> AsyncIterator[str | Final]:
         """Tokens, then the final answer. A replica that fails before the first token (stopping,
         restarting, its host gone) is not the caller's problem: the stream starts again on the
-        next one (round-robin), up to ``TRITON_RETRIES`` times with growing pauses (about 3 s in
-        all). Overload and bad input are not retried."""
+        next replica, up to ``TRITON_RETRIES`` times with growing pauses (about 3 s in all).
+        The first try goes through the round-robin channel; retries go to each replica's address
+        in turn, so that two retries reach two different replicas. Overload and bad input are
+        not retried."""
+        first = random.randrange(1 << 16)  # where this request's retries start in the replica list
         for attempt in range(self.settings.triton_retries + 1):
+            client = self.client if attempt == 0 else await self._replica_client(first + attempt)
             started = False
             try:
-                async for item in self._stream_once(request):
+                async for item in self._stream_once(client, request):
                     started = True
                     yield item
                 return
@@ -148,10 +156,21 @@ class TritonBackend:
                 if started or attempt == self.settings.triton_retries:
                     raise
                 logger.warning("Triton stream failed before its first token (%s); trying again", exc)
-                # a stopping replica still takes connections for a moment: wait until it is gone
                 await asyncio.sleep(RETRY_PAUSE_S * 2**attempt * random.uniform(0.5, 1.0))
 
-    async def _stream_once(self, request: GenerationRequest) -> AsyncIterator[str | Final]:
+    async def _replica_client(self, turn: int) -> grpcclient.InferenceServerClient:
+        """A client for one replica: the ``turn``-th address ``TRITON_GRPC_URL`` has now."""
+        addresses = await _grpc_addresses(self.url)
+        for gone in set(self._direct) - set(addresses):  # replicas that left (rescheduled, scaled down)
+            await self._direct.pop(gone).close()
+        address = addresses[turn % len(addresses)]
+        if address not in self._direct:
+            self._direct[address] = grpcclient.InferenceServerClient(address, channel_args=CHANNEL_ARGS)
+        return self._direct[address]
+
+    async def _stream_once(
+        self, client: grpcclient.InferenceServerClient, request: GenerationRequest
+    ) -> AsyncIterator[str | Final]:
         request_id = uuid.uuid4().hex
 
         async def requests():
@@ -164,7 +183,7 @@ class TritonBackend:
 
         text: list[str] = []
         try:
-            responses = self.client.stream_infer(requests(), stream_timeout=self.settings.triton_timeout_s)
+            responses = client.stream_infer(requests(), stream_timeout=self.settings.triton_timeout_s)
             async for result, error in responses:
                 if error is not None:
                     raise self._error(error)
@@ -198,6 +217,20 @@ def _fp32(value: float) -> np.float32:
     """Triton's FP32: a positive value too small for it stays positive (top_p 5e-324 is not 0)."""
     single = np.float32(value)
     return np.float32(np.finfo(np.float32).smallest_subnormal) if value > 0 and single == 0 else single
+
+
+async def _grpc_addresses(target: str) -> list[str]:
+    """``TRITON_GRPC_URL`` as one ``host:port`` per replica: ``ipv4:a:8001,b:8001`` as listed,
+    ``dns:///triton:8001`` (or ``triton:8001``) with every address the name has now."""
+    if target.startswith("ipv4:"):
+        return [a.strip() for a in target[len("ipv4:") :].split(",") if a.strip()]
+    host_port = target.removeprefix("dns:///").removeprefix("dns:")
+    host, _, port = host_port.rpartition(":")
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+    except (OSError, ValueError):
+        return [host_port]  # unknown now: asked as it is, and fails as unavailable
+    return sorted({f"{info[4][0]}:{port}" for info in infos if info[0] == socket.AF_INET}) or [host_port]
 
 
 async def _each_address(url: str) -> list[str]:
