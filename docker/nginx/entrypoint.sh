@@ -11,7 +11,8 @@
 # placeholder becomes one "server address:port;" line per address the name has, and every
 # NGINX_DISCOVER_INTERVAL seconds (2) the names are looked up again: when an address came
 # or went, the configuration is rendered again and nginx reloaded (requests in flight finish
-# on the old workers). A name with no address yet gives one "down" server (a JSON 502).
+# on the old workers). A name with no address yet gives one "down" server (nginx answers
+# 502 for it until an address appears).
 set -eu
 templates=${NGINX_ENVSUBST_TEMPLATE_DIR:-/etc/nginx/templates}
 output=${NGINX_ENVSUBST_OUTPUT_DIR:-/etc/nginx/conf.d}
