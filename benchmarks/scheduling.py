@@ -22,7 +22,7 @@ import numpy as np
 
 from benchmarks.load import Run, Sample, drive, pct
 from vlm_engine.tiny.samples import PROMPTS, sample_image
-from vlm_stack.procs import free_port
+from vlm_stack.procs import free_ports
 from vlm_triton.launch import TritonProcess
 
 MODELS = ["llava", "qwen3-vl", "kosmos2", "moondream2"]
@@ -84,12 +84,13 @@ async def stream_infer(client, model: str, prompt: str, image: bytes, max_tokens
 
 
 def start_server(models_dir: Path, log: Path, models: list[str], env: dict[str, str] | None = None) -> TritonProcess:
+    http, grpc, metrics = free_ports(3)
     server = TritonProcess(
         log,
         env={"VLM_MODELS_DIR": str(models_dir), "HF_HUB_OFFLINE": "1", **(env or {})},
-        http_port=free_port(),
-        grpc_port=free_port(),
-        metrics_port=free_port(),
+        http_port=http,
+        grpc_port=grpc,
+        metrics_port=metrics,
         models=[m for model in models for m in (model, f"{model}_stream")],
     ).start()
     server.wait_ready(300, lambda message: None)

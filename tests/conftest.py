@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from vlm_engine.tiny.samples import sample_image as image_bytes
-from vlm_stack.procs import ephemeral_stack_env, free_port
+from vlm_stack.procs import ephemeral_stack_env, free_port, free_ports
 from vlm_triton.launch import TritonProcess
 
-__all__ = ["free_port", "image_bytes"]
+__all__ = ["free_port", "free_ports", "image_bytes"]
 
 # Tests never reach a model hub: everything loads from local folders.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -51,7 +51,8 @@ def start_triton(
     models_dir: Path, log_name: str, models: list[str] | None = None, env: dict[str, str] | None = None, **ports
 ) -> TritonProcess:
     """A real tritonserver on 127.0.0.1 serving triton_models/ with the tiny checkpoints."""
-    ports = {"http_port": free_port(), "grpc_port": free_port(), "metrics_port": free_port(), **ports}
+    http, grpc, metrics = free_ports(3)
+    ports = {"http_port": http, "grpc_port": grpc, "metrics_port": metrics, **ports}
     server = TritonProcess(
         ARTIFACTS / log_name,
         env={"VLM_MODELS_DIR": str(models_dir), "HF_HUB_OFFLINE": "1", **TRITON_ENV, **(env or {})},

@@ -105,6 +105,31 @@ class StackConfig:
             replicas.append(Replica(i, *ports))
         return replicas
 
+    def listening_ports(self) -> dict[str, int]:
+        """Every port the local stack listens on, by the setting that names it."""
+        ports = {
+            "NGINX_PORT": self.nginx_port,
+            "NGINX_GRPC_PORT": self.nginx_grpc_port,
+            "NGINX_STATUS_PORT": self.nginx_status_port,
+            "NGINX_EXPORTER_PORT": self.exporter_port,
+            "API_PORT": self.api_port,
+            "PROMETHEUS_PORT": self.prometheus_port,
+        }
+        for replica in self.replicas():
+            values = (replica.http_port, replica.grpc_port, replica.metrics_port, replica.health_port)
+            for kind, port in zip(("HTTP", "GRPC", "METRICS", "HEALTH"), values, strict=True):
+                name = f"TRITON_{kind}_PORT" if replica.index == 0 else f"{replica.name}'s {kind.lower()} port"
+                ports[name] = port
+        return ports
+
+    def check_ports(self) -> None:
+        """Refuse two services on one port: the second would fail to bind, or answer for the first."""
+        owner: dict[int, str] = {}
+        for name, port in self.listening_ports().items():
+            if port in owner:
+                raise SystemExit(f"{owner[port]} and {name} are both {port}: give each its own port")
+            owner[port] = name
+
     def triton_grpc_target(self) -> str:
         """The service's gRPC target: one address, or all replicas' for round-robin."""
         addresses = [f"127.0.0.1:{r.grpc_port}" for r in self.replicas()]

@@ -9,11 +9,14 @@ ones Compose mounts, rendered for 127.0.0.1 ports.
 
 from __future__ import annotations
 
+import errno
+import http.client
 import json
 import os
 import re
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -40,6 +43,7 @@ class Service:
     health_url: str | None
     required: bool = True
     env: dict[str, str] | None = None
+    ports: tuple[int, ...] = ()
 
 
 def say(message: str) -> None:
@@ -56,8 +60,19 @@ def http_ok(url: str, timeout: float = 2.0) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=timeout) as reply:
             return 200 <= reply.status < 300
-    except (urllib.error.URLError, OSError):
+    except (urllib.error.URLError, OSError, http.client.HTTPException):  # not HTTP/1: another server
         return False
+
+
+def port_in_use(port: int) -> bool:
+    """Whether something already listens on ``port`` (on 127.0.0.1 or every address)."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError as error:
+            return error.errno == errno.EADDRINUSE
+    return False
 
 
 class LocalStack:
@@ -95,6 +110,7 @@ class LocalStack:
                 ],
                 f"http://127.0.0.1:{replica.health_port}/ready",
                 env=triton_env,
+                ports=(replica.http_port, replica.grpc_port, replica.metrics_port, replica.health_port),
             )
             for replica in replicas
         ]
@@ -104,6 +120,7 @@ class LocalStack:
                 uvicorn_command(c.api_port),
                 f"http://127.0.0.1:{c.api_port}/health/ready",
                 env=api_env,
+                ports=(c.api_port,),
             ),
         ]
         nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
@@ -125,6 +142,7 @@ class LocalStack:
                     ],
                     f"http://127.0.0.1:{c.nginx_port}/health",
                     required=False,
+                    ports=(c.nginx_port, c.nginx_grpc_port, c.nginx_status_port),
                 )
             )
         exporter = shutil.which("prometheus-nginx-exporter") or shutil.which("nginx-prometheus-exporter")
@@ -139,6 +157,7 @@ class LocalStack:
                     ],
                     f"http://127.0.0.1:{c.exporter_port}/metrics",
                     required=False,
+                    ports=(c.exporter_port,),
                 )
             )
         prometheus = shutil.which("prometheus")
@@ -154,6 +173,7 @@ class LocalStack:
                     ],
                     f"http://127.0.0.1:{c.prometheus_port}/-/ready",
                     required=False,
+                    ports=(c.prometheus_port,),
                 )
             )
         return services
@@ -238,6 +258,13 @@ class LocalStack:
         if self.pid(service.name):
             say(f"{service.name} already running (pid {self.pid(service.name)})")
             return
+        names = {port: name for name, port in self.c.listening_ports().items()}
+        for port in service.ports:
+            if port_in_use(port):
+                raise SystemExit(
+                    f"{service.name} cannot start: port {port} ({names[port]}) is in use by another process; "
+                    "stop that process or give the setting another port"
+                )
         self.supervisor.start_program(service.name)
         say(f"{service.name} started (pid {self.pid(service.name)}, log {self.logs / (service.name + '.log')})")
 
@@ -284,6 +311,7 @@ class LocalStack:
         if any(line.startswith("tritonserver") for line in self.missing()):
             raise SystemExit("cannot start without tritonserver: run `make install`")
         check_port_privilege(self.c.nginx_port, os.geteuid())
+        self.c.check_ports()
         for folder in (self.logs, self.pids, self.run / "data"):
             folder.mkdir(parents=True, exist_ok=True)
         self.write_configs()

@@ -15,19 +15,31 @@ import httpx
 from vlm_stack.config import PORT_NAMES, ROOT
 
 
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct free ports on 127.0.0.1: every socket stays bound until all are
+    chosen, so the kernel cannot hand out one port twice (two services on one port)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return free_ports(1)[0]
 
 
 def ephemeral_stack_env(run_dir: Path, models_dir: Path) -> dict[str, str]:
     """Environment for a local stack on free 127.0.0.1 ports (tests, benchmarks, load tests)."""
+    ports = iter(free_ports(len(PORT_NAMES) + 3 * 4))
     return {
         **os.environ,
-        **{name: str(free_port()) for name in PORT_NAMES},
+        **{name: str(next(ports)) for name in PORT_NAMES},
         # ports for up to three more Triton replicas (TRITON_REPLICAS), free ones too
-        "TRITON_REPLICA_PORTS": ",".join(":".join(str(free_port()) for _ in range(4)) for _ in range(3)),
+        "TRITON_REPLICA_PORTS": ",".join(":".join(str(next(ports)) for _ in range(4)) for _ in range(3)),
         "NGINX_LOCAL_ONLY": "1",
         "STACK_RUN_DIR": str(run_dir),
         "VLM_MODELS_DIR": str(models_dir),

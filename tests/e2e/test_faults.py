@@ -88,6 +88,30 @@ def test_a_killed_service_is_restarted_by_the_supervisor(stack, local):
     (ARTIFACTS / "recovery-service.txt").write_text(f"{recovered:.1f}\n")
 
 
+def test_the_gateway_says_json_503_while_the_service_is_down(stack, local):
+    """No upstream to answer: nginx's own 502 page becomes a JSON 503 with Retry-After."""
+    local.rpc().stopProcess("fastapi", True)
+    try:
+        for path, method, key in (
+            ("/v1/chat/completions", "POST", "error"),
+            ("/v1/models", "GET", "error"),
+            ("/api/sessions/x", "GET", "detail"),
+            ("/health/ready", "GET", "error"),
+        ):
+            reply = httpx.request(method, stack.url + path, json=PROMPT if method == "POST" else None, timeout=10)
+            assert reply.status_code == 503, (path, reply.status_code, reply.text)
+            assert reply.headers["retry-after"] == "1" and reply.headers.get("x-request-id"), path
+            body = reply.json()[key]
+            assert "not answering" in (body if isinstance(body, str) else body["message"]), (path, body)
+    finally:
+        local.start_program("fastapi")
+    deadline = time.monotonic() + RECOVERY_S
+    while _ready(stack)[0] != 200:
+        assert time.monotonic() < deadline, "the service did not come back"
+        time.sleep(0.2)
+    assert _answers(stack)
+
+
 def _stubs_of(server_pid: int) -> list[int]:
     """Python-backend stubs that name ``server_pid`` as their server (their 6th argument)."""
     found = []

@@ -24,6 +24,12 @@ from vlm_stack.procs import ephemeral_stack_env
 from vlm_stack.supervisor import Supervisor
 
 CHAT = {"model": "llava", "messages": [{"role": "user", "content": "Hello?"}], "max_tokens": 4, "temperature": 0}
+KSERVE = {
+    "inputs": [
+        {"name": "prompt", "datatype": "BYTES", "shape": [1, 1], "data": ["Hi?"]},
+        {"name": "max_tokens", "datatype": "INT32", "shape": [1, 1], "data": [4]},
+    ]
+}
 
 
 @pytest.fixture(scope="module")
@@ -122,12 +128,22 @@ def test_one_replica_stopped_under_load_loses_no_chat(replicated):
         time.sleep(2)
     stop = threading.Event()
     statuses: list[int] = []
+    kserve: list[int] = []
+    infer_url = f"http://127.0.0.1:{replicated.nginx_port}/v2/models/llava/infer"
 
     def chat_until_stopped() -> None:
         while not stop.is_set():
             statuses.append(httpx.post(_url(replicated), json=CHAT, timeout=120).status_code)
 
+    def infer_until_stopped() -> None:  # KServe through nginx: it tries the next replica
+        while not stop.is_set():
+            reply = httpx.post(infer_url, json=KSERVE, timeout=120)
+            kserve.append(reply.status_code)
+            if reply.status_code != 200:
+                (ARTIFACTS / "replica-stop-kserve-failure.txt").write_text(reply.text)
+
     threads = [threading.Thread(target=chat_until_stopped) for _ in range(3)]
+    threads += [threading.Thread(target=infer_until_stopped) for _ in range(2)]
     for thread in threads:
         thread.start()
     try:
@@ -141,6 +157,7 @@ def test_one_replica_stopped_under_load_loses_no_chat(replicated):
             thread.join()
         supervisor.start_program("triton-1")
     assert statuses and set(statuses) == {200}, Counter(statuses)
+    assert kserve and set(kserve) == {200}, Counter(kserve)
     deadline = time.monotonic() + 180
     while not _ready(replicated.replicas()[1]):
         assert time.monotonic() < deadline, "replica 1 did not come back"

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 
-from tests.conftest import ARTIFACTS, TRITON_ENV, free_port
+from tests.conftest import ARTIFACTS, TRITON_ENV, free_ports
 from vlm_triton import gpu_configs, launch
 
 
@@ -20,14 +20,13 @@ def test_the_gpu_configs_are_written_from_the_usual_ones():
 
 
 def test_triton_reads_configs_gpu_pbtxt_where_there_is_one(tiny_models_dir):
-    command = launch.command(
-        http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(), models=["llava", "llava_stream"]
-    )
+    http, grpc, metrics = free_ports(3)
+    command = launch.command(http_port=http, grpc_port=grpc, metrics_port=metrics, models=["llava", "llava_stream"])
     assert not any(arg.startswith("--model-config-name") for arg in command)
     command = launch.command(
-        http_port=free_port(),
-        grpc_port=free_port(),
-        metrics_port=free_port(),
+        http_port=http,
+        grpc_port=grpc,
+        metrics_port=metrics,
         models=["llava", "llava_stream"],
         model_config="gpu",
     )

@@ -13,7 +13,7 @@ import time
 import httpx
 import tritonclient.http as httpclient
 
-from tests.conftest import ARTIFACTS, TRITON_ENV, free_port
+from tests.conftest import ARTIFACTS, TRITON_ENV, free_ports
 from tests.integration.helpers import GREEDY, inputs, text_of
 from vlm_triton import launch
 
@@ -21,7 +21,7 @@ DRAIN_S = 6
 
 
 def test_sigterm_drains_then_stops(tiny_models_dir, png):
-    http, grpc, metrics, health = free_port(), free_port(), free_port(), free_port()
+    http, grpc, metrics, health = free_ports(4)
     env = launch.environment(
         {
             **os.environ,

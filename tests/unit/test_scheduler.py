@@ -5,6 +5,8 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -157,32 +159,41 @@ def test_a_cancelled_row_stops_while_its_neighbour_goes_on(engines):
     assert neighbour.result().text == expected
 
 
-def test_a_full_queue_is_refused_at_once(tiny_models_dir):
-    engine = make_engine(tiny_models_dir, "llava", MAX_RUNNING="1", MAX_WAITING="1")
+@contextmanager
+def full_engine(tiny_models_dir, running_tokens: int, **env: str) -> Iterator[tuple[VLMEngine, Callable[[], None]]]:
+    """An engine with MAX_RUNNING=1 and MAX_WAITING=1, both taken: the next request is one too
+    many. Yields it and a function that lets the two finish."""
+    engine = make_engine(tiny_models_dir, "llava", MAX_RUNNING="1", MAX_WAITING="1", **env)
     try:
-        running = Request(engine, prepare(engine, 1, 200))
+        running = Request(engine, prepare(engine, 1, running_tokens))
         running.first_text()  # admitted: the running batch is full
         waiting = Request(engine, prepare(engine, 2, 4))
+        finished: list[bool] = []
+
+        def finish() -> None:
+            if not finished:
+                running.result(), waiting.result()
+                finished.append(True)
+
+        yield engine, finish
+        finish()
+    finally:
+        engine.close()
+
+
+def test_a_full_queue_is_refused_at_once(tiny_models_dir):
+    with full_engine(tiny_models_dir, 200) as (engine, finish):
         with pytest.raises(Overloaded, match=r"at capacity: 2 requests in flight \(MAX_RUNNING=1 \+ MAX_WAITING=1\)"):
             Request(engine, prepare(engine, 3, 4))
         assert engine.scheduler.stats.rejected == 1
-        running.result(), waiting.result()
+        finish()
         assert Request(engine, prepare(engine, 3, 4)).result().output_tokens >= 1  # room again
-    finally:
-        engine.close()
 
 
 def test_when_full_the_refusal_comes_before_the_image_is_decoded(tiny_models_dir):
-    engine = make_engine(tiny_models_dir, "llava", MAX_RUNNING="1", MAX_WAITING="1", IGNORE_EOS="true")
-    try:
-        running = Request(engine, prepare(engine, 1, 300))
-        running.first_text()
-        waiting = Request(engine, prepare(engine, 2, 4))
+    with full_engine(tiny_models_dir, 300, IGNORE_EOS="true") as (engine, _):
         with pytest.raises(Overloaded):  # not InvalidImage: nothing was decoded
             engine.prepare(single_turn("What is this?", b"not an image at all"), 4)
-        running.result(), waiting.result()
-    finally:
-        engine.close()
 
 
 def test_a_request_that_waits_too_long_gets_a_clear_503(tiny_models_dir):

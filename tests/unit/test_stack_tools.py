@@ -102,6 +102,44 @@ def test_port_80_without_root_says_so_and_offers_another():
     check_port_privilege(8088, euid=1000)
 
 
+def test_free_ports_are_distinct_and_free():
+    from vlm_stack.local import port_in_use
+    from vlm_stack.procs import free_ports
+
+    ports = free_ports(200)  # one bind(0) at a time hands the same port out again now and then
+    assert len(set(ports)) == 200
+    assert not any(port_in_use(port) for port in ports[:20])
+
+
+def test_two_services_on_one_port_are_refused_before_anything_starts(tmp_path):
+    config = StackConfig.from_env({"NGINX_EXPORTER_PORT": "8001", "STACK_RUN_DIR": str(tmp_path)})
+    with pytest.raises(SystemExit, match="NGINX_EXPORTER_PORT and TRITON_GRPC_PORT are both 8001"):
+        config.check_ports()
+    replicas = StackConfig.from_env({"TRITON_REPLICAS": "2", "TRITON_REPLICA_PORTS": "9000:9001:9002:9090"})
+    with pytest.raises(SystemExit, match="PROMETHEUS_PORT and triton-1's health port are both 9090"):
+        replicas.check_ports()
+    StackConfig.from_env({"TRITON_REPLICAS": "3"}).check_ports()  # the defaults: + 10 per replica
+
+
+def test_a_port_taken_by_another_process_is_named_and_nothing_is_left_running(tmp_path):
+    """The real launcher against a socket that holds Triton's HTTP port."""
+    import socket
+
+    from vlm_stack.local import port_in_use
+    from vlm_stack.procs import ephemeral_stack_env
+
+    env = {**ephemeral_stack_env(tmp_path / "run", tmp_path / "models"), "VLM_STACK_MODE": "local"}
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", int(env["TRITON_HTTP_PORT"])))
+        taken.listen()
+        assert port_in_use(int(env["TRITON_HTTP_PORT"]))
+        up = subprocess.run([str(ROOT / "triton_start.sh"), "up"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert up.returncode != 0
+    assert f"triton cannot start: port {env['TRITON_HTTP_PORT']} (TRITON_HTTP_PORT) is in use" in up.stderr
+    assert not (tmp_path / "run" / "supervisor.sock").exists()  # the launcher took supervisord down again
+    assert not port_in_use(int(env["TRITON_GRPC_PORT"]))
+
+
 def system_packages(tmp_path: Path, fakes: dict[str, str], *args: str) -> subprocess.CompletedProcess:
     """scripts/system_packages.sh with only the given commands on PATH (no nginx in /usr/sbin)."""
     fakes = {"chmod": 'exec /bin/chmod "$@"', "rm": 'exec /bin/rm "$@"', **fakes}
