@@ -82,7 +82,8 @@ class ApiProcess:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout_s: float = 180) -> ApiProcess:
+    def start(self, timeout_s: float = 180, until: str = "/health/ready") -> ApiProcess:
+        """Start it and wait until ``until`` answers 200 (``/health``: up, whatever Triton says)."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
@@ -93,7 +94,7 @@ class ApiProcess:
             if self.process.poll() is not None:
                 raise RuntimeError(f"the service exited with {self.process.returncode}; see {self.log_path}")
             try:
-                if httpx.get(self.url + "/health/ready", timeout=2).status_code == 200:
+                if httpx.get(self.url + until, timeout=2).status_code == 200:
                     return self
             except httpx.HTTPError:
                 pass

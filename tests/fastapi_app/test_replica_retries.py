@@ -35,7 +35,8 @@ def test_a_replica_without_the_model_costs_no_chat(triton, tiny_models_dir, tmp_
     stopping = start_triton(tiny_models_dir, "tritonserver-no-stream.log", models=["llava"])
     target = f"ipv4:{stopping.grpc_url},{triton.grpc_url}"
     env = api_env(tmp_path_factory, TRITON_GRPC_URL=target, SERVED_MODELS="llava", TRITON_RETRIES="2")
-    api = ApiProcess("api-replica-retries", env).start()
+    # /health: readiness asks the replicas in turn, and one of them lacks llava_stream
+    api = ApiProcess("api-replica-retries", env).start(until="/health")
     try:
         body = {"model": "llava", "messages": vision_messages(png), "max_tokens": 4}
 
