@@ -45,7 +45,7 @@ IMAGE_TAG=${IMAGE_TAG:-latest}
 TRITON_IMAGE=$IMAGE_PREFIX/triton-cpu:$IMAGE_TAG
 OTHER_IMAGES=("$IMAGE_PREFIX/fastapi:$IMAGE_TAG" "$IMAGE_PREFIX/nginx:$IMAGE_TAG"
   "$IMAGE_PREFIX/nginx-exporter:$IMAGE_TAG" "$IMAGE_PREFIX/prometheus:$IMAGE_TAG")
-export DOCKER_CONFIG=${DOCKER_CONFIG:-/var/tmp/vlm-serve-compose-test/docker-config}
+export DOCKER_CONFIG=${DOCKER_CONFIG:-$BUILDER/docker-config}  # compose_test.sh put the compose plugin there
 
 SUMMARY=()
 log() { printf '[%s +%4ss] %s\n' "$(date +%H:%M:%S)" "$(($(date +%s) - T0))" "$*"; }
