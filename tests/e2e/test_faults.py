@@ -11,6 +11,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
 
 from tests.conftest import ARTIFACTS
 from vlm_stack.supervisor import Supervisor
@@ -130,7 +132,13 @@ def test_a_killed_tritonserver_comes_back_and_the_service_reconnects(stack, loca
     server_pid = _tritonserver_pid(local)
     assert _stubs_of(server_pid), "no stub names its server: the check below would prove nothing"
     os.kill(server_pid, signal.SIGKILL)
-    recovered, seen = _wait_ready(stack, time.monotonic(), 180)
+    killed = time.monotonic()
+    # meanwhile nginx's gRPC port says UNAVAILABLE with a reason (Triton opens its ports
+    # only after its models are loaded again)
+    with pytest.raises(InferenceServerException, match="not answering") as refused:
+        grpcclient.InferenceServerClient(stack.grpc_url).is_server_live(client_timeout=10)
+    assert refused.value.status() == "StatusCode.UNAVAILABLE"
+    recovered, seen = _wait_ready(stack, killed, 180)
     assert any(body.get("status") == "not ready" for body in seen), "the service never said 'not ready'"
     assert _answers(stack)
     assert local.pid("fastapi") == service_pid, "the service reconnects without a restart"
