@@ -184,6 +184,9 @@ cleanup() {
     [ -S "$WORK/node$node/docker.sock" ] && timeout 30 docker -H "unix://$WORK/node$node/docker.sock" swarm leave --force >/dev/null 2>&1
     stop_dockerd "$node"
   done
+  # the node that was cut off leaves its overlay network namespaces mounted: unmount them, or
+  # they pile up run after run and keep its folder from being removed
+  awk -v work="$WORK/" 'index($2, work) == 1 {print $2}' /proc/mounts | xargs -r -n1 umount -l
   [ -z "$DNS_PID" ] || kill "$DNS_PID" 2>/dev/null
   if [ -n "$BUILDER_PID" ]; then
     kill -TERM "$BUILDER_PID" 2>/dev/null
