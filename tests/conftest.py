@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from vlm_engine.tiny.samples import sample_image as image_bytes
-from vlm_stack.procs import ephemeral_stack_env, free_port, free_ports
+from vlm_stack.procs import ephemeral_stack_env, free_ports
 from vlm_triton.launch import TritonProcess
 
-__all__ = ["free_port", "free_ports", "image_bytes"]
+__all__ = ["free_ports", "image_bytes"]
 
 # Tests never reach a model hub: everything loads from local folders.
 os.environ["HF_HUB_OFFLINE"] = "1"

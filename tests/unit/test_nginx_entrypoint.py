@@ -15,6 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from tests.conftest import ROOT
+from vlm_stack.procs import free_port
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"  # installed by scripts/system_packages.sh
 
@@ -43,14 +44,6 @@ class Backend(BaseHTTPRequestHandler):
 
     def log_message(self, *args) -> None:
         return
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_upstreams_come_from_dns_and_requests_pass(tmp_path):
