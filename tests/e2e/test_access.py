@@ -10,6 +10,7 @@ import os
 import subprocess
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import openai
@@ -23,6 +24,7 @@ from tests.conftest import ARTIFACTS, ROOT
 from tests.fastapi_app.test_web_page import CHROMIUM, FLAGS
 from tests.integration.helpers import GREEDY, inputs, text_of
 from vlm_stack.procs import ephemeral_stack_env
+from vlm_stack.supervisor import Supervisor
 
 KEY = "sk-test-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -100,6 +102,27 @@ def test_triton_grpc_needs_the_key_but_health_is_open(keyed, png):
     metadata = {"authorization": AUTH["Authorization"]}  # gRPC metadata keys are lower case
     result = client.infer("llava", inputs(grpcclient, "Hi", png, max_tokens=3, **GREEDY), headers=metadata)
     assert text_of(result)
+
+
+def test_with_the_service_down_nothing_passes_the_key_check(keyed):
+    """The key check asks the service: with it stopped, Triton's routes refuse (a JSON 503,
+    gRPC UNAVAILABLE); nothing is let through unchecked."""
+    supervisor = Supervisor(Path(keyed.run_dir))
+    supervisor.rpc().stopProcess("fastapi", True)
+    try:
+        with pytest.raises(InferenceServerException) as refused:
+            grpcclient.InferenceServerClient(keyed.grpc_url).get_server_metadata()
+        assert refused.value.status() == "StatusCode.UNAVAILABLE", refused.value
+        for headers in ({}, AUTH):  # without a key, and with one that cannot be checked now
+            reply = httpx.get(keyed.url + "/v2/models/llava/config", headers=headers, timeout=10)
+            assert reply.status_code == 503 and "not answering" in reply.json()["error"], reply.text
+            assert reply.headers["retry-after"] == "1"
+    finally:
+        supervisor.start_program("fastapi")
+    deadline = time.monotonic() + 60
+    while httpx.get(keyed.url + "/health/ready", timeout=10).status_code != 200:
+        assert time.monotonic() < deadline, "the service did not come back"
+        time.sleep(0.5)
 
 
 def test_the_page_asks_for_the_key(keyed):
