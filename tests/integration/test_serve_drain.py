@@ -1,6 +1,10 @@
 """vlm_triton.serve stopping gently (``TRITON_DRAIN_S``, set by the Swarm stack and the Helm
 chart): on SIGTERM its health endpoint says "not ready" at once, Triton goes on answering for
-the drain time, then stops; the process exits 0."""
+the drain time, then stops; the process exits 0.
+
+It asks the stream model (where the weights and the batching live) through KServe
+``generate``: the KServe facade's stub can die on its own under threaded BLS (a known Triton
+bug, docs/ARCHITECTURE.md), which is not what this test is about."""
 
 from __future__ import annotations
 
@@ -11,16 +15,14 @@ import sys
 import time
 
 import httpx
-import tritonclient.http as httpclient
 
 from tests.conftest import ARTIFACTS, TRITON_ENV, free_ports
-from tests.integration.helpers import GREEDY, inputs, text_of
 from vlm_triton import launch
 
 DRAIN_S = 6
 
 
-def test_sigterm_drains_then_stops(tiny_models_dir, png):
+def test_sigterm_drains_then_stops(tiny_models_dir):
     http, grpc, metrics, health = free_ports(4)
     env = launch.environment(
         {
@@ -31,7 +33,7 @@ def test_sigterm_drains_then_stops(tiny_models_dir, png):
             "TRITON_DRAIN_S": str(DRAIN_S),
         }
     )
-    command = [sys.executable, "-m", "vlm_triton.serve", "--model", "llava", "--model", "llava_stream"]
+    command = [sys.executable, "-m", "vlm_triton.serve", "--model", "llava_stream"]
     command += [f"--http-port={http}", f"--grpc-port={grpc}", f"--metrics-port={metrics}", f"--health-port={health}"]
     with (ARTIFACTS / "serve-drain.log").open("wb") as log:
         server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -40,17 +42,19 @@ def test_sigterm_drains_then_stops(tiny_models_dir, png):
         while _ready(health) != 200:
             assert server.poll() is None and time.monotonic() < deadline, "vlm_triton.serve did not become ready"
             time.sleep(1)
-        client = httpclient.InferenceServerClient(f"127.0.0.1:{http}", network_timeout=60)
+        generate = f"http://127.0.0.1:{http}/v2/models/llava_stream/generate"
+        body = {"prompt": "Still here?", "max_tokens": 4, "temperature": 0.0, "stream": False}
 
         server.send_signal(signal.SIGTERM)
         stopped_at = time.monotonic()
         time.sleep(0.5)
         state = httpx.get(f"http://127.0.0.1:{health}/ready", timeout=5)
         assert state.status_code == 503
-        assert state.json()["models"]["llava"]["reason"] == "the server is stopping"
+        assert state.json()["models"]["llava_stream"]["reason"] == "the server is stopping"
         answered = 0
         while time.monotonic() - stopped_at < DRAIN_S - 2:  # still serving meanwhile
-            assert text_of(client.infer("llava", inputs(httpclient, "Still here?", png, max_tokens=4, **GREEDY)))
+            reply = httpx.post(generate, json=body, timeout=60)
+            assert reply.status_code == 200 and reply.json()["output_tokens"] >= 1, reply.text
             answered += 1
         assert answered >= 1 and server.poll() is None
         assert server.wait(timeout=60) == 0
