@@ -16,7 +16,7 @@ from PIL import Image
 from vlm_engine.adapters import adapter_class
 from vlm_engine.adapters.base import Adapter, Prepared, Result
 from vlm_engine.chat import Message, has_text, prompt_message, single_turn
-from vlm_engine.errors import InvalidRequest, ModelConfigError, PromptTooLong, ShuttingDown
+from vlm_engine.errors import InvalidRequest, ModelConfigError, PromptTooLong, ShuttingDown, TooLarge
 from vlm_engine.images import decode_image
 from vlm_engine.loading import check_source, load_error, resolve_device
 from vlm_engine.params import resolve_params
@@ -40,8 +40,15 @@ class VLMEngine:
     """One loaded model and its scheduler. ``prepare`` each request, then ``submit`` it
     (or ``stream``/``generate`` a list of them)."""
 
-    def __init__(self, settings: ModelSettings, load: bool = True, metrics: Metrics | None = None):
+    def __init__(
+        self,
+        settings: ModelSettings,
+        load: bool = True,
+        metrics: Metrics | None = None,
+        on_fatal: Callable[[BaseException], None] | None = None,
+    ):
         self.settings = settings
+        self.on_fatal = on_fatal
         self.device = resolve_device(settings)
         self.adapter: Adapter = adapter_class(settings.architecture)(settings, self.device)
         self.metrics = metrics
@@ -52,9 +59,13 @@ class VLMEngine:
 
     @classmethod
     def from_config(
-        cls, name: str, parameters: Mapping[str, str] | None = None, metrics: Metrics | None = None
+        cls,
+        name: str,
+        parameters: Mapping[str, str] | None = None,
+        metrics: Metrics | None = None,
+        on_fatal: Callable[[BaseException], None] | None = None,
     ) -> VLMEngine:
-        return cls(resolve_settings(name, parameters), metrics=metrics)
+        return cls(resolve_settings(name, parameters), metrics=metrics, on_fatal=on_fatal)
 
     @property
     def name(self) -> str:
@@ -72,10 +83,22 @@ class VLMEngine:
         if self.settings.quantization_type == "none":
             self.adapter.model.to(self.device)
         self.adapter.model.eval()
+        self.adapter.setup_kv()
         self.load_seconds = time.perf_counter() - start
         log.info(
             "%s loaded from %s on %s in %.1fs", self.name, self.settings.model_path, self.device, self.load_seconds
         )
+        if self.adapter.kv is not None:
+            kv = self.adapter.kv
+            log.info(
+                "%s: KV cache %.0f MiB, %d pages of %d tokens (%d tokens; %d bytes per token)",
+                self.name,
+                kv.bytes / 2**20,
+                kv.pages.num_pages - 1,
+                kv.page_size,
+                kv.pages.capacity_tokens,
+                kv.shape.bytes_per_token,
+            )
         s = self.settings
         self.scheduler = Scheduler(
             self.adapter,
@@ -87,6 +110,7 @@ class VLMEngine:
             self.metrics,
             s.stream_interval,
             s.max_queue_wait_s,
+            self.on_fatal,
         )
         if s.warmup:
             self.warmup()
@@ -138,7 +162,25 @@ class VLMEngine:
             prompt_message(messages).decoded = [image]
         prepared = Prepared(messages, params, image, cancelled or (lambda: False), tokens)
         prepared.inputs = self.adapter.encode_row(prepared)  # here, not in the step loop
+        self._check_fits(prepared)
         return prepared
+
+    def _check_fits(self, prepared: Prepared) -> None:
+        """A request whose prompt and answer could never fit in the KV cache is refused (413)."""
+        kv = self.adapter.kv
+        if kv is None:
+            return
+        prompt = self.adapter.prefill_cost(prepared)
+        need = prompt + prepared.params.max_tokens
+        capacity = kv.pages.capacity_tokens
+        if need > capacity:
+            room = capacity - prompt
+            advice = f"set max_tokens to at most {room}" if room > 0 else "send a shorter prompt or a smaller image"
+            raise TooLarge(
+                f"this request needs {need} KV tokens ({prompt} for the prompt and its image, max_tokens="
+                f"{prepared.params.max_tokens}); {self.name}'s KV cache holds {capacity} tokens "
+                f"(KV_CACHE_MB / GPU_MEMORY_UTILIZATION): {advice}"
+            )
 
     def submit(self, prepared: Prepared, emit: Callable[[Event], None], reserved: bool = False) -> None:
         """Hand one prepared request to the scheduler; ``emit`` gets its events (loop thread)."""

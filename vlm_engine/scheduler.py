@@ -1,18 +1,29 @@
-"""In-flight (continuous) batching: requests join and leave a running batch at every step.
+"""In-flight (continuous) batching over paged KV memory: requests join and leave a running
+batch at every step, and a request waits rather than fails when memory is short.
 
 One ``Scheduler`` per loaded model runs one thread, the step loop. Each turn of the loop:
 
-1. **release**: rows that finished, were cancelled or failed leave the batch (their cache
-   rows and any padding no remaining row needs are dropped);
-2. **admit**: waiting requests, oldest first, while the running batch has room and the
-   prefill budget lasts, are prefilled together and send their first output at once;
-3. **merge**: their state joins the running batch;
-4. **step**: one decode step for every running row, each with its own sampling settings.
+1. **release**: rows that finished, were cancelled or failed leave; their KV pages are free
+   (nothing else is copied);
+2. **admit**: waiting requests, oldest first, while there is a row free (``MAX_RUNNING``)
+   and the KV pool has pages for the whole prompt plus a small reserve;
+3. **prefill**: prompt chunks of the admitted rows, at most ``PREFILL_BUDGET`` tokens per
+   turn (an image and its tokens always go in one chunk), so running streams keep their
+   pace while a long prompt comes in; a row whose prompt is complete sends its first text;
+4. **decode**: one step for every row that has its prompt in: each gets a page when its
+   last one is full; when none is free the newest rows are **preempted**: their pages are
+   freed and they go back to the front of the queue, to be prefilled again with what they
+   had generated (vLLM's recompute preemption). Nothing they sent is sent twice.
 
-The admission rule keeps running rows decoding: at most ``prefill_budget`` prompt tokens are
-prefilled between two decode steps (one request is always admitted when there is room, so
-a prompt above the budget still gets in, alone). ``policy="static"`` is the old behaviour,
-kept for comparison: a batch is admitted only when the previous one has completely finished.
+Out-of-memory errors (``torch.OutOfMemoryError``) in a prefill or a decode step preempt the
+newest rows in the same way and the loop goes on; a request that cannot fit even alone
+fails with ``TooLarge``. Any other CUDA error is fatal: ``on_fatal`` is called (Triton's
+model exits so that the server reloads it) and the rows in flight fail.
+
+A housekeeping thread asks clients whether they left (``cancelled``) every
+``CANCEL_CHECK_SECONDS`` and flushes metrics about once a second, so neither costs the
+step loop a round trip. ``policy="static"`` is the old behaviour, kept for comparison: a
+batch is admitted only when the previous one has completely finished.
 
 Edges (Triton's ``<model>_stream``, the FastAPI local backend) call ``submit`` with a
 callback; it receives ``Event``s on the loop's thread and must not block.
@@ -29,7 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from vlm_engine.adapters.base import Adapter, Prepared, Result, RowDecoder
-from vlm_engine.errors import EngineError, Overloaded, ShuttingDown
+from vlm_engine.errors import EngineError, Overloaded, ShuttingDown, TooLarge
 
 log = logging.getLogger("vlm_engine.scheduler")
 CANCEL_CHECK_SECONDS = 0.05  # how often running rows are asked whether their client left
@@ -66,11 +77,15 @@ class Stats:
     """Counters since start, for tests and benchmarks."""
 
     admitted: int = 0
-    prefills: int = 0
+    prefills: int = 0  # prefill forwards (each over one chunk of one or more rows)
+    prefill_tokens: int = 0
     decode_steps: int = 0
     tokens: int = 0
     largest_batch: int = 0
     rejected: int = 0
+    preempted: int = 0  # rows sent back to the queue for lack of KV pages
+    out_of_memory: int = 0  # OutOfMemoryErrors recovered from
+    turns: list[tuple[int, int]] = field(default_factory=list)  # recent (prefill tokens, decode rows) per turn
 
 
 @dataclass(eq=False)
@@ -84,6 +99,25 @@ class Row:
     pending: str = ""  # text held back by the stream interval
     held: int = 0  # steps since text was last sent
     started: bool = False  # some text was sent
+    seq: Any = None  # the adapter's sequence while the row holds KV memory
+    prompt: int = 0  # tokens its prefill takes (prompt, and answer so far after a preemption)
+    prefilled: int = 0
+    gone: bool = False  # the client left (seen by the housekeeping thread)
+    preemptions: int = 0
+
+    @property
+    def decoding(self) -> bool:
+        return self.seq is not None and self.prefilled >= self.prompt and not self.done
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    return type(exc).__name__ == "OutOfMemoryError" or isinstance(exc, MemoryError)
+
+
+def is_fatal(exc: BaseException) -> bool:
+    """A CUDA error other than out-of-memory leaves the device unusable for this process."""
+    text = str(exc)
+    return not is_out_of_memory(exc) and ("CUDA error" in text or "CUBLAS_STATUS" in text or "device-side" in text)
 
 
 class Scheduler:
@@ -94,10 +128,11 @@ class Scheduler:
         policy: Policy = "inflight",
         max_running: int = 16,
         max_waiting: int = 64,
-        prefill_budget: int = 4096,
+        prefill_budget: int = 512,
         metrics: Metrics | None = None,
         stream_interval: int = 1,
         max_queue_wait_s: float = 60.0,
+        on_fatal: Callable[[BaseException], None] | None = None,
     ):
         self.adapter = adapter
         self.name = name
@@ -108,18 +143,26 @@ class Scheduler:
         self.stream_interval = stream_interval
         self.max_queue_wait_s = max_queue_wait_s
         self.metrics = metrics or Metrics()
+        self.on_fatal = on_fatal
         self.stats = Stats()
         self._waiting: deque[Row] = deque()
-        self._running: list[Row] = []
-        self._state: Any = None
+        self._running: list[Row] = []  # oldest first: preemption takes the newest
         self._wake = threading.Condition()
         self._closing = False
         self._drain = True
-        self._cancel_checked = 0.0
-        self._admitting: list[Row] = []  # taken from the queue, not yet in the batch
         self._reserved = 0  # places promised to requests being prepared
+        self._hold = 0  # after an OOM in a prefill: admit only while fewer rows than this run
+        self._measures: list[tuple[Callable[..., None], tuple]] = []
+        self._measures_lock = threading.Lock()
+        self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=f"scheduler-{name}", daemon=True)
+        self._housekeeper = threading.Thread(target=self._housekeeping, name=f"housekeeping-{name}", daemon=True)
         self._thread.start()
+        self._housekeeper.start()
+
+    @property
+    def kv(self):
+        return self.adapter.kv
 
     # -- the edges' side
 
@@ -166,8 +209,8 @@ class Scheduler:
             else:
                 self._refuse_when_full()
             self._waiting.append(row)
-            self._report()
             self._wake.notify()
+        self._report()
         return row
 
     def close(self, drain: bool = True, timeout: float = 30.0) -> None:
@@ -182,6 +225,9 @@ class Scheduler:
                 self._drain = False
                 self._wake.notify()
             self._thread.join(timeout)
+        self._stopped.set()
+        self._housekeeper.join(timeout)
+        self._flush_measures()
 
     @property
     def running(self) -> int:
@@ -190,6 +236,36 @@ class Scheduler:
     @property
     def waiting(self) -> int:
         return len(self._waiting)
+
+    # -- the housekeeping thread: cancellation and metrics, off the step loop
+
+    def _housekeeping(self) -> None:
+        flushed = time.monotonic()
+        while not self._stopped.wait(CANCEL_CHECK_SECONDS):
+            with self._wake:
+                rows = [row for row in (*self._running, *self._waiting) if not row.gone and not row.done]
+            left = False
+            for row in rows:
+                try:
+                    if row.prepared.cancelled():
+                        row.gone = left = True
+                except Exception:
+                    log.debug("%s: cancellation check failed", self.name, exc_info=True)
+            if left:
+                with self._wake:
+                    self._wake.notify()
+            if time.monotonic() - flushed >= 1.0:
+                flushed = time.monotonic()
+                self._flush_measures()
+
+    def _flush_measures(self) -> None:
+        with self._measures_lock:
+            pending, self._measures = self._measures, []
+        for record, args in pending:
+            try:
+                record(*args)
+            except Exception:  # metrics are reported, never allowed to fail a row
+                log.warning("%s: metrics update failed", self.name, exc_info=True)
 
     # -- the loop
 
@@ -204,10 +280,7 @@ class Scheduler:
                 self._turn()
             except Exception as exc:  # a bug outside one row: fail the rows in play, go on
                 log.exception("%s: scheduler step failed", self.name)
-                for row in self._admitting:
-                    if not row.done:
-                        self._fail(row, exc)
-                self._admitting = []
+                self._fatal(exc)
                 self._fail_running(exc)
         error = ShuttingDown(f"{self.name} shut down before this request finished")
         with self._wake:
@@ -215,112 +288,227 @@ class Scheduler:
         for row in left:
             if not row.done:  # rows that finished in the last step already had their final event
                 self._fail(row, error)
-        self._running, self._state = [], None
+        self._fail_running(error)
         self._report()
 
     def _turn(self) -> None:
         self._release()
-        group = self._admitting = self._admit()
-        if group:
-            self._prefill(group)
-            self._admitting = []
-            self._release()
-        if self._running:
-            self._step()
+        self._admit()
+        prefill_tokens = self._prefill()
+        self._release()
+        decoding = self._decode()
+        self.stats.turns.append((prefill_tokens, decoding))
+        del self.stats.turns[:-4096]
         self._report()
 
     def _release(self) -> None:
-        """Rows that finished, failed or were cancelled leave the batch.
-
-        Asking whether a client left can cost a round trip (Triton's response sender), so
-        running rows are asked every ``CANCEL_CHECK_SECONDS``, not at every step."""
+        """Rows that finished, failed or were cancelled leave; clients that left the queue or
+        waited too long free their place."""
+        for row in self._running:
+            if row.gone and not row.done:
+                self._finish(row, "cancelled")
+        keep = [row for row in self._running if not row.done]
+        for row in self._running:
+            if row.done:
+                self._free(row)
+        self._running = keep
         now = time.monotonic()
-        if now - self._cancel_checked >= CANCEL_CHECK_SECONDS:
-            self._cancel_checked = now
-            for row in self._running:
-                if not row.done and row.prepared.cancelled():
-                    self._finish(row, "cancelled")
-            with self._wake:  # clients that left while waiting free their place in the queue
-                gone = [row for row in self._waiting if row.prepared.cancelled()]
-                late = [row for row in self._waiting if now - row.submitted > self.max_queue_wait_s and row not in gone]
-                for row in gone + late:
-                    self._waiting.remove(row)
-            for row in gone:
-                self._cancel_waiting(row)
-            for row in late:  # waited too long: a clear 503 rather than a request that hangs
-                self.stats.rejected += 1
-                self._fail(
-                    row,
-                    Overloaded(
-                        f"{self.name} is busy: the request waited {now - row.submitted:.0f} s in the queue "
-                        f"(MAX_QUEUE_WAIT_S={self.max_queue_wait_s:g}); retry later"
-                    ),
-                )
-        keep = [i for i, row in enumerate(self._running) if not row.done]
-        if len(keep) == len(self._running):
-            return
-        self._running = [self._running[i] for i in keep]
-        if keep:
-            self._state = self.adapter.select(self._state, keep)
-        else:
-            self._drop_state()
-
-    def _admit(self) -> list[Row]:
-        if self.policy == "static" and self._running:
-            return []
-        group: list[Row] = []
-        budget = self.prefill_budget
         with self._wake:
-            while self._waiting and len(self._running) + len(group) < self.max_running:
+            gone = [row for row in self._waiting if row.gone]
+            late = [row for row in self._waiting if now - row.submitted > self.max_queue_wait_s and not row.gone]
+            for row in gone + late:
+                self._waiting.remove(row)
+        for row in gone:
+            self._cancel_waiting(row)
+        for row in late:  # waited too long: a clear 503 rather than a request that hangs
+            self.stats.rejected += 1
+            self._fail(
+                row,
+                Overloaded(
+                    f"{self.name} is busy: the request waited {now - row.submitted:.0f} s in the queue "
+                    f"(MAX_QUEUE_WAIT_S={self.max_queue_wait_s:g}); retry later"
+                ),
+            )
+
+    def _free(self, row: Row) -> None:
+        if row.seq is not None:
+            try:
+                self.adapter.free(row.seq)
+            finally:
+                row.seq = None
+
+    def _room(self, row: Row, generated: int) -> bool:
+        """Whether the pool has pages for the row's prompt and a reserve for running rows."""
+        if self.kv is None:
+            return True
+        pages = self.kv.pages
+        need = pages.pages_for(self.adapter.prefill_cost(row.prepared) + generated)
+        reserve = max(1, len(self._running) // 4) if self._running else 0
+        return need + reserve <= pages.free_pages
+
+    def _admit(self) -> None:
+        if self.policy == "static" and self._running:
+            return
+        limit = self.max_running if not self._hold else min(self.max_running, self._hold)
+        admitted: list[Row] = []
+        with self._wake:
+            while self._waiting and len(self._running) + len(admitted) < limit:
                 row = self._waiting[0]
-                if row.prepared.cancelled():
+                if row.gone or row.prepared.cancelled():  # asked once per admission, not per step
                     self._waiting.popleft()
                     self._cancel_waiting(row)
                     continue
-                cost = self.adapter.prefill_cost(row.prepared)
-                if group and cost > budget and self.policy == "inflight":
-                    break
+                generated = len(row.decoder.ids) if row.decoder is not None and self.adapter.resumable else 0
+                if not self._room(row, generated):
+                    break  # oldest first: the next ones wait too
                 self._waiting.popleft()
-                group.append(row)
-                budget -= cost
+                admitted.append(row)
         now = time.monotonic()
-        for row in group:
-            self._measure(self.metrics.waited, now - row.submitted)
-        return group
-
-    def _prefill(self, group: list[Row]) -> None:
-        start = time.perf_counter()
-        try:
-            state, outputs = self.adapter.prefill([row.prepared for row in group])
-        except Exception as exc:
-            if len(group) > 1:  # find the row at fault: each alone
-                for row in group:
-                    self._prefill([row])
-                return
-            log.warning("%s: prefill failed: %s", self.name, exc)
-            self._fail(group[0], exc)
-            return
-        self._measure(self.metrics.step, "prefill", time.perf_counter() - start, len(group))
-        self.stats.prefills += 1
-        self.stats.admitted += len(group)
-        for row in group:
-            row.decoder = self.adapter.decoder(row.prepared)
-        self._apply(group, outputs)
-        self._state = state if self._state is None else self.adapter.merge(self._state, state)
-        self._running.extend(group)
+        for row in admitted:
+            try:
+                self._start(row)
+            except Exception as exc:
+                self._fail(row, exc)
+                continue
+            if row.preemptions == 0:
+                self.stats.admitted += 1
+                self._measure(self.metrics.waited, now - row.submitted)
+            self._running.append(row)
         self.stats.largest_batch = max(self.stats.largest_batch, len(self._running))
 
-    def _step(self) -> None:
+    def _start(self, row: Row) -> None:
+        generated = list(row.decoder.ids) if row.decoder is not None and self.adapter.resumable else []
+        row.seq = self.adapter.start(row.prepared, generated)
+        row.prompt, row.prefilled = self.adapter.prompt_length(row.seq), 0
+        if self.kv is not None and not self.kv.pages.grow(row.seq.key, row.prompt):
+            self._free(row)
+            raise TooLarge(f"{self.name}: no KV memory for a prompt of {row.prompt} tokens")
+        if row.decoder is None:
+            row.decoder = self.adapter.decoder(row.prepared)
+
+    def _prefill(self) -> int:
+        """One forward over the next prompt chunk of rows still prefilling, within the budget."""
+        budget = self.prefill_budget if self.policy == "inflight" else 1 << 62
+        items: list[tuple[Row, int, int]] = []
+        for row in self._running:
+            if row.done or row.seq is None or row.prefilled >= row.prompt or budget <= 0:
+                continue
+            end = self.adapter.chunk_end(row.seq, row.prefilled, budget)
+            items.append((row, row.prefilled, end))
+            budget -= end - row.prefilled
+        return self._run_prefill(items)
+
+    def _run_prefill(self, items: list[tuple[Row, int, int]]) -> int:
+        if not items:
+            return 0
         start = time.perf_counter()
         try:
-            outputs = self.adapter.decode(self._state)
+            outputs = self.adapter.prefill([(row.seq, begin, end) for row, begin, end in items])
         except Exception as exc:
-            log.exception("%s: decode step failed for %d rows", self.name, len(self._running))
+            if is_out_of_memory(exc):
+                self._prefill_out_of_memory([row for row, _, _ in items], exc)
+                return 0
+            self._fatal(exc)
+            if len(items) > 1:  # find the row at fault: each alone
+                return sum(self._run_prefill([item]) for item in items)
+            log.warning("%s: prefill failed: %s", self.name, exc)
+            self._fail(items[0][0], exc)
+            return 0
+        tokens = sum(end - begin for _, begin, end in items)
+        self._measure(self.metrics.step, "prefill", time.perf_counter() - start, len(items))
+        self.stats.prefills += 1
+        self.stats.prefill_tokens += tokens
+        finished = []
+        for (row, _, end), output in zip(items, outputs, strict=True):
+            row.prefilled = end
+            if output is not None:
+                finished.append((row, output))
+        self._apply([row for row, _ in finished], [output for _, output in finished])
+        return tokens
+
+    def _decode(self) -> int:
+        rows = [row for row in self._running if row.decoding]
+        if not rows:
+            return 0
+        rows = self._pages_for_next_token(rows)
+        if not rows:
+            return 0
+        start = time.perf_counter()
+        try:
+            outputs = self.adapter.decode([row.seq for row in rows])
+        except Exception as exc:
+            if is_out_of_memory(exc):
+                self.stats.out_of_memory += 1
+                log.warning("%s: out of memory in a decode step of %d rows: preempting", self.name, len(rows))
+                self._clear_device_cache()
+                if len(rows) == 1:
+                    self._fail(rows[0], TooLarge(f"{self.name}: out of device memory for this request alone: {exc}"))
+                else:
+                    self._preempt(rows[-1])
+                return 0
+            log.exception("%s: decode step failed for %d rows", self.name, len(rows))
+            self._fatal(exc)
             self._fail_running(exc)
-            return
-        self._measure(self.metrics.step, "decode", time.perf_counter() - start, len(self._running))
+            return 0
+        self._measure(self.metrics.step, "decode", time.perf_counter() - start, len(rows))
         self.stats.decode_steps += 1
-        self._apply(self._running, outputs)
+        self._apply(rows, outputs)
+        return len(rows)
+
+    def _pages_for_next_token(self, rows: list[Row]) -> list[Row]:
+        """Every decoding row gets room for one more token; when the pool is full, the newest
+        rows (decoding or not) give theirs back and wait."""
+        if self.kv is None:
+            return rows
+        pages = self.kv.pages
+        for row in rows:
+            while row.seq is not None and not pages.grow(row.seq.key, row.seq.cached + 1):
+                victim = next(r for r in reversed(self._running) if r.seq is not None)
+                self._preempt(victim)
+        return [row for row in rows if row.seq is not None and not row.done]
+
+    def _preempt(self, row: Row) -> None:
+        """Free the row's KV memory and put it back at the front of the queue."""
+        if not self.adapter.resumable:
+            self._fail(row, TooLarge(f"{self.name}: out of memory for this request"))
+            self._free(row)
+            self._running.remove(row)
+            return
+        self._free(row)
+        self._running.remove(row)
+        row.preemptions += 1
+        self.stats.preempted += 1
+        with self._wake:
+            self._waiting.appendleft(row)
+        log.info("%s: a row was preempted (%d tokens so far); it will be prefilled again", self.name, row.tokens)
+
+    def _prefill_out_of_memory(self, rows: list[Row], exc: BaseException) -> None:
+        self.stats.out_of_memory += 1
+        self._clear_device_cache()
+        others = [row for row in self._running if row not in rows]
+        log.warning(
+            "%s: out of memory prefilling %d rows (%d others running): preempting", self.name, len(rows), len(others)
+        )
+        if len(rows) == 1 and not others:
+            self._fail(rows[0], TooLarge(f"{self.name}: this request does not fit in device memory even alone: {exc}"))
+            return
+        for row in reversed(rows):
+            self._preempt(row)
+        self._hold = max(1, len(self._running) + max(1, len(rows) // 2))
+
+    def _clear_device_cache(self) -> None:
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        except Exception:
+            log.debug("emptying the CUDA cache failed", exc_info=True)
+
+    def _fatal(self, exc: BaseException) -> None:
+        if is_fatal(exc) and self.on_fatal is not None:
+            log.critical("%s: fatal device error: %s", self.name, exc)
+            self.on_fatal(exc)
 
     def _apply(self, rows: list[Row], outputs: list[Any]) -> None:
         produced = 0
@@ -343,6 +531,8 @@ class Scheduler:
             elif row.pending and (row.held >= self.stream_interval or not row.started):
                 self._send(row, Event(row.pending))  # the first text goes out at once
                 row.pending, row.held, row.started = "", 0, True
+        if any(row.done for row in rows):
+            self._hold = 0  # a row left: memory came back
         self.stats.tokens += produced
         self._measure(self.metrics.tokens, produced)
 
@@ -360,6 +550,9 @@ class Scheduler:
 
     def _cancel_waiting(self, row: Row) -> None:
         row.done = True
+        if row.decoder is not None:  # preempted after it had started
+            self._finish(row, "cancelled", row.pending)
+            return
         self._send(row, Event(result=Result("", 0, "cancelled", prompt_tokens=row.prepared.prompt_tokens)))
 
     def _fail(self, row: Row, exc: BaseException) -> None:
@@ -372,17 +565,11 @@ class Scheduler:
         for row in self._running:
             if not row.done:
                 self._fail(row, exc)
-        self._running = []
-        self._drop_state()
-
-    def _drop_state(self) -> None:
-        """Every row has left: the adapter may keep what the state held for the next rows."""
-        state, self._state = self._state, None
-        if state is not None:
             try:
-                self.adapter.release(state)
+                self._free(row)
             except Exception:
-                log.warning("%s: releasing the batch state failed", self.name, exc_info=True)
+                log.warning("%s: freeing a row's memory failed", self.name, exc_info=True)
+        self._running = []
 
     def _send(self, row: Row, event: Event) -> None:
         try:
@@ -395,8 +582,7 @@ class Scheduler:
         self._measure(self.metrics.queue, len(self._running), len(self._waiting))
 
     def _measure(self, record: Callable[..., None], *args: Any) -> None:
-        """Metrics are reported, never allowed to fail a row (on Triton they are IPC calls)."""
-        try:
-            record(*args)
-        except Exception:
-            log.warning("%s: metrics update failed", self.name, exc_info=True)
+        """Recorded here, reported by the housekeeping thread about once a second (on Triton
+        each report is an IPC call)."""
+        with self._measures_lock:
+            self._measures.append((record, args))

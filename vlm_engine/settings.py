@@ -58,7 +58,19 @@ class ModelSettings(BaseModel):
     max_running: int = Field(16, ge=1, description="rows decoding together at most")
     max_waiting: int = Field(64, ge=1, description="requests queued beyond that are refused (503)")
     stream_interval: int = Field(1, ge=1, description="tokens per streamed chunk at most (1: every token)")
-    prefill_budget: int = Field(4096, ge=1, description="prompt tokens prefilled between two decode steps")
+    prefill_budget: int = Field(
+        512, ge=1, description="prompt tokens prefilled per scheduler turn, in chunks (an image is never split)"
+    )
+    kv_cache_mb: int | None = Field(
+        None, ge=1, description="KV cache size; default: CUDA by GPU_MEMORY_UTILIZATION, CPU MAX_RUNNING full rows"
+    )
+    gpu_memory_utilization: float = Field(
+        0.9, gt=0, le=1, description="CUDA: the share of the device that weights, activations and KV may use"
+    )
+    kv_page_tokens: int = Field(16, ge=1, le=1024, description="tokens per page of the KV cache")
+    max_image_tokens: int = Field(
+        4096, ge=4, le=16384, description="qwen3-vl: image tokens at most; larger images are scaled down"
+    )
     max_queue_wait_s: float = Field(60.0, gt=0, description="a request waiting longer for admission gets 503")
     # moondream2 only: the tokenizer its code fetches separately, kept images, grounding
     tokenizer_repo: str | None = Field(None, description="moondream2: default moondream/starmie-v1")

@@ -1,21 +1,28 @@
 """What every architecture adapter provides, and the shared path for HF decoder models.
 
-The scheduler (``vlm_engine.scheduler``) drives adapters through four verbs:
+The scheduler (``vlm_engine.scheduler``) drives adapters through these verbs, on sequences
+(one per running request) that it owns:
 
-- ``prefill(group)``: encode and run the prompts of newly admitted requests; returns the
-  group's model state and each row's first output.
-- ``merge(a, b)``: one state holding the rows of ``a`` then those of ``b``.
-- ``decode(state)``: one more output for every row of ``state``.
-- ``select(state, keep)``: only the rows ``keep`` (released rows leave).
-- ``release(state)``: the last rows have left (optional: memory to reuse).
+- ``start(prepared, generated)``: a new sequence for a request (``generated``: tokens it
+  already produced before it was preempted; they are prefilled again with its prompt);
+- ``prompt_length(seq)`` and ``chunk_end(seq, start, budget)``: how its prompt is split
+  into prefill chunks (an image is never split);
+- ``prefill(items)``: one forward over a chunk of each listed sequence; the first output of
+  each sequence whose prompt is complete (``None`` for the others);
+- ``decode(seqs)``: one more output for every sequence;
+- ``free(seq)``: the sequence left; its KV memory is free.
 
-An output is a token id (HF models) or a text chunk (moondream2's own API), turned into
-text by the row's ``decoder``.
+The KV memory of HF models is a pool of pages (``vlm_engine.kv``), sized once; the
+scheduler asks ``kv.pages`` whether a request fits, grows rows page by page and preempts
+when it runs out. An output is a token id (HF models) or a text chunk (moondream2's own
+API), turned into text by the row's ``decoder``; an exception as an output fails that row
+alone.
 """
 
 from __future__ import annotations
 
 import copy
+import itertools
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -27,10 +34,9 @@ from PIL import Image
 from vlm_engine.chat import Message
 from vlm_engine.params import GenerationParams
 from vlm_engine.settings import ModelSettings
-from vlm_engine.streaming import RowText
 
 if TYPE_CHECKING:  # torch only where a model is loaded: the service image has none
-    from vlm_engine.kv import KVBatch
+    from vlm_engine.kv.pool import KVPool
 
 
 @dataclass
@@ -78,12 +84,14 @@ class RowDecoder(ABC):
 
 
 class Adapter(ABC):
-    """One architecture: loading, prompt format, and the scheduler's four verbs."""
+    """One architecture: loading, prompt format, and the scheduler's verbs."""
 
     max_images = 1
     requires_image = False  # a blank image is supplied for text-only chats
     image_tokens = 256  # rough prompt cost of an image, for the prefill budget
     grounding = False  # results carry ``entities`` (boxes or points)
+    resumable = False  # a preempted sequence can be started again from its tokens so far
+    kv: KVPool | None = None  # paged KV memory (None: the adapter keeps its own per row)
 
     def __init__(self, settings: ModelSettings, device: str):
         self.settings = settings
@@ -93,6 +101,10 @@ class Adapter(ABC):
     @abstractmethod
     def load(self) -> None:
         """Load weights, tokenizer and processor from ``settings.model_path``."""
+
+    def setup_kv(self) -> None:
+        """Allocate KV memory once the weights are loaded (and warmed up, on CUDA)."""
+        return None
 
     @abstractmethod
     def count_tokens(self, text: str) -> int:
@@ -113,20 +125,61 @@ class Adapter(ABC):
     def decoder(self, prepared: Prepared) -> RowDecoder: ...
 
     @abstractmethod
-    def prefill(self, group: list[Prepared]) -> tuple[Any, list[Any]]: ...
+    def start(self, prepared: Prepared, generated: list[int]) -> Any: ...
+
+    def prompt_length(self, seq: Any) -> int:
+        return 1
+
+    def chunk_end(self, seq: Any, start: int, budget: int) -> int:
+        return self.prompt_length(seq)
 
     @abstractmethod
-    def decode(self, state: Any) -> list[Any]: ...
+    def prefill(self, items: list[tuple[Any, int, int]]) -> list[Any]: ...
 
     @abstractmethod
-    def merge(self, a: Any, b: Any) -> Any: ...
+    def decode(self, seqs: list[Any]) -> list[Any]: ...
 
-    @abstractmethod
-    def select(self, state: Any, keep: list[int]) -> Any: ...
-
-    def release(self, state: Any) -> None:
-        """Every row of ``state`` has left the batch (nothing to do for most adapters)."""
+    def free(self, seq: Any) -> None:
         return None
+
+
+class StreamText:
+    """A row's visible text from ``tokenizers``' ``DecodeStream``: O(1) per token.
+
+    Leading whitespace is dropped and trailing whitespace held back (the final answer is
+    stripped), so what is sent is always a prefix of the answer."""
+
+    def __init__(self, tokenizer: Any):
+        from tokenizers.decoders import DecodeStream
+
+        self.tokenizer = tokenizer
+        self.stream = DecodeStream(skip_special_tokens=True)
+        self.ids: list[int] = []
+        self.emitted_chars = 0
+        self.started = False
+        self.held = ""
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        piece = self.stream.step(self.tokenizer, token) or ""
+        if not self.started:
+            piece = piece.lstrip()
+            if not piece:
+                return ""
+            self.started = True
+        body = piece.rstrip()
+        if not body:
+            self.held += piece
+            return ""
+        out, self.held = self.held + body, piece[len(body) :]
+        self.emitted_chars += len(out)
+        return out
+
+    def flush(self, final_text: str) -> str:
+        """The rest of ``final_text`` after what was sent."""
+        rest = final_text[self.emitted_chars :]
+        self.emitted_chars = len(final_text)
+        return rest
 
 
 class TokenDecoder(RowDecoder):
@@ -134,10 +187,16 @@ class TokenDecoder(RowDecoder):
 
     def __init__(self, adapter: GenerateAdapter):
         self.adapter = adapter
-        self.text = RowText(adapter.visible_text)
+        self.text = adapter.stream_text()
         self.eos = set() if adapter.settings.ignore_eos else adapter.eos
 
-    def push(self, output: int) -> RowStep:
+    @property
+    def ids(self) -> list[int]:
+        return self.text.ids
+
+    def push(self, output: int | BaseException) -> RowStep:
+        if isinstance(output, BaseException):
+            raise output
         if output in self.eos:
             return RowStep(tokens=0, stop=True)
         return RowStep(self.text.push(output))
@@ -147,15 +206,37 @@ class TokenDecoder(RowDecoder):
         return self.text.flush(result.text), result
 
 
+@dataclass(eq=False)
+class Sequence:
+    """One request in the pool: its prompt (and tokens regenerated after a preemption), its
+    positions, and how much of it has KV in the pool."""
+
+    key: int
+    tokens: dict[str, Any]  # per-token tensors [length]: input_ids, mm_token_type_ids, ...
+    images: dict[str, Any]  # pixel_values, image_grid_thw: whole, with the chunk holding the image
+    image_span: tuple[int, int] | None  # [first, last + 1) of the image tokens
+    positions: Any  # [length] text positions, or [4, length] (Qwen3-VL: text then M-RoPE)
+    next_position: int  # text position of the first token after the prompt
+    next_mrope: int | None
+    params: GenerationParams
+    cached: int = 0  # tokens whose K/V is in the pool
+    last: int | None = None  # the last chosen token (not in the pool yet)
+
+    @property
+    def length(self) -> int:
+        return int(self.tokens["input_ids"].shape[-1])
+
+
 class GenerateAdapter(Adapter):
-    """HF decoder models (LLaVA, Kosmos-2, Qwen3-VL): one shared KV cache for all rows.
+    """HF decoder models (LLaVA, Kosmos-2, Qwen3-VL) over the paged KV pool.
 
     Positions are passed explicitly for every row, so a row's tokens never depend on the
-    padding that other rows bring into the batch.
+    other rows of a forward; attention reads each row's own pages under a per-row mask.
     """
 
     model: Any
     tokenizer: Any
+    resumable = True
 
     @abstractmethod
     def encode(self, group: list[Prepared]) -> dict[str, Any]:
@@ -165,23 +246,9 @@ class GenerateAdapter(Adapter):
         with self._count_lock:
             return self.encode([prepared])
 
-    def collate(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
-        """One batch from rows encoded alone: sequences left-padded, image tensors stacked."""
-        import torch
-
-        length = max(row["input_ids"].shape[-1] for row in rows)
-        batch: dict[str, Any] = {}
-        for key in dict.fromkeys(k for row in rows for k in row):  # rows without an image lack some
-            tensors = [row[key] for row in rows if key in row]
-            if key in SEQUENCE_KEYS:
-                fill = self.pad_id if key == "input_ids" else 0
-                tensors = [
-                    torch.cat([t.new_full((t.shape[0], length - t.shape[-1]), fill), t], dim=-1) for t in tensors
-                ]
-            batch[key] = torch.cat(tensors)
-        return batch
-
     def after_load(self) -> None:
+        from vlm_engine.kv.cache import ATTENTION
+
         self._counter = copy.deepcopy(self.tokenizer)  # request threads never share the Rust object
         eos = self.model.generation_config.eos_token_id
         eos = eos if isinstance(eos, list) else [eos]
@@ -189,6 +256,34 @@ class GenerateAdapter(Adapter):
         self.image_tokens = self.estimate_image_tokens()
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else next(iter(self.eos))
+        self.text_config()._attn_implementation = ATTENTION  # the vision tower keeps its own
+        self._keys = itertools.count(1)
+        self._last_step: tuple[tuple[int, ...], Any] | None = None
+
+    def text_config(self) -> Any:
+        return self.model.config.text_config
+
+    def setup_kv(self) -> None:
+        import torch
+
+        from vlm_engine.kv.pool import KVPool, budget_bytes, kv_shape
+
+        s = self.settings
+        shape = kv_shape(self.text_config(), self.model.dtype)
+        row_tokens = s.max_prompt_tokens + self.max_image_tokens() + s.max_tokens_cap
+        fallback = s.max_running * row_tokens * shape.bytes_per_token
+        budget = budget_bytes(s.kv_cache_mb, s.gpu_memory_utilization, self.device, fallback)
+        page_bytes = s.kv_page_tokens * shape.bytes_per_token
+        pages = max(2, budget // page_bytes + 1)
+        self.kv = KVPool(shape, pages, s.kv_page_tokens, self.device)
+        if str(self.device).startswith("cuda"):
+            torch.cuda.synchronize()
+
+    def max_image_tokens(self) -> int:
+        return self.image_tokens
+
+    def stream_text(self) -> StreamText:
+        return StreamText(self.tokenizer._tokenizer)
 
     def estimate_image_tokens(self) -> int:
         return 256
@@ -211,86 +306,147 @@ class GenerateAdapter(Adapter):
 
     # -- positions: text positions by default; Kosmos-2 and Qwen3-VL override these
 
-    def prefill_positions(self, inputs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
-        """Position ids for the prompt, and per-row state that decoding needs."""
-        mask = inputs["attention_mask"]
-        positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
-        return positions, {}
+    def sequence_positions(self, inputs: dict[str, Any]) -> tuple[Any, int, int | None]:
+        """Positions of one unpadded prompt, the next text position, the next M-RoPE position."""
+        import torch
 
-    def decode_positions(self, state: KVBatch) -> Any:
-        return state.positions[:, None]
+        length = int(inputs["input_ids"].shape[-1])
+        return torch.arange(length), length, None
 
-    def advance(self, state: KVBatch) -> None:
-        state.positions += 1
+    def decode_positions(self, seqs: list[Sequence]) -> Any:
+        import torch
 
-    def forward_prefill(self, inputs: dict[str, Any], positions: Any) -> Any:
-        from vlm_engine.kv import new_cache
+        return torch.tensor([s.next_position + s.cached - s.length for s in seqs])[:, None]
 
-        return self.model(
-            **inputs,
-            position_ids=positions,
-            past_key_values=new_cache(self.model.config),
-            use_cache=True,
-            logits_to_keep=1,
-        )
+    def image_mask(self, tokens: dict[str, Any]) -> Any:
+        """Which prompt tokens stand for the image (never split across prefill chunks)."""
+        if "image_embeds_position_mask" in tokens:
+            return tokens["image_embeds_position_mask"].bool()
+        if "mm_token_type_ids" in tokens:
+            return tokens["mm_token_type_ids"] != 0
+        image_id = getattr(self.model.config, "image_token_id", None)
+        return tokens["input_ids"] == image_id
+
+    def forward_prefill(self, inputs: dict[str, Any], positions: Any, cache: Any) -> Any:
+        return self.model(**inputs, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1)
 
     def decoder_model(self) -> Any:
         """What a decode step runs: the whole model (Kosmos-2: its text model)."""
         return self.model
 
-    def forward_decode(self, tokens: Any, mask: Any, positions: Any, cache: Any) -> Any:
+    def forward_decode(self, tokens: Any, positions: Any, cache: Any) -> Any:
         return self.decoder_model()(
-            input_ids=tokens,
-            attention_mask=mask,
-            position_ids=positions,
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
+            input_ids=tokens, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1
         )
 
     # -- the scheduler's verbs
 
-    def prefill(self, group: list[Prepared]) -> tuple[KVBatch, list[int]]:
+    def start(self, prepared: Prepared, generated: list[int]) -> Sequence:
         import torch
 
-        from vlm_engine.kv import KVBatch
-        from vlm_engine.sampling import choose_tokens
+        inputs = prepared.inputs if prepared.inputs is not None else self.encode_row(prepared)
+        tokens = {k: v[0] for k, v in inputs.items() if k in SEQUENCE_KEYS and k != "attention_mask"}
+        images = {k: v for k, v in inputs.items() if k not in SEQUENCE_KEYS}
+        if generated:  # resumed after a preemption: its answer so far is prompt now
+            more = torch.tensor(generated, dtype=tokens["input_ids"].dtype)
+            tokens = {
+                k: torch.cat([v, more if k == "input_ids" else v.new_zeros(len(more))]) for k, v in tokens.items()
+            }
+        whole = {k: v[None] for k, v in tokens.items()}
+        whole["attention_mask"] = torch.ones_like(whole["input_ids"])
+        whole.update(images)
+        positions, following, mrope = self.sequence_positions(whole)
+        where = self.image_mask(tokens).nonzero()
+        span = (int(where[0]), int(where[-1]) + 1) if len(where) and images else None
+        return Sequence(next(self._keys), tokens, images, span, positions, following, mrope, prepared.params)
 
-        rows = [p.inputs if p.inputs is not None else self.encode_row(p) for p in group]
-        inputs = {k: v.to(self.device) if hasattr(v, "to") else v for k, v in self.collate(rows).items()}
+    def prompt_length(self, seq: Sequence) -> int:
+        return seq.length
+
+    def chunk_end(self, seq: Sequence, start: int, budget: int) -> int:
+        end = min(seq.length, start + max(budget, 1))
+        if seq.image_span is not None and start < seq.image_span[1] and end > seq.image_span[0]:
+            end = max(end, seq.image_span[1])  # the image and its tokens go in one forward
+        return end
+
+    def free(self, seq: Sequence) -> None:
+        self.kv.pages.free(seq.key)
+
+    def prefill(self, items: list[tuple[Sequence, int, int]]) -> list[Any]:
+        import torch
+
+        from vlm_engine.kv.cache import StepCache, forward_over, layout
+
+        width = max(end - start for _, start, end in items)
+        inputs: dict[str, Any] = {}
+        for key in dict.fromkeys(k for seq, _, _ in items for k in seq.tokens):
+            fill = self.pad_id if key == "input_ids" else 0
+            inputs[key] = torch.stack([_pad_left(seq.tokens[key][start:end], width, fill) for seq, start, end in items])
+        positions = torch.stack([_pad_left(seq.positions[..., start:end], width, 1) for seq, start, end in items], -2)
+        with_image = [seq for seq, start, end in items if seq.image_span and start <= seq.image_span[0] < end]
+        for key in dict.fromkeys(k for seq in with_image for k in seq.images):
+            inputs[key] = torch.cat([seq.images[key] for seq in with_image])
+        if not with_image:
+            inputs = self.text_only(inputs)
+        inputs = {k: v.to(self.device) for k, v in inputs.items()}
         if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
-        mask = inputs["attention_mask"]
-        positions, extra = self.prefill_positions(inputs)
-        with torch.inference_mode():
-            out = self.forward_prefill(inputs, positions)
-        params = [p.params for p in group]
-        tokens = choose_tokens(out.logits[:, -1], params)
-        extra["tokens"] = torch.tensor(tokens, device=mask.device)
-        state = KVBatch(out.past_key_values, mask.clone(), mask.sum(-1), extra, params)
-        return state, tokens
+        seqs = [seq for seq, _, _ in items]
+        step = layout(
+            self.kv, [s.key for s in seqs], [s for _, s, _ in items], [e - s for _, s, e in items], self.device
+        )
+        with torch.inference_mode(), forward_over(self.kv, step):
+            out = self.forward_prefill(inputs, positions.to(self.device), StepCache(self.kv, step, 0))
+        for seq, _, end in items:
+            seq.cached = end
+        done = [i for i, (seq, _, end) in enumerate(items) if end == seq.length]
+        outputs: list[Any] = [None] * len(items)
+        if done:
+            chosen = self.choose(out.logits[done, -1], [seqs[i] for i in done])
+            for i, output in zip(done, chosen, strict=True):
+                outputs[i] = output
+        return outputs
 
-    def decode(self, state: KVBatch) -> list[int]:
+    def text_only(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """Inputs of a prefill with no image in it (Kosmos-2 drops its image mask)."""
+        return inputs
+
+    def decode(self, seqs: list[Sequence]) -> list[Any]:
         import torch
 
-        from vlm_engine.sampling import choose_tokens
+        from vlm_engine.kv.cache import StepCache, forward_over, layout
 
-        state.mask = torch.cat([state.mask, state.mask.new_ones(state.rows, 1)], dim=1)
-        with torch.inference_mode():
-            out = self.forward_decode(
-                state.extra["tokens"][:, None], state.mask, self.decode_positions(state), state.cache
-            )
-        self.advance(state)
-        tokens = choose_tokens(out.logits[:, -1], state.params)
-        state.extra["tokens"] = torch.tensor(tokens, device=state.mask.device)
-        return tokens
+        keys = tuple(s.key for s in seqs)
+        if self._last_step is not None and self._last_step[0] == keys:
+            tokens = self._last_step[1]  # last step's rows in the same order: the tokens stay on the device
+        else:
+            tokens = torch.tensor([s.last for s in seqs], device=self.device)
+        step = layout(self.kv, list(keys), [s.cached for s in seqs], [1] * len(seqs), self.device)
+        positions = self.decode_positions(seqs).to(self.device)
+        with torch.inference_mode(), forward_over(self.kv, step):
+            out = self.forward_decode(tokens[:, None], positions, StepCache(self.kv, step, 1))
+        for seq in seqs:
+            seq.cached += 1
+        return self.choose(out.logits[:, -1], seqs, keys)
 
-    def merge(self, a: KVBatch, b: KVBatch) -> KVBatch:
-        from vlm_engine import kv
+    def choose(self, logits: Any, seqs: list[Sequence], keys: tuple[int, ...] | None = None) -> list[Any]:
+        """Each row's next token; a row whose logits are not usable gets its own error."""
+        from vlm_engine.errors import EngineError
+        from vlm_engine.sampling import choose
 
-        return kv.merge(a, b, self.model.config)
+        choice = choose(logits, [s.params for s in seqs])
+        self._last_step = (keys, choice.tensor) if keys is not None and all(choice.usable) else None
+        outputs: list[Any] = []
+        for seq, token, usable in zip(seqs, choice.ids, choice.usable, strict=True):
+            seq.last = token
+            outputs.append(token if usable else EngineError("the model produced non-finite scores for this request"))
+        return outputs
 
-    def select(self, state: KVBatch, keep: list[int]) -> KVBatch:
-        from vlm_engine import kv
 
-        return kv.select(state, keep, self.model.config)
+def _pad_left(tensor: Any, width: int, fill: int) -> Any:
+    import torch
+
+    missing = width - tensor.shape[-1]
+    if missing == 0:
+        return tensor
+    return torch.cat([tensor.new_full((*tensor.shape[:-1], missing), fill), tensor], dim=-1)

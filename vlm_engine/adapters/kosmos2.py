@@ -9,13 +9,10 @@ text model alone (the top-level forward would rerun the vision tower).
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from vlm_engine.adapters.base import GenerateAdapter, Prepared, Result
 from vlm_engine.loading import from_pretrained_kwargs
-
-if TYPE_CHECKING:  # torch only where a model is loaded: the service image has none
-    from vlm_engine.kv import KVBatch
 
 TAG = re.compile(r"</?(phrase|object|grounding|delimiter_of_multi_objects/)>|<patch_index_\d+>")
 
@@ -55,12 +52,22 @@ class Kosmos2Adapter(GenerateAdapter):
             )
         )
 
-    def prefill_positions(self, inputs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
-        mask = inputs["attention_mask"].long()
-        return mask.cumsum(-1) * mask + self.padding_idx, {}
+    def sequence_positions(self, inputs: dict[str, Any]) -> tuple[Any, int, int | None]:
+        import torch
 
-    def decode_positions(self, state: KVBatch) -> Any:
-        return (state.positions + self.padding_idx + 1)[:, None]
+        length = int(inputs["input_ids"].shape[-1])
+        return torch.arange(1, length + 1) + self.padding_idx, length + 1 + self.padding_idx, None
+
+    def text_only(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        inputs.pop("image_embeds_position_mask", None)
+        return inputs
+
+    def forward_prefill(self, inputs: dict[str, Any], positions: Any, cache: Any) -> Any:
+        if "pixel_values" in inputs:
+            return super().forward_prefill(inputs, positions, cache)
+        return self.model.text_model(  # a chunk after the image: the text model alone
+            **inputs, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1
+        )
 
     def decoder_model(self) -> Any:
         return self.model.text_model  # the top-level forward would rerun the vision tower

@@ -78,8 +78,9 @@ class Output:
 
 
 class _Row:
-    def __init__(self, task: Task):
+    def __init__(self, task: Task, prepared: Any = None):
         self.task = task
+        self.prepared = prepared
         self.caches: list[tuple[Any, Any]] = []
         self.stream: Iterator[str] = iter(())
         self.tokens = 0
@@ -396,39 +397,33 @@ class Moondream2Adapter(Adapter):
         finally:
             self._active = None
 
-    def prefill(self, group: list[Prepared]) -> tuple[list[_Row], list[Any]]:
-        rows, outputs = [], []
-        for prepared in group:
-            task = prepared.inputs if isinstance(prepared.inputs, Task) else self.encode_row(prepared)
-            row = _Row(task)
+    def start(self, prepared: Prepared, generated: list[int]) -> _Row:
+        task = prepared.inputs if isinstance(prepared.inputs, Task) else self.encode_row(prepared)
+        return _Row(task, prepared)
+
+    def prefill(self, items: list[tuple[_Row, int, int]]) -> list[Any]:
+        """Each row's image and prompt through the model's own code (one chunk per row)."""
+        outputs = []
+        for row, _, _ in items:
             self._active = row
             try:
-                self._start(prepared, row)
+                self._start(row.prepared, row)
                 outputs.append(self._next(row))
             except Exception as exc:  # fails this row alone
                 outputs.append(exc)
             finally:
                 self._active = None
-            rows.append(row)
-        return rows, outputs
+        return outputs
 
     def decode(self, state: list[_Row]) -> list[Any]:
         return [self._next(row) for row in state]
 
-    def merge(self, a: list[_Row], b: list[_Row]) -> list[_Row]:
-        return a + b
-
-    def select(self, state: list[_Row], keep: list[int]) -> list[_Row]:
-        kept = set(keep)
-        self.release([row for i, row in enumerate(state) if i not in kept])
-        return [state[i] for i in keep]
-
-    def release(self, state: list[_Row]) -> None:
-        """Released rows' buffers serve the next rows (up to ``max_running`` sets kept)."""
-        for row in state:
-            if row.caches and len(self._pool) < self.settings.max_running:
-                self._pool.append(row.caches)
-            row.caches = []
+    def free(self, row: _Row) -> None:
+        """A released row's buffers serve the next rows (up to ``max_running`` sets kept)."""
+        if row.caches and len(self._pool) < self.settings.max_running:
+            self._pool.append(row.caches)
+        row.caches = []
+        row.stream = iter(())
 
 
 def grounded(task: Task, found: dict[str, list[dict[str, float]]]) -> dict[str, Any]:

@@ -13,13 +13,10 @@ processor are loaded separately and the processor's image step is done here: eac
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from vlm_engine.adapters.base import GenerateAdapter, Prepared
+from vlm_engine.adapters.base import GenerateAdapter, Prepared, Sequence
 from vlm_engine.loading import from_pretrained_kwargs
-
-if TYPE_CHECKING:  # torch only where a model is loaded: the service image has none
-    from vlm_engine.kv import KVBatch
 
 IMAGE_PAD = "<|image_pad|>"
 
@@ -74,30 +71,26 @@ class Qwen3VLAdapter(GenerateAdapter):
             out += "<|placeholder|>" * next(counts) + piece
         return out.replace("<|placeholder|>", IMAGE_PAD)
 
-    def prefill_positions(self, inputs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    def sequence_positions(self, inputs: dict[str, Any]) -> tuple[Any, int, int | None]:
         import torch
 
-        text, _ = super().prefill_positions(inputs)
-        mask = inputs["attention_mask"]
+        length = int(inputs["input_ids"].shape[-1])
+        text = torch.arange(length)
         if "image_grid_thw" in inputs:
             mrope, _ = self.model.model.get_rope_index(
                 inputs["input_ids"],
                 mm_token_type_ids=inputs["mm_token_type_ids"],
                 image_grid_thw=inputs["image_grid_thw"],
-                attention_mask=mask,
+                attention_mask=inputs["attention_mask"],
             )
+            mrope = mrope[:, 0].to(text.device)
         else:
-            mrope = text[None].expand(3, -1, -1)
-        mrope = mrope.to(text.device)
-        following = mrope.masked_fill(mask[None] == 0, -1).amax(dim=(0, 2)) + 1
-        return torch.cat([text[None], mrope]), {"mrope": following}
+            mrope = text[None].expand(3, -1)
+        return torch.cat([text[None], mrope]), length, int(mrope.max()) + 1 if length else 0
 
-    def decode_positions(self, state: KVBatch) -> Any:
+    def decode_positions(self, seqs: list[Sequence]) -> Any:
         import torch
 
-        mrope = state.extra["mrope"]
-        return torch.stack([state.positions, mrope, mrope, mrope])[:, :, None]
-
-    def advance(self, state: KVBatch) -> None:
-        state.positions += 1
-        state.extra["mrope"] = state.extra["mrope"] + 1
+        text = torch.tensor([s.next_position + s.cached - s.length for s in seqs])
+        mrope = torch.tensor([s.next_mrope + s.cached - s.length for s in seqs])
+        return torch.stack([text, mrope, mrope, mrope])[:, :, None]
