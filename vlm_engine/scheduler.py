@@ -44,6 +44,7 @@ from vlm_engine.errors import EngineError, Overloaded, ShuttingDown, TooLarge
 
 log = logging.getLogger("vlm_engine.scheduler")
 CANCEL_CHECK_SECONDS = 0.05  # how often running rows are asked whether their client left
+ALONE_OOM_RETRIES = 2  # a row alone that runs out of memory is tried again this often, then fails
 Policy = Literal["inflight", "static"]
 
 
@@ -104,6 +105,7 @@ class Row:
     prefilled: int = 0
     gone: bool = False  # the client left (seen by the housekeeping thread)
     preemptions: int = 0
+    out_of_memory: int = 0  # OOMs while it ran alone
 
     @property
     def decoding(self) -> bool:
@@ -337,20 +339,25 @@ class Scheduler:
             finally:
                 row.seq = None
 
-    def _room(self, row: Row, generated: int) -> bool:
-        """Whether the pool has pages for the row's prompt and a reserve for running rows."""
+    def _pages_needed(self, row: Row, generated: int) -> int:
+        if self.kv is None:
+            return 0
+        return self.kv.pages.pages_for(self.adapter.prefill_cost(row.prepared) + generated)
+
+    def _room(self, need: int, promised: int, rows: int) -> bool:
+        """Whether the pool has ``need`` pages beyond ``promised`` ones, and a reserve of a page
+        for every fourth running row (so the next decode steps do not preempt at once)."""
         if self.kv is None:
             return True
-        pages = self.kv.pages
-        need = pages.pages_for(self.adapter.prefill_cost(row.prepared) + generated)
-        reserve = max(1, len(self._running) // 4) if self._running else 0
-        return need + reserve <= pages.free_pages
+        reserve = -(-rows // 4)
+        return need + promised + reserve <= self.kv.pages.free_pages
 
     def _admit(self) -> None:
         if self.policy == "static" and self._running:
             return
         limit = self.max_running if not self._hold else min(self.max_running, self._hold)
         admitted: list[Row] = []
+        promised = 0
         with self._wake:
             while self._waiting and len(self._running) + len(admitted) < limit:
                 row = self._waiting[0]
@@ -359,10 +366,12 @@ class Scheduler:
                     self._cancel_waiting(row)
                     continue
                 generated = len(row.decoder.ids) if row.decoder is not None and self.adapter.resumable else 0
-                if not self._room(row, generated):
+                need = self._pages_needed(row, generated)
+                if not self._room(need, promised, len(self._running) + len(admitted)):
                     break  # oldest first: the next ones wait too
                 self._waiting.popleft()
                 admitted.append(row)
+                promised += need
         now = time.monotonic()
         for row in admitted:
             try:
@@ -442,7 +451,7 @@ class Scheduler:
                 log.warning("%s: out of memory in a decode step of %d rows: preempting", self.name, len(rows))
                 self._clear_device_cache()
                 if len(rows) == 1:
-                    self._fail(rows[0], TooLarge(f"{self.name}: out of device memory for this request alone: {exc}"))
+                    self._alone_out_of_memory(rows[0], exc)
                 else:
                     self._preempt(rows[-1])
                 return 0
@@ -490,11 +499,17 @@ class Scheduler:
             "%s: out of memory prefilling %d rows (%d others running): preempting", self.name, len(rows), len(others)
         )
         if len(rows) == 1 and not others:
-            self._fail(rows[0], TooLarge(f"{self.name}: this request does not fit in device memory even alone: {exc}"))
+            self._alone_out_of_memory(rows[0], exc)
             return
         for row in reversed(rows):
             self._preempt(row)
         self._hold = max(1, len(self._running) + max(1, len(rows) // 2))
+
+    def _alone_out_of_memory(self, row: Row, exc: BaseException) -> None:
+        """Nothing else to preempt: try again (the memory may have been a passing peak), then fail."""
+        row.out_of_memory += 1
+        if row.out_of_memory > ALONE_OOM_RETRIES:
+            self._fail(row, TooLarge(f"{self.name}: this request does not fit in device memory even alone: {exc}"))
 
     def _clear_device_cache(self) -> None:
         try:

@@ -1,0 +1,169 @@
+"""The engine's KV memory: a pool of pages allocated once, admission by free pages,
+preemption instead of failure, chunked prefill, rows that fail alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.unit.test_scheduler import MODELS, Request, make_engine, prepare
+from vlm_engine.chat import single_turn
+from vlm_engine.errors import EngineError, TooLarge
+from vlm_engine.kv.pages import PageTable
+from vlm_engine.tiny.samples import PROMPTS
+
+PAGED = [m for m in MODELS if m != "moondream2"]  # moondream2 keeps its own per-row buffers
+
+
+def test_the_page_table_hands_out_lowest_pages_and_takes_them_back():
+    table = PageTable(num_pages=9, page_size=4)
+    assert table.capacity_tokens == 32 and table.free_pages == 8
+    assert table.grow(1, 5) and table.pages(1) == [1, 2]  # page 0 is never handed out
+    assert table.grow(2, 4) and table.pages(2) == [3]
+    assert table.grow(1, 8) and table.pages(1) == [1, 2]  # already held
+    assert not table.grow(3, 40) and table.pages(3) == [] and table.free_pages == 5  # nothing taken
+    assert table.slot(1, 5) == 2 * 4 + 1
+    assert table.free(1) == 2 and table.grow(4, 1) and table.pages(4) == [1]
+
+
+@pytest.mark.parametrize("model", PAGED)
+def test_a_join_writes_only_the_new_rows_and_a_leave_copies_nothing(tiny_models_dir, model):
+    engine = make_engine(tiny_models_dir, model, WARMUP="false")
+    try:
+        adapter, kv = engine.adapter, engine.adapter.kv
+        per_token = kv.shape.bytes_per_token
+        pointers = [t.data_ptr() for t in kv.keys + kv.values]
+        running = [adapter.start(prepare(engine, i, 8), []) for i in range(3)]
+        for seq in running:
+            kv.pages.grow(seq.key, seq.length + 8)
+        adapter.prefill([(seq, 0, seq.length) for seq in running])
+        for _ in range(3):
+            adapter.decode(running)
+        longest = max(kv.pages.pages_for(seq.cached) for seq in running) * kv.page_size
+        joining = adapter.start(prepare(engine, 5, 8), [])
+        kv.pages.grow(joining.key, joining.length + 8)
+        before = kv.counters.written
+        adapter.prefill([(joining, 0, joining.length)])
+        assert kv.counters.written - before == joining.length * per_token, "a join writes the new row only"
+        before, gathered = kv.counters.written, kv.counters.largest_gather
+        adapter.free(running.pop(1))  # a leave: its pages go back, no other row moves
+        assert kv.counters.written == before
+        adapter.decode([*running, joining])
+        assert kv.counters.written - before == 3 * per_token, "a step writes one token per row"
+        assert [t.data_ptr() for t in kv.keys + kv.values] == pointers, "the pool is never reallocated"
+        # the only transient KV memory of a forward is one layer's K/V of its rows, read for
+        # attention (the SDPA path reads each row up to the longest row's pages)
+        assert gathered <= 3 * longest * per_token / kv.shape.layers
+    finally:
+        engine.close()
+
+
+SMALL_CACHE_MB = {"llava": "2", "kosmos2": "2", "qwen3-vl": "1"}  # room for 2 to 4 of the 8 rows
+
+
+def _engines_with_small_cache(tiny_models_dir, model: str):
+    return make_engine(tiny_models_dir, model, KV_CACHE_MB=SMALL_CACHE_MB[model], IGNORE_EOS="true")
+
+
+@pytest.mark.parametrize("model", PAGED)
+def test_rows_preempted_for_lack_of_pages_finish_with_their_solo_answers(tiny_models_dir, model):
+    engine = _engines_with_small_cache(tiny_models_dir, model)
+    try:
+        capacity = engine.adapter.kv.pages.capacity_tokens
+        requests = [prepare(engine, i, 200) for i in range(8)]
+        assert sum(engine.adapter.prefill_cost(p) + 200 for p in requests) > 1.2 * capacity
+        alone = [engine.generate([prepare(engine, i, 200)])[0].text for i in range(8)]
+        assert engine.scheduler.stats.preempted == 0
+        together = [Request(engine, p) for p in requests]
+        assert [r.result().text for r in together] == alone  # also: streamed chunks join to the answer
+        assert engine.scheduler.stats.preempted > 0
+        assert engine.adapter.kv.pages.used_pages == 0, "every page came back"
+    finally:
+        engine.close()
+
+
+def test_a_request_that_can_never_fit_is_refused_with_413_and_what_fits(tiny_models_dir):
+    engine = make_engine(tiny_models_dir, "llava", KV_CACHE_MB="1")
+    try:
+        capacity = engine.adapter.kv.pages.capacity_tokens
+        with pytest.raises(TooLarge, match=r"KV cache holds \d+ tokens .*set max_tokens to at most") as refused:
+            prepare(engine, 1, capacity)
+        assert refused.value.status == 413
+        assert Request(engine, prepare(engine, 1, 8)).result().output_tokens >= 1
+    finally:
+        engine.close()
+
+
+def _out_of_memory(verb, fail_on: set[int]):
+    calls = {"n": 0}
+
+    def flaky(*args):
+        calls["n"] += 1
+        if calls["n"] in fail_on:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+        return verb(*args)
+
+    return flaky
+
+
+@pytest.mark.parametrize("where", ["prefill", "decode"])
+def test_out_of_memory_preempts_and_every_row_finishes(tiny_models_dir, monkeypatch, where):
+    engine = make_engine(tiny_models_dir, "llava", IGNORE_EOS="true")
+    try:
+        alone = [engine.generate([prepare(engine, i, 30)])[0].text for i in range(4)]
+        verb = getattr(engine.adapter, where)
+        monkeypatch.setattr(engine.adapter, where, _out_of_memory(verb, {2, 5}))
+        first = Request(engine, prepare(engine, 0, 30))
+        first.first_text()
+        rest = [Request(engine, prepare(engine, i, 30)) for i in (1, 2, 3)]
+        assert [r.result().text for r in [first, *rest]] == alone
+        assert engine.scheduler.stats.out_of_memory == 2
+        assert engine.adapter.kv.pages.used_pages == 0
+    finally:
+        engine.close()
+
+
+def test_a_row_with_non_finite_scores_fails_alone(tiny_models_dir, monkeypatch):
+    engine = make_engine(tiny_models_dir, "llava")
+    try:
+        expected = [engine.generate([prepare(engine, i, 12)])[0].text for i in (0, 2)]
+        doomed = prepare(engine, 1, 12, temperature=1.0)  # sampled: torch.multinomial would raise
+        choose = engine.adapter.choose
+
+        def poisoned(logits, seqs, keys=None):
+            for i, seq in enumerate(seqs):
+                if seq.params is doomed.params:
+                    logits[i] = float("nan")
+            return choose(logits, seqs, keys)
+
+        monkeypatch.setattr(engine.adapter, "choose", poisoned)
+        requests = [Request(engine, p) for p in (prepare(engine, 0, 12), doomed, prepare(engine, 2, 12))]
+        with pytest.raises(EngineError, match="non-finite"):
+            requests[1].result()
+        assert [requests[0].result().text, requests[2].result().text] == expected
+    finally:
+        engine.close()
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_while_a_stream_keeps_its_pace(tiny_models_dir):
+    budget = 64
+    engine = make_engine(
+        tiny_models_dir, "llava", PREFILL_BUDGET=str(budget), IGNORE_EOS="true", MAX_PROMPT_TOKENS="4000"
+    )
+    try:
+        expected = engine.generate([prepare(engine, 1, 150)])[0].text
+        stream = Request(engine, prepare(engine, 1, 150))
+        stream.first_text()
+        long_prompt = engine.prepare(single_turn(" ".join(PROMPTS * 12), None), 4, 0.0)
+        assert long_prompt.prompt_tokens > 8 * budget
+        turns_before = len(engine.scheduler.stats.turns)
+        long = Request(engine, long_prompt)
+        long.result()
+        assert stream.result().text == expected
+        turns = engine.scheduler.stats.turns[turns_before:]
+        chunked = [t for t in turns if t[0] > 0]
+        assert len(chunked) >= long_prompt.prompt_tokens // budget, "the prompt came in over several turns"
+        # the bound: between two tokens of the stream, at most PREFILL_BUDGET prompt tokens are prefilled
+        assert all(prefill <= budget and decoded >= 1 for prefill, decoded in chunked)
+    finally:
+        engine.close()
