@@ -9,6 +9,7 @@ and sent by a sender thread, so the step loop never waits on Triton's IPC.
 from __future__ import annotations
 
 import json
+import os
 import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -41,7 +42,7 @@ class TritonPythonModel:
         parameters = model_parameters(args)
         name = parameters.pop("model")
         parameters.update(instance_device(args))
-        self.engine = VLMEngine.from_config(name, parameters, metrics=TritonMetrics(name))
+        self.engine = VLMEngine.from_config(name, parameters, metrics=TritonMetrics(name), on_fatal=self._fatal)
         self.with_entities = self.engine.adapter.grounding
         self.outbox: queue.SimpleQueue = queue.SimpleQueue()
         self.preparing = ThreadPoolExecutor(int(parameters.get("preparing_threads", "4")), thread_name_prefix="prepare")
@@ -52,6 +53,13 @@ class TritonPythonModel:
             f"on {self.engine.device} in {self.engine.load_seconds:.1f}s; scheduler "
             f"{self.engine.settings.scheduler}, up to {self.engine.settings.max_running} rows"
         )
+
+    @staticmethod
+    def _fatal(exc: BaseException) -> None:
+        """A CUDA error other than out-of-memory leaves this process's device context broken:
+        exit, so that the watchdog (vlm_triton.serve) sees the stub die and reloads the model."""
+        pb_utils.Logger.log_error(f"fatal device error, the model's process exits to be reloaded: {exc}")
+        os._exit(70)
 
     @staticmethod
     def _read(request) -> dict:

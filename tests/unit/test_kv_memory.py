@@ -167,3 +167,38 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_a_stream_keeps_its_pace(tiny
         assert all(prefill <= budget and decoded >= 1 for prefill, decoded in chunked)
     finally:
         engine.close()
+
+
+def test_qwen_images_are_scaled_to_max_image_tokens(tiny_models_dir):
+    from tests.conftest import image_bytes
+
+    capped = make_engine(tiny_models_dir, "qwen3-vl", MAX_IMAGE_TOKENS="16", WARMUP="false")
+    free = make_engine(tiny_models_dir, "qwen3-vl", WARMUP="false")
+    try:
+        big = image_bytes((640, 480))
+        tokens = {}
+        for name, engine in (("capped", capped), ("free", free)):
+            prepared = engine.prepare(single_turn("What is it?", big), 4)
+            tokens[name] = int(
+                engine.adapter.image_mask({"mm_token_type_ids": prepared.inputs["mm_token_type_ids"][0]}).sum()
+            )
+        assert tokens["capped"] <= 16 < tokens["free"]
+    finally:
+        capped.close(), free.close()
+
+
+def test_a_fatal_device_error_calls_on_fatal_and_fails_the_rows(tiny_models_dir, monkeypatch):
+    seen: list[BaseException] = []
+    engine = make_engine(tiny_models_dir, "llava")
+    engine.scheduler.on_fatal = seen.append
+    try:
+
+        def broken(seqs):
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+        monkeypatch.setattr(engine.adapter, "decode", broken)
+        with pytest.raises(EngineError, match="illegal memory access"):
+            Request(engine, prepare(engine, 0, 8)).result()
+        assert len(seen) == 1
+    finally:
+        engine.close()

@@ -30,16 +30,32 @@ class Qwen3VLAdapter(GenerateAdapter):
         self.tokenizer = AutoTokenizer.from_pretrained(self.settings.model_path, **source)
         self.tokenizer.padding_side = "left"
         self.image_processor = AutoImageProcessor.from_pretrained(self.settings.model_path, **source)
+        self._cap_image_tokens()
         self.model = Qwen3VLForConditionalGeneration.from_pretrained(self.settings.model_path, **kwargs)
         self.image_token_id = self.model.config.image_token_id
         self.after_load()
 
+    def _cap_image_tokens(self) -> None:
+        """``MAX_IMAGE_TOKENS``: larger images are scaled down by the processor (its
+        ``longest_edge`` is a pixel count), so one image cannot take the whole KV budget."""
+        patch = self.image_processor.patch_size * self.image_processor.merge_size
+        size = self.image_processor.size
+        cap = self.settings.max_image_tokens * patch**2
+        size.longest_edge = min(size.longest_edge or cap, cap)
+        if size.shortest_edge and size.shortest_edge > size.longest_edge:
+            size.shortest_edge = size.longest_edge
+
+    def max_image_tokens(self) -> int:
+        return self.settings.max_image_tokens
+
     def prefill_cost(self, prepared: Prepared) -> int:
+        if prepared.inputs is not None and "input_ids" in prepared.inputs:
+            return int(prepared.inputs["input_ids"].shape[-1])
         if prepared.image is None:
             return prepared.prompt_tokens
         patch = self.image_processor.patch_size * self.image_processor.merge_size
         width, height = prepared.image.size
-        return prepared.prompt_tokens + min(max(width * height // patch**2, 4), 16384)
+        return prepared.prompt_tokens + min(max(width * height // patch**2, 4), self.settings.max_image_tokens)
 
     def prompt(self, prepared: Prepared) -> str:
         messages = []
