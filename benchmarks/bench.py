@@ -22,7 +22,7 @@ from pathlib import Path
 
 import httpx
 
-from benchmarks import load, scheduling
+from benchmarks import kv_memory, load, scheduling
 from benchmarks.report import write_report
 from loadtests import payloads
 from loadtests.burst import burst, refusal_figures
@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--open-loop-seconds", type=float, default=30.0, help="open loop: arrivals per rate")
     parser.add_argument("--long-tokens", type=int, default=1024, help="head-of-line: the long answer's max_tokens")
     parser.add_argument(
-        "--only", default="", help="comma-separated parts: gain, head_of_line, open_loop, stack (default: all)"
+        "--only", default="", help="comma-separated parts: kv, gain, head_of_line, open_loop, stack (default: all)"
     )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
@@ -210,7 +210,10 @@ def main(argv: list[str] | None = None) -> int:
         "checkpoints": str(args.models_dir),
         "tiny": (args.models_dir / MODEL / "tiny.json").exists(),
     }
-    parts = set(filter(None, args.only.split(","))) or {"gain", "head_of_line", "open_loop", "stack"}
+    parts = set(filter(None, args.only.split(","))) or {"kv", "gain", "head_of_line", "open_loop", "stack"}
+    if "kv" in parts:
+        say("the engine's KV memory: join/leave writes, peak over live, padding, pace, tokens/s vs generate")
+        result["kv"] = kv_memory.measure_kv(args.models_dir, say)
     if "gain" in parts:
         say("batching gain of the four models, Triton (infer, stream) vs the engine in this process")
         result["gain"] = scheduling.measure_gain(args.models_dir, concurrencies, args.max_tokens, args.requests, say)

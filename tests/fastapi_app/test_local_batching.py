@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -9,10 +10,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import image_bytes
 from tests.fastapi_app.test_openai_api import vision_messages
+from tests.integration.helpers import METRICS_FLUSH_S
 from vlm_engine.tiny.samples import PROMPTS
 
 
 def scheduler_metric(url: str, name: str, **labels: str) -> float:
+    time.sleep(METRICS_FLUSH_S)  # the scheduler reports its metrics about once a second
     text = httpx.get(url + "/metrics").text
     return sum(
         sample.value

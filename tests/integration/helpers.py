@@ -125,10 +125,15 @@ class GrpcStream:
         self.client.stop_stream(cancel_requests=True)
 
 
+METRICS_FLUSH_S = 1.3  # the scheduler reports its metrics about once a second
+
+
 def metric(metrics_url: str, name: str, **labels: str) -> float:
-    """The sum of a metric's samples whose labels include ``labels`` (Triton's metrics port)."""
+    """The sum of a metric's samples whose labels include ``labels`` (Triton's metrics port),
+    read once the scheduler's metrics have been flushed (about once a second)."""
     from prometheus_client.parser import text_string_to_metric_families
 
+    time.sleep(METRICS_FLUSH_S)
     text = requests.get(f"http://{metrics_url}/metrics", timeout=10).text
     total = 0.0
     for family in text_string_to_metric_families(text):

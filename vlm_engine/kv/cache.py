@@ -96,7 +96,10 @@ class forward_over:
 
     def __exit__(self, *exc: object) -> None:
         _active.step = None
-        self.pool.counters.written += self.step.written * self.pool.shape.bytes_per_token
+        counters, step = self.pool.counters, self.step
+        counters.written += step.written * self.pool.shape.bytes_per_token
+        counters.attended_tokens += step.mask.shape[0] * step.mask.shape[-1]
+        counters.real_tokens += step.read
 
 
 def paged_attention(module, query, key, value, attention_mask, **kwargs):

@@ -49,6 +49,8 @@ class KVCounters:
     written: int = 0  # K/V of new tokens written into pages
     gathered: int = 0  # K/V read into attention's working set (the SDPA path)
     largest_gather: int = 0  # the largest one layer's gather (transient memory)
+    attended_tokens: int = 0  # key positions attention read, padding included (summed over forwards)
+    real_tokens: int = 0  # key positions the rows really have
 
 
 class KVPool:

@@ -1,0 +1,174 @@
+"""KV-memory figures of the engine in this process (issue 17): what a join and a leave
+write, peak over live memory during a join, padding waste, a watcher stream's pace while
+long prompts join, and tokens/s against the bare model's batched ``generate``.
+
+``python -m benchmarks.kv_memory`` (or ``make bench`` with ``--only kv``) prints JSON.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.load import pct
+from vlm_engine.chat import single_turn
+from vlm_engine.engine import VLMEngine
+from vlm_engine.settings import resolve_settings
+from vlm_engine.tiny.samples import PROMPTS, sample_image
+
+ROOT = Path(__file__).resolve().parent.parent
+IMAGES = [sample_image((160 + 24 * i, 120 + 16 * i), "PNG", (30 * i, 90, 200 - 20 * i)) for i in range(8)]
+
+
+def engine(models_dir: Path, model: str = "llava", **env: str) -> VLMEngine:
+    return VLMEngine(resolve_settings(model, env={"VLM_MODELS_DIR": str(models_dir), **env}))
+
+
+def prepare(e: VLMEngine, i: int, max_tokens: int, prompt: str | None = None):
+    return e.prepare(single_turn(prompt or PROMPTS[i % 8], IMAGES[i % 8]), max_tokens, 0.0)
+
+
+def join_and_leave(models_dir: Path, rows: int = 16) -> dict:
+    """Bytes written by one join and one leave, relative to the KV of the rows concerned."""
+    e = engine(models_dir, WARMUP="false", MAX_RUNNING=str(rows + 1))
+    try:
+        adapter, kv = e.adapter, e.adapter.kv
+        per_token = kv.shape.bytes_per_token
+        seqs = [adapter.start(prepare(e, i, 32), []) for i in range(rows)]
+        for seq in seqs:
+            kv.pages.grow(seq.key, seq.length + 32)
+        adapter.prefill([(s, 0, s.length) for s in seqs])
+        for _ in range(8):
+            adapter.decode(seqs)
+        live = sum(s.cached for s in seqs) * per_token
+        new = adapter.start(prepare(e, rows, 32), [])
+        kv.pages.grow(new.key, new.length + 32)
+        before, kv.counters.largest_gather = kv.counters.written, 0
+        adapter.prefill([(new, 0, new.length)])
+        join = kv.counters.written - before
+        transient = kv.counters.largest_gather
+        adapter.decode([*seqs, new])  # the next step over all rows: its largest transient
+        step_transient = kv.counters.largest_gather
+        leaving = seqs.pop(3)
+        before = kv.counters.written
+        adapter.free(leaving)
+        return {
+            "rows": rows,
+            "join_written_over_new_row_kv": round(join / (new.length * per_token), 3),
+            "leave_written_bytes": kv.counters.written - before,
+            "kv_bytes_allocated_by_join": 0,  # the pool is allocated once (see tests/unit/test_kv_memory.py)
+            "peak_over_live_during_join": round(
+                (live + new.length * per_token + transient) / (live + new.length * per_token), 3
+            ),
+            "peak_over_live_during_next_step": round((live + step_transient) / live, 3),
+            "layers": kv.shape.layers,
+        }
+    finally:
+        e.close()
+
+
+def watcher_pace(models_dir: Path, long_rows: int = 16, budget: int = 512) -> dict:
+    """A watcher stream's inter-token gaps while rows with ~1500-token prompts join and leave."""
+    e = engine(models_dir, IGNORE_EOS="true", PREFILL_BUDGET=str(budget), MAX_RUNNING=str(long_rows + 1))
+    long_text = " ".join(PROMPTS * 8)
+    try:
+        stamps: list[float] = []
+        done = threading.Event()
+
+        def watch(event) -> None:
+            if event.text:
+                stamps.append(time.perf_counter())
+            if event.final:
+                done.set()
+
+        e.submit(prepare(e, 0, 600), watch)
+        while len(stamps) < 5:
+            time.sleep(0.01)
+        prompt_tokens = []
+        finished = threading.Semaphore(0)
+        for _ in range(3):
+            for i in range(long_rows):
+                p = prepare(e, i, 16, long_text)
+                prompt_tokens.append(e.adapter.prefill_cost(p))
+                e.submit(p, lambda ev: finished.release() if ev.final else None)
+            for _ in range(long_rows):
+                finished.acquire()
+        done.wait(600)
+        gaps = sorted(b - a for a, b in itertools.pairwise(stamps[5:]))
+        p50, p99 = statistics.median(gaps), pct(gaps, 99)
+        return {
+            "prefill_budget": budget,
+            "long_prompt_tokens": round(statistics.mean(prompt_tokens)),
+            "gap_p50_ms": round(p50 * 1000, 2),
+            "gap_p99_ms": round(p99 * 1000, 2),
+            "p99_over_p50": round(p99 / p50, 2),
+        }
+    finally:
+        e.close()
+
+
+def throughput(models_dir: Path, rows: int, max_tokens: int = 64) -> dict:
+    """Tokens/s of the engine at ``rows`` concurrent requests against the bare model's batched
+    ``generate`` on the same requests (the same weights, every answer ``max_tokens`` long)."""
+    e = engine(models_dir, IGNORE_EOS="true", MAX_RUNNING=str(rows), MAX_WAITING=str(rows))
+    try:
+        prepared = [prepare(e, i, max_tokens) for i in range(rows)]
+        start = time.perf_counter()
+        results = e.generate(prepared)
+        engine_s = time.perf_counter() - start
+        tokens = sum(r.output_tokens for r in results)
+        adapter = e.adapter
+        batch = adapter.processor(
+            images=[p.image for p in prepared],
+            text=[adapter.prompt(p) for p in prepared],
+            padding=True,
+            return_tensors="pt",
+        )
+        with torch.inference_mode():
+            start = time.perf_counter()
+            out = adapter.model.generate(
+                **batch,
+                max_new_tokens=max_tokens,
+                min_new_tokens=max_tokens,
+                do_sample=False,
+                pad_token_id=adapter.pad_id,
+            )
+            bare_s = time.perf_counter() - start
+        bare_tokens = (out.shape[-1] - batch["input_ids"].shape[-1]) * rows
+        counters = adapter.kv.counters
+        return {
+            "rows": rows,
+            "engine_tok_s": round(tokens / engine_s, 1),
+            "generate_tok_s": round(bare_tokens / bare_s, 1),
+            "engine_over_generate": round((tokens / engine_s) / (bare_tokens / bare_s), 3),
+            "padding_waste_attended_over_real": round(counters.attended_tokens / max(counters.real_tokens, 1), 3),
+        }
+    finally:
+        e.close()
+
+
+def measure_kv(models_dir: Path, say=print) -> dict:
+    out: dict = {}
+    say("KV: bytes per join and leave, peak over live")
+    out["join_leave"] = join_and_leave(models_dir)
+    say(f"KV: {out['join_leave']}")
+    for rows in (16, 64):
+        say(f"KV: tokens/s at {rows} rows against generate")
+        out[f"throughput_{rows}"] = throughput(models_dir, rows)
+        say(f"KV: {out[f'throughput_{rows}']}")
+    say("KV: a watcher stream while long prompts join and leave")
+    out["watcher"] = watcher_pace(models_dir)
+    say(f"KV: {out['watcher']}")
+    return out
+
+
+if __name__ == "__main__":
+    folder = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / ".models" / "tiny"
+    print(json.dumps(measure_kv(folder), indent=2))
