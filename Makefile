@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 INSTALLED := .cache/installed.stamp
 TRITON := .triton/.installed-0.7.0-py$(shell $(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])')
 
-.PHONY: help install tiny-models models demo up down status logs triton api loadtest loadtest-ui soak bench test test-compose test-swarm swarm-up swarm-down lint
+.PHONY: help install tiny-models models demo up down status logs triton api loadtest loadtest-ui soak bench gpu-check test test-compose test-swarm swarm-up swarm-down lint
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -67,6 +67,9 @@ soak: install tiny-models  ## mixed load on a stack of its own for DURATION (10m
 
 bench: install tiny-models  ## benchmark (batching, gateway, streaming, cold start) -> benchmarks/results/
 	HF_HUB_OFFLINE=1 $(PYTHON) -m benchmarks.bench
+
+gpu-check: install tiny-models  ## the engine on a GPU with real-sized random-weight Qwen3-VL-8B and LLaVA-1.5-7B (CPU: shrunken, seconds)
+	PYTHON=$(PYTHON) ./scripts/gpu_check.sh $(GPU_CHECK_ARGS)
 
 test-compose: install  ## build the Docker images offline and test the CPU Compose stack end to end (root; own dockerd)
 	PYTHON=$(PYTHON) ./scripts/compose_test.sh

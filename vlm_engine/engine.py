@@ -17,7 +17,7 @@ from vlm_engine.adapters import adapter_class
 from vlm_engine.adapters.base import Adapter, Prepared, Result
 from vlm_engine.chat import Message, has_text, prompt_message, single_turn
 from vlm_engine.errors import InvalidRequest, ModelConfigError, PromptTooLong, ShuttingDown, TooLarge
-from vlm_engine.images import decode_image
+from vlm_engine.images import content_key, decode_image
 from vlm_engine.loading import check_source, load_error, resolve_device
 from vlm_engine.params import resolve_params
 from vlm_engine.scheduler import Event, Metrics, Scheduler
@@ -161,6 +161,7 @@ class VLMEngine:
             image = Image.new("RGB", BLANK, (127, 127, 127))
             prompt_message(messages).decoded = [image]
         prepared = Prepared(messages, params, image, cancelled or (lambda: False), tokens)
+        prepared.image_key = content_key([data for m in messages for data in m.images])
         prepared.inputs = self.adapter.encode_row(prepared)  # here, not in the step loop
         self._check_fits(prepared)
         return prepared
@@ -179,7 +180,7 @@ class VLMEngine:
             raise TooLarge(
                 f"this request needs {need} KV tokens ({prompt} for the prompt and its image, max_tokens="
                 f"{prepared.params.max_tokens}); {self.name}'s KV cache holds {capacity} tokens "
-                f"(KV_CACHE_MB / GPU_MEMORY_UTILIZATION): {advice}"
+                f"(KV_CACHE_MB, KV_CACHE_TOKENS or GPU_MEMORY_UTILIZATION): {advice}"
             )
 
     def submit(self, prepared: Prepared, emit: Callable[[Event], None], reserved: bool = False) -> None:

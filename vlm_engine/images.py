@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import warnings
 
@@ -44,3 +45,14 @@ def decode_image(data: bytes, max_pixels: int, max_bytes: int) -> Image.Image:
     except (OSError, SyntaxError, ValueError) as exc:
         raise InvalidImage(f"image could not be decoded (truncated or corrupt {image.format}): {exc}") from None
     return image.convert("RGB")
+
+
+def content_key(images: list[bytes]) -> str | None:
+    """A hash of a request's image bytes, in order: the key of encoded-image caches."""
+    if not images:
+        return None
+    digest = hashlib.blake2b(digest_size=16)
+    for data in images:
+        digest.update(len(data).to_bytes(8, "little"))
+        digest.update(data)
+    return digest.hexdigest()

@@ -64,6 +64,9 @@ class ModelSettings(BaseModel):
     kv_cache_mb: int | None = Field(
         None, ge=1, description="KV cache size; default: CUDA by GPU_MEMORY_UTILIZATION, CPU MAX_RUNNING full rows"
     )
+    kv_cache_tokens: int | None = Field(
+        None, ge=1, description="KV cache size in tokens (beats KV_CACHE_MB): tests and benchmarks"
+    )
     gpu_memory_utilization: float = Field(
         0.9, gt=0, le=1, description="CUDA: the share of the device that weights, activations and KV may use"
     )
@@ -75,7 +78,9 @@ class ModelSettings(BaseModel):
     # moondream2 only: the tokenizer its code fetches separately, kept images, grounding
     tokenizer_repo: str | None = Field(None, description="moondream2: default moondream/starmie-v1")
     tokenizer_revision: str | None = Field(None, description="moondream2: default the pinned commit")
-    encoded_images: int = Field(4, ge=0, description="moondream2: encoded images kept for later turns (0: none)")
+    encoded_images: int = Field(
+        4, ge=0, description="moondream2, qwen3-vl: encoded images kept by content for later requests (0: none)"
+    )
     max_objects: int = Field(50, ge=1, le=200, description="moondream2: boxes or points a /detect or /point returns")
 
     @property

@@ -37,6 +37,30 @@ from vlm_triton.tensors import (
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
 
+class Sender:
+    """One request's response sender, shared by the scheduler's housekeeping thread (which asks
+    whether the client left) and the responses thread (which sends). Triton frees a request's
+    response factory once its final response is sent, and asking it then whether the request
+    was cancelled crashes tritonserver (a segfault in ``TRITONBACKEND_ResponseFactoryIsCancelled``,
+    seen under load): so both go through one lock, and nothing is asked after the final send."""
+
+    def __init__(self, sender) -> None:
+        self._sender = sender
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def is_cancelled(self) -> bool:
+        with self._lock:
+            return not self._closed and self._sender.is_cancelled()
+
+    def send(self, response, flags: int = 0) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = bool(flags & FINAL)
+            self._sender.send(response, flags=flags)
+
+
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         parameters = model_parameters(args)
@@ -146,7 +170,7 @@ class TritonPythonModel:
         """Refuses at once what the queue cannot take; the rest is decoded and checked on the
         preparing threads (images are the costly part), never here: a burst is refused fast."""
         for request in requests:
-            sender = request.get_response_sender()
+            sender = Sender(request.get_response_sender())
             try:
                 values = self._read(request)
                 self.engine.reserve()

@@ -202,3 +202,71 @@ def test_a_fatal_device_error_calls_on_fatal_and_fails_the_rows(tiny_models_dir,
         assert len(seen) == 1
     finally:
         engine.close()
+
+
+@pytest.mark.parametrize("model", PAGED)
+def test_a_join_peaks_within_1_1x_of_the_live_cache_and_the_new_row(tiny_models_dir, model):
+    """Peak KV memory of a join: the live rows' pages, the new row's pages, and the only
+    transient the join makes (one layer's K/V of the joining row, read for attention)."""
+    engine = make_engine(tiny_models_dir, model, WARMUP="false", MAX_RUNNING="12")
+    try:
+        adapter, kv = engine.adapter, engine.adapter.kv
+        per_token = kv.shape.bytes_per_token
+        running = [adapter.start(prepare(engine, i % 8, 8), []) for i in range(8)]
+        for seq in running:
+            kv.pages.grow(seq.key, seq.length + 8)
+        adapter.prefill([(seq, 0, seq.length) for seq in running])
+        adapter.decode(running)
+        live = sum(seq.cached for seq in running) * per_token
+        joining = adapter.start(prepare(engine, 3, 8), [])
+        kv.pages.grow(joining.key, joining.length + 8)
+        kv.counters.largest_gather = 0
+        adapter.prefill([(joining, 0, joining.length)])
+        resident = live + joining.length * per_token
+        assert kv.counters.largest_gather > 0, "the counter must see the join's read"
+        assert (resident + kv.counters.largest_gather) / resident <= 1.1
+    finally:
+        engine.close()
+
+
+def test_qwen_reuses_an_encoded_image_by_its_content(tiny_models_dir):
+    """The same image again (a new question, or a preempted row prefilled again) skips the
+    vision tower, and the answer is the one the tower would give."""
+    cached = make_engine(tiny_models_dir, "qwen3-vl", WARMUP="false", IGNORE_EOS="true")
+    uncached = make_engine(tiny_models_dir, "qwen3-vl", WARMUP="false", IGNORE_EOS="true", ENCODED_IMAGES="0")
+    try:
+        answers = {}
+        for name, engine in (("cached", cached), ("uncached", uncached)):
+            first = engine.generate([prepare(engine, 2, 12)])[0].text
+            again = engine.generate([prepare(engine, 2, 12), prepare(engine, 4, 12)])
+            answers[name] = [first, *(r.text for r in again)]
+        assert cached.adapter.vision_encoded == 2, "image 2 went through the tower once, image 4 once"
+        assert uncached.adapter.vision_encoded == 3
+        assert answers["cached"] == answers["uncached"]
+        assert answers["cached"][0] == answers["cached"][1]
+    finally:
+        cached.close(), uncached.close()
+
+
+@pytest.mark.parametrize("model", PAGED)
+def test_a_row_gets_the_answer_of_the_models_own_generate(tiny_models_dir, model):
+    """The paged cache, explicit positions (M-RoPE, Kosmos-2's offsets) and encoded-image inputs
+    give the tokens that transformers' ``generate`` gives for the same request."""
+    engine = make_engine(tiny_models_dir, model, WARMUP="false")
+    try:
+        adapter, answered = engine.adapter, 0
+        for i in (1, 2, 5):
+            prepared = prepare(engine, i, 16)
+            ours = engine.generate([prepared])[0].text
+            inputs = adapter.encode([prepared])
+            with torch.inference_mode():
+                out = adapter.model.generate(**inputs, max_new_tokens=16, do_sample=False, pad_token_id=adapter.pad_id)
+            new = out[0, inputs["input_ids"].shape[-1] :].tolist()
+            reference = adapter.visible_text(
+                [t for t in new[: next((k for k, t in enumerate(new) if t in adapter.eos), 16)]]
+            )
+            assert ours == reference
+            answered += bool(ours)
+        assert answered >= 2, "most answers must have text, or the comparison proves little"
+    finally:
+        engine.close()

@@ -49,6 +49,7 @@ class Prepared:
     cancelled: Callable[[], bool] = lambda: False
     prompt_tokens: int = 0
     inputs: Any = None  # model inputs encoded on the request's thread (``Adapter.encode_row``)
+    image_key: str | None = None  # content hash of the request's images (encoded-image caches)
 
 
 @dataclass
@@ -221,6 +222,7 @@ class Sequence:
     params: GenerationParams
     cached: int = 0  # tokens whose K/V is in the pool
     last: int | None = None  # the last chosen token (not in the pool yet)
+    image_key: str | None = None  # content hash of its images (``Prepared.image_key``)
 
     @property
     def length(self) -> int:
@@ -272,8 +274,11 @@ class GenerateAdapter(Adapter):
         shape = kv_shape(self.text_config(), self.model.dtype)
         row_tokens = s.max_prompt_tokens + self.max_image_tokens() + s.max_tokens_cap
         fallback = s.max_running * row_tokens * shape.bytes_per_token
-        budget = budget_bytes(s.kv_cache_mb, s.gpu_memory_utilization, self.device, fallback)
         page_bytes = s.kv_page_tokens * shape.bytes_per_token
+        if s.kv_cache_tokens:
+            budget = -(-s.kv_cache_tokens // s.kv_page_tokens) * page_bytes
+        else:
+            budget = budget_bytes(s.kv_cache_mb, s.gpu_memory_utilization, self.device, fallback)
         pages = max(2, budget // page_bytes + 1)
         self.kv = KVPool(shape, pages, s.kv_page_tokens, self.device)
         if str(self.device).startswith("cuda"):
@@ -358,7 +363,17 @@ class GenerateAdapter(Adapter):
         positions, following, mrope = self.sequence_positions(whole)
         where = self.image_mask(tokens).nonzero()
         span = (int(where[0]), int(where[-1]) + 1) if len(where) and images else None
-        return Sequence(next(self._keys), tokens, images, span, positions, following, mrope, prepared.params)
+        return Sequence(
+            next(self._keys),
+            tokens,
+            images,
+            span,
+            positions,
+            following,
+            mrope,
+            prepared.params,
+            image_key=prepared.image_key,
+        )
 
     def prompt_length(self, seq: Sequence) -> int:
         return seq.length
@@ -384,13 +399,11 @@ class GenerateAdapter(Adapter):
             inputs[key] = torch.stack([_pad_left(seq.tokens[key][start:end], width, fill) for seq, start, end in items])
         positions = torch.stack([_pad_left(seq.positions[..., start:end], width, 1) for seq, start, end in items], -2)
         with_image = [seq for seq, start, end in items if seq.image_span and start <= seq.image_span[0] < end]
-        for key in dict.fromkeys(k for seq in with_image for k in seq.images):
-            inputs[key] = torch.cat([seq.images[key] for seq in with_image])
         if not with_image:
             inputs = self.text_only(inputs)
         inputs = {k: v.to(self.device) for k, v in inputs.items()}
-        if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
-            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        if with_image:
+            inputs.update(self.vision_inputs(with_image))
         seqs = [seq for seq, _, _ in items]
         step = layout(
             self.kv, [s.key for s in seqs], [s for _, s, _ in items], [e - s for _, s, e in items], self.device
@@ -406,6 +419,17 @@ class GenerateAdapter(Adapter):
             for i, output in zip(done, chosen, strict=True):
                 outputs[i] = output
         return outputs
+
+    def vision_inputs(self, seqs: list[Sequence]) -> dict[str, Any]:
+        """The image inputs of a prefill over ``seqs`` (each has its image in this chunk), on the
+        device. Qwen3-VL gives encoded images from its cache instead."""
+        import torch
+
+        out: dict[str, Any] = {}
+        for key in dict.fromkeys(k for seq in seqs for k in seq.images):
+            value = torch.cat([seq.images[key] for seq in seqs]).to(self.device)
+            out[key] = value.to(self.model.dtype) if key == "pixel_values" and value.is_floating_point() else value
+        return out
 
     def text_only(self, inputs: dict[str, Any]) -> dict[str, Any]:
         """Inputs of a prefill with no image in it (Kosmos-2 drops its image mask)."""
