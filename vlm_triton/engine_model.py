@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -21,6 +20,7 @@ from vlm_engine.engine import VLMEngine
 from vlm_engine.errors import InvalidRequest
 from vlm_engine.scheduler import Event
 from vlm_triton.metrics import TritonMetrics
+from vlm_triton.outbox import Outbox
 from vlm_triton.placement import instance_device
 from vlm_triton.tensors import (
     batch_size,
@@ -68,7 +68,7 @@ class TritonPythonModel:
         parameters.update(instance_device(args))
         self.engine = VLMEngine.from_config(name, parameters, metrics=TritonMetrics(name), on_fatal=self._fatal)
         self.with_entities = self.engine.adapter.grounding
-        self.outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.outbox = Outbox()
         self.preparing = ThreadPoolExecutor(int(parameters.get("preparing_threads", "4")), thread_name_prefix="prepare")
         self.sender_thread = threading.Thread(target=self._send_loop, name="responses", daemon=True)
         self.sender_thread.start()
@@ -141,12 +141,14 @@ class TritonPythonModel:
         return emit
 
     def _send_loop(self) -> None:
-        while (item := self.outbox.get()) is not None:
-            sender, streaming, event = item
-            try:
-                self._send(sender, streaming, event)
-            except Exception as exc:  # the client is gone, or Triton refused the response
-                pb_utils.Logger.log_warn(f"response not sent: {exc}")
+        self.outbox.drain(self._send_safely)
+
+    def _send_safely(self, item) -> None:
+        sender, streaming, event = item
+        try:
+            self._send(sender, streaming, event)
+        except Exception as exc:  # the client is gone, or Triton refused the response
+            pb_utils.Logger.log_warn(f"response not sent: {exc}")
 
     def _send(self, sender, streaming: bool, event: Event) -> None:
         if event.error is not None:
@@ -186,5 +188,5 @@ class TritonPythonModel:
         if self.engine is not None:
             self.engine.close(drain=True)
             self.engine = None
-        self.outbox.put(None)  # after the last event: the sender thread sends it, then stops
+        self.outbox.close()  # after the last event: the sender thread sends it, then stops
         self.sender_thread.join(timeout=10)
