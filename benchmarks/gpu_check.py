@@ -144,6 +144,23 @@ SHRINK = {
         "image_size": 224,
     },
 }
+# --scale kv-heavy: cheap to compute, heavy in KV (16 layers of 8 KV heads of 64: 64 KiB per
+# token in float32, 32x the tiny checkpoint's), so that KV traffic weighs on a CPU as it does
+# on a GPU (``make bench`` part ``kv``).
+KV_HEAVY = {
+    "llava": {
+        **SHRINK["llava"],
+        "text": {
+            "hidden_size": 128,
+            "intermediate_size": 256,
+            "num_hidden_layers": 16,
+            "num_attention_heads": 8,
+            "num_key_value_heads": 8,
+            "head_dim": 64,
+        },
+    }
+}
+SCALES = {"tiny": SHRINK, "kv-heavy": KV_HEAVY}
 
 
 def make_checkpoint(model: str, scale: str, tiny_dir: Path, out: Path) -> Path:
@@ -154,7 +171,7 @@ def make_checkpoint(model: str, scale: str, tiny_dir: Path, out: Path) -> Path:
     source = tiny_dir / model
     if not (source / "config.json").exists():
         raise SystemExit(f"no tiny checkpoint at {source}: run `make tiny-models` first")
-    spec = REAL[model] if scale == "real" else {**REAL[model], **SHRINK[model]}
+    spec = REAL[model] if scale == "real" else {**REAL[model], **SCALES[scale][model]}
     folder = out / model
     if folder.exists():
         shutil.rmtree(folder)
@@ -402,7 +419,7 @@ def preemption(
 
 def check_model(model: str, args: argparse.Namespace, say) -> dict:
     device, dtype = args.device, args.dtype
-    side = (REAL[model] if args.scale == "real" else SHRINK[model])["image_size"]
+    side = (REAL[model] if args.scale == "real" else SCALES[args.scale][model])["image_size"]
     folder = make_checkpoint(model, args.scale, args.tiny_dir, args.work)
     say(f"{model}: building random weights from {REAL[model]['source']}'s config ({args.scale}) on {device}")
     start = time.perf_counter()

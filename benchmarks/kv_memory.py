@@ -122,39 +122,53 @@ def throughput(models_dir: Path, rows: int, max_tokens: int = 64) -> dict:
     ``generate`` on the same requests (the same weights, every answer ``max_tokens`` long)."""
     e = engine(models_dir, IGNORE_EOS="true", MAX_RUNNING=str(rows), MAX_WAITING=str(rows))
     try:
-        prepared = [prepare(e, i, max_tokens) for i in range(rows)]
-        start = time.perf_counter()
-        results = e.generate(prepared)
-        engine_s = time.perf_counter() - start
-        tokens = sum(r.output_tokens for r in results)
-        adapter = e.adapter
-        batch = adapter.processor(
-            images=[p.image for p in prepared],
-            text=[adapter.prompt(p) for p in prepared],
-            padding=True,
-            return_tensors="pt",
-        )
-        with torch.inference_mode():
-            start = time.perf_counter()
-            out = adapter.model.generate(
-                **batch,
-                max_new_tokens=max_tokens,
-                min_new_tokens=max_tokens,
-                do_sample=False,
-                pad_token_id=adapter.pad_id,
-            )
-            bare_s = time.perf_counter() - start
-        bare_tokens = (out.shape[-1] - batch["input_ids"].shape[-1]) * rows
-        counters = adapter.kv.counters
-        return {
-            "rows": rows,
-            "engine_tok_s": round(tokens / engine_s, 1),
-            "generate_tok_s": round(bare_tokens / bare_s, 1),
-            "engine_over_generate": round((tokens / engine_s) / (bare_tokens / bare_s), 3),
-            "padding_waste_attended_over_real": round(counters.attended_tokens / max(counters.real_tokens, 1), 3),
-        }
+        return against_generate(e, rows, max_tokens)
     finally:
         e.close()
+
+
+def kv_heavy_throughput(models_dir: Path, rows: int, max_tokens: int = 64) -> dict:
+    """The same on a random-weight LLaVA with 32x the tiny checkpoint's KV per token (16
+    layers of 8 KV heads), cheap to compute: KV traffic weighs here as it does on a GPU."""
+    from benchmarks import gpu_check
+
+    folder = gpu_check.make_checkpoint("llava", "kv-heavy", models_dir, ROOT / ".models" / "kv-heavy")
+    e = gpu_check.engine(folder, "llava", "cpu", "float32", WARMUP="false", MAX_RUNNING=str(rows))
+    try:
+        figures = against_generate(e, rows, max_tokens)
+        figures["kv_bytes_per_token"] = e.adapter.kv.shape.bytes_per_token
+        return figures
+    finally:
+        e.close()
+
+
+def against_generate(e: VLMEngine, rows: int, max_tokens: int) -> dict:
+    prepared = [prepare(e, i, max_tokens) for i in range(rows)]
+    start = time.perf_counter()
+    results = e.generate(prepared)
+    engine_s = time.perf_counter() - start
+    tokens = sum(r.output_tokens for r in results)
+    adapter = e.adapter
+    batch = adapter.encode(prepared)  # the processor's padded batch
+    with torch.inference_mode():
+        start = time.perf_counter()
+        out = adapter.model.generate(
+            **batch,
+            max_new_tokens=max_tokens,
+            min_new_tokens=max_tokens,
+            do_sample=False,
+            pad_token_id=adapter.pad_id,
+        )
+        bare_s = time.perf_counter() - start
+    bare_tokens = (out.shape[-1] - batch["input_ids"].shape[-1]) * rows
+    counters = adapter.kv.counters
+    return {
+        "rows": rows,
+        "engine_tok_s": round(tokens / engine_s, 1),
+        "generate_tok_s": round(bare_tokens / bare_s, 1),
+        "engine_over_generate": round((tokens / engine_s) / (bare_tokens / bare_s), 3),
+        "padding_waste_attended_over_real": round(counters.attended_tokens / max(counters.real_tokens, 1), 3),
+    }
 
 
 def measure_kv(models_dir: Path, say=print) -> dict:
@@ -166,6 +180,10 @@ def measure_kv(models_dir: Path, say=print) -> dict:
         say(f"KV: tokens/s at {rows} rows against generate")
         out[f"throughput_{rows}"] = throughput(models_dir, rows)
         say(f"KV: {out[f'throughput_{rows}']}")
+    for rows in (16, 64):
+        say(f"KV: tokens/s at {rows} rows against generate, KV-heavy checkpoint")
+        out[f"kv_heavy_throughput_{rows}"] = kv_heavy_throughput(models_dir, rows)
+        say(f"KV: {out[f'kv_heavy_throughput_{rows}']}")
     say("KV: a watcher stream while long prompts join and leave")
     out["watcher"] = watcher_pace(models_dir)
     say(f"KV: {out['watcher']}")

@@ -10,22 +10,28 @@ then ``{"type":"complete"}``; with ``streaming: false`` one
 
 from __future__ import annotations
 
+import asyncio
 import json
-from concurrent.futures import ThreadPoolExecutor
+from contextlib import aclosing
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from vlm_engine.settings import MODELS
-from vlm_triton.bls import one_string, stream_from
+from vlm_triton.forward import Forwarder
+from vlm_triton.sender import FINAL, Sender
 
-FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 DEFAULT_MODEL = "qwen3-vl"
 NUMERIC = {"max_tokens": (np.int32, int), "temperature": (np.float32, float), "top_p": (np.float32, float)}
 
 
 class BadChat(ValueError):
     pass
+
+
+def one_string(value: str, batched: bool) -> np.ndarray:
+    array = np.array([value.encode("utf-8")], dtype=np.object_)
+    return array.reshape(1, 1) if batched else array
 
 
 def _message(kind: str, content: str | None = None) -> pb_utils.InferenceResponse:
@@ -35,7 +41,7 @@ def _message(kind: str, content: str | None = None) -> pb_utils.InferenceRespons
     )
 
 
-def _request_inputs(request) -> tuple[str, bool, list[pb_utils.Tensor]]:
+def _request_inputs(request) -> tuple[str, bool, dict[str, np.ndarray]]:
     text = pb_utils.get_input_tensor_by_name(request, "text_input").as_numpy().reshape(-1)[0]
     try:
         messages = json.loads(text)
@@ -50,57 +56,55 @@ def _request_inputs(request) -> tuple[str, bool, list[pb_utils.Tensor]]:
     streaming = params.get("streaming", True)
     if not isinstance(streaming, bool):
         raise BadChat("parameters.streaming must be true or false")
-    inputs = [pb_utils.Tensor("messages", one_string(json.dumps(messages), True))]
+    arrays = {"messages": one_string(json.dumps(messages), True)}
     for name, (dtype, kind) in NUMERIC.items():
         if name in params:
             value = params[name]
             if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
                 raise BadChat(f"parameters.{name} must be a {'integer' if kind is int else 'number'}, got {value!r}")
-            inputs.append(pb_utils.Tensor(name, np.array([[value]], dtype=dtype)))
-    return model, streaming, inputs
+            arrays[name] = np.array([[value]], dtype=dtype)
+    return model, streaming, arrays
 
 
-def _relay(pieces, sender, streaming: bool) -> None:
-    answer = []
-    for piece in pieces:
-        if piece.error is not None:
-            sender.send(_message("error", piece.error.message()), flags=FINAL)
-            return
-        if piece.text:
-            answer.append(piece.text)
-            if streaming:
-                sender.send(_message("chunk", piece.text))
-    if streaming:
-        sender.send(_message("complete"), flags=FINAL)
-    else:
-        sender.send(_message("complete", "".join(answer)), flags=FINAL)
-
-
-def _forward(model: str, inputs: list[pb_utils.Tensor], sender, streaming: bool) -> None:
+async def _relay(forwarder: Forwarder, model: str, arrays: dict[str, np.ndarray], sender: Sender, streaming: bool):
     try:
-        _relay(stream_from(f"{model}_stream", inputs, ["generated_text"]), sender, streaming)
+        answer, final = [], False
+        pieces = forwarder.pieces(f"{model}_stream", arrays, ["generated_text"], sender.is_cancelled)
+        async with aclosing(pieces):
+            async for piece in pieces:
+                if piece.error is not None:
+                    sender.send(_message("error", piece.error), flags=FINAL)
+                    return
+                if piece.text:
+                    answer.append(piece.text)
+                    if streaming:
+                        sender.send(_message("chunk", piece.text))
+                final = piece.final
+        if not final:
+            raise RuntimeError(f"{model}_stream ended the answer without its final response")
+        sender.send(_message("complete", None if streaming else "".join(answer)), flags=FINAL)
+    except asyncio.CancelledError:
+        sender.send(_message("error", "cancelled: the client cancelled the request"), flags=FINAL)
     except Exception as exc:
         sender.send(_message("error", f"{type(exc).__name__}: {exc}"), flags=FINAL)
 
 
 class TritonPythonModel:
-    """``execute`` parses each request and returns; forwarder threads relay the answers."""
+    """``execute`` parses each request and returns; the forwarder relays the answers."""
 
     def initialize(self, args: dict) -> None:
-        config = json.loads(args["model_config"])
-        forwarders = config.get("parameters", {}).get("forwarders", {}).get("string_value") or "64"
-        self.pool = ThreadPoolExecutor(int(forwarders), thread_name_prefix="forward")
+        self.forwarder = Forwarder()
 
     def execute(self, requests):
         for request in requests:
-            sender = request.get_response_sender()
+            sender = Sender(request.get_response_sender())
             try:
-                model, streaming, inputs = _request_inputs(request)
+                model, streaming, arrays = _request_inputs(request)
             except BadChat as exc:
                 sender.send(_message("error", str(exc)), flags=FINAL)
                 continue
-            self.pool.submit(_forward, model, inputs, sender, streaming)
+            self.forwarder.run(_relay(self.forwarder, model, arrays, sender, streaming))
         return None
 
     def finalize(self) -> None:
-        self.pool.shutdown(wait=True)
+        self.forwarder.close()

@@ -22,6 +22,7 @@ from vlm_engine.scheduler import Event
 from vlm_triton.metrics import TritonMetrics
 from vlm_triton.outbox import Outbox
 from vlm_triton.placement import instance_device
+from vlm_triton.sender import FINAL, Sender
 from vlm_triton.tensors import (
     batch_size,
     bytes_input,
@@ -33,32 +34,6 @@ from vlm_triton.tensors import (
     text_tensor,
     triton_error,
 )
-
-FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-
-
-class Sender:
-    """One request's response sender, shared by the scheduler's housekeeping thread (which asks
-    whether the client left) and the responses thread (which sends). Triton frees a request's
-    response factory once its final response is sent, and asking it then whether the request
-    was cancelled crashes tritonserver (a segfault in ``TRITONBACKEND_ResponseFactoryIsCancelled``,
-    seen under load): so both go through one lock, and nothing is asked after the final send."""
-
-    def __init__(self, sender) -> None:
-        self._sender = sender
-        self._lock = threading.Lock()
-        self._closed = False
-
-    def is_cancelled(self) -> bool:
-        with self._lock:
-            return not self._closed and self._sender.is_cancelled()
-
-    def send(self, response, flags: int = 0) -> None:
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = bool(flags & FINAL)
-            self._sender.send(response, flags=flags)
 
 
 class TritonPythonModel:

@@ -1,66 +1,78 @@
 """``<model>``: the KServe ``infer`` face of a model (not decoupled, holds no weights).
 
-Each request is forwarded with BLS to ``<model>_stream``, where the weights live and the
-in-flight batching happens, asking for the whole answer in one response. ``execute``
-returns at once: worker threads wait for the answers and each request is answered through
-its own response sender (default-mode models may use it since Triton 24.06), so a short
-request never waits for a long one that arrived in the same batch.
+Each request is sent on to ``<model>_stream``, where the weights live and the in-flight
+batching happens, over tritonserver's own gRPC port (``vlm_triton.forward``: no BLS), asking
+for the whole answer in one response. ``execute`` returns at once; each request is answered
+through its own response sender as soon as its answer is in (default-mode models may use it
+since Triton 24.06), so a short request never waits for a long one that arrived in the same
+batch. A client that leaves is noticed and its row in the scheduler cancelled.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
-from concurrent.futures import ThreadPoolExecutor
+from contextlib import aclosing
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from vlm_engine.errors import from_message
-from vlm_triton.bls import FORWARDED, stream_from
+from vlm_engine.errors import Cancelled, EngineError, from_message
+from vlm_triton.forward import Forwarder
+from vlm_triton.sender import FINAL, Sender
 from vlm_triton.tensors import json_tensor, model_parameters, text_tensor, triton_error
 
-FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+FORWARDED = ("prompt", "image", "messages", "max_tokens", "temperature", "top_p")
 
 
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         config = json.loads(args["model_config"])
-        parameters = model_parameters(args)
-        self.target = parameters["stream_model"]
+        self.target = model_parameters(args)["stream_model"]
         self.outputs = [o["name"] for o in config["output"]]
-        self.pool = ThreadPoolExecutor(int(parameters.get("forwarders", "64")), thread_name_prefix="forward")
+        self.forwarder = Forwarder()
 
-    def _inputs(self, request) -> list[pb_utils.Tensor]:
+    @staticmethod
+    def _arrays(request) -> dict[str, np.ndarray]:
         """Copies of the request's tensors (its own are freed when ``execute`` returns)."""
-        tensors = []
+        arrays = {}
         for name in FORWARDED:
             tensor = pb_utils.get_input_tensor_by_name(request, name)
             if tensor is not None:
-                tensors.append(pb_utils.Tensor(name, np.array(tensor.as_numpy(), copy=True)))
-        tensors.append(pb_utils.Tensor("stream", np.array([[False]], dtype=np.bool_)))
-        return tensors
+                arrays[name] = np.array(tensor.as_numpy(), copy=True)
+        arrays["stream"] = np.array([[False]], dtype=np.bool_)
+        return arrays
 
-    def _forward(self, inputs: list[pb_utils.Tensor], sender) -> None:
+    async def _answer(self, arrays: dict[str, np.ndarray], sender: Sender) -> None:
         try:
-            text, entities = [], None
-            for piece in stream_from(self.target, inputs, self.outputs):
-                if piece.error is not None:  # BLS drops the code; the message still carries it
-                    error = triton_error(from_message(piece.error.message()))
-                    sender.send(pb_utils.InferenceResponse(error=error), flags=FINAL)
-                    return
-                text.append(piece.text)
-                entities = piece.entities if piece.entities is not None else entities
+            text, entities, final = [], None, False
+            pieces = self.forwarder.pieces(self.target, arrays, self.outputs, sender.is_cancelled)
+            async with aclosing(pieces):
+                async for piece in pieces:
+                    if piece.error is not None:
+                        error = triton_error(from_message(piece.error))
+                        sender.send(pb_utils.InferenceResponse(error=error), flags=FINAL)
+                        return
+                    text.append(piece.text)
+                    entities = piece.entities if piece.entities is not None else entities
+                    final = piece.final
+            if not final:
+                raise EngineError(f"{self.target} ended the answer without its final response")
             tensors = [text_tensor("generated_text", "".join(text))]
             if "entities" in self.outputs:
                 tensors.append(json_tensor("entities", entities or []))
             sender.send(pb_utils.InferenceResponse(output_tensors=tensors), flags=FINAL)
+        except asyncio.CancelledError:
+            error = triton_error(Cancelled("the client cancelled the request"))
+            sender.send(pb_utils.InferenceResponse(error=error), flags=FINAL)
         except Exception as exc:
             sender.send(pb_utils.InferenceResponse(error=triton_error(exc)), flags=FINAL)
 
     def execute(self, requests):
         for request in requests:
-            self.pool.submit(self._forward, self._inputs(request), request.get_response_sender())
+            sender = Sender(request.get_response_sender())
+            self.forwarder.run(self._answer(self._arrays(request), sender))
         return None
 
     def finalize(self) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=False)
+        self.forwarder.close()

@@ -1,0 +1,34 @@
+"""A request's response sender, safe to share between threads.
+
+Triton frees a request's response factory once its final response is sent, and asking it
+afterwards whether the request was cancelled crashes tritonserver (a segfault in
+``TRITONBACKEND_ResponseFactoryIsCancelled``, seen under load when one thread polled for
+cancellation while another sent the final response). Both go through one lock here, and
+nothing is asked or sent after the final response.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import triton_python_backend_utils as pb_utils
+
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+
+
+class Sender:
+    def __init__(self, sender) -> None:
+        self._sender = sender
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def is_cancelled(self) -> bool:
+        with self._lock:
+            return not self._closed and self._sender.is_cancelled()
+
+    def send(self, response, flags: int = 0) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = bool(flags & FINAL)
+            self._sender.send(response, flags=flags)
