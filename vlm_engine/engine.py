@@ -10,16 +10,17 @@ import queue
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from PIL import Image
 
 from vlm_engine.adapters import adapter_class
 from vlm_engine.adapters.base import Adapter, Prepared, Result
 from vlm_engine.chat import Message, has_text, prompt_message, single_turn
-from vlm_engine.errors import InvalidRequest, ModelConfigError, PromptTooLong, ShuttingDown, TooLarge
+from vlm_engine.errors import InvalidParameter, InvalidRequest, ModelConfigError, PromptTooLong, ShuttingDown, TooLarge
 from vlm_engine.images import content_key, decode_image
 from vlm_engine.loading import check_source, load_error, resolve_device
-from vlm_engine.params import resolve_params
+from vlm_engine.params import Sampling, resolve_params
 from vlm_engine.scheduler import Event, Metrics, Scheduler
 from vlm_engine.settings import ModelSettings, resolve_settings
 
@@ -130,6 +131,7 @@ class VLMEngine:
         top_p: float | None = None,
         cancelled: Callable[[], bool] | None = None,
         reserved: bool = False,
+        sampling: Mapping[str, Any] | None = None,
     ) -> Prepared:
         """Validate one request; raises an ``InvalidRequest`` subclass saying what to fix
         (or ``Overloaded`` first, without decoding anything, when the queue is full)."""
@@ -141,7 +143,12 @@ class VLMEngine:
             raise InvalidRequest("prompt is empty: the user messages hold no text; send a question or instruction")
         if any(m.images for m in messages if m.role != "user"):
             raise InvalidRequest("images go in user messages only")
-        params = resolve_params(self.settings, max_tokens, temperature, top_p)
+        params = resolve_params(self.settings, max_tokens, temperature, top_p, sampling)
+        if params.sampling != Sampling() and not self.adapter.sampling_options:
+            asked = [k for k, v in vars(params.sampling).items() if v != getattr(Sampling(), k)]
+            raise InvalidParameter(
+                f"{self.name} does not support {', '.join(asked)}: send only max_tokens, temperature and top_p"
+            )
         count = sum(len(m.images) for m in messages)
         if count > self.adapter.max_images:
             raise InvalidRequest(f"{self.name} takes at most {self.adapter.max_images} image per request, got {count}")

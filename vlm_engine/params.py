@@ -3,10 +3,35 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 from vlm_engine.errors import InvalidParameter, MaxTokensTooLarge
 from vlm_engine.settings import ModelSettings
+
+MAX_STOP = 4
+MAX_STOP_CHARS = 200
+MAX_TOP_LOGPROBS = 20
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Per-row options beyond temperature and top_p (OpenAI's names; ``repetition_penalty`` as
+    in transformers and vLLM). ``seed`` makes a sampled row's draws its own: the same request
+    and seed give the same text whatever else runs in the batch."""
+
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logprobs: bool = False
+    top_logprobs: int = 0
+
+    @property
+    def penalised(self) -> bool:
+        return self.frequency_penalty != 0.0 or self.presence_penalty != 0.0 or self.repetition_penalty != 1.0
 
 
 @dataclass(frozen=True)
@@ -14,6 +39,7 @@ class GenerationParams:
     max_tokens: int
     temperature: float
     top_p: float
+    sampling: Sampling = field(default_factory=Sampling)
 
     @property
     def greedy(self) -> bool:
@@ -25,6 +51,7 @@ def resolve_params(
     max_tokens: int | None = None,
     temperature: float | None = None,
     top_p: float | None = None,
+    sampling: Mapping[str, Any] | Sampling | None = None,
 ) -> GenerationParams:
     """Fill unset values from ``settings`` and check every value's range."""
     cap = settings.max_tokens_cap
@@ -39,10 +66,54 @@ def resolve_params(
     temperature = settings.temperature if temperature is None else temperature
     top_p = settings.top_p if top_p is None else top_p
     for name, value in (("temperature", temperature), ("top_p", top_p)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise InvalidParameter(f"{name} must be a finite number, got {value!r}")
+        _number(name, value)
     if not 0.0 <= temperature <= 2.0:
         raise InvalidParameter(f"temperature must be between 0 and 2 (0 = greedy), got {temperature}")
     if not 0.0 < top_p <= 1.0:
         raise InvalidParameter(f"top_p must be in (0, 1], got {top_p}")
-    return GenerationParams(int(max_tokens), float(temperature), float(top_p))
+    if not isinstance(sampling, Sampling):
+        sampling = resolve_sampling(sampling or {})
+    return GenerationParams(int(max_tokens), float(temperature), float(top_p), sampling)
+
+
+def resolve_sampling(values: Mapping[str, Any]) -> Sampling:
+    """``Sampling`` from request values (``None`` means unset); each range is checked."""
+    values = {k: v for k, v in values.items() if v is not None}
+    unknown = sorted(set(values) - set(Sampling.__dataclass_fields__))
+    if unknown:
+        raise InvalidParameter(f"unknown sampling parameter(s) {unknown}; known: {list(Sampling.__dataclass_fields__)}")
+    seed = values.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not -(2**63) <= seed < 2**64):
+        raise InvalidParameter(f"seed must be an integer, got {seed!r}")
+    stop = values.get("stop", ())
+    stop = (stop,) if isinstance(stop, str) else tuple(stop)
+    if len(stop) > MAX_STOP or not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stop):
+        raise InvalidParameter(
+            f"stop takes up to {MAX_STOP} non-empty strings of at most {MAX_STOP_CHARS} characters, got {stop!r}"
+        )
+    penalties = {}
+    for name, low, high, default in (
+        ("frequency_penalty", -2.0, 2.0, 0.0),
+        ("presence_penalty", -2.0, 2.0, 0.0),
+        ("repetition_penalty", 0.0, 2.0, 1.0),
+    ):
+        value = values.get(name, default)
+        _number(name, value)
+        if not low <= value <= high or (name == "repetition_penalty" and value == 0):
+            span = "(0, 2]" if name == "repetition_penalty" else f"[{low:g}, {high:g}]"
+            raise InvalidParameter(f"{name} must be in {span}, got {value}")
+        penalties[name] = float(value)
+    logprobs = values.get("logprobs", False)
+    if not isinstance(logprobs, bool):
+        raise InvalidParameter(f"logprobs must be true or false, got {logprobs!r}")
+    top = values.get("top_logprobs", 0)
+    if isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= MAX_TOP_LOGPROBS:
+        raise InvalidParameter(f"top_logprobs must be an integer from 0 to {MAX_TOP_LOGPROBS}, got {top!r}")
+    if top and not logprobs:
+        raise InvalidParameter("top_logprobs needs logprobs set to true")
+    return Sampling(seed, stop, logprobs=logprobs, top_logprobs=top, **penalties)
+
+
+def _number(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InvalidParameter(f"{name} must be a finite number, got {value!r}")

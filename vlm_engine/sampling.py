@@ -1,4 +1,9 @@
-"""Per-row token choice: greedy and sampled rows share one decode step."""
+"""Per-row token choice: greedy and sampled rows share one decode step.
+
+Each row brings its own settings (``GenerationParams``) and, when it needs one, its own
+``RowState``: a generator for a ``seed`` and the counts of the tokens it has produced for the
+penalties. The state lives with the request, so it outlives a preemption.
+"""
 
 from __future__ import annotations
 
@@ -7,30 +12,92 @@ from dataclasses import dataclass
 
 import torch
 
-from vlm_engine.params import GenerationParams
+from vlm_engine.params import GenerationParams, Sampling
+
+
+class RowState:
+    """One request's sampling state on the device."""
+
+    def __init__(self, sampling: Sampling, prompt_ids: Sequence[int], device) -> None:
+        self.sampling = sampling
+        self.device = device
+        self.prompt_ids = list(prompt_ids)
+        self.generator: torch.Generator | None = None
+        if sampling.seed is not None:
+            self.generator = torch.Generator(device=device)
+            self.generator.manual_seed(sampling.seed % 2**64)
+        self.counts: torch.Tensor | None = None  # [vocab] tokens produced so far
+        self.seen: torch.Tensor | None = None  # [vocab] tokens in the prompt or produced
+
+    def penalise(self, logits: torch.Tensor) -> torch.Tensor:
+        """``logits`` ``[vocab]`` with this row's penalties (OpenAI's frequency and presence
+        penalties over the answer so far; transformers' repetition penalty over prompt and answer)."""
+        s = self.sampling
+        if self.counts is None:
+            self.counts = torch.zeros(logits.shape[-1], device=logits.device)
+            self.seen = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+            ids = torch.tensor([i for i in self.prompt_ids if 0 <= i < logits.shape[-1]], device=logits.device)
+            self.seen[ids] = True
+        if s.frequency_penalty:
+            logits = logits - s.frequency_penalty * self.counts
+        if s.presence_penalty:
+            logits = logits - s.presence_penalty * (self.counts > 0)
+        if s.repetition_penalty != 1.0:
+            scaled = torch.where(logits > 0, logits / s.repetition_penalty, logits * s.repetition_penalty)
+            logits = torch.where(self.seen, scaled, logits)
+        return logits
+
+    def produced(self, token: torch.Tensor) -> None:
+        if self.counts is not None:
+            self.counts[token] += 1
+            self.seen[token] = True
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """The chosen token's log-probability and the ``top`` alternatives, ``(id, logprob)``
+    best first, from the model's own distribution (before penalties and temperature)."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass
 class Choice:
     """The chosen tokens on the device (the next step's input) and on the host; ``usable``
-    is False for a row whose scores were NaN, +inf or all -inf (its token is meaningless)."""
+    is False for a row whose scores were NaN, +inf or all -inf (its token is meaningless);
+    ``logprobs`` for the rows that asked for them."""
 
     tensor: torch.Tensor
     ids: list[int]
     usable: list[bool]
+    logprobs: list[TokenLogprob | None]
 
 
-def choose(logits: torch.Tensor, params: Sequence[GenerationParams], generator=None) -> Choice:
-    """One token per row of ``logits`` ``[rows, vocab]``, each with its own settings; one
-    host synchronisation for the whole step.
+def choose(
+    logits: torch.Tensor,
+    params: Sequence[GenerationParams],
+    generator=None,
+    states: Sequence[RowState | None] | None = None,
+) -> Choice:
+    """One token per row of ``logits`` ``[rows, vocab]``, each with its own settings.
 
-    Greedy rows take the argmax of their own logits only, so sampled neighbours never
-    change them. Sampled rows use temperature then nucleus (top-p) filtering. A row whose
-    scores are unusable gets token 0 and ``usable`` False; the other rows are unaffected.
+    Greedy rows take the argmax of their own (penalised) logits, so sampled neighbours never
+    change them. Sampled rows use temperature then nucleus (top-p) filtering; a seeded row
+    draws from its own generator. A row whose scores are unusable gets token 0 and ``usable``
+    False; the other rows are unaffected.
     """
+    states = states or [None] * len(params)
     logits = logits.float()
     usable = ~(torch.isnan(logits).any(-1) | (logits == torch.inf).any(-1) | (logits == -torch.inf).all(-1))
     logits = torch.where(usable[:, None], logits, torch.zeros_like(logits))
+    raw = logits
+    penalised = [i for i, s in enumerate(states) if s is not None and s.sampling.penalised]
+    if penalised:
+        logits = logits.clone()
+        for i in penalised:
+            logits[i] = states[i].penalise(logits[i])
     chosen = logits.argmax(dim=-1)
     sampled = [i for i, p in enumerate(params) if not p.greedy]
     if sampled:
@@ -46,11 +113,34 @@ def choose(logits: torch.Tensor, params: Sequence[GenerationParams], generator=N
         keep = before < top_p[:, None]
         keep[:, 0] = True  # the likeliest token always stays (top_p 5e-324 is 0 in float32)
         sorted_probs = sorted_probs * keep
-        picks = torch.multinomial(sorted_probs / sorted_probs.sum(-1, keepdim=True), 1, generator=generator)
+        sorted_probs = sorted_probs / sorted_probs.sum(-1, keepdim=True)
+        seeded = [j for j, i in enumerate(sampled) if states[i] is not None and states[i].generator is not None]
+        shared = [j for j in range(len(sampled)) if j not in set(seeded)]
+        picks = torch.zeros(len(sampled), 1, dtype=torch.long, device=logits.device)
+        if shared:
+            at = torch.tensor(shared, device=logits.device)
+            picks[at] = torch.multinomial(sorted_probs[at], 1, generator=generator)
+        for j in seeded:  # its own generator: its draws do not depend on the other rows
+            picks[j] = torch.multinomial(sorted_probs[j : j + 1], 1, generator=states[sampled[j]].generator)[0]
         chosen[index] = order.gather(-1, picks).squeeze(-1)
     chosen = torch.where(usable, chosen, torch.zeros_like(chosen))
-    host = torch.stack([chosen, usable.long()]).tolist()  # the step's one sync
-    return Choice(chosen, host[0], [bool(u) for u in host[1]])
+    for i in penalised:
+        states[i].produced(chosen[i])
+    wanted = [i for i, p in enumerate(params) if p.sampling.logprobs]
+    logprobs: list[TokenLogprob | None] = [None] * len(params)
+    if wanted:
+        at = torch.tensor(wanted, device=logits.device)
+        lp = torch.log_softmax(raw[at], dim=-1)
+        mine = lp.gather(-1, chosen[at][:, None]).squeeze(-1)
+        k = max(max(params[i].sampling.top_logprobs for i in wanted), 1)
+        top = lp.topk(k, dim=-1)
+        host_lp = [mine.tolist(), top.values.tolist(), top.indices.tolist()]
+    host = torch.stack([chosen, usable.long()]).tolist()  # the step's one sync (two with logprobs)
+    for n, i in enumerate(wanted):
+        count = params[i].sampling.top_logprobs
+        pairs = tuple(zip(host_lp[2][n][:count], host_lp[1][n][:count], strict=True))
+        logprobs[i] = TokenLogprob(host[0][i], host_lp[0][n], pairs)
+    return Choice(chosen, host[0], [bool(u) for u in host[1]], logprobs)
 
 
 def choose_tokens(logits: torch.Tensor, params: Sequence[GenerationParams], generator=None) -> list[int]:

@@ -55,6 +55,7 @@ class Event:
     text: str = ""
     result: Result | None = None
     error: BaseException | None = None
+    logprobs: list[dict] | None = None  # of the tokens since the last event (rows that asked)
 
     @property
     def final(self) -> bool:
@@ -98,6 +99,7 @@ class Row:
     tokens: int = 0
     done: bool = False
     pending: str = ""  # text held back by the stream interval
+    pending_logprobs: list[dict] = field(default_factory=list)  # of the tokens behind ``pending``
     held: int = 0  # steps since text was last sent
     started: bool = False  # some text was sent
     seq: Any = None  # the adapter's sequence while the row holds KV memory
@@ -538,14 +540,15 @@ class Scheduler:
             row.tokens += step.tokens
             produced += step.tokens
             row.pending += step.delta
+            row.pending_logprobs += step.logprobs
             row.held += 1
             if step.stop:
                 self._finish(row, "stop", row.pending)
             elif row.tokens >= row.prepared.params.max_tokens:
                 self._finish(row, "length", row.pending)
             elif row.pending and (row.held >= self.stream_interval or not row.started):
-                self._send(row, Event(row.pending))  # the first text goes out at once
-                row.pending, row.held, row.started = "", 0, True
+                self._send(row, Event(row.pending, logprobs=row.pending_logprobs or None))  # the first at once
+                row.pending, row.held, row.started, row.pending_logprobs = "", 0, True, []
         if any(row.done for row in rows):
             self._hold = 0  # a row left: memory came back
         self.stats.tokens += produced
@@ -561,7 +564,7 @@ class Scheduler:
             return
         result.prompt_tokens = row.prepared.prompt_tokens
         row.done = True
-        self._send(row, Event(pending + rest, result))
+        self._send(row, Event(pending + rest, result, logprobs=row.pending_logprobs or None))
 
     def _cancel_waiting(self, row: Row) -> None:
         row.done = True

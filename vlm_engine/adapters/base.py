@@ -26,7 +26,7 @@ import itertools
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from PIL import Image
@@ -49,6 +49,7 @@ class Prepared:
     cancelled: Callable[[], bool] = lambda: False
     prompt_tokens: int = 0
     inputs: Any = None  # model inputs encoded on the request's thread (``Adapter.encode_row``)
+    state: Any = None  # sampling state that outlives a preemption (``sampling.RowState``)
     image_key: str | None = None  # content hash of the request's images (encoded-image caches)
 
 
@@ -59,6 +60,7 @@ class Result:
     finish_reason: str  # "stop" | "length" | "cancelled"
     entities: list[dict[str, Any]] | None = None
     prompt_tokens: int = 0  # text tokens of the conversation (image tokens not counted)
+    logprobs: list[dict[str, Any]] | None = None  # per output token, OpenAI's shape (when asked)
 
 
 SEQUENCE_KEYS = ("input_ids", "attention_mask", "image_embeds_position_mask", "mm_token_type_ids")
@@ -71,6 +73,7 @@ class RowStep:
     delta: str = ""
     tokens: int = 1
     stop: bool = False
+    logprobs: list[dict[str, Any]] = field(default_factory=list)  # of this step's tokens, when asked
 
 
 class RowDecoder(ABC):
@@ -92,6 +95,7 @@ class Adapter(ABC):
     image_tokens = 256  # rough prompt cost of an image, for the prefill budget
     grounding = False  # results carry ``entities`` (boxes or points)
     resumable = False  # a preempted sequence can be started again from its tokens so far
+    sampling_options = False  # takes seed, stop, penalties and logprobs
     kv: KVPool | None = None  # paged KV memory (None: the adapter keeps its own per row)
 
     def __init__(self, settings: ModelSettings, device: str):
@@ -157,6 +161,7 @@ class StreamText:
         self.stream = DecodeStream(skip_special_tokens=True)
         self.ids: list[int] = []
         self.emitted_chars = 0
+        self.sent = ""  # what push has returned so far
         self.started = False
         self.held = ""
 
@@ -174,6 +179,7 @@ class StreamText:
             return ""
         out, self.held = self.held + body, piece[len(body) :]
         self.emitted_chars += len(out)
+        self.sent += out
         return out
 
     def flush(self, final_text: str) -> str:
@@ -184,27 +190,73 @@ class StreamText:
 
 
 class TokenDecoder(RowDecoder):
-    """Token ids to text for HF models; EOS ends the answer and is not counted."""
+    """Token ids to text for HF models; EOS ends the answer and is not counted. Stop strings
+    end it too: the text ends before the stop string, and text that could still become one
+    is held back."""
 
-    def __init__(self, adapter: GenerateAdapter):
+    def __init__(self, adapter: GenerateAdapter, params: GenerationParams | None = None):
         self.adapter = adapter
         self.text = adapter.stream_text()
         self.eos = set() if adapter.settings.ignore_eos else adapter.eos
+        self.stops = params.sampling.stop if params is not None else ()
+        self.longest = max((len(s) for s in self.stops), default=0)
+        self.shown = ""  # text released so far (stop strings only)
+        self.logprobs: list[dict[str, Any]] | None = [] if params is not None and params.sampling.logprobs else None
 
     @property
     def ids(self) -> list[int]:
         return self.text.ids
 
-    def push(self, output: int | BaseException) -> RowStep:
+    def push(self, output: Any) -> RowStep:
+        from vlm_engine.sampling import TokenLogprob
+
         if isinstance(output, BaseException):
             raise output
+        entries = []
+        if isinstance(output, TokenLogprob):
+            entries = [self.adapter.logprob_entry(output)]
+            output = output.token
         if output in self.eos:
             return RowStep(tokens=0, stop=True)
-        return RowStep(self.text.push(output))
+        if self.logprobs is not None:
+            self.logprobs.extend(entries)
+        delta = self.text.push(output)
+        if not self.stops:
+            return RowStep(delta, logprobs=entries)
+        full = self.text.sent + self.text.held  # everything decoded so far, leading spaces dropped
+        hit = first_stop(full, self.stops, max(0, len(self.shown) - self.longest + 1))
+        if hit is not None:
+            release = full[len(self.shown) : hit].rstrip()
+            self.shown += release
+            return RowStep(release, stop=True, logprobs=entries)
+        hold = stop_prefix_length(full, self.stops)
+        release = full[len(self.shown) : len(full) - hold].rstrip()
+        self.shown += release
+        return RowStep(release, logprobs=entries)
 
     def finish(self, finish_reason: str) -> tuple[str, Result]:
         result = self.adapter.finish(self.text.ids, finish_reason)
-        return self.text.flush(result.text), result
+        result.logprobs = self.logprobs
+        if not self.stops:
+            return self.text.flush(result.text), result
+        hit = first_stop(result.text, self.stops, 0)
+        if hit is not None:
+            result.text = result.text[:hit].rstrip()
+        return result.text[len(self.shown) :], result
+
+
+def first_stop(text: str, stops: tuple[str, ...], start: int) -> int | None:
+    """Where the earliest stop string begins in ``text`` (from ``start``), if any does."""
+    found = [i for i in (text.find(s, start) for s in stops) if i >= 0]
+    return min(found) if found else None
+
+
+def stop_prefix_length(text: str, stops: tuple[str, ...]) -> int:
+    """The length of the longest end of ``text`` that is the start of a stop string."""
+    for length in range(min(len(text), max(len(s) for s in stops) - 1), 0, -1):
+        if any(s.startswith(text[-length:]) for s in stops):
+            return length
+    return 0
 
 
 @dataclass(eq=False)
@@ -223,6 +275,7 @@ class Sequence:
     cached: int = 0  # tokens whose K/V is in the pool
     last: int | None = None  # the last chosen token (not in the pool yet)
     image_key: str | None = None  # content hash of its images (``Prepared.image_key``)
+    state: Any = None  # its sampling state (``sampling.RowState``), when it needs one
 
     @property
     def length(self) -> int:
@@ -239,6 +292,7 @@ class GenerateAdapter(Adapter):
     model: Any
     tokenizer: Any
     resumable = True
+    sampling_options = True  # seed, stop, penalties, logprobs
 
     @abstractmethod
     def encode(self, group: list[Prepared]) -> dict[str, Any]:
@@ -307,7 +361,18 @@ class GenerateAdapter(Adapter):
             return len(self._counter(text, add_special_tokens=False)["input_ids"])
 
     def decoder(self, prepared: Prepared) -> RowDecoder:
-        return TokenDecoder(self)
+        return TokenDecoder(self, prepared.params)
+
+    def logprob_entry(self, logprob: Any) -> dict[str, Any]:
+        """One token's logprobs in OpenAI's shape (``token``, ``logprob``, ``bytes``, ``top_logprobs``)."""
+
+        def token(token_id: int, value: float) -> dict[str, Any]:
+            text = self.tokenizer._tokenizer.decode([token_id], skip_special_tokens=False)
+            return {"token": text, "logprob": value, "bytes": list(text.encode("utf-8"))}
+
+        entry = token(logprob.token, logprob.logprob)
+        entry["top_logprobs"] = [token(i, v) for i, v in logprob.top]
+        return entry
 
     # -- positions: text positions by default; Kosmos-2 and Qwen3-VL override these
 
@@ -363,6 +428,12 @@ class GenerateAdapter(Adapter):
         positions, following, mrope = self.sequence_positions(whole)
         where = self.image_mask(tokens).nonzero()
         span = (int(where[0]), int(where[-1]) + 1) if len(where) and images else None
+        s = prepared.params.sampling
+        if prepared.state is None and (s.seed is not None or s.penalised):
+            from vlm_engine.sampling import RowState
+
+            prompt_ids = inputs["input_ids"][0].tolist()
+            prepared.state = RowState(s, prompt_ids, self.device)
         return Sequence(
             next(self._keys),
             tokens,
@@ -373,6 +444,7 @@ class GenerateAdapter(Adapter):
             mrope,
             prepared.params,
             image_key=prepared.image_key,
+            state=prepared.state,
         )
 
     def prompt_length(self, seq: Sequence) -> int:
@@ -458,12 +530,15 @@ class GenerateAdapter(Adapter):
         from vlm_engine.errors import EngineError
         from vlm_engine.sampling import choose
 
-        choice = choose(logits, [s.params for s in seqs])
+        choice = choose(logits, [s.params for s in seqs], states=[s.state for s in seqs])
         self._last_step = (keys, choice.tensor) if keys is not None and all(choice.usable) else None
         outputs: list[Any] = []
-        for seq, token, usable in zip(seqs, choice.ids, choice.usable, strict=True):
+        for seq, token, usable, logprob in zip(seqs, choice.ids, choice.usable, choice.logprobs, strict=True):
             seq.last = token
-            outputs.append(token if usable else EngineError("the model produced non-finite scores for this request"))
+            if not usable:
+                outputs.append(EngineError("the model produced non-finite scores for this request"))
+            else:
+                outputs.append(logprob if logprob is not None else token)
         return outputs
 
 
