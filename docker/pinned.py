@@ -15,7 +15,8 @@ from pathlib import Path
 
 # image -> requirement names (extras given here replace pyproject's)
 GROUPS = {
-    # Triton's Python-backend stubs: the shared engine and vlm_triton.
+    # Triton's Python-backend stubs: the shared engine and vlm_triton (the KServe faces
+    # forward over the server's own gRPC port with tritonclient.grpc.aio).
     "triton": [
         "torch",
         "transformers",
@@ -25,6 +26,7 @@ GROUPS = {
         "pillow",
         "numpy",
         "pydantic",
+        "tritonclient[grpc]",
     ],
     # The FastAPI service with the Triton backend (INFERENCE_BACKEND=triton): no torch.
     # tritonclient: gRPC only (the service uses tritonclient.grpc.aio).
