@@ -3,7 +3,9 @@
 Request: ``text_input`` = JSON list of OpenAI-style messages (string content, or ``text``
 and ``image_url`` parts with ``data:`` URLs); request ``parameters``: ``model`` (one of the
 four, default qwen3-vl), ``streaming`` (default true), ``max_tokens``, ``temperature``,
-``top_p``. Each ``text_output`` is a JSON string: ``{"type":"chunk","content":...}`` pieces
+``top_p``, and ``seed``, ``stop``, ``frequency_penalty``, ``presence_penalty``,
+``repetition_penalty`` (checked by the stream model). Each ``text_output`` is a JSON string:
+``{"type":"chunk","content":...}`` pieces
 then ``{"type":"complete"}``; with ``streaming: false`` one
 ``{"type":"complete","content":<whole answer>}``; on failure ``{"type":"error","content":...}``.
 """
@@ -22,6 +24,7 @@ from vlm_triton.forward import Forwarder
 from vlm_triton.sender import FINAL, Sender
 
 DEFAULT_MODEL = "qwen3-vl"
+SAMPLING = ("seed", "stop", "frequency_penalty", "presence_penalty", "repetition_penalty")
 NUMERIC = {"max_tokens": (np.int32, int), "temperature": (np.float32, float), "top_p": (np.float32, float)}
 
 
@@ -63,6 +66,9 @@ def _request_inputs(request) -> tuple[str, bool, dict[str, np.ndarray]]:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
                 raise BadChat(f"parameters.{name} must be a {'integer' if kind is int else 'number'}, got {value!r}")
             arrays[name] = np.array([[value]], dtype=dtype)
+    sampling = {k: params[k] for k in SAMPLING if k in params}
+    if sampling:
+        arrays["sampling_parameters"] = one_string(json.dumps(sampling), True)
     return model, streaming, arrays
 
 

@@ -36,6 +36,20 @@ from vlm_triton.tensors import (
 )
 
 
+def sampling_parameters(text: str | None) -> dict | None:
+    """The optional ``sampling_parameters`` input: a JSON object (seed, stop, penalties,
+    logprobs, top_logprobs), as Triton's vLLM backend takes its sampling parameters."""
+    if text is None or not text.strip():
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidRequest(f"sampling_parameters is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise InvalidRequest(f"sampling_parameters must be a JSON object, got {type(value).__name__}")
+    return value
+
+
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         parameters = model_parameters(args)
@@ -72,6 +86,7 @@ class TritonPythonModel:
             "temperature": scalar_input(request, "temperature", float),
             "top_p": scalar_input(request, "top_p", float),
             "streaming": scalar_input(request, "stream", bool) is not False,
+            "sampling": string_input(request, "sampling_parameters"),
         }
 
     def _prepare(self, values: dict, sender):
@@ -91,6 +106,7 @@ class TritonPythonModel:
             top_p=values["top_p"],
             cancelled=sender.is_cancelled,
             reserved=True,
+            sampling=sampling_parameters(values["sampling"]),
         )
 
     def _admit(self, values: dict, sender) -> None:
@@ -130,7 +146,10 @@ class TritonPythonModel:
             sender.send(pb_utils.InferenceResponse(error=triton_error(event.error)), flags=FINAL)
             return
         if event.result is None:
-            sender.send(pb_utils.InferenceResponse(output_tensors=[text_tensor("generated_text", event.text)]))
+            outputs = [text_tensor("generated_text", event.text)]
+            if event.logprobs:
+                outputs.append(json_tensor("logprobs", event.logprobs))
+            sender.send(pb_utils.InferenceResponse(output_tensors=outputs))
             return
         result = event.result
         outputs = [
@@ -139,6 +158,9 @@ class TritonPythonModel:
             int_tensor("output_tokens", result.output_tokens),
             text_tensor("finish_reason", result.finish_reason),
         ]
+        logprobs = (event.logprobs or []) if streaming else result.logprobs
+        if result.logprobs is not None:
+            outputs.append(json_tensor("logprobs", logprobs or []))
         if self.with_entities:
             outputs.append(json_tensor("entities", result.entities or []))
         sender.send(pb_utils.InferenceResponse(output_tensors=outputs), flags=FINAL)

@@ -22,7 +22,7 @@ from vlm_triton.forward import Forwarder
 from vlm_triton.sender import FINAL, Sender
 from vlm_triton.tensors import json_tensor, model_parameters, text_tensor, triton_error
 
-FORWARDED = ("prompt", "image", "messages", "max_tokens", "temperature", "top_p")
+FORWARDED = ("prompt", "image", "messages", "max_tokens", "temperature", "top_p", "sampling_parameters")
 
 
 class TritonPythonModel:
@@ -45,7 +45,7 @@ class TritonPythonModel:
 
     async def _answer(self, arrays: dict[str, np.ndarray], sender: Sender) -> None:
         try:
-            text, entities, final = [], None, False
+            text, entities, final, logprobs = [], None, False, None
             pieces = self.forwarder.pieces(self.target, arrays, self.outputs, sender.is_cancelled)
             async with aclosing(pieces):
                 async for piece in pieces:
@@ -55,12 +55,16 @@ class TritonPythonModel:
                         return
                     text.append(piece.text)
                     entities = piece.entities if piece.entities is not None else entities
+                    if piece.logprobs is not None:
+                        logprobs = (logprobs or []) + piece.logprobs
                     final = piece.final
             if not final:
                 raise EngineError(f"{self.target} ended the answer without its final response")
             tensors = [text_tensor("generated_text", "".join(text))]
             if "entities" in self.outputs:
                 tensors.append(json_tensor("entities", entities or []))
+            if logprobs is not None:
+                tensors.append(json_tensor("logprobs", logprobs))
             sender.send(pb_utils.InferenceResponse(output_tensors=tensors), flags=FINAL)
         except asyncio.CancelledError:
             error = triton_error(Cancelled("the client cancelled the request"))

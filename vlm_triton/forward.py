@@ -43,6 +43,7 @@ class Piece:
     entities: list | None = None
     error: str | None = None
     final: bool = False
+    logprobs: list | None = None
 
 
 class Forwarder:
@@ -126,9 +127,10 @@ def read_piece(result) -> Piece:
     text = result.as_numpy("generated_text")
     if text is not None:
         piece.text = text.reshape(-1)[0].decode("utf-8")
-    entities = result.as_numpy("entities")
-    if entities is not None:
-        piece.entities = json.loads(entities.reshape(-1)[0])
+    for name in ("entities", "logprobs"):
+        value = result.as_numpy(name)
+        if value is not None:
+            setattr(piece, name, json.loads(value.reshape(-1)[0]))
     return piece
 
 

@@ -27,7 +27,8 @@ def coalesce(items: Iterable[Item]) -> list[Item]:
         at = open_text.get(key)
         if not event.final and at is not None:
             previous = out[at]
-            out[at] = (previous[0], previous[1], Event(text=previous[2].text + event.text))
+            logprobs = (previous[2].logprobs or []) + (event.logprobs or [])
+            out[at] = (previous[0], previous[1], Event(text=previous[2].text + event.text, logprobs=logprobs or None))
             continue
         if event.final:
             open_text.pop(key, None)

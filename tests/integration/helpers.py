@@ -34,6 +34,8 @@ def inputs(module, prompt: str | None, image: bytes | None, **params) -> list:
     for name in ("temperature", "top_p"):
         if name in params:
             add(name, np.array([[params[name]]], dtype=np.float32), "FP32")
+    if "sampling" in params:
+        add("sampling_parameters", np.array([[json.dumps(params["sampling"]).encode()]], dtype=np.object_), "BYTES")
     return tensors
 
 
