@@ -17,6 +17,18 @@ class GenerationRequest:
     temperature: float | None = None
     top_p: float | None = None
     stream: bool = True  # False: the backend may deliver the whole answer at once
+    sampling: dict[str, Any] | None = None  # seed, stop, penalties, logprobs (vlm_engine.params.Sampling)
+
+
+class Delta(str):
+    """A text chunk that also carries the logprobs of its tokens (requests that asked)."""
+
+    logprobs: list[dict[str, Any]] | None
+
+    def __new__(cls, text: str, logprobs: list[dict[str, Any]] | None = None) -> Delta:
+        chunk = super().__new__(cls, text)
+        chunk.logprobs = logprobs
+        return chunk
 
 
 @dataclass
@@ -28,6 +40,7 @@ class Final:
     output_tokens: int
     finish_reason: str
     entities: list[dict[str, Any]] | None = field(default=None)
+    logprobs: list[dict[str, Any]] | None = field(default=None)  # every output token's (when asked)
 
 
 class Backend(Protocol):

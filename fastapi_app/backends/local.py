@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 
 from dotenv import dotenv_values
 
-from fastapi_app.backends.base import Final, GenerationRequest
+from fastapi_app.backends.base import Delta, Final, GenerationRequest
 from fastapi_app.metrics import SchedulerMetrics
 from fastapi_app.settings import Settings
 from vlm_engine.engine import VLMEngine
@@ -53,7 +53,13 @@ class LocalBackend:
             raise UnknownModel(f"model {request.model!r} is not loaded here; loaded: {', '.join(self.engines)}")
         gone = threading.Event()
         prepared = await asyncio.to_thread(
-            engine.prepare, request.messages, request.max_tokens, request.temperature, request.top_p, gone.is_set
+            engine.prepare,
+            request.messages,
+            request.max_tokens,
+            request.temperature,
+            request.top_p,
+            gone.is_set,
+            sampling=request.sampling,
         )
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Event] = asyncio.Queue()
@@ -64,10 +70,10 @@ class LocalBackend:
                 if event.error is not None:
                     raise event.error
                 if event.text:
-                    yield event.text
+                    yield Delta(event.text, event.logprobs)
                 if event.result is not None:
                     r = event.result
-                    yield Final(r.text, r.prompt_tokens, r.output_tokens, r.finish_reason, r.entities)
+                    yield Final(r.text, r.prompt_tokens, r.output_tokens, r.finish_reason, r.entities, r.logprobs)
                     return
         finally:
             gone.set()  # a client that went away cancels its row; its neighbours go on

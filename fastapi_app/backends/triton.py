@@ -17,7 +17,7 @@ import numpy as np
 import tritonclient.grpc.aio as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from fastapi_app.backends.base import Final, GenerationRequest
+from fastapi_app.backends.base import Delta, Final, GenerationRequest
 from fastapi_app.settings import Settings
 from vlm_engine.chat import to_openai
 from vlm_engine.errors import BackendUnavailable, EngineError, Overloaded, from_message
@@ -120,6 +120,8 @@ class TritonBackend:
             value = getattr(request, name)
             if value is not None:
                 add(name, np.array([[_fp32(value)]], dtype=np.float32), "FP32")
+        if request.sampling:
+            add("sampling_parameters", np.array([[json.dumps(request.sampling).encode()]], dtype=np.object_), "BYTES")
         return tensors
 
     def _error(self, exc: Exception) -> EngineError:
@@ -182,6 +184,7 @@ class TritonBackend:
             }
 
         text: list[str] = []
+        logprobs: list[dict] | None = None
         try:
             responses = client.stream_infer(requests(), stream_timeout=self.settings.triton_timeout_s)
             async for result, error in responses:
@@ -189,11 +192,14 @@ class TritonBackend:
                     raise self._error(error)
                 response = result.get_response()
                 names = {o.name for o in response.outputs}
+                mine = json.loads(result.as_numpy("logprobs").reshape(-1)[0]) if "logprobs" in names else None
+                if mine is not None:
+                    logprobs = (logprobs or []) + mine
                 if "generated_text" in names:
                     chunk = result.as_numpy("generated_text").reshape(-1)[0].decode("utf-8")
                     if chunk:
                         text.append(chunk)
-                        yield chunk
+                        yield Delta(chunk, mine)
                 if "output_tokens" in names:
                     entities = None
                     if "entities" in names:
@@ -204,6 +210,7 @@ class TritonBackend:
                         int(result.as_numpy("output_tokens").reshape(-1)[0]),
                         result.as_numpy("finish_reason").reshape(-1)[0].decode(),
                         entities,
+                        logprobs,
                     )
                     return
                 if response.parameters["triton_final_response"].bool_param:

@@ -21,6 +21,12 @@ from vlm_engine.errors import EngineError
 router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"])
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    include_usage: bool = Field(False, description="a last chunk with no choices and the usage")
+
+
 class ChatCompletionRequest(BaseModel):
     """Strict types (no "5" for 5); the message shapes, the model enum and the API's max_tokens
     maximum are in the OpenAPI document (``fastapi_app.openapi``) and checked by the engine."""
@@ -37,6 +43,31 @@ class ChatCompletionRequest(BaseModel):
     top_p: float | None = Field(None, gt=0, le=1)
     stream: bool = False
     n: integer(ge=1, le=1) = Field(1, description="one choice per request")
+    seed: integer(ge=-(2**63), le=2**64 - 1) | None = Field(
+        None, description="a sampled answer's own random stream: the same seed gives the same text"
+    )
+    stop: str | list[str] | None = Field(None, description="up to 4 strings; the answer ends before the first")
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    repetition_penalty: float | None = Field(
+        None, gt=0, le=2, description="extension (transformers, vLLM): over prompt and answer; 1 = none"
+    )
+    logprobs: bool | None = Field(None, description="each output token's log-probability")
+    top_logprobs: integer(ge=0, le=20) | None = Field(None, description="alternatives per token; needs logprobs")
+    stream_options: StreamOptions | None = None
+
+    def sampling(self) -> dict[str, Any] | None:
+        values = {
+            "seed": self.seed,
+            "stop": [self.stop] if isinstance(self.stop, str) else self.stop,
+            "frequency_penalty": self.frequency_penalty,
+            "presence_penalty": self.presence_penalty,
+            "repetition_penalty": self.repetition_penalty,
+            "logprobs": self.logprobs,
+            "top_logprobs": self.top_logprobs,
+        }
+        values = {k: v for k, v in values.items() if v is not None}
+        return values or None
 
 
 async def _inline_remote_images(messages: list[dict[str, Any]], settings) -> None:
@@ -52,14 +83,17 @@ async def _inline_remote_images(messages: list[dict[str, Any]], settings) -> Non
                     part["image_url"] = {"url": await fetch_as_data_url(url, settings)}
 
 
-def _chunk(completion_id: str, created: int, model: str, delta: dict, finish: str | None = None) -> str:
+def _chunk(completion_id: str, created: int, model: str, delta: dict, finish: str | None = None, logprobs=None) -> str:
+    choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": finish}
+    if logprobs is not None:
+        choice["logprobs"] = {"content": logprobs}
     return json.dumps(
         {
             "id": completion_id,
             "object": "chat.completion.chunk",
             "created": created,
             "model": model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+            "choices": [choice],
         }
     )
 
@@ -91,6 +125,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         body.temperature,
         body.top_p,
         body.stream,
+        body.sampling(),
     )
     stream = generate(request.app.state.backend, with_defaults(settings, generation), request.app.state.admission)
     first, stream = await first_item(stream)
@@ -107,9 +142,18 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
             "object": "chat.completion",
             "created": created,
             "model": model,
-            "choices": [{"index": 0, "message": message, "finish_reason": _finish(final.finish_reason)}],
+            "choices": [
+                {
+                    "index": 0,
+                    "message": message,
+                    "finish_reason": _finish(final.finish_reason),
+                    "logprobs": {"content": final.logprobs or []} if body.logprobs else None,
+                }
+            ],
             "usage": _usage(final),
         }
+
+    usage_chunk = body.stream_options is not None and body.stream_options.include_usage
 
     async def events():
         yield {"data": _chunk(completion_id, created, model, {"role": "assistant", "content": ""})}
@@ -118,12 +162,18 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
             while True:
                 if isinstance(item, Final):
                     last = json.loads(_chunk(completion_id, created, model, {}, _finish(item.finish_reason)))
-                    last["usage"] = _usage(item)
+                    if not usage_chunk:  # without stream_options.include_usage: on the last chunk, as before
+                        last["usage"] = _usage(item)
                     if item.entities is not None:
                         last["entities"] = item.entities
                     yield {"data": json.dumps(last)}
+                    if usage_chunk:  # OpenAI's shape: a chunk with no choices, then [DONE]
+                        usage = json.loads(_chunk(completion_id, created, model, {}))
+                        usage["choices"], usage["usage"] = [], _usage(item)
+                        yield {"data": json.dumps(usage)}
                     break
-                yield {"data": _chunk(completion_id, created, model, {"content": item})}
+                logprobs = getattr(item, "logprobs", None) if body.logprobs else None
+                yield {"data": _chunk(completion_id, created, model, {"content": item}, logprobs=logprobs)}
                 item = await anext(stream)
         except EngineError as exc:  # mid-stream: the status line is already sent
             yield {"data": json.dumps({"error": {"message": exc.message, "type": exc.code, "code": exc.code}})}
