@@ -108,6 +108,17 @@ def _doc(field: dict[str, Any]) -> dict[str, Any]:
     return {k: field[k] for k in ("title", "description") if k in field}
 
 
+UNSUPPORTED_BY_MOONDREAM2 = (
+    "seed",
+    "stop",
+    "frequency_penalty",
+    "presence_penalty",
+    "repetition_penalty",
+    "logprobs",
+    "top_logprobs",
+)
+
+
 def _requests(schema: dict[str, Any], settings: Settings) -> None:
     components = schema["components"]["schemas"]
     components.update(MESSAGE_SCHEMAS)
@@ -116,6 +127,16 @@ def _requests(schema: dict[str, Any], settings: Settings) -> None:
     completion["messages"] = _messages_schema()
     for name in ("max_tokens", "max_completion_tokens"):
         _with_maximum(completion[name], settings.max_tokens_cap)
+    components["ChatCompletionRequest"]["allOf"] = [
+        {  # top_logprobs (any number) only with logprobs: true, as OpenAI has it
+            "if": {"properties": {"top_logprobs": {"type": "integer"}}, "required": ["top_logprobs"]},
+            "then": {"properties": {"logprobs": {"const": True}}, "required": ["logprobs"]},
+        },
+        {  # moondream2 runs its own generation code: none of the per-row sampling options
+            "if": {"properties": {"model": {"const": "moondream2"}}, "required": ["model"]},
+            "then": {"properties": {name: {"type": "null"} for name in UNSUPPORTED_BY_MOONDREAM2}},
+        },
+    ]
     schema["paths"]["/api/chat"]["post"]["requestBody"] = _chat_request_body(settings)
 
 

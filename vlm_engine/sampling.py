@@ -45,7 +45,9 @@ class RowState:
         if s.repetition_penalty != 1.0:
             scaled = torch.where(logits > 0, logits / s.repetition_penalty, logits * s.repetition_penalty)
             logits = torch.where(self.seen, scaled, logits)
-        return logits
+        # a penalty of 5e-324 is 0 in float32: keep every score finite so sampling stays defined
+        big = torch.finfo(torch.float32).max / 4
+        return torch.nan_to_num(logits, nan=0.0, posinf=big, neginf=-big)
 
     def produced(self, token: torch.Tensor) -> None:
         if self.counts is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
@@ -16,9 +16,12 @@ from fastapi_app.fields import PositiveInteger, integer
 from fastapi_app.generation import check_max_tokens, check_model, first_item, generate, with_defaults
 from fastapi_app.remote_images import fetch_as_data_url
 from vlm_engine.chat import parse_openai_messages
-from vlm_engine.errors import EngineError
+from vlm_engine.errors import EngineError, InvalidParameter
 
 router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"])
+
+
+StopString = Annotated[str, Field(min_length=1, max_length=200)]
 
 
 class StreamOptions(BaseModel):
@@ -43,10 +46,13 @@ class ChatCompletionRequest(BaseModel):
     top_p: float | None = Field(None, gt=0, le=1)
     stream: bool = False
     n: integer(ge=1, le=1) = Field(1, description="one choice per request")
-    seed: integer(ge=-(2**63), le=2**64 - 1) | None = Field(
+    # bounds exact in a JSON number (a double): ±2**53
+    seed: integer(ge=-(2**53), le=2**53) | None = Field(
         None, description="a sampled answer's own random stream: the same seed gives the same text"
     )
-    stop: str | list[str] | None = Field(None, description="up to 4 strings; the answer ends before the first")
+    stop: StopString | Annotated[list[StopString], Field(max_length=4)] | None = Field(
+        None, description="up to 4 strings; the answer ends before the first"
+    )
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     repetition_penalty: float | None = Field(
@@ -57,6 +63,8 @@ class ChatCompletionRequest(BaseModel):
     stream_options: StreamOptions | None = None
 
     def sampling(self) -> dict[str, Any] | None:
+        if self.top_logprobs is not None and self.logprobs is not True:
+            raise InvalidParameter("top_logprobs needs logprobs set to true")
         values = {
             "seed": self.seed,
             "stop": [self.stop] if isinstance(self.stop, str) else self.stop,

@@ -127,3 +127,9 @@ def test_bad_values_and_unsupported_models_are_refused(engines, tiny_models_dir)
             prepare(moondream, 1, 4, sampling={"seed": 1})
     finally:
         moondream.close()
+
+
+def test_an_extreme_repetition_penalty_still_samples(engines):
+    """5e-324 is 0 in float32: the scores stay finite and the row answers."""
+    result = alone(engines["llava"], 1, 8, 2.0, repetition_penalty=5e-324, seed=1)
+    assert result.output_tokens == 8
