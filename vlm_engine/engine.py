@@ -170,6 +170,7 @@ class VLMEngine:
         prepared = Prepared(messages, params, image, cancelled or (lambda: False), tokens)
         prepared.image_key = content_key([data for m in messages for data in m.images])
         prepared.inputs = self.adapter.encode_row(prepared)  # here, not in the step loop
+        prepared.state = self.adapter.sampling_state(prepared, prepared.inputs)  # a bad guide: 400 here
         self._check_fits(prepared)
         return prepared
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -13,6 +14,52 @@ from vlm_engine.settings import ModelSettings
 MAX_STOP = 4
 MAX_STOP_CHARS = 200
 MAX_TOP_LOGPROBS = 20
+MAX_GUIDE_CHARS = 65536  # a schema's JSON text, a regex, all choices together
+MAX_CHOICES = 256
+GUIDE_KINDS = ("json_schema", "json_object", "regex", "choice")
+
+
+@dataclass(frozen=True)
+class Guide:
+    """Structured output: the answer must match this (``spec``: the JSON schema as JSON text, the
+    regex, or the choices as a JSON list)."""
+
+    kind: str
+    spec: str
+
+    def describe(self) -> str:
+        return {"json_object": "the JSON object format"}.get(self.kind, f"the {self.kind.replace('_', ' ')} guide")
+
+
+def resolve_guide(value: Any) -> Guide:
+    """A ``Guide`` from ``{"json_schema": {...}}``, ``{"json_object": true}``, ``{"regex": "..."}``
+    or ``{"choice": ["...", ...]}`` (exactly one key)."""
+    if not isinstance(value, Mapping) or len(value) != 1 or next(iter(value)) not in GUIDE_KINDS:
+        raise InvalidParameter(f"guide must be an object with exactly one of {list(GUIDE_KINDS)}, got {value!r:.200}")
+    kind, spec = next(iter(value.items()))
+    if kind == "json_object":
+        if spec is not True:
+            raise InvalidParameter("guide.json_object must be true")
+        text = json.dumps({"type": "object"})
+    elif kind == "json_schema":
+        if not isinstance(spec, Mapping):
+            raise InvalidParameter(f"guide.json_schema must be a JSON schema object, got {type(spec).__name__}")
+        text = json.dumps(spec, separators=(",", ":"))
+    elif kind == "regex":
+        if not isinstance(spec, str) or not spec:
+            raise InvalidParameter("guide.regex must be a non-empty string")
+        text = spec
+    else:
+        if (
+            not isinstance(spec, list)
+            or not 0 < len(spec) <= MAX_CHOICES
+            or not all(isinstance(c, str) and c for c in spec)
+        ):
+            raise InvalidParameter(f"guide.choice must be a list of 1 to {MAX_CHOICES} non-empty strings")
+        text = json.dumps(spec)
+    if len(text) > MAX_GUIDE_CHARS:
+        raise InvalidParameter(f"guide.{kind} is {len(text)} characters, above the limit of {MAX_GUIDE_CHARS}")
+    return Guide(kind, text)
 
 
 @dataclass(frozen=True)
@@ -28,6 +75,7 @@ class Sampling:
     repetition_penalty: float = 1.0
     logprobs: bool = False
     top_logprobs: int = 0
+    guide: Guide | None = None  # structured output
 
     @property
     def penalised(self) -> bool:
@@ -111,7 +159,10 @@ def resolve_sampling(values: Mapping[str, Any]) -> Sampling:
         raise InvalidParameter(f"top_logprobs must be an integer from 0 to {MAX_TOP_LOGPROBS}, got {top!r}")
     if top and not logprobs:
         raise InvalidParameter("top_logprobs needs logprobs set to true")
-    return Sampling(seed, stop, logprobs=logprobs, top_logprobs=top, **penalties)
+    guide = values.get("guide")
+    if guide is not None and not isinstance(guide, Guide):
+        guide = resolve_guide(guide)
+    return Sampling(seed, stop, logprobs=logprobs, top_logprobs=top, guide=guide, **penalties)
 
 
 def _number(name: str, value: Any) -> None:

@@ -1,14 +1,16 @@
 """Per-row token choice: greedy and sampled rows share one decode step.
 
 Each row brings its own settings (``GenerationParams``) and, when it needs one, its own
-``RowState``: a generator for a ``seed`` and the counts of the tokens it has produced for the
-penalties. The state lives with the request, so it outlives a preemption.
+``RowState``: a generator for a ``seed``, the counts of the tokens it has produced for the
+penalties, the grammar matcher of a structured answer. The state lives with the request, so
+it outlives a preemption.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -18,8 +20,12 @@ from vlm_engine.params import GenerationParams, Sampling
 class RowState:
     """One request's sampling state on the device."""
 
-    def __init__(self, sampling: Sampling, prompt_ids: Sequence[int], device) -> None:
+    def __init__(
+        self, sampling: Sampling, prompt_ids: Sequence[int], device, matcher: Any = None, mask_vocab: int = 0
+    ) -> None:
         self.sampling = sampling
+        self.matcher = matcher  # llguidance LLMatcher (``guided.Grammars.matcher``)
+        self.mask_vocab = mask_vocab
         self.device = device
         self.prompt_ids = list(prompt_ids)
         self.generator: torch.Generator | None = None
@@ -69,12 +75,13 @@ class TokenLogprob:
 class Choice:
     """The chosen tokens on the device (the next step's input) and on the host; ``usable``
     is False for a row whose scores were NaN, +inf or all -inf (its token is meaningless);
-    ``logprobs`` for the rows that asked for them."""
+    ``logprobs`` for the rows that asked for them; ``errors`` for rows whose grammar failed."""
 
     tensor: torch.Tensor
     ids: list[int]
     usable: list[bool]
     logprobs: list[TokenLogprob | None]
+    errors: dict[int, str] = field(default_factory=dict)
 
 
 def choose(
@@ -85,8 +92,8 @@ def choose(
 ) -> Choice:
     """One token per row of ``logits`` ``[rows, vocab]``, each with its own settings.
 
-    Greedy rows take the argmax of their own (penalised) logits, so sampled neighbours never
-    change them. Sampled rows use temperature then nucleus (top-p) filtering; a seeded row
+    Greedy rows take the argmax of their own (penalised, grammar-masked) logits, so sampled
+    neighbours never change them. Sampled rows use temperature then nucleus (top-p) filtering; a seeded row
     draws from its own generator. A row whose scores are unusable gets token 0 and ``usable``
     False; the other rows are unaffected.
     """
@@ -100,6 +107,19 @@ def choose(
         logits = logits.clone()
         for i in penalised:
             logits[i] = states[i].penalise(logits[i])
+    guided = [i for i, s in enumerate(states) if s is not None and s.matcher is not None]
+    if guided:
+        from vlm_engine.guided import allowed_tokens
+
+        allowed = allowed_tokens(
+            [states[i].matcher for i in guided], states[guided[0]].mask_vocab, logits.shape[-1], logits.device
+        )
+        if not penalised:
+            logits = logits.clone()
+        at = torch.tensor(guided, device=logits.device)
+        logits[at] = logits[at].masked_fill(~allowed, -torch.inf)
+        blocked = torch.zeros_like(usable)
+        blocked[at] = ~allowed.any(-1)
     chosen = logits.argmax(dim=-1)
     sampled = [i for i, p in enumerate(params) if not p.greedy]
     if sampled:
@@ -125,6 +145,8 @@ def choose(
         for j in seeded:  # its own generator: its draws do not depend on the other rows
             picks[j] = torch.multinomial(sorted_probs[j : j + 1], 1, generator=states[sampled[j]].generator)[0]
         chosen[index] = order.gather(-1, picks).squeeze(-1)
+    if guided:
+        usable = usable & ~blocked
     chosen = torch.where(usable, chosen, torch.zeros_like(chosen))
     for i in penalised:
         states[i].produced(chosen[i])
@@ -137,12 +159,24 @@ def choose(
         k = max(max(params[i].sampling.top_logprobs for i in wanted), 1)
         top = lp.topk(k, dim=-1)
         host_lp = [mine.tolist(), top.values.tolist(), top.indices.tolist()]
-    host = torch.stack([chosen, usable.long()]).tolist()  # the step's one sync (two with logprobs)
+    stacked = [chosen, usable.long()] + ([blocked.long()] if guided else [])
+    host = torch.stack(stacked).tolist()  # the step's one sync (two with logprobs)
     for n, i in enumerate(wanted):
         count = params[i].sampling.top_logprobs
         pairs = tuple(zip(host_lp[2][n][:count], host_lp[1][n][:count], strict=True))
         logprobs[i] = TokenLogprob(host[0][i], host_lp[0][n], pairs)
-    return Choice(chosen, host[0], [bool(u) for u in host[1]], logprobs)
+    errors: dict[int, str] = {}
+    if guided:
+        from vlm_engine.guided import advance
+
+        for i in guided:
+            if host[2][i]:
+                errors[i] = "structured output failed: the grammar allows no token this model can write here"
+            elif host[1][i]:
+                error = advance(states[i].matcher, host[0][i])
+                if error is not None:
+                    errors[i] = error
+    return Choice(chosen, host[0], [bool(u) and i not in errors for i, u in enumerate(host[1])], logprobs, errors)
 
 
 def choose_tokens(logits: torch.Tensor, params: Sequence[GenerationParams], generator=None) -> list[int]:

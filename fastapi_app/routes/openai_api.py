@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
@@ -28,6 +28,24 @@ class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     include_usage: bool = Field(False, description="a last chunk with no choices and the usage")
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    schema_: dict[str, Any] = Field(alias="schema", description="the JSON schema the answer must match")
+    strict: bool | None = Field(None, description="accepted; the schema is always enforced")
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's ``response_format``: plain text, any JSON object, or JSON matching a schema."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = Field(None, description="required with type json_schema")
 
 
 class ChatCompletionRequest(BaseModel):
@@ -61,6 +79,31 @@ class ChatCompletionRequest(BaseModel):
     logprobs: bool | None = Field(None, description="each output token's log-probability")
     top_logprobs: integer(ge=0, le=20) | None = Field(None, description="alternatives per token; needs logprobs")
     stream_options: StreamOptions | None = None
+    response_format: ResponseFormat | None = None
+    guided_json: dict[str, Any] | None = Field(None, description="extension (vLLM): a JSON schema for the answer")
+    guided_regex: str | None = Field(None, min_length=1, description="extension (vLLM): a regex the answer matches")
+    guided_choice: list[Annotated[str, Field(min_length=1)]] | None = Field(
+        None, min_length=1, max_length=256, description="extension (vLLM): the answer is one of these strings"
+    )
+
+    def guide(self) -> dict[str, Any] | None:
+        """The one structured-output constraint asked for, in the engine's shape."""
+        asked = {}
+        if self.response_format is not None and self.response_format.type != "text":
+            if self.response_format.type == "json_object":
+                asked["response_format"] = {"json_object": True}
+            elif self.response_format.json_schema is None:
+                raise InvalidParameter("response_format of type json_schema needs response_format.json_schema")
+            else:
+                asked["response_format"] = {"json_schema": self.response_format.json_schema.schema_}
+        for name, kind in (("guided_json", "json_schema"), ("guided_regex", "regex"), ("guided_choice", "choice")):
+            if getattr(self, name) is not None:
+                asked[name] = {kind: getattr(self, name)}
+        if len(asked) > 1:
+            raise InvalidParameter(
+                f"send one of response_format, guided_json, guided_regex, guided_choice; got {list(asked)}"
+            )
+        return next(iter(asked.values()), None)
 
     def sampling(self) -> dict[str, Any] | None:
         if self.top_logprobs is not None and self.logprobs is not True:
@@ -73,6 +116,7 @@ class ChatCompletionRequest(BaseModel):
             "repetition_penalty": self.repetition_penalty,
             "logprobs": self.logprobs,
             "top_logprobs": self.top_logprobs,
+            "guide": self.guide(),
         }
         values = {k: v for k, v in values.items() if v is not None}
         return values or None

@@ -40,7 +40,8 @@ def test_model_ready_with_documented_metadata(triton, model):
         "sampling_parameters": "BYTES",
     }
     got_outputs = {o["name"]: o["datatype"] for o in meta["outputs"]}
-    expected = {"generated_text": "BYTES", "logprobs": "BYTES"} | ({"entities": "BYTES"} if model in ("kosmos2", "moondream2") else {})
+    expected = {"generated_text": "BYTES", "logprobs": "BYTES"}
+    expected |= {"entities": "BYTES"} if model in ("kosmos2", "moondream2") else {}
     assert got_outputs == expected
     stream_inputs = {i["name"] for i in client.get_model_metadata(f"{model}_stream")["inputs"]}
     assert {"prompt", "image", "messages"} <= stream_inputs

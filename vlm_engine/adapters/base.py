@@ -119,6 +119,10 @@ class Adapter(ABC):
         """Model inputs of one request, computed on the request's thread (not the step loop's)."""
         return None
 
+    def sampling_state(self, prepared: Prepared, inputs: Any) -> Any:
+        """Per-request sampling state (``sampling.RowState``), for adapters that take options."""
+        return None
+
     def prefill_cost(self, prepared: Prepared) -> int:
         """Tokens a prefill of ``prepared`` processes, about (the prefill budget's unit)."""
         if prepared.inputs is not None and "input_ids" in prepared.inputs:
@@ -292,7 +296,8 @@ class GenerateAdapter(Adapter):
     model: Any
     tokenizer: Any
     resumable = True
-    sampling_options = True  # seed, stop, penalties, logprobs
+    sampling_options = True  # seed, stop, penalties, logprobs, guides
+    grammars: Any = None  # ``guided.Grammars``, made on the first guided request
 
     @abstractmethod
     def encode(self, group: list[Prepared]) -> dict[str, Any]:
@@ -428,12 +433,8 @@ class GenerateAdapter(Adapter):
         positions, following, mrope = self.sequence_positions(whole)
         where = self.image_mask(tokens).nonzero()
         span = (int(where[0]), int(where[-1]) + 1) if len(where) and images else None
-        s = prepared.params.sampling
-        if prepared.state is None and (s.seed is not None or s.penalised):
-            from vlm_engine.sampling import RowState
-
-            prompt_ids = inputs["input_ids"][0].tolist()
-            prepared.state = RowState(s, prompt_ids, self.device)
+        if prepared.state is None:
+            prepared.state = self.sampling_state(prepared, inputs)
         return Sequence(
             next(self._keys),
             tokens,
@@ -446,6 +447,23 @@ class GenerateAdapter(Adapter):
             image_key=prepared.image_key,
             state=prepared.state,
         )
+
+    def sampling_state(self, prepared: Prepared, inputs: dict[str, Any]) -> Any:
+        """The request's ``RowState`` when it needs one (seed, penalties, a guide); compiling a
+        guide raises ``InvalidParameter``, so this runs on the request's thread."""
+        from vlm_engine.guided import Grammars
+        from vlm_engine.sampling import RowState
+
+        s = prepared.params.sampling
+        if s.seed is None and not s.penalised and s.guide is None:
+            return None
+        matcher = mask_vocab = None
+        if s.guide is not None:
+            with self._count_lock:
+                if self.grammars is None:
+                    self.grammars = Grammars(self.tokenizer, self.text_config().vocab_size, self.eos)
+            matcher, mask_vocab = self.grammars.matcher(s.guide), self.grammars.mask_vocab
+        return RowState(s, inputs["input_ids"][0].tolist(), self.device, matcher, mask_vocab or 0)
 
     def prompt_length(self, seq: Sequence) -> int:
         return seq.length
@@ -533,10 +551,12 @@ class GenerateAdapter(Adapter):
         choice = choose(logits, [s.params for s in seqs], states=[s.state for s in seqs])
         self._last_step = (keys, choice.tensor) if keys is not None and all(choice.usable) else None
         outputs: list[Any] = []
-        for seq, token, usable, logprob in zip(seqs, choice.ids, choice.usable, choice.logprobs, strict=True):
+        rows = zip(seqs, choice.ids, choice.usable, choice.logprobs, strict=True)
+        for i, (seq, token, usable, logprob) in enumerate(rows):
             seq.last = token
             if not usable:
-                outputs.append(EngineError("the model produced non-finite scores for this request"))
+                message = choice.errors.get(i, "the model produced non-finite scores for this request")
+                outputs.append(EngineError(message))
             else:
                 outputs.append(logprob if logprob is not None else token)
         return outputs

@@ -33,6 +33,8 @@ def train_unigram(special_tokens: list[str], vocab_size: int = 1000, **named_tok
         vocab_size=vocab_size,
         special_tokens=special_tokens,
         unk_token=named_tokens.get("unk_token"),
+        # every printable ASCII character, as XLM-R's vocabulary has: a guide can always write JSON
+        initial_alphabet=[chr(c) for c in range(33, 127)],
         show_progress=False,
     )
     tok.train_from_iterator(corpus(), trainer=trainer)
