@@ -21,6 +21,7 @@ GROUPS = {
         "torch",
         "transformers",
         "tokenizers",
+        "llguidance",
         "safetensors",
         "huggingface-hub",
         "pillow",

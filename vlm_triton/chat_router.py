@@ -67,6 +67,13 @@ def _request_inputs(request) -> tuple[str, bool, dict[str, np.ndarray]]:
                 raise BadChat(f"parameters.{name} must be a {'integer' if kind is int else 'number'}, got {value!r}")
             arrays[name] = np.array([[value]], dtype=dtype)
     sampling = {k: params[k] for k in SAMPLING if k in params}
+    if "guide" in params:  # structured output: a JSON object as text, e.g. {"regex": "[0-9]+"}
+        try:
+            sampling["guide"] = json.loads(params["guide"]) if isinstance(params["guide"], str) else None
+        except json.JSONDecodeError as exc:
+            raise BadChat(f"parameters.guide must be a JSON object as text: {exc}") from None
+        if not isinstance(sampling["guide"], dict):
+            raise BadChat('parameters.guide must be a JSON object as text, e.g. "{\"choice\": [\"yes\", \"no\"]}"')
     if sampling:
         arrays["sampling_parameters"] = one_string(json.dumps(sampling), True)
     return model, streaming, arrays
