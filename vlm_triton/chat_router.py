@@ -73,7 +73,7 @@ def _request_inputs(request) -> tuple[str, bool, dict[str, np.ndarray]]:
         except json.JSONDecodeError as exc:
             raise BadChat(f"parameters.guide must be a JSON object as text: {exc}") from None
         if not isinstance(sampling["guide"], dict):
-            raise BadChat('parameters.guide must be a JSON object as text, e.g. "{\"choice\": [\"yes\", \"no\"]}"')
+            raise BadChat('parameters.guide must be a JSON object as text, e.g. "{"choice": ["yes", "no"]}"')
     if sampling:
         arrays["sampling_parameters"] = one_string(json.dumps(sampling), True)
     return model, streaming, arrays
