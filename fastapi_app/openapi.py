@@ -16,6 +16,7 @@ error body under ``/v1`` and ``{"detail", "code"}`` elsewhere."""
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 from fastapi import FastAPI
@@ -116,7 +117,26 @@ UNSUPPORTED_BY_MOONDREAM2 = (
     "repetition_penalty",
     "logprobs",
     "top_logprobs",
+    "guided_json",
+    "guided_regex",
+    "guided_choice",
 )
+
+
+GUIDES = ("response_format", "guided_json", "guided_regex", "guided_choice")
+
+
+def _both(a: str, b: str) -> dict[str, Any]:
+    """Both ``a`` and ``b`` ask for structured output (not null; a response_format not text)."""
+    asks = {"not": {"type": "null"}}
+    text = {"properties": {"type": {"const": "text"}}, "required": ["type"]}
+    return {
+        "required": [a, b],
+        "properties": {
+            name: {**asks, **({"not": {"anyOf": [{"type": "null"}, text]}} if name == "response_format" else {})}
+            for name in (a, b)
+        },
+    }
 
 
 def _requests(schema: dict[str, Any], settings: Settings) -> None:
@@ -134,8 +154,18 @@ def _requests(schema: dict[str, Any], settings: Settings) -> None:
         },
         {  # moondream2 runs its own generation code: none of the per-row sampling options
             "if": {"properties": {"model": {"const": "moondream2"}}, "required": ["model"]},
-            "then": {"properties": {name: {"type": "null"} for name in UNSUPPORTED_BY_MOONDREAM2}},
+            "then": {
+                "properties": {name: {"type": "null"} for name in UNSUPPORTED_BY_MOONDREAM2}
+                | {"response_format": {"anyOf": [{"type": "null"}, {"properties": {"type": {"const": "text"}}}]}}
+            },
         },
+        {"not": {"anyOf": [_both(a, b) for a, b in itertools.combinations(GUIDES, 2)]}},  # one guide at most
+    ]
+    components["ResponseFormat"]["allOf"] = [
+        {
+            "if": {"properties": {"type": {"const": "json_schema"}}, "required": ["type"]},
+            "then": {"required": ["json_schema"], "properties": {"json_schema": {"not": {"type": "null"}}}},
+        }
     ]
     schema["paths"]["/api/chat"]["post"]["requestBody"] = _chat_request_body(settings)
 

@@ -73,18 +73,32 @@ def grammar_of(guide: Guide) -> str:
 def allowed_tokens(matchers: Sequence[Any], mask_vocab: int, vocab: int, device: Any) -> Any:
     """Boolean ``[len(matchers), vocab]`` on ``device``: the tokens each matcher accepts next.
     ``mask_vocab`` is llguidance's vocabulary size; tokens past it (padding rows of the output
-    layer) are never allowed."""
+    layer) are never allowed. (Not ``llguidance.torch``: importing it starts torch.compile.)"""
     import torch
-    from llguidance.torch import allocate_token_bitmask, fill_next_token_bitmask_par
 
-    bitmask = allocate_token_bitmask(len(matchers), mask_vocab)
-    fill_next_token_bitmask_par(_executor(), [(m, i) for i, m in enumerate(matchers)], bitmask)
+    rows, words = len(matchers), (mask_vocab + 31) // 32
+    bitmask = _host_buffer(rows, words, str(device).startswith("cuda"))
+    _executor().unsafe_compute_mask_ptr([(m, i) for i, m in enumerate(matchers)], bitmask.data_ptr(), words * 4, rows)
     packed = bitmask.to(device, non_blocking=True)
     shifts = torch.arange(32, device=device, dtype=torch.int32)
-    bits = ((packed[:, :, None] >> shifts) & 1).reshape(len(matchers), -1).bool()
+    bits = ((packed[:, :, None] >> shifts) & 1).reshape(rows, -1).bool()
     if bits.shape[1] >= vocab:
         return bits[:, :vocab]
-    return torch.cat([bits, bits.new_zeros(len(matchers), vocab - bits.shape[1])], dim=1)
+    return torch.cat([bits, bits.new_zeros(rows, vocab - bits.shape[1])], dim=1)
+
+
+_BUFFERS = threading.local()  # one per step thread (each model's scheduler has its own)
+
+
+def _host_buffer(rows: int, words: int, pinned: bool) -> Any:
+    """The bitmask's host memory, reused across steps (pinned on CUDA, so the copy is async; the
+    step's host sync comes before the next step writes it again)."""
+    import torch
+
+    buffer = getattr(_BUFFERS, "bitmask", None)
+    if buffer is None or buffer.shape[0] < rows or buffer.shape[1] != words:
+        buffer = _BUFFERS.bitmask = torch.empty((max(rows, 16), words), dtype=torch.int32, pin_memory=pinned)
+    return buffer[:rows]
 
 
 def advance(matcher: Any, token: int) -> str | None:
