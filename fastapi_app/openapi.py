@@ -16,6 +16,7 @@ error body under ``/v1`` and ``{"detail", "code"}`` elsewhere."""
 
 from __future__ import annotations
 
+import copy
 import itertools
 from typing import Any
 
@@ -33,6 +34,7 @@ from fastapi_app.schemas import (
     ref,
 )
 from fastapi_app.settings import Settings
+from vlm_engine.settings import MODELS, MULTI_IMAGE
 
 ERRORS = {
     "400": "malformed request: bad JSON, wrong types, out-of-range parameters, a bad image",
@@ -48,13 +50,28 @@ ERRORS = {
 GENERAL = [status for status in ERRORS if status != "409"]
 
 
-def _messages_schema() -> dict[str, Any]:
+def _messages_schema(max_images: int) -> dict[str, Any]:
     return {
         "type": "array",
         "minItems": 1,
         "items": {"anyOf": [ref("UserMessage"), ref("OtherMessage")]},
-        "allOf": [{"contains": USER_WITH_TEXT}, {"contains": WITH_IMAGE, "minContains": 0, "maxContains": 1}],
-        "description": "OpenAI chat messages: a user message with text; one image at most, in a user message",
+        "allOf": [{"contains": USER_WITH_TEXT}, {"contains": WITH_IMAGE, "minContains": 0, "maxContains": max_images}],
+        "description": (
+            f"OpenAI chat messages: a user message with text; images in user messages only, up to {max_images} "
+            "per request counting every turn for llava and qwen3-vl (more: 413), one for kosmos2 and moondream2"
+        ),
+    }
+
+
+def _one_image(models: list[str]) -> dict[str, Any]:
+    """kosmos2 and moondream2 take one image: in one message, one part."""
+    parts = {"type": "array", "contains": ref("ImagePart"), "minContains": 0, "maxContains": 1}
+    content = {"anyOf": [{"type": "string"}, parts]}
+    messages = {"contains": WITH_IMAGE, "minContains": 0, "maxContains": 1}
+    messages["items"] = {"properties": {"content": content}}
+    return {
+        "if": {"properties": {"model": {"enum": models}}, "required": ["model"]},
+        "then": {"properties": {"messages": messages}},
     }
 
 
@@ -141,10 +158,11 @@ def _both(a: str, b: str) -> dict[str, Any]:
 
 def _requests(schema: dict[str, Any], settings: Settings) -> None:
     components = schema["components"]["schemas"]
-    components.update(MESSAGE_SCHEMAS)
+    components.update(copy.deepcopy(MESSAGE_SCHEMAS))
+    components["UserMessage"]["properties"]["content"]["anyOf"][1]["maxContains"] = settings.max_images
     completion = components["ChatCompletionRequest"]["properties"]
     completion["model"]["enum"] = settings.models
-    completion["messages"] = _messages_schema()
+    completion["messages"] = _messages_schema(settings.max_images)
     for name in ("max_tokens", "max_completion_tokens"):
         _with_maximum(completion[name], settings.max_tokens_cap)
     components["ChatCompletionRequest"]["allOf"] = [
@@ -161,6 +179,9 @@ def _requests(schema: dict[str, Any], settings: Settings) -> None:
         },
         {"not": {"anyOf": [_both(a, b) for a, b in itertools.combinations(GUIDES, 2)]}},  # one guide at most
     ]
+    single = [m for m in settings.models if MODELS[m][0] not in MULTI_IMAGE]
+    if single:
+        components["ChatCompletionRequest"]["allOf"].append(_one_image(single))
     components["ResponseFormat"]["allOf"] = [
         {
             "if": {"properties": {"type": {"const": "json_schema"}}, "required": ["type"]},

@@ -78,7 +78,7 @@ MESSAGE_SCHEMAS: dict[str, Any] = {
         name={"type": "string"},
     ),
 }
-# the conversation: a user message with text somewhere; at most one message with an image
+# the conversation: a user message with text somewhere; messages with images counted (openapi.py)
 TEXT_PART_WITH_TEXT = obj(["type", "text"], type={"const": "text"}, text=TEXT)
 USER_WITH_TEXT = obj(
     ["role", "content"],

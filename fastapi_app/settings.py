@@ -39,6 +39,9 @@ class Settings(BaseSettings):
     max_inflight_per_model: int = Field(
         80, ge=1, description="generations per model in flight here; one more: 503 at once (MAX_RUNNING+MAX_WAITING)"
     )
+    max_images: int = Field(
+        4, ge=1, le=64, description="images per request for llava and qwen3-vl (the OpenAPI limit); match the models'"
+    )
     max_history: int = Field(10, ge=0, description="turns kept per session")
     history_db: Path = Path("data/history.sqlite3")
     history_busy_timeout_s: float = Field(10.0, gt=0, description="how long a write waits for a locked database")

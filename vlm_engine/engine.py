@@ -151,7 +151,13 @@ class VLMEngine:
             )
         count = sum(len(m.images) for m in messages)
         if count > self.adapter.max_images:
-            raise InvalidRequest(f"{self.name} takes at most {self.adapter.max_images} image per request, got {count}")
+            limit = self.adapter.max_images
+            where = " (MAX_IMAGES)" if self.adapter.multi_image else ""
+            error = TooLarge if self.adapter.multi_image else InvalidRequest  # 413: a setting's limit
+            raise error(
+                f"{self.name} takes at most {limit} image{'s' if limit > 1 else ''} per request{where}, "
+                f"counting every turn; got {count}"
+            )
         image = None
         for message in messages:
             message.decoded = [

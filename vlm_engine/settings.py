@@ -28,6 +28,7 @@ MODELS: dict[str, tuple[Architecture, str, str | None]] = {
     "llava": ("llava", "llava-hf/llava-1.5-7b-hf", None),
     "qwen3-vl": ("qwen3_vl", "Qwen/Qwen3-VL-8B-Instruct", None),
 }
+MULTI_IMAGE = ("llava", "qwen3_vl")  # architectures that take several images (MAX_IMAGES); the rest one
 SOURCE_KEYS = ("model_path", "model_revision", "tokenizer_repo", "tokenizer_revision")
 
 
@@ -50,6 +51,9 @@ class ModelSettings(BaseModel):
     max_prompt_tokens: int = Field(2048, ge=1)
     max_image_pixels: int = Field(25_000_000, ge=1, description="decompression-bomb guard")
     max_image_bytes: int = Field(20 * 1024 * 1024, ge=1)
+    max_images: int = Field(
+        4, ge=1, le=64, description="images per request, all turns (qwen3-vl, llava; kosmos2 and moondream2 take 1)"
+    )
     warmup: bool = True
     scheduler: Literal["inflight", "static"] = Field(
         "inflight", description="inflight: rows join and leave at every step; static: whole batches (comparison)"

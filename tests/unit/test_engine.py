@@ -7,7 +7,7 @@ import pytest
 from tests.conftest import image_bytes
 from vlm_engine.chat import Message, single_turn
 from vlm_engine.engine import VLMEngine
-from vlm_engine.errors import InvalidRequest, PromptTooLong
+from vlm_engine.errors import InvalidRequest, PromptTooLong, TooLarge
 from vlm_engine.settings import resolve_settings
 
 MODELS = ["moondream2", "kosmos2", "llava", "qwen3-vl"]
@@ -96,8 +96,12 @@ def test_request_validation(engines):
     # OpenAI's shape, not ours to narrow: a conversation may end with the assistant's turn
     ends_with_assistant = engine.prepare([Message("user", "hi", [image]), Message("assistant", "hello")], max_tokens=3)
     assert engine.generate([ends_with_assistant])[0].output_tokens == 3
-    with pytest.raises(InvalidRequest, match="at most 1 image"):
-        engine.prepare([Message("user", "compare", [image, image])])
+    with pytest.raises(InvalidRequest, match="kosmos2 takes at most 1 image per request"):
+        engines["kosmos2"].prepare([Message("user", "compare", [image, image])])
+    with pytest.raises(TooLarge, match=r"llava takes at most 4 images per request \(MAX_IMAGES\)"):
+        engine.prepare(
+            [Message("user", "compare", [image] * 3), Message("assistant", "ok"), Message("user", "and", [image] * 2)]
+        )
     with pytest.raises(PromptTooLong, match="above the limit of 300"):
         engine.prepare(single_turn("word " * 400, image))
 

@@ -52,6 +52,11 @@ class Prepared:
     state: Any = None  # sampling state that outlives a preemption (``sampling.RowState``)
     image_key: str | None = None  # content hash of the request's images (encoded-image caches)
 
+    @property
+    def images(self) -> list[Image.Image]:
+        """Every decoded image of the conversation, in order."""
+        return [image for message in self.messages for image in message.decoded]
+
 
 @dataclass
 class Result:
@@ -90,7 +95,7 @@ class RowDecoder(ABC):
 class Adapter(ABC):
     """One architecture: loading, prompt format, and the scheduler's verbs."""
 
-    max_images = 1
+    multi_image = False  # several images per request (up to MAX_IMAGES); else one
     requires_image = False  # a blank image is supplied for text-only chats
     image_tokens = 256  # rough prompt cost of an image, for the prefill budget
     grounding = False  # results carry ``entities`` (boxes or points)
@@ -100,6 +105,7 @@ class Adapter(ABC):
 
     def __init__(self, settings: ModelSettings, device: str):
         self.settings = settings
+        self.max_images = settings.max_images if self.multi_image else 1
         self.device = device
         self._count_lock = threading.Lock()
 

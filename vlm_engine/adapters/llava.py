@@ -9,6 +9,8 @@ from vlm_engine.loading import from_pretrained_kwargs
 
 
 class LlavaAdapter(GenerateAdapter):
+    multi_image = True  # each image is a <image> in its turn (the processor expands each)
+
     def load(self) -> None:
         from transformers import AutoProcessor, LlavaForConditionalGeneration
 
@@ -39,7 +41,7 @@ class LlavaAdapter(GenerateAdapter):
         return " ".join(p for p in parts if p) + " ASSISTANT:"
 
     def encode(self, group: list[Prepared]) -> dict[str, Any]:
-        images = [p.image for p in group if p.image is not None]
+        images = [image for p in group for image in p.images]
         return dict(
             self.processor(
                 images=images or None,

@@ -36,6 +36,8 @@ class EncodedImages:
 
 
 class Qwen3VLAdapter(GenerateAdapter):
+    multi_image = True  # the chat template's image parts, each expanded to its own grid
+
     def load(self) -> None:
         from transformers import AutoImageProcessor, AutoTokenizer, Qwen3VLForConditionalGeneration
 
@@ -114,11 +116,9 @@ class Qwen3VLAdapter(GenerateAdapter):
     def prefill_cost(self, prepared: Prepared) -> int:
         if prepared.inputs is not None and "input_ids" in prepared.inputs:
             return int(prepared.inputs["input_ids"].shape[-1])
-        if prepared.image is None:
-            return prepared.prompt_tokens
         patch = self.image_processor.patch_size * self.image_processor.merge_size
-        width, height = prepared.image.size
-        return prepared.prompt_tokens + min(max(width * height // patch**2, 4), self.settings.max_image_tokens)
+        cap = self.settings.max_image_tokens
+        return prepared.prompt_tokens + sum(min(max(i.width * i.height // patch**2, 4), cap) for i in prepared.images)
 
     def prompt(self, prepared: Prepared) -> str:
         messages = []
@@ -130,7 +130,7 @@ class Qwen3VLAdapter(GenerateAdapter):
 
     def encode(self, group: list[Prepared]) -> dict[str, Any]:
         texts = [self.prompt(p) for p in group]
-        images = [p.image for p in group if p.image is not None]
+        images = [image for p in group for image in p.images]
         extra: dict[str, Any] = {}
         if images:
             vision = self.image_processor(images=images, return_tensors="pt")
