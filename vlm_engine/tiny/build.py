@@ -135,17 +135,51 @@ def build_kosmos2(out: Path) -> None:
     _save(model, processor, out)
 
 
+# Qwen3-VL's prompt format, written for the tiny checkpoint: image parts, and its tool format
+# (tool signatures in the system turn, calls in <tool_call> tags, results in <tool_response>
+# tags inside a user turn), which the real template renders the same way.
+TOOLS_PREAMBLE = (
+    "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>"
+)
+TOOLS_RULE = (
+    "\n</tools>\n\nFor each function call, return a json object with function name and arguments "
+    'within <tool_call></tool_call> XML tags:\n<tool_call>\n{\\"name\\": <function-name>, '
+    '\\"arguments\\": <args-json-object>}\n</tool_call>'
+)
 QWEN_TEMPLATE = (
-    "{%- for m in messages -%}"
-    "<|im_start|>{{ m.role }}\n"
-    "{%- if m.content is string -%}{{ m.content }}"
-    "{%- else -%}{%- for c in m.content -%}"
+    "{%- macro text(content) -%}"
+    "{%- if content is string -%}{{ content }}"
+    "{%- elif content -%}{%- for c in content -%}"
     "{%- if c.type == 'image' -%}<|vision_start|><|image_pad|><|vision_end|>"
     "{%- elif c.type == 'text' -%}{{ c.text }}{%- endif -%}"
     "{%- endfor -%}{%- endif -%}"
-    "<|im_end|>\n"
+    "{%- endmacro -%}"
+    "{%- if tools -%}"
+    "<|im_start|>system{{ '\\n' }}"
+    "{%- if messages[0].role == 'system' -%}{{ text(messages[0].content) }}{{ '\\n\\n' }}{%- endif -%}"
+    f"{{{{ \"{TOOLS_PREAMBLE}\" }}}}"
+    "{%- for tool in tools -%}{{ '\\n' }}{{ tool | tojson }}{%- endfor -%}"
+    f"{{{{ \"{TOOLS_RULE}\" }}}}"
+    "<|im_end|>{{ '\\n' }}"
+    "{%- endif -%}"
+    "{%- for m in messages -%}"
+    "{%- if m.role == 'tool' -%}"
+    "{%- if loop.first or loop.previtem.role != 'tool' -%}<|im_start|>user{{ '\\n' }}{%- endif -%}"
+    "{{ '<tool_response>\\n' }}{{ text(m.content) }}{{ '\\n</tool_response>\\n' }}"
+    "{%- if loop.last or loop.nextitem.role != 'tool' -%}<|im_end|>{{ '\\n' }}{%- endif -%}"
+    "{%- elif not (tools and loop.first and m.role == 'system') -%}"
+    "<|im_start|>{{ m.role }}{{ '\\n' }}"
+    "{{ text(m.content) }}"
+    "{%- for call in m.tool_calls or [] -%}"
+    "{%- if m.content or not loop.first -%}{{ '\\n' }}{%- endif -%}"
+    "{{ '<tool_call>\\n{\"name\": \"' }}{{ call.function.name }}{{ '\", \"arguments\": ' }}"
+    "{{ call.function.arguments | tojson }}{{ '}\\n</tool_call>' }}"
     "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}<|im_start|>assistant\n{%- endif -%}"
+    "<|im_end|>{{ '\\n' }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}<|im_start|>assistant{{ '\\n' }}{%- endif -%}"
 )
 
 
@@ -166,6 +200,7 @@ def build_qwen3_vl(out: Path) -> None:
         "<|video_pad|>",
     ]
     tok = train_byte_bpe(specials, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tok.add_tokens(["<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"])  # not special, as Qwen's
     tok.chat_template = QWEN_TEMPLATE
     ids = {t: tok.convert_tokens_to_ids(t) for t in specials}
     image_processor = Qwen2VLImageProcessorPil(
