@@ -25,16 +25,20 @@ from fastapi.openapi.utils import get_openapi
 
 from fastapi_app.schemas import (
     MESSAGE_SCHEMAS,
+    NAMED_TOOL,
     RESPONSE_SCHEMAS,
     SCHEMAS,
     SSE_EVENT,
     SUCCESS,
+    TOOL_TURN,
     USER_WITH_TEXT,
     WITH_IMAGE,
     ref,
 )
 from fastapi_app.settings import Settings
-from vlm_engine.settings import MODELS, MULTI_IMAGE
+from vlm_engine.settings import MODELS, MULTI_IMAGE, TOOL_FORMAT
+
+NULL = {"type": "null"}
 
 ERRORS = {
     "400": "malformed request: bad JSON, wrong types, out-of-range parameters, a bad image",
@@ -60,6 +64,20 @@ def _messages_schema(max_images: int) -> dict[str, Any]:
             f"OpenAI chat messages: a user message with text; images in user messages only, up to {max_images} "
             "per request counting every turn for llava and qwen3-vl (more: 413), one for kosmos2 and moondream2"
         ),
+    }
+
+
+def _no_tools(models: list[str]) -> dict[str, Any]:
+    """Models without a tool format: no tools, no tool calls or results in the conversation."""
+    return {
+        "if": {"properties": {"model": {"enum": models}}, "required": ["model"]},
+        "then": {
+            "properties": {
+                "tools": NULL,
+                "tool_choice": {"anyOf": [NULL, {"const": "none"}]},
+                "messages": {"items": {"not": TOOL_TURN}},
+            }
+        },
     }
 
 
@@ -179,6 +197,20 @@ def _requests(schema: dict[str, Any], settings: Settings) -> None:
         },
         {"not": {"anyOf": [_both(a, b) for a, b in itertools.combinations(GUIDES, 2)]}},  # one guide at most
     ]
+    completion["tools"] = {"anyOf": [{"type": "array", "minItems": 1, "maxItems": 128, "items": ref("Tool")}, NULL]}
+    completion["tool_choice"] = {"anyOf": [{"enum": ["none", "auto", "required"]}, NAMED_TOOL, NULL]}
+    components["ChatCompletionRequest"]["allOf"].append(
+        {  # a tool_choice other than "none" needs tools
+            "if": {
+                "properties": {"tool_choice": {"not": {"anyOf": [NULL, {"const": "none"}]}}},
+                "required": ["tool_choice"],
+            },
+            "then": {"properties": {"tools": {"type": "array"}}, "required": ["tools"]},
+        }
+    )
+    without = [m for m in settings.models if MODELS[m][0] not in TOOL_FORMAT]
+    if without:
+        components["ChatCompletionRequest"]["allOf"].append(_no_tools(without))
     single = [m for m in settings.models if MODELS[m][0] not in MULTI_IMAGE]
     if single:
         components["ChatCompletionRequest"]["allOf"].append(_one_image(single))

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from vlm_engine.chat import DETAILS, TEXT_PATTERN
+from vlm_engine.tools import NAME_PATTERN as TOOL_NAME
 
 # OpenAPI before 3.2: a text/event-stream schema describes one event
 SSE_EVENT = {
@@ -73,10 +74,38 @@ MESSAGE_SCHEMAS: dict[str, Any] = {
     ),
     "OtherMessage": obj(
         ["role", "content"],
-        role={"enum": ["system", "assistant"]},
-        content={"anyOf": [{"type": "string"}, {"type": "array", "items": ref("TextPart")}]},
+        role={"enum": ["system", "assistant", "tool"]},
+        content={"anyOf": [{"type": "string"}, {"type": "array", "items": ref("TextPart")}, {"type": "null"}]},
         name={"type": "string"},
+        tool_calls={"anyOf": [{"type": "array", "items": ref("ToolCall")}, {"type": "null"}]},
+        tool_call_id={"type": "string"},
     ),
+    "ToolCall": obj(
+        ["function"],
+        id={"type": "string"},
+        type={"const": "function"},
+        function=obj(["name"], name={"type": "string"}, arguments={"type": "string", "description": "JSON text"}),
+    ),
+    "Tool": obj(
+        ["type", "function"],
+        type={"const": "function"},
+        function=obj(
+            ["name"],
+            name={"type": "string", "pattern": TOOL_NAME},
+            description={"type": "string"},
+            parameters={"type": "object", "description": "a JSON schema of the arguments"},
+            strict={"anyOf": [{"type": "boolean"}, {"type": "null"}]},
+        ),
+    ),
+}
+# tool_choice naming one function
+NAMED_TOOL = obj(["type", "function"], type={"const": "function"}, function=obj(["name"], name={"type": "string"}))
+# a message of a conversation with tools: a tool result, or an assistant turn with calls
+TOOL_TURN = {
+    "anyOf": [
+        obj(["role"], role={"const": "tool"}),
+        obj(["tool_calls"], tool_calls={"type": "array", "minItems": 1}),
+    ]
 }
 # the conversation: a user message with text somewhere; messages with images counted (openapi.py)
 TEXT_PART_WITH_TEXT = obj(["type", "text"], type={"const": "text"}, text=TEXT)

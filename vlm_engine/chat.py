@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -12,7 +13,7 @@ from PIL import Image
 
 from vlm_engine.errors import InvalidImage, InvalidRequest
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 DETAILS = ("auto", "low", "high")  # OpenAI's image detail: accepted, the models see the whole image
 # "has text": one character other than ASCII blanks. The same class is the OpenAPI document's
 # pattern, so a conversation the schema accepts is one the engine accepts (Python's ``\s``
@@ -30,6 +31,9 @@ class Message:
     text: str
     images: list[bytes] = field(default_factory=list)
     decoded: list[Image.Image] = field(default_factory=list)
+    # assistant turns: OpenAI's tool_calls, ``function.arguments`` parsed into an object
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)
+    tool_call_id: str | None = None  # tool turns: the call this result answers
 
 
 def has_text(text: str) -> bool:
@@ -75,8 +79,14 @@ def parse_openai_messages(messages: Any) -> list[Message]:
         if not isinstance(msg.get("name", ""), str):
             raise InvalidRequest(f"messages[{i}].name must be a string")
         content = msg.get("content")
+        calls = _tool_calls(msg.get("tool_calls"), i) if role == "assistant" else []
+        call_id = msg.get("tool_call_id") if role == "tool" else None
+        if call_id is not None and not isinstance(call_id, str):
+            raise InvalidRequest(f"messages[{i}].tool_call_id must be a string")
+        if content is None and role != "user":  # OpenAI sends null content with tool calls
+            content = ""
         if isinstance(content, str):
-            parsed.append(Message(role, content))
+            parsed.append(Message(role, content, tool_calls=calls, tool_call_id=call_id))
             continue
         if not isinstance(content, list):
             raise InvalidRequest(f"messages[{i}].content must be a string or a list of parts")
@@ -104,16 +114,56 @@ def parse_openai_messages(messages: Any) -> list[Message]:
                     f"{where} must be {{'type': 'text', 'text': ...}} or "
                     "{'type': 'image_url', 'image_url': {'url': ...}}"
                 )
-        parsed.append(Message(role, "\n".join(texts), images))
+        parsed.append(Message(role, "\n".join(texts), images, tool_calls=calls, tool_call_id=call_id))
     return parsed
+
+
+def _as_text(arguments: Any) -> str:
+    return arguments if isinstance(arguments, str) else json.dumps(arguments)
+
+
+def _tool_calls(value: Any, i: int) -> list[dict[str, Any]]:
+    """An assistant turn's ``tool_calls``, each ``function.arguments`` (JSON text) parsed."""
+    if value is None:
+        return []
+    shape = '{"id": ..., "type": "function", "function": {"name": ..., "arguments": "<JSON object>"}}'
+    if not isinstance(value, list):
+        raise InvalidRequest(f"messages[{i}].tool_calls must be a list of {shape}")
+    calls = []
+    for j, call in enumerate(value):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise InvalidRequest(f"messages[{i}].tool_calls[{j}] must be {shape}")
+        arguments = function.get("arguments", "{}")
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments)
+            except json.JSONDecodeError:
+                pass  # kept as text: the chat template writes a string as it is
+        calls.append(
+            {
+                "id": str(call.get("id", "")),
+                "type": "function",
+                "function": {"name": function["name"], "arguments": arguments},
+            }
+        )
+    return calls
 
 
 def to_openai(messages: list[Message]) -> list[dict[str, Any]]:
     """The OpenAI message form, images as data URLs (what ``<model>_stream`` accepts)."""
     out = []
     for message in messages:
+        extra: dict[str, Any] = {}
+        if message.tool_calls:
+            extra["tool_calls"] = [
+                {**call, "function": {**call["function"], "arguments": _as_text(call["function"]["arguments"])}}
+                for call in message.tool_calls
+            ]
+        if message.tool_call_id is not None:
+            extra["tool_call_id"] = message.tool_call_id
         if not message.images:
-            out.append({"role": message.role, "content": message.text})
+            out.append({"role": message.role, "content": message.text, **extra})
             continue
         parts: list[dict[str, Any]] = [
             {
@@ -123,5 +173,5 @@ def to_openai(messages: list[Message]) -> list[dict[str, Any]]:
             for data in message.images
         ]
         parts.append({"type": "text", "text": message.text})
-        out.append({"role": message.role, "content": parts})
+        out.append({"role": message.role, "content": parts, **extra})
     return out

@@ -9,7 +9,7 @@ import logging
 import queue
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from PIL import Image
@@ -20,9 +20,10 @@ from vlm_engine.chat import Message, has_text, prompt_message, single_turn
 from vlm_engine.errors import InvalidParameter, InvalidRequest, ModelConfigError, PromptTooLong, ShuttingDown, TooLarge
 from vlm_engine.images import content_key, decode_image
 from vlm_engine.loading import check_source, load_error, resolve_device
-from vlm_engine.params import Sampling, resolve_params
+from vlm_engine.params import GenerationParams, Sampling, resolve_params
 from vlm_engine.scheduler import Event, Metrics, Scheduler
 from vlm_engine.settings import ModelSettings, resolve_settings
+from vlm_engine.tools import resolve_tools
 
 log = logging.getLogger("vlm_engine")
 BLANK = (224, 224)
@@ -132,6 +133,9 @@ class VLMEngine:
         cancelled: Callable[[], bool] | None = None,
         reserved: bool = False,
         sampling: Mapping[str, Any] | None = None,
+        tools: Any = None,
+        tool_choice: Any = None,
+        parallel_tool_calls: bool = True,
     ) -> Prepared:
         """Validate one request; raises an ``InvalidRequest`` subclass saying what to fix
         (or ``Overloaded`` first, without decoding anything, when the queue is full)."""
@@ -149,6 +153,7 @@ class VLMEngine:
             raise InvalidParameter(
                 f"{self.name} does not support {', '.join(asked)}: send only max_tokens, temperature and top_p"
             )
+        params, tools = self._tools(messages, params, tools, tool_choice, parallel_tool_calls)
         count = sum(len(m.images) for m in messages)
         if count > self.adapter.max_images:
             limit = self.adapter.max_images
@@ -173,12 +178,36 @@ class VLMEngine:
         if image is None and self.adapter.requires_image:
             image = Image.new("RGB", BLANK, (127, 127, 127))
             prompt_message(messages).decoded = [image]
-        prepared = Prepared(messages, params, image, cancelled or (lambda: False), tokens)
+        prepared = Prepared(messages, params, image, cancelled or (lambda: False), tokens, tools=tools)
         prepared.image_key = content_key([data for m in messages for data in m.images])
         prepared.inputs = self.adapter.encode_row(prepared)  # here, not in the step loop
         prepared.state = self.adapter.sampling_state(prepared, prepared.inputs)  # a bad guide: 400 here
         self._check_fits(prepared)
         return prepared
+
+    def _tools(
+        self, messages: list[Message], params: GenerationParams, tools: Any, tool_choice: Any, parallel: Any
+    ) -> tuple[GenerationParams, list[dict[str, Any]] | None]:
+        """Tools for the prompt, and ``tool_choice`` required or named as the answer's grammar."""
+        if not isinstance(parallel, bool):
+            raise InvalidParameter(f"parallel_tool_calls must be true or false, got {parallel!r}")
+        request = resolve_tools(tools, tool_choice, self.adapter.lark_tag, parallel)
+        uses_tools = request is not None or any(m.role == "tool" or m.tool_calls for m in messages)
+        if uses_tools and not self.adapter.tool_format:
+            raise InvalidParameter(
+                f"{self.name} has no tool-calling format: send no tools, tool calls or tool results "
+                "(qwen3-vl takes them)"
+            )
+        if request is None:
+            return params, None
+        if request.guide is not None:
+            if params.sampling.guide is not None:
+                raise InvalidParameter(
+                    "tool_choice 'required' or a named function constrains the answer already: "
+                    "send it without response_format or a guided_* field"
+                )
+            params = replace(params, sampling=replace(params.sampling, guide=request.guide))
+        return params, list(request.tools) if request.render else None
 
     def _check_fits(self, prepared: Prepared) -> None:
         """A request whose prompt and answer could never fit in the KV cache is refused (413)."""

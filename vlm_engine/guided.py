@@ -66,6 +66,8 @@ def grammar_of(guide: Guide) -> str:
             raise InvalidParameter(f"{guide.describe()} is not a JSON schema: {exc}") from None
     if guide.kind == "regex":
         return LLMatcher.grammar_from_regex(guide.spec)
+    if guide.kind == "lark":  # made by the engine (tool calls, vlm_engine.tools)
+        return LLMatcher.grammar_from_lark(guide.spec)
     # choice: a Lark rule of string literals (JSON string syntax), so no character is special
     return LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in json.loads(guide.spec)))
 

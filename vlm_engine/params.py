@@ -22,13 +22,14 @@ GUIDE_KINDS = ("json_schema", "json_object", "regex", "choice")
 @dataclass(frozen=True)
 class Guide:
     """Structured output: the answer must match this (``spec``: the JSON schema as JSON text, the
-    regex, or the choices as a JSON list)."""
+    regex, the choices as a JSON list, or a Lark grammar the engine made: ``kind`` "lark")."""
 
     kind: str
     spec: str
 
     def describe(self) -> str:
-        return {"json_object": "the JSON object format"}.get(self.kind, f"the {self.kind.replace('_', ' ')} guide")
+        names = {"json_object": "the JSON object format", "lark": "the tool-call grammar (tools' parameters)"}
+        return names.get(self.kind, f"the {self.kind.replace('_', ' ')} guide")
 
 
 def resolve_guide(value: Any) -> Guide:

@@ -29,6 +29,7 @@ MODELS: dict[str, tuple[Architecture, str, str | None]] = {
     "qwen3-vl": ("qwen3_vl", "Qwen/Qwen3-VL-8B-Instruct", None),
 }
 MULTI_IMAGE = ("llava", "qwen3_vl")  # architectures that take several images (MAX_IMAGES); the rest one
+TOOL_FORMAT = ("qwen3_vl",)  # architectures whose prompt format has tools (vlm_engine.tools)
 SOURCE_KEYS = ("model_path", "model_revision", "tokenizer_repo", "tokenizer_revision")
 
 

@@ -35,10 +35,13 @@ from vlm_triton.tensors import (
     triton_error,
 )
 
+TOOL_KEYS = ("tools", "tool_choice", "parallel_tool_calls")
+
 
 def sampling_parameters(text: str | None) -> dict | None:
     """The optional ``sampling_parameters`` input: a JSON object (seed, stop, penalties,
-    logprobs, top_logprobs), as Triton's vLLM backend takes its sampling parameters."""
+    logprobs, top_logprobs, guide; and ``TOOL_KEYS``), as Triton's vLLM backend takes its
+    sampling parameters."""
     if text is None or not text.strip():
         return None
     try:
@@ -99,6 +102,8 @@ class TritonPythonModel:
             if values["prompt"] is None:
                 raise InvalidRequest("send a 'prompt' (with an 'image') or 'messages'")
             messages = single_turn(values["prompt"], values["image"])
+        sampling = sampling_parameters(values["sampling"]) or {}
+        tools = {k: sampling.pop(k) for k in TOOL_KEYS if k in sampling}  # they shape the prompt
         return self.engine.prepare(
             messages,
             max_tokens=values["max_tokens"],
@@ -106,7 +111,8 @@ class TritonPythonModel:
             top_p=values["top_p"],
             cancelled=sender.is_cancelled,
             reserved=True,
-            sampling=sampling_parameters(values["sampling"]),
+            sampling=sampling or None,
+            **tools,
         )
 
     def _admit(self, values: dict, sender) -> None:

@@ -18,6 +18,7 @@ class GenerationRequest:
     top_p: float | None = None
     stream: bool = True  # False: the backend may deliver the whole answer at once
     sampling: dict[str, Any] | None = None  # seed, stop, penalties, logprobs (vlm_engine.params.Sampling)
+    tools: dict[str, Any] | None = None  # tools, tool_choice, parallel_tool_calls (VLMEngine.prepare)
 
 
 class Delta(str):

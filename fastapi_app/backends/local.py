@@ -60,6 +60,7 @@ class LocalBackend:
             request.top_p,
             gone.is_set,
             sampling=request.sampling,
+            **(request.tools or {}),
         )
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Event] = asyncio.Queue()

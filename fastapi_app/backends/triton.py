@@ -120,8 +120,9 @@ class TritonBackend:
             value = getattr(request, name)
             if value is not None:
                 add(name, np.array([[_fp32(value)]], dtype=np.float32), "FP32")
-        if request.sampling:
-            add("sampling_parameters", np.array([[json.dumps(request.sampling).encode()]], dtype=np.object_), "BYTES")
+        sampling = {**(request.sampling or {}), **(request.tools or {})}  # the stream model splits them again
+        if sampling:
+            add("sampling_parameters", np.array([[json.dumps(sampling).encode()]], dtype=np.object_), "BYTES")
         return tensors
 
     def _error(self, exc: Exception) -> EngineError:

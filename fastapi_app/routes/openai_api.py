@@ -17,6 +17,7 @@ from fastapi_app.generation import check_max_tokens, check_model, first_item, ge
 from fastapi_app.remote_images import fetch_as_data_url
 from vlm_engine.chat import parse_openai_messages
 from vlm_engine.errors import EngineError, InvalidParameter
+from vlm_engine.tools import ToolCall, held_back, parse_tool_calls
 
 router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"])
 
@@ -85,6 +86,30 @@ class ChatCompletionRequest(BaseModel):
     guided_choice: list[Annotated[str, Field(min_length=1)]] | None = Field(
         None, min_length=1, max_length=256, description="extension (vLLM): the answer is one of these strings"
     )
+    tools: list[dict[str, Any]] | None = Field(
+        None,
+        min_length=1,
+        max_length=128,
+        description='qwen3-vl: function tools, {"type": "function", "function": {"name", "description", "parameters"}}',
+    )
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = Field(
+        None,
+        description='"none", "auto" (the default with tools), "required" or {"type": "function", "function": {"name"}}',
+    )
+    parallel_tool_calls: bool | None = Field(None, description="false: at most one call (with required)")
+
+    def tool_options(self) -> dict[str, Any] | None:
+        if self.tools is None and self.tool_choice is None:
+            return None
+        options = {"tools": self.tools, "tool_choice": self.tool_choice}
+        if self.parallel_tool_calls is not None:
+            options["parallel_tool_calls"] = self.parallel_tool_calls
+        return options
+
+    @property
+    def calls_tools(self) -> bool:
+        """Whether the answer is parsed for tool calls (tools given, tool_choice not "none")."""
+        return bool(self.tools) and self.tool_choice != "none"
 
     def guide(self) -> dict[str, Any] | None:
         """The one structured-output constraint asked for, in the engine's shape."""
@@ -158,6 +183,28 @@ def _usage(final: Final) -> dict[str, int]:
     }
 
 
+def _call(call: ToolCall) -> dict[str, Any]:
+    return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
+
+
+class ToolCallHold:
+    """A streamed answer that may hold tool calls: text goes out as it comes, except from a
+    ``<tool_call>`` tag on (or what could still become one); the calls go out at the end."""
+
+    def __init__(self) -> None:
+        self.text, self.sent = "", 0
+
+    def push(self, piece: str) -> str:
+        self.text += piece
+        upto = len(self.text) - held_back(self.text)
+        out, self.sent = self.text[self.sent : upto], max(self.sent, upto)
+        return out
+
+    def finish(self) -> tuple[str, list[ToolCall]]:
+        content, calls = parse_tool_calls(self.text[self.sent :])
+        return (content or "") if calls else self.text[self.sent :], calls
+
+
 def _finish(reason: str) -> str:
     return "length" if reason == "length" else "stop"
 
@@ -178,6 +225,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         body.top_p,
         body.stream,
         body.sampling(),
+        body.tool_options(),
     )
     stream = generate(request.app.state.backend, with_defaults(settings, generation), request.app.state.admission)
     first, stream = await first_item(stream)
@@ -187,6 +235,12 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         while not isinstance(final, Final):
             final = await anext(stream)
         message: dict[str, Any] = {"role": "assistant", "content": final.text}
+        finish = _finish(final.finish_reason)
+        if body.calls_tools:
+            content, calls = parse_tool_calls(final.text)
+            if calls:
+                message["content"], message["tool_calls"] = content, [_call(call) for call in calls]
+                finish = "tool_calls" if finish == "stop" else finish
         if final.entities is not None:
             message["entities"] = final.entities
         return {
@@ -198,7 +252,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
                 {
                     "index": 0,
                     "message": message,
-                    "finish_reason": _finish(final.finish_reason),
+                    "finish_reason": finish,
                     "logprobs": {"content": final.logprobs or []} if body.logprobs else None,
                 }
             ],
@@ -209,11 +263,21 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
 
     async def events():
         yield {"data": _chunk(completion_id, created, model, {"role": "assistant", "content": ""})}
+        held = ToolCallHold() if body.calls_tools else None
         try:
             item = first
             while True:
                 if isinstance(item, Final):
-                    last = json.loads(_chunk(completion_id, created, model, {}, _finish(item.finish_reason)))
+                    finish = _finish(item.finish_reason)
+                    if held is not None:
+                        tail, calls = held.finish()
+                        if tail:
+                            yield {"data": _chunk(completion_id, created, model, {"content": tail})}
+                        if calls:
+                            delta = {"tool_calls": [{"index": i, **_call(c)} for i, c in enumerate(calls)]}
+                            yield {"data": _chunk(completion_id, created, model, delta)}
+                            finish = "tool_calls" if finish == "stop" else finish
+                    last = json.loads(_chunk(completion_id, created, model, {}, finish))
                     if not usage_chunk:  # without stream_options.include_usage: on the last chunk, as before
                         last["usage"] = _usage(item)
                     if item.entities is not None:
@@ -225,7 +289,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
                         yield {"data": json.dumps(usage)}
                     break
                 logprobs = getattr(item, "logprobs", None) if body.logprobs else None
-                yield {"data": _chunk(completion_id, created, model, {"content": item}, logprobs=logprobs)}
+                text = held.push(item) if held is not None else item
+                if text:
+                    yield {"data": _chunk(completion_id, created, model, {"content": text}, logprobs=logprobs)}
                 item = await anext(stream)
         except EngineError as exc:  # mid-stream: the status line is already sent
             yield {"data": json.dumps({"error": {"message": exc.message, "type": exc.code, "code": exc.code}})}

@@ -51,6 +51,7 @@ class Prepared:
     inputs: Any = None  # model inputs encoded on the request's thread (``Adapter.encode_row``)
     state: Any = None  # sampling state that outlives a preemption (``sampling.RowState``)
     image_key: str | None = None  # content hash of the request's images (encoded-image caches)
+    tools: list[dict[str, Any]] | None = None  # tools the prompt lists (OpenAI's function objects)
 
     @property
     def images(self) -> list[Image.Image]:
@@ -96,6 +97,7 @@ class Adapter(ABC):
     """One architecture: loading, prompt format, and the scheduler's verbs."""
 
     multi_image = False  # several images per request (up to MAX_IMAGES); else one
+    tool_format: str | None = None  # how the prompt lists tools and the model calls them (vlm_engine.tools)
     requires_image = False  # a blank image is supplied for text-only chats
     image_tokens = 256  # rough prompt cost of an image, for the prefill budget
     grounding = False  # results carry ``entities`` (boxes or points)
@@ -453,6 +455,15 @@ class GenerateAdapter(Adapter):
             image_key=prepared.image_key,
             state=prepared.state,
         )
+
+    def lark_tag(self, text: str) -> str:
+        """``text`` in a Lark grammar: its own token (``<[id]>``) where the vocabulary has one
+        added for it (Qwen's ``<tool_call>``), else the characters."""
+        import json
+
+        token = self.tokenizer.convert_tokens_to_ids(text)
+        added = token is not None and token != self.tokenizer.unk_token_id and text in self.tokenizer.get_added_vocab()
+        return f"<[{token}]>" if added else json.dumps(text)
 
     def sampling_state(self, prepared: Prepared, inputs: dict[str, Any]) -> Any:
         """The request's ``RowState`` when it needs one (seed, penalties, a guide); compiling a

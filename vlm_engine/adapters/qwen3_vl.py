@@ -37,6 +37,7 @@ class EncodedImages:
 
 class Qwen3VLAdapter(GenerateAdapter):
     multi_image = True  # the chat template's image parts, each expanded to its own grid
+    tool_format = "hermes"  # tools in the system turn, calls in <tool_call> tags (vlm_engine.tools)
 
     def load(self) -> None:
         from transformers import AutoImageProcessor, AutoTokenizer, Qwen3VLForConditionalGeneration
@@ -125,8 +126,13 @@ class Qwen3VLAdapter(GenerateAdapter):
         for message in prepared.messages:
             content: list[dict] = [{"type": "image"} for _ in message.decoded]
             content.append({"type": "text", "text": message.text})
-            messages.append({"role": message.role, "content": content})
-        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            turn: dict[str, Any] = {"role": message.role, "content": content}
+            if message.tool_calls:
+                turn["tool_calls"] = message.tool_calls
+            messages.append(turn)
+        return self.tokenizer.apply_chat_template(
+            messages, tools=prepared.tools, add_generation_prompt=True, tokenize=False
+        )
 
     def encode(self, group: list[Prepared]) -> dict[str, Any]:
         texts = [self.prompt(p) for p in group]

@@ -158,9 +158,9 @@ QWEN_TEMPLATE = (
     "{%- if tools -%}"
     "<|im_start|>system{{ '\\n' }}"
     "{%- if messages[0].role == 'system' -%}{{ text(messages[0].content) }}{{ '\\n\\n' }}{%- endif -%}"
-    f"{{{{ \"{TOOLS_PREAMBLE}\" }}}}"
+    f'{{{{ "{TOOLS_PREAMBLE}" }}}}'
     "{%- for tool in tools -%}{{ '\\n' }}{{ tool | tojson }}{%- endfor -%}"
-    f"{{{{ \"{TOOLS_RULE}\" }}}}"
+    f'{{{{ "{TOOLS_RULE}" }}}}'
     "<|im_end|>{{ '\\n' }}"
     "{%- endif -%}"
     "{%- for m in messages -%}"
@@ -173,8 +173,9 @@ QWEN_TEMPLATE = (
     "{{ text(m.content) }}"
     "{%- for call in m.tool_calls or [] -%}"
     "{%- if m.content or not loop.first -%}{{ '\\n' }}{%- endif -%}"
-    "{{ '<tool_call>\\n{\"name\": \"' }}{{ call.function.name }}{{ '\", \"arguments\": ' }}"
-    "{{ call.function.arguments | tojson }}{{ '}\\n</tool_call>' }}"
+    '{{ \'<tool_call>\\n{"name": "\' }}{{ call.function.name }}{{ \'", "arguments": \' }}'
+    "{%- if call.function.arguments is string -%}{{ call.function.arguments }}"
+    "{%- else -%}{{ call.function.arguments | tojson }}{%- endif -%}{{ '}\\n</tool_call>' }}"
     "{%- endfor -%}"
     "<|im_end|>{{ '\\n' }}"
     "{%- endif -%}"
