@@ -144,7 +144,7 @@ def _doc(field: dict[str, Any]) -> dict[str, Any]:
     return {k: field[k] for k in ("title", "description") if k in field}
 
 
-UNSUPPORTED_BY_MOONDREAM2 = (
+UNSUPPORTED_BY_MOONDREAM2 = (  # and n above 1
     "seed",
     "stop",
     "frequency_penalty",
@@ -183,6 +183,7 @@ def _requests(schema: dict[str, Any], settings: Settings) -> None:
     completion["messages"] = _messages_schema(settings.max_images)
     for name in ("max_tokens", "max_completion_tokens"):
         _with_maximum(completion[name], settings.max_tokens_cap)
+    _with_maximum(completion["n"], settings.max_n)
     components["ChatCompletionRequest"]["allOf"] = [
         {  # top_logprobs (any number) only with logprobs: true, as OpenAI has it
             "if": {"properties": {"top_logprobs": {"type": "integer"}}, "required": ["top_logprobs"]},
@@ -192,6 +193,7 @@ def _requests(schema: dict[str, Any], settings: Settings) -> None:
             "if": {"properties": {"model": {"const": "moondream2"}}, "required": ["model"]},
             "then": {
                 "properties": {name: {"type": "null"} for name in UNSUPPORTED_BY_MOONDREAM2}
+                | {"n": {"const": 1}}
                 | {"response_format": {"anyOf": [{"type": "null"}, {"properties": {"type": {"const": "text"}}}]}}
             },
         },

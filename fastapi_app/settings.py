@@ -39,6 +39,9 @@ class Settings(BaseSettings):
     max_inflight_per_model: int = Field(
         80, ge=1, description="generations per model in flight here; one more: 503 at once (MAX_RUNNING+MAX_WAITING)"
     )
+    max_n: int = Field(
+        4, ge=1, le=16, description="answers per request at most (n; the OpenAPI limit); match the models'"
+    )
     max_images: int = Field(
         4, ge=1, le=64, description="images per request for llava and qwen3-vl (the OpenAPI limit); match the models'"
     )

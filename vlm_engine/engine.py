@@ -136,6 +136,7 @@ class VLMEngine:
         tools: Any = None,
         tool_choice: Any = None,
         parallel_tool_calls: bool = True,
+        n: int = 1,
     ) -> Prepared:
         """Validate one request; raises an ``InvalidRequest`` subclass saying what to fix
         (or ``Overloaded`` first, without decoding anything, when the queue is full)."""
@@ -153,6 +154,7 @@ class VLMEngine:
             raise InvalidParameter(
                 f"{self.name} does not support {', '.join(asked)}: send only max_tokens, temperature and top_p"
             )
+        self._check_n(n)
         params, tools = self._tools(messages, params, tools, tool_choice, parallel_tool_calls)
         count = sum(len(m.images) for m in messages)
         if count > self.adapter.max_images:
@@ -182,8 +184,25 @@ class VLMEngine:
         prepared.image_key = content_key([data for m in messages for data in m.images])
         prepared.inputs = self.adapter.encode_row(prepared)  # here, not in the step loop
         prepared.state = self.adapter.sampling_state(prepared, prepared.inputs)  # a bad guide: 400 here
+        prepared.siblings = [self._sibling(prepared, i) for i in range(1, n)]
         self._check_fits(prepared)
         return prepared
+
+    def _check_n(self, n: Any) -> None:
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= self.settings.max_n:
+            raise InvalidParameter(f"n must be an integer from 1 to {self.settings.max_n} (MAX_N), got {n!r}")
+        if n > 1 and not self.adapter.sampling_options:
+            raise InvalidParameter(f"{self.name} does not support n: send n=1")
+
+    def _sibling(self, prepared: Prepared, index: int) -> Prepared:
+        """Answer ``index`` of an n > 1 request: the same prompt and inputs, its own sampling state
+        (a seed becomes seed + index, so the answers differ and each is reproducible)."""
+        params = prepared.params
+        if params.sampling.seed is not None:
+            params = replace(params, sampling=replace(params.sampling, seed=params.sampling.seed + index))
+        sibling = replace(prepared, params=params, state=None, siblings=[])
+        sibling.state = self.adapter.sampling_state(sibling, sibling.inputs)
+        return sibling
 
     def _tools(
         self, messages: list[Message], params: GenerationParams, tools: Any, tool_choice: Any, parallel: Any

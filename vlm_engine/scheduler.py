@@ -56,6 +56,7 @@ class Event:
     result: Result | None = None
     error: BaseException | None = None
     logprobs: list[dict] | None = None  # of the tokens since the last event (rows that asked)
+    index: int = 0  # which of the request's n answers (n > 1)
 
     @property
     def final(self) -> bool:
@@ -108,6 +109,8 @@ class Row:
     gone: bool = False  # the client left (seen by the housekeeping thread)
     preemptions: int = 0
     out_of_memory: int = 0  # OOMs while it ran alone
+    index: int = 0  # which of its request's n answers
+    siblings: list[Row] = field(default_factory=list)  # answers 1..n-1, started from this row's prompt KV
 
     @property
     def decoding(self) -> bool:
@@ -205,6 +208,7 @@ class Scheduler:
         """Queue one request; raises ``Overloaded`` at once when the waiting queue is full
         (unless a place was reserved for it)."""
         row = Row(prepared, emit)
+        row.siblings = [Row(sibling, emit, index=i) for i, sibling in enumerate(prepared.siblings, 1)]
         with self._wake:
             if reserved:
                 self._reserved -= 1
@@ -434,8 +438,41 @@ class Scheduler:
             row.prefilled = end
             if output is not None:
                 finished.append((row, output))
+                if row.siblings:
+                    self._fork(row)
         self._apply([row for row, _ in finished], [output for _, output in finished])
         return tokens
+
+    def _fork(self, row: Row) -> None:
+        """The other answers of an n > 1 request start from ``row``'s prompt: its K/V is copied
+        into their pages up to the last prompt token, which each prefills itself (its own
+        first token, by its own sampling). A sibling that finds no room waits in the queue and
+        is prefilled whole."""
+        siblings, row.siblings = row.siblings, []
+        for sibling in siblings:
+            try:
+                self._start(sibling)
+                shared = sibling.prompt - 1
+                if shared > 0 and self.adapter.share_prefix(row.seq, sibling.seq, shared):
+                    sibling.prefilled = shared
+            except Exception as exc:
+                self._free(sibling)
+                if isinstance(exc, TooLarge):  # no pages now: it queues like any request
+                    sibling.decoder = None
+                    with self._wake:
+                        self._waiting.appendleft(sibling)
+                    continue
+                self._fail(sibling, exc)
+                continue
+            self.stats.admitted += 1
+            self._running.append(sibling)
+
+    def _siblings_end(self, row: Row, event: Event) -> None:
+        """A request's first answer ended before its prompt was prefilled: its siblings end alike."""
+        siblings, row.siblings = row.siblings, []
+        for sibling in siblings:
+            sibling.done = True
+            self._send(sibling, Event(result=event.result, error=event.error))
 
     def _decode(self) -> int:
         rows = [row for row in self._running if row.decoding]
@@ -590,6 +627,9 @@ class Scheduler:
         self._running = []
 
     def _send(self, row: Row, event: Event) -> None:
+        event.index = row.index
+        if event.final and row.siblings:
+            self._siblings_end(row, event)
         try:
             row.emit(event)
         except Exception:  # the client is gone: stop generating for it

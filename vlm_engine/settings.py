@@ -52,6 +52,7 @@ class ModelSettings(BaseModel):
     max_prompt_tokens: int = Field(2048, ge=1)
     max_image_pixels: int = Field(25_000_000, ge=1, description="decompression-bomb guard")
     max_image_bytes: int = Field(20 * 1024 * 1024, ge=1)
+    max_n: int = Field(4, ge=1, le=16, description="answers per request at most (n); the prompt is prefilled once")
     max_images: int = Field(
         4, ge=1, le=64, description="images per request, all turns (qwen3-vl, llava; kosmos2 and moondream2 take 1)"
     )

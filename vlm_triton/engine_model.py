@@ -35,7 +35,7 @@ from vlm_triton.tensors import (
     triton_error,
 )
 
-TOOL_KEYS = ("tools", "tool_choice", "parallel_tool_calls")
+TOOL_KEYS = ("tools", "tool_choice", "parallel_tool_calls", "n")  # VLMEngine.prepare's own arguments
 
 
 def sampling_parameters(text: str | None) -> dict | None:
@@ -123,6 +123,7 @@ class TritonPythonModel:
             self.engine.unreserve()
             self.outbox.put((sender, False, Event(error=exc)))
             return
+        sender.answers = 1 + len(prepared.siblings)  # the request's final response comes with the last
         try:
             self.engine.submit(prepared, self._responder(sender, values["streaming"]), reserved=True)
         except Exception as exc:
@@ -151,10 +152,13 @@ class TritonPythonModel:
         if event.error is not None:
             sender.send(pb_utils.InferenceResponse(error=triton_error(event.error)), flags=FINAL)
             return
+        several = sender.answers > 1
         if event.result is None:
             outputs = [text_tensor("generated_text", event.text)]
             if event.logprobs:
                 outputs.append(json_tensor("logprobs", event.logprobs))
+            if several:
+                outputs.append(int_tensor("index", event.index))
             sender.send(pb_utils.InferenceResponse(output_tensors=outputs))
             return
         result = event.result
@@ -169,7 +173,12 @@ class TritonPythonModel:
             outputs.append(json_tensor("logprobs", logprobs or []))
         if self.with_entities:
             outputs.append(json_tensor("entities", result.entities or []))
-        sender.send(pb_utils.InferenceResponse(output_tensors=outputs), flags=FINAL)
+        if several:
+            outputs.append(int_tensor("index", event.index))
+        sender.finals += 1
+        sender.send(
+            pb_utils.InferenceResponse(output_tensors=outputs), flags=FINAL if sender.finals >= sender.answers else 0
+        )
 
     def execute(self, requests):
         """Refuses at once what the queue cannot take; the rest is decoded and checked on the

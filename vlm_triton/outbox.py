@@ -18,17 +18,18 @@ Item = tuple[Any, bool, Event]  # (sender, streaming, event)
 
 
 def coalesce(items: Iterable[Item]) -> list[Item]:
-    """Consecutive text-only events of one sender, with nothing of that sender between them,
-    become one event; everything else keeps its place."""
+    """Consecutive text-only events of one answer (sender and index), with nothing of that
+    answer between them, become one event; everything else keeps its place."""
     out: list[Item] = []
-    open_text: dict[int, int] = {}  # id(sender) -> index in out of its last text-only event
+    open_text: dict[tuple[int, int], int] = {}  # (id(sender), answer) -> place in out of its last text event
     for sender, streaming, event in items:
-        key = id(sender)
+        key = (id(sender), event.index)
         at = open_text.get(key)
         if not event.final and at is not None:
             previous = out[at]
             logprobs = (previous[2].logprobs or []) + (event.logprobs or [])
-            out[at] = (previous[0], previous[1], Event(text=previous[2].text + event.text, logprobs=logprobs or None))
+            joined = Event(text=previous[2].text + event.text, logprobs=logprobs or None, index=event.index)
+            out[at] = (previous[0], previous[1], joined)
             continue
         if event.final:
             open_text.pop(key, None)

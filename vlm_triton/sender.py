@@ -21,6 +21,8 @@ class Sender:
         self._sender = sender
         self._lock = threading.Lock()
         self._closed = False
+        self.answers = 1  # a request with n > 1 gets its final response with its last answer
+        self.finals = 0  # answers ended so far (the sending thread's count)
 
     def is_cancelled(self) -> bool:
         with self._lock:

@@ -19,16 +19,18 @@ class GenerationRequest:
     stream: bool = True  # False: the backend may deliver the whole answer at once
     sampling: dict[str, Any] | None = None  # seed, stop, penalties, logprobs (vlm_engine.params.Sampling)
     tools: dict[str, Any] | None = None  # tools, tool_choice, parallel_tool_calls (VLMEngine.prepare)
+    n: int = 1  # answers to the prompt: the stream carries n Finals, items tagged with ``index``
 
 
 class Delta(str):
     """A text chunk that also carries the logprobs of its tokens (requests that asked)."""
 
     logprobs: list[dict[str, Any]] | None
+    index: int  # which answer (n > 1)
 
-    def __new__(cls, text: str, logprobs: list[dict[str, Any]] | None = None) -> Delta:
+    def __new__(cls, text: str, logprobs: list[dict[str, Any]] | None = None, index: int = 0) -> Delta:
         chunk = super().__new__(cls, text)
-        chunk.logprobs = logprobs
+        chunk.logprobs, chunk.index = logprobs, index
         return chunk
 
 
@@ -42,6 +44,7 @@ class Final:
     finish_reason: str
     entities: list[dict[str, Any]] | None = field(default=None)
     logprobs: list[dict[str, Any]] | None = field(default=None)  # every output token's (when asked)
+    index: int = 0  # which answer (n > 1)
 
 
 class Backend(Protocol):
@@ -56,5 +59,6 @@ class Backend(Protocol):
         ...
 
     def stream(self, request: GenerationRequest) -> AsyncIterator[str | Final]:
-        """Text chunks, then one ``Final``. Raises ``vlm_engine.errors.EngineError``."""
+        """Text chunks, then one ``Final`` (n of each, tagged with ``index``, when ``n`` > 1).
+        Raises ``vlm_engine.errors.EngineError``."""
         ...

@@ -61,20 +61,26 @@ class LocalBackend:
             gone.is_set,
             sampling=request.sampling,
             **(request.tools or {}),
+            n=request.n,
         )
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Event] = asyncio.Queue()
         engine.submit(prepared, lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+        finals = 0
         try:
             while True:
                 event = await events.get()
                 if event.error is not None:
                     raise event.error
                 if event.text:
-                    yield Delta(event.text, event.logprobs)
+                    yield Delta(event.text, event.logprobs, event.index)
                 if event.result is not None:
                     r = event.result
-                    yield Final(r.text, r.prompt_tokens, r.output_tokens, r.finish_reason, r.entities, r.logprobs)
-                    return
+                    yield Final(
+                        r.text, r.prompt_tokens, r.output_tokens, r.finish_reason, r.entities, r.logprobs, event.index
+                    )
+                    finals += 1
+                    if finals == request.n:
+                        return
         finally:
             gone.set()  # a client that went away cancels its row; its neighbours go on

@@ -121,6 +121,8 @@ class TritonBackend:
             if value is not None:
                 add(name, np.array([[_fp32(value)]], dtype=np.float32), "FP32")
         sampling = {**(request.sampling or {}), **(request.tools or {})}  # the stream model splits them again
+        if request.n != 1:
+            sampling["n"] = request.n
         if sampling:
             add("sampling_parameters", np.array([[json.dumps(sampling).encode()]], dtype=np.object_), "BYTES")
         return tensors
@@ -184,8 +186,9 @@ class TritonBackend:
                 "enable_empty_final_response": True,
             }
 
-        text: list[str] = []
-        logprobs: list[dict] | None = None
+        text: dict[int, list[str]] = {i: [] for i in range(request.n)}  # per answer
+        logprobs: dict[int, list[dict] | None] = dict.fromkeys(range(request.n))
+        finals = 0
         try:
             responses = client.stream_infer(requests(), stream_timeout=self.settings.triton_timeout_s)
             async for result, error in responses:
@@ -193,27 +196,31 @@ class TritonBackend:
                     raise self._error(error)
                 response = result.get_response()
                 names = {o.name for o in response.outputs}
+                index = int(result.as_numpy("index").reshape(-1)[0]) if "index" in names else 0
                 mine = json.loads(result.as_numpy("logprobs").reshape(-1)[0]) if "logprobs" in names else None
                 if mine is not None:
-                    logprobs = (logprobs or []) + mine
+                    logprobs[index] = (logprobs[index] or []) + mine
                 if "generated_text" in names:
                     chunk = result.as_numpy("generated_text").reshape(-1)[0].decode("utf-8")
                     if chunk:
-                        text.append(chunk)
-                        yield Delta(chunk, mine)
+                        text[index].append(chunk)
+                        yield Delta(chunk, mine, index)
                 if "output_tokens" in names:
                     entities = None
                     if "entities" in names:
                         entities = json.loads(result.as_numpy("entities").reshape(-1)[0])
                     yield Final(
-                        "".join(text),
+                        "".join(text[index]),
                         int(result.as_numpy("prompt_tokens").reshape(-1)[0]),
                         int(result.as_numpy("output_tokens").reshape(-1)[0]),
                         result.as_numpy("finish_reason").reshape(-1)[0].decode(),
                         entities,
-                        logprobs,
+                        logprobs[index],
+                        index,
                     )
-                    return
+                    finals += 1
+                    if finals == request.n:
+                        return
                 if response.parameters["triton_final_response"].bool_param:
                     break
         except (InferenceServerException, grpc.RpcError, OSError) as exc:

@@ -64,7 +64,7 @@ class ChatCompletionRequest(BaseModel):
     temperature: float | None = Field(None, ge=0, le=2, description="0 = greedy")
     top_p: float | None = Field(None, gt=0, le=1)
     stream: bool = False
-    n: integer(ge=1, le=1) = Field(1, description="one choice per request")
+    n: integer(ge=1, le=16) = Field(1, description="answers to the same prompt (MAX_N); the prompt is prefilled once")
     # bounds exact in a JSON number (a double): ±2**53
     seed: integer(ge=-(2**53), le=2**53) | None = Field(
         None, description="a sampled answer's own random stream: the same seed gives the same text"
@@ -160,8 +160,10 @@ async def _inline_remote_images(messages: list[dict[str, Any]], settings) -> Non
                     part["image_url"] = {"url": await fetch_as_data_url(url, settings)}
 
 
-def _chunk(completion_id: str, created: int, model: str, delta: dict, finish: str | None = None, logprobs=None) -> str:
-    choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": finish}
+def _chunk(
+    completion_id: str, created: int, model: str, delta: dict, finish: str | None = None, logprobs=None, index: int = 0
+) -> str:
+    choice: dict[str, Any] = {"index": index, "delta": delta, "finish_reason": finish}
     if logprobs is not None:
         choice["logprobs"] = {"content": logprobs}
     return json.dumps(
@@ -175,12 +177,10 @@ def _chunk(completion_id: str, created: int, model: str, delta: dict, finish: st
     )
 
 
-def _usage(final: Final) -> dict[str, int]:
-    return {
-        "prompt_tokens": final.prompt_tokens,
-        "completion_tokens": final.output_tokens,
-        "total_tokens": final.prompt_tokens + final.output_tokens,
-    }
+def _usage(finals: list[Final]) -> dict[str, int]:
+    """The prompt once (it is prefilled once), every answer's tokens."""
+    prompt, output = finals[0].prompt_tokens, sum(f.output_tokens for f in finals)
+    return {"prompt_tokens": prompt, "completion_tokens": output, "total_tokens": prompt + output}
 
 
 def _call(call: ToolCall) -> dict[str, Any]:
@@ -215,6 +215,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     model = check_model(settings, body.model)
     check_max_tokens(settings, body.max_tokens)
     check_max_tokens(settings, body.max_completion_tokens)
+    if body.n > settings.max_n:
+        raise InvalidParameter(f"n must be an integer from 1 to {settings.max_n} (MAX_N), got {body.n}")
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     await _inline_remote_images(body.messages, settings)
     generation = GenerationRequest(
@@ -226,78 +228,94 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         body.stream,
         body.sampling(),
         body.tool_options(),
+        body.n,
     )
     stream = generate(request.app.state.backend, with_defaults(settings, generation), request.app.state.admission)
     first, stream = await first_item(stream)
     completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if not body.stream:
-        final = first
-        while not isinstance(final, Final):
-            final = await anext(stream)
-        message: dict[str, Any] = {"role": "assistant", "content": final.text}
-        finish = _finish(final.finish_reason)
-        if body.calls_tools:
-            content, calls = parse_tool_calls(final.text)
-            if calls:
-                message["content"], message["tool_calls"] = content, [_call(call) for call in calls]
-                finish = "tool_calls" if finish == "stop" else finish
-        if final.entities is not None:
-            message["entities"] = final.entities
+        finals: dict[int, Final] = {}
+        item = first
+        while True:
+            if isinstance(item, Final):
+                finals[item.index] = item
+                if len(finals) == body.n:
+                    break
+            item = await anext(stream)
         return {
             "id": completion_id,
             "object": "chat.completion",
             "created": created,
             "model": model,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": message,
-                    "finish_reason": finish,
-                    "logprobs": {"content": final.logprobs or []} if body.logprobs else None,
-                }
-            ],
-            "usage": _usage(final),
+            "choices": [_choice(body, i, finals[i]) for i in range(body.n)],
+            "usage": _usage(list(finals.values())),
         }
 
     usage_chunk = body.stream_options is not None and body.stream_options.include_usage
 
+    def chunk(index: int, delta: dict, finish: str | None = None, logprobs=None) -> dict:
+        return {"data": _chunk(completion_id, created, model, delta, finish, logprobs, index)}
+
     async def events():
-        yield {"data": _chunk(completion_id, created, model, {"role": "assistant", "content": ""})}
-        held = ToolCallHold() if body.calls_tools else None
+        for index in range(body.n):
+            yield chunk(index, {"role": "assistant", "content": ""})
+        held = {i: ToolCallHold() for i in range(body.n)} if body.calls_tools else None
+        finals: list[Final] = []
         try:
             item = first
             while True:
+                index = getattr(item, "index", 0)
                 if isinstance(item, Final):
+                    finals.append(item)
                     finish = _finish(item.finish_reason)
                     if held is not None:
-                        tail, calls = held.finish()
+                        tail, calls = held[index].finish()
                         if tail:
-                            yield {"data": _chunk(completion_id, created, model, {"content": tail})}
+                            yield chunk(index, {"content": tail})
                         if calls:
-                            delta = {"tool_calls": [{"index": i, **_call(c)} for i, c in enumerate(calls)]}
-                            yield {"data": _chunk(completion_id, created, model, delta)}
+                            yield chunk(index, {"tool_calls": [{"index": i, **_call(c)} for i, c in enumerate(calls)]})
                             finish = "tool_calls" if finish == "stop" else finish
-                    last = json.loads(_chunk(completion_id, created, model, {}, finish))
-                    if not usage_chunk:  # without stream_options.include_usage: on the last chunk, as before
-                        last["usage"] = _usage(item)
+                    last = json.loads(chunk(index, {}, finish)["data"])
+                    if not usage_chunk and len(finals) == body.n:  # on the last chunk, as before
+                        last["usage"] = _usage(finals)
                     if item.entities is not None:
                         last["entities"] = item.entities
                     yield {"data": json.dumps(last)}
-                    if usage_chunk:  # OpenAI's shape: a chunk with no choices, then [DONE]
-                        usage = json.loads(_chunk(completion_id, created, model, {}))
-                        usage["choices"], usage["usage"] = [], _usage(item)
-                        yield {"data": json.dumps(usage)}
-                    break
-                logprobs = getattr(item, "logprobs", None) if body.logprobs else None
-                text = held.push(item) if held is not None else item
-                if text:
-                    yield {"data": _chunk(completion_id, created, model, {"content": text}, logprobs=logprobs)}
+                    if len(finals) == body.n:
+                        if usage_chunk:  # OpenAI's shape: a chunk with no choices, then [DONE]
+                            usage = json.loads(_chunk(completion_id, created, model, {}))
+                            usage["choices"], usage["usage"] = [], _usage(finals)
+                            yield {"data": json.dumps(usage)}
+                        break
+                else:
+                    logprobs = getattr(item, "logprobs", None) if body.logprobs else None
+                    text = held[index].push(item) if held is not None else item
+                    if text:
+                        yield chunk(index, {"content": text}, logprobs=logprobs)
                 item = await anext(stream)
         except EngineError as exc:  # mid-stream: the status line is already sent
             yield {"data": json.dumps({"error": {"message": exc.message, "type": exc.code, "code": exc.code}})}
         yield {"data": "[DONE]"}
 
     return EventSourceResponse(events(), ping=15, headers={"X-Accel-Buffering": "no"})
+
+
+def _choice(body: ChatCompletionRequest, index: int, final: Final) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": final.text}
+    finish = _finish(final.finish_reason)
+    if body.calls_tools:
+        content, calls = parse_tool_calls(final.text)
+        if calls:
+            message["content"], message["tool_calls"] = content, [_call(call) for call in calls]
+            finish = "tool_calls" if finish == "stop" else finish
+    if final.entities is not None:
+        message["entities"] = final.entities
+    return {
+        "index": index,
+        "message": message,
+        "finish_reason": finish,
+        "logprobs": {"content": final.logprobs or []} if body.logprobs else None,
+    }
 
 
 @router.get("/models")

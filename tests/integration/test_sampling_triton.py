@@ -14,6 +14,7 @@ from tests.integration.helpers import infer_http, inputs, stream_grpc, stream_ht
 from vlm_engine.chat import single_turn
 from vlm_engine.engine import VLMEngine
 from vlm_engine.settings import resolve_settings
+from vlm_engine.tools import parse_tool_calls
 
 PROMPT = "Describe the picture."
 
@@ -94,3 +95,44 @@ def test_llm_decoupled_passes_the_seed_on(triton):
 
     assert chat(3) == chat(3)
     assert chat(4) != chat(3) or chat(5) != chat(3)
+
+
+def test_n_answers_from_generate_stream_carry_their_index_and_the_face_refuses_n(triton, png):
+    body = {"prompt": PROMPT, "image": list(png), "max_tokens": 6, "temperature": 1.0}
+    body["sampling_parameters"] = json.dumps({"n": 2, "seed": 9})
+    events = [event for _, event in stream_http(triton.http_url, "llava_stream", body)]
+    finals = {int(e["index"]): e for e in events if "output_tokens" in e}
+    assert sorted(finals) == [0, 1]
+    texts = {i: "".join(e["generated_text"] for e in events if int(e["index"]) == i) for i in (0, 1)}
+    for i in (0, 1):
+        alone = {**body, "sampling_parameters": json.dumps({"seed": 9 + i})}
+        assert texts[i] == "".join(e["generated_text"] for _, e in stream_http(triton.http_url, "llava_stream", alone))
+    client = httpclient.InferenceServerClient(triton.http_url)
+    with pytest.raises(InferenceServerException) as caught:
+        client.infer("llava", inputs(httpclient, PROMPT, png, max_tokens=4, sampling={"n": 2}))
+    assert caught.value.status() == "400" and "llava_stream" in caught.value.message()
+
+
+def test_guides_and_tools_through_the_stream_model(triton, png):
+    body = {"prompt": PROMPT, "image": list(png), "max_tokens": 64, "temperature": 0.0}
+    body["sampling_parameters"] = json.dumps({"guide": {"choice": ["red", "green", "blue"]}})
+    answer = "".join(e["generated_text"] for _, e in stream_http(triton.http_url, "qwen3-vl_stream", body))
+    assert answer in ("red", "green", "blue")
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "zoom",
+                "parameters": {
+                    "type": "object",
+                    "properties": {"f": {"enum": [1, 2]}},
+                    "required": ["f"],
+                    "additionalProperties": False,
+                },
+            },
+        }
+    ]
+    body["sampling_parameters"] = json.dumps({"tools": tools, "tool_choice": "required", "parallel_tool_calls": False})
+    answer = "".join(e["generated_text"] for _, e in stream_http(triton.http_url, "qwen3-vl_stream", body))
+    content, calls = parse_tool_calls(answer)
+    assert content is None and [c.name for c in calls] == ["zoom"] and json.loads(calls[0].arguments)["f"] in (1, 2)

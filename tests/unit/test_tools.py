@@ -23,7 +23,12 @@ WEATHER = {
     "required": ["city", "days"],
     "additionalProperties": False,
 }
-ZOOM = {"type": "object", "properties": {"factor": {"enum": [1, 2, 4]}}, "required": ["factor"]}
+ZOOM = {
+    "type": "object",
+    "properties": {"factor": {"enum": [1, 2, 4]}},
+    "required": ["factor"],
+    "additionalProperties": False,
+}
 TOOLS = [
     {"type": "function", "function": {"name": "get_weather", "description": "Weather", "parameters": WEATHER}},
     {"type": "function", "function": {"name": "zoom", "parameters": ZOOM}},

@@ -52,6 +52,7 @@ class Prepared:
     state: Any = None  # sampling state that outlives a preemption (``sampling.RowState``)
     image_key: str | None = None  # content hash of the request's images (encoded-image caches)
     tools: list[dict[str, Any]] | None = None  # tools the prompt lists (OpenAI's function objects)
+    siblings: list[Prepared] = field(default_factory=list)  # answers 2..n of the same prompt (n > 1)
 
     @property
     def images(self) -> list[Image.Image]:
@@ -155,6 +156,11 @@ class Adapter(ABC):
 
     @abstractmethod
     def decode(self, seqs: list[Any]) -> list[Any]: ...
+
+    def share_prefix(self, source: Any, target: Any, tokens: int) -> bool:
+        """Give ``target`` the K/V of ``source``'s first ``tokens`` prompt tokens (the same
+        prompt), so it need not prefill them; False where the adapter cannot."""
+        return False
 
     def free(self, seq: Any) -> None:
         return None
@@ -493,6 +499,11 @@ class GenerateAdapter(Adapter):
 
     def free(self, seq: Sequence) -> None:
         self.kv.pages.free(seq.key)
+
+    def share_prefix(self, source: Sequence, target: Sequence, tokens: int) -> bool:
+        self.kv.copy_prefix(source.key, target.key, tokens)
+        target.cached = tokens
+        return True
 
     def prefill(self, items: list[tuple[Sequence, int, int]]) -> list[Any]:
         import torch

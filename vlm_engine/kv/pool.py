@@ -51,6 +51,7 @@ class KVCounters:
     largest_gather: int = 0  # the largest one layer's gather (transient memory)
     attended_tokens: int = 0  # key positions attention read, padding included (summed over forwards)
     real_tokens: int = 0  # key positions the rows really have
+    copied: int = 0  # K/V copied from one row's pages to another's (n > 1: a shared prompt)
 
 
 class KVPool:
@@ -80,6 +81,19 @@ class KVPool:
         k = self.keys[layer][read_pages].view(rows, -1, heads, dim).transpose(1, 2)
         v = self.values[layer][read_pages].view(rows, -1, heads, dim).transpose(1, 2)
         return k, v
+
+
+    def copy_prefix(self, source: int, target: int, tokens: int) -> None:
+        """Copy the K/V of ``source``'s first ``tokens`` tokens into ``target``'s pages (held
+        already): whole pages, so the last page's other slots carry garbage that ``target``
+        overwrites before it reads them."""
+        pages = self.pages.pages_for(tokens)
+        src = torch.tensor(self.pages.pages(source)[:pages], device=self.keys[0].device)
+        dst = torch.tensor(self.pages.pages(target)[:pages], device=self.keys[0].device)
+        for layer in range(self.shape.layers):
+            self.keys[layer].index_copy_(0, dst, self.keys[layer].index_select(0, src))
+            self.values[layer].index_copy_(0, dst, self.values[layer].index_select(0, src))
+        self.counters.copied += pages * self.page_size * self.shape.bytes_per_token
 
 
 def budget_bytes(kv_cache_mb: int | None, memory_fraction: float, device: str, fallback: int) -> int:
