@@ -61,7 +61,7 @@ async def _read(request: Request) -> tuple[ChatRequest, bytes | None]:
         raise InvalidRequest(f"invalid chat request: {problems}") from None
     if not has_text(chat.prompt):
         raise InvalidRequest("prompt is empty: send a question or instruction")
-    if chat.image is None:
+    if chat.image is None or chat.image == "":  # "" is no image, as an empty form field is
         return chat, None
     try:
         data = chat.image.split(",", 1)[1] if chat.image.startswith("data:") else chat.image
