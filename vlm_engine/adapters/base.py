@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -156,6 +157,10 @@ class Adapter(ABC):
 
     @abstractmethod
     def decode(self, seqs: list[Any]) -> list[Any]: ...
+
+    def lark_tag(self, text: str) -> str:
+        """``text`` as a Lark literal (``GenerateAdapter``: the token that writes it, if any)."""
+        return json.dumps(text)
 
     def share_prefix(self, source: Any, target: Any, tokens: int) -> bool:
         """Give ``target`` the K/V of ``source``'s first ``tokens`` prompt tokens (the same
@@ -465,8 +470,6 @@ class GenerateAdapter(Adapter):
     def lark_tag(self, text: str) -> str:
         """``text`` in a Lark grammar: its own token (``<[id]>``) where the vocabulary has one
         added for it (Qwen's ``<tool_call>``), else the characters."""
-        import json
-
         token = self.tokenizer.convert_tokens_to_ids(text)
         added = token is not None and token != self.tokenizer.unk_token_id and text in self.tokenizer.get_added_vocab()
         return f"<[{token}]>" if added else json.dumps(text)
