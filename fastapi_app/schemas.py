@@ -126,8 +126,25 @@ ENTITIES = {
     "items": {"type": "object"},
 }
 FINISH = {"enum": ["stop", "length"]}
-MESSAGE = obj(["role", "content"], role={"const": "assistant"}, content=STRING, entities=ENTITIES)
-CHOICE = obj(["index", "message", "finish_reason"], index={"const": 0}, message=MESSAGE, finish_reason=FINISH)
+CALL = obj(
+    ["id", "type", "function"],
+    id=STRING,
+    type={"const": "function"},
+    function=obj(["name", "arguments"], name=STRING, arguments={"type": "string", "description": "JSON text"}),
+)
+MESSAGE = obj(
+    ["role", "content"],
+    role={"const": "assistant"},
+    content={"anyOf": [STRING, {"type": "null"}], "description": "null when the answer is only tool calls"},
+    tool_calls={"type": "array", "minItems": 1, "items": CALL},
+    entities=ENTITIES,
+)
+CHOICE = obj(
+    ["index", "message", "finish_reason"],
+    index=COUNT,
+    message=MESSAGE,
+    finish_reason={"enum": ["stop", "length", "tool_calls"]},
+)
 MODEL = obj(["id", "object", "ready"], id=STRING, object={"const": "model"}, ready={"type": "boolean"})
 TURN = obj(
     ["model", "prompt", "response", "had_image", "created_at"],
@@ -144,7 +161,7 @@ RESPONSE_SCHEMAS: dict[str, Any] = {
         object={"const": "chat.completion"},
         created={"type": "integer"},
         model=STRING,
-        choices={"type": "array", "minItems": 1, "maxItems": 1, "items": CHOICE},
+        choices={"type": "array", "minItems": 1, "items": CHOICE, "description": "n of them, index 0..n-1"},
         usage=USAGE,
     ),
     "ModelList": obj(["object", "data"], object={"const": "list"}, data={"type": "array", "items": MODEL}),
