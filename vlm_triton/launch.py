@@ -55,8 +55,19 @@ def python_libdir() -> str | None:
     return None
 
 
+# Set in tritonserver's environment, so in its stubs': how the stack knows its own stubs
+# (vlm_triton.serve.kill_orphan_stubs) without matching any other process by name.
+MARKER = "VLM_SERVE_STUB_OWNER"
+
+
+def marker() -> str:
+    """This stack's mark: its model repository's checkout."""
+    return f"vlm-serve:{ROOT}"
+
+
 def environment(base: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ if base is None else base)
+    env[MARKER] = marker()
     libs = TRITON_HOME / "unpacked" / "nvidia_pytriton.libs"
     ld_path = [python_libdir(), str(libs) if libs.exists() else None, env.get("LD_LIBRARY_PATH")]
     env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in ld_path if p)

@@ -76,10 +76,14 @@ def stub_processes(server_pid: int) -> dict[int, str]:
     return found
 
 
-def kill_orphan_stubs() -> list[int]:
-    """SIGKILL the stubs whose tritonserver is gone (killed with it, they may live on and keep
-    their memory), and remove their shared-memory regions. A stub's arguments name its
-    server's pid (the 6th) and its region (the 3rd); a live server's stubs are left alone."""
+def kill_orphan_stubs(mark: str | None = None) -> list[int]:
+    """SIGKILL this stack's stubs whose tritonserver is gone (killed with it, they may live on
+    and keep their memory), and remove their shared-memory regions. A stub is this stack's
+    when its environment carries ``launch.MARKER`` with this stack's mark (tritonserver got it
+    from ``launch.environment``); any other process, a stub of another Triton (PyTriton, an
+    embedded server, another deployment) included, is left alone. A stub's arguments name
+    its server's pid (the 6th) and its region (the 3rd); a live server's stubs stay."""
+    wanted = f"{launch.MARKER}={mark or launch.marker()}".encode()
     killed = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -88,6 +92,8 @@ def kill_orphan_stubs() -> list[int]:
             args = (entry / "cmdline").read_bytes().split(b"\0")
             if len(args) < 6 or not args[0].decode(errors="replace").endswith(STUB):
                 continue
+            if wanted not in (entry / "environ").read_bytes().split(b"\0"):
+                continue  # not started by this stack's tritonserver
             server = Path("/proc") / args[5].decode()
             if server.exists() and b"tritonserver" in (server / "cmdline").read_bytes():
                 continue  # its server still runs

@@ -55,6 +55,7 @@ async function loadModels() {
   try {
     const reply = await call("/v1/models");
     const { data } = await reply.json();
+    const chosen = $("model").value;  // the page came with the served models; keep the choice
     $("model").innerHTML = "";
     for (const model of data) {
       const option = new Option(model.ready ? model.id : `${model.id} (not ready)`, model.id);
@@ -62,6 +63,7 @@ async function loadModels() {
     }
     const saved = localStorage.getItem("vlm-model");
     if (saved && data.some((m) => m.id === saved)) $("model").value = saved;
+    else if (data.some((m) => m.id === chosen)) $("model").value = chosen;
   } catch (err) {
     showError(`Could not list the models: ${err}`);
   }

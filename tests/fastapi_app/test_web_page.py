@@ -111,3 +111,16 @@ def test_page_has_no_external_resources(api):
 
     html = httpx.get(api.url + "/").text + httpx.get(api.url + "/static/app.js").text
     assert "http://" not in html.replace("http://127.0.0.1", "") and "https://" not in html
+
+
+def test_first_load_shows_the_models_and_no_broken_image(api, browser):
+    """Before /v1/models answers (here: never), the picker lists the served models, and no
+    image preview, broken icon or "Remove image" button shows before an image is chosen."""
+    page = browser.new_page()
+    page.route("**/v1/models", lambda route: None)  # the model list never arrives
+    page.goto(api.url + "/")
+    expect(page.locator("#model option")).to_have_count(4)
+    assert page.locator("#model").input_value() in ("moondream2", "kosmos2", "llava", "qwen3-vl")
+    for hidden in ("#preview-wrap", "#preview", "#clear-image"):
+        expect(page.locator(hidden)).to_be_hidden()
+    page.close()
