@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
+from typing import TypeVar
+
+from starlette.requests import Request
 
 from fastapi_app import metrics
 from fastapi_app.backends.base import Backend, Final, GenerationRequest
 from fastapi_app.settings import Settings
-from vlm_engine.errors import EngineError, InvalidParameter, Overloaded, UnknownModel
+from vlm_engine.errors import Cancelled, EngineError, InvalidParameter, Overloaded, UnknownModel
+
+T = TypeVar("T")
+DISCONNECT_POLL_S = 0.25
 
 
 def check_model(settings: Settings, model: str | None) -> str:
@@ -96,3 +103,21 @@ async def first_item(stream: AsyncIterator[str | Final]) -> tuple[str | Final, A
     """Wait for the first item so that errors become a status code before a 200 stream starts."""
     item = await anext(stream)
     return item, stream
+
+
+async def unless_gone(request: Request, work: Awaitable[T]) -> T:
+    """``work``, unless the client disconnects first: then ``work`` is cancelled (the generation
+    it awaits stops, its row is freed) and ``Cancelled`` raised. Uvicorn does not cancel a
+    handler whose client left, so a plain answer (or a stream not begun) is watched here."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                task.cancel()
+                raise Cancelled("the client went away")
+    finally:
+        if not task.done():
+            task.cancel()

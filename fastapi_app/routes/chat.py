@@ -16,7 +16,7 @@ from starlette.concurrency import run_in_threadpool
 
 from fastapi_app.backends.base import Final, GenerationRequest
 from fastapi_app.fields import PositiveInteger, form_booleans
-from fastapi_app.generation import check_max_tokens, check_model, first_item, generate, with_defaults
+from fastapi_app.generation import check_max_tokens, check_model, first_item, generate, unless_gone, with_defaults
 from vlm_engine.chat import TEXT_PATTERN, Message, has_text
 from vlm_engine.errors import EngineError, InvalidImage, InvalidRequest, NotFound
 
@@ -99,7 +99,8 @@ async def chat(request: Request):
     )
     started = time.perf_counter()
     state = request.app.state
-    first, stream = await first_item(generate(state.backend, with_defaults(settings, generation), state.admission))
+    generation_stream = generate(state.backend, with_defaults(settings, generation), state.admission)
+    first, stream = await unless_gone(request, first_item(generation_stream))
 
     async def answer(final: Final) -> dict[str, Any]:
         # committed before the answer leaves: an answered turn is never lost
@@ -117,10 +118,13 @@ async def chat(request: Request):
         return result
 
     if not body.stream:
-        item = first
-        while not isinstance(item, Final):
-            item = await anext(stream)
-        return await answer(item)
+
+        async def final_of(item: str | Final) -> Final:
+            while not isinstance(item, Final):
+                item = await anext(stream)
+            return item
+
+        return await answer(await unless_gone(request, final_of(first)))
 
     async def events():
         item = first

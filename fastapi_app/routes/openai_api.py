@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Request
@@ -13,7 +14,14 @@ from sse_starlette.sse import EventSourceResponse
 
 from fastapi_app.backends.base import Final, GenerationRequest
 from fastapi_app.fields import PositiveInteger, integer
-from fastapi_app.generation import check_max_tokens, check_model, first_item, generate, with_defaults
+from fastapi_app.generation import (
+    check_max_tokens,
+    check_model,
+    first_item,
+    generate,
+    unless_gone,
+    with_defaults,
+)
 from fastapi_app.remote_images import fetch_as_data_url
 from vlm_engine.chat import parse_openai_messages
 from vlm_engine.errors import EngineError, InvalidParameter
@@ -231,17 +239,10 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         body.n,
     )
     stream = generate(request.app.state.backend, with_defaults(settings, generation), request.app.state.admission)
-    first, stream = await first_item(stream)
+    first, stream = await unless_gone(request, first_item(stream))
     completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if not body.stream:
-        finals: dict[int, Final] = {}
-        item = first
-        while True:
-            if isinstance(item, Final):
-                finals[item.index] = item
-                if len(finals) == body.n:
-                    break
-            item = await anext(stream)
+        finals = await unless_gone(request, _finals(first, stream, body.n))
         return {
             "id": completion_id,
             "object": "chat.completion",
@@ -298,6 +299,17 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         yield {"data": "[DONE]"}
 
     return EventSourceResponse(events(), ping=15, headers={"X-Accel-Buffering": "no"})
+
+
+async def _finals(item: str | Final, stream: AsyncIterator[str | Final], n: int) -> dict[int, Final]:
+    """The n answers' last items, by index."""
+    finals: dict[int, Final] = {}
+    while True:
+        if isinstance(item, Final):
+            finals[item.index] = item
+            if len(finals) == n:
+                return finals
+        item = await anext(stream)
 
 
 def _choice(body: ChatCompletionRequest, index: int, final: Final) -> dict[str, Any]:

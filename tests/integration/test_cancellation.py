@@ -13,10 +13,11 @@ import time
 import httpx
 import pytest
 import requests
+import tritonclient.grpc as grpcclient
 
 from tests.conftest import image_bytes, start_triton
 from tests.fastapi_app.conftest import ApiProcess, api_env
-from tests.integration.helpers import GrpcStream, metric
+from tests.integration.helpers import GrpcStream, inputs, metric
 
 MODEL = "llava"
 LONG = 1500
@@ -53,15 +54,17 @@ def wait_running(triton, rows: int, deadline_s: float) -> bool:
 
 
 def kserve_infer(triton, _api) -> None:
-    body = {
-        "inputs": [
-            {"name": "prompt", "datatype": "BYTES", "shape": [1, 1], "data": ["Describe this."]},
-            {"name": "image", "datatype": "UINT8", "shape": [1, len(IMAGE)], "data": list(IMAGE)},
-            {"name": "max_tokens", "datatype": "INT32", "shape": [1, 1], "data": [LONG]},
-        ]
-    }
-    with pytest.raises(requests.exceptions.ReadTimeout):  # the client gives up: its connection closes
-        requests.post(f"http://{triton.http_url}/v2/models/{MODEL}/infer", json=body, timeout=2.0)
+    """KServe infer over gRPC, cancelled by the client (Triton's HTTP frontend cannot cancel a
+    request: only its gRPC frontend and C API can, so an HTTP infer whose client leaves runs on)."""
+    client = grpcclient.InferenceServerClient(triton.grpc_url)
+    done = threading.Event()
+    call = client.async_infer(
+        MODEL, inputs(grpcclient, "Describe this.", IMAGE, max_tokens=LONG), lambda result, error: done.set()
+    )
+    assert wait_running(triton, 1, 10), "the infer did not start"
+    call.cancel()
+    done.wait(10)
+    client.close()
 
 
 def generate_stream(triton, _api) -> None:
