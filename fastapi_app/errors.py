@@ -32,6 +32,9 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
         if error["type"] == "json_invalid":
             return f"request body is not valid JSON: {error.get('ctx', {}).get('error', error['msg'])}", None
         param = param or (".".join(loc) or None)
+        if error["type"] == "extra_forbidden":  # OpenAI's words for an argument it does not know
+            problems.append(f"unrecognized request argument supplied: {'.'.join(loc)}")
+            continue
         problems.append(f"{'.'.join(loc) or 'body'}: {error['msg']}")
     return "invalid request: " + "; ".join(problems), param
 

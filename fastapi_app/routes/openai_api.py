@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from sse_starlette.sse import EventSourceResponse
 
 from fastapi_app.backends.base import Final, GenerationRequest
@@ -57,11 +57,23 @@ class ResponseFormat(BaseModel):
     json_schema: JsonSchemaFormat | None = Field(None, description="required with type json_schema")
 
 
+UNSUPPORTED = {
+    "logit_bias": "token biases are not applied; use guided_choice or response_format to constrain the answer",
+    "functions": "the legacy functions API is not served; send tools",
+    "function_call": "the legacy functions API is not served; send tool_choice",
+    "audio": "answers are text only",
+    "modalities": "answers are text only",
+    "prediction": "predicted outputs (speculative decoding) are not served",
+    "web_search_options": "no web search here",
+    "reasoning_effort": "these models do not reason in hidden steps",
+}
+
+
 class ChatCompletionRequest(BaseModel):
     """Strict types (no "5" for 5); the message shapes, the model enum and the API's max_tokens
     maximum are in the OpenAPI document (``fastapi_app.openapi``) and checked by the engine."""
 
-    model_config = ConfigDict(extra="allow", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str = Field(description="one of the served models (GET /v1/models)")
     messages: list[dict[str, Any]] = Field(
@@ -105,6 +117,24 @@ class ChatCompletionRequest(BaseModel):
         description='"none", "auto" (the default with tools), "required" or {"type": "function", "function": {"name"}}',
     )
     parallel_tool_calls: bool | None = Field(None, description="false: at most one call (with required)")
+    # OpenAI's fields that change nothing here: accepted
+    user: str | None = Field(None, description="accepted; not used")
+    metadata: dict[str, str] | None = Field(None, description="accepted; not stored")
+    store: bool | None = Field(None, description="accepted; nothing is stored")
+    service_tier: str | None = Field(None, description="accepted; one tier")
+    prompt_cache_key: str | None = Field(None, description="accepted; not used")
+    safety_identifier: str | None = Field(None, description="accepted; not used")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_what_cannot_be_honoured(cls, values: Any) -> Any:
+        """OpenAI's fields this server cannot honour are a 400 that says so (never ignored);
+        any other unknown field is a 400 too ("unrecognized request argument")."""
+        if isinstance(values, dict):
+            for name, why in UNSUPPORTED.items():
+                if values.get(name) is not None:
+                    raise InvalidParameter(f"{name} is not supported here: {why}")
+        return values
 
     def tool_options(self) -> dict[str, Any] | None:
         if self.tools is None and self.tool_choice is None:

@@ -82,3 +82,23 @@ def test_moondream2_refuses_what_it_cannot_honour(any_api, png):
     with pytest.raises(openai.BadRequestError) as caught:
         ask(any_api, png, model="moondream2", seed=3)
     assert "moondream2 does not support seed" in json.dumps(caught.value.body)
+
+
+@pytest.mark.parametrize(
+    ("extra", "says"),
+    [
+        ({"logit_bias": {"50": 10}}, "logit_bias is not supported here"),
+        ({"functions": [{"name": "f"}]}, "functions is not supported here: the legacy functions API"),
+        ({"modalities": ["text", "audio"]}, "modalities is not supported here"),
+        ({"colour": "blue"}, "unrecognized request argument supplied: colour"),
+    ],
+)
+def test_fields_that_cannot_be_honoured_are_refused_not_ignored(any_api, png, extra, says):
+    with pytest.raises(openai.BadRequestError) as caught:
+        ask(any_api, png, extra_body=extra)
+    assert says in json.dumps(caught.value.body)
+
+
+def test_openai_fields_that_change_nothing_are_accepted(any_api, png):
+    reply = ask(any_api, png, user="u-1", metadata={"team": "a"}, store=False, max_tokens=3)
+    assert reply.choices[0].message.content is not None
