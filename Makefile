@@ -62,8 +62,8 @@ loadtest: install  ## locust through nginx (HOST, USERS, SPAWN_RATE, DURATION, P
 loadtest-ui: install  ## locust's web UI for the same load tests on http://127.0.0.1:8089
 	$(PYTHON) -m loadtests.run --ui
 
-soak: install tiny-models  ## mixed load on a stack of its own for DURATION (10m) with faults injected; a report
-	HF_HUB_OFFLINE=1 $(PYTHON) -m loadtests.soak
+soak: install tiny-models  ## load on a stack of its own for DURATION (10m), faults injected (SOAK_ARGS="--profile infer --users 16 --no-faults": the KServe soak)
+	HF_HUB_OFFLINE=1 $(PYTHON) -m loadtests.soak $(SOAK_ARGS)
 
 bench: install tiny-models  ## benchmark (batching, gateway, streaming, cold start) -> benchmarks/results/
 	HF_HUB_OFFLINE=1 $(PYTHON) -m benchmarks.bench
