@@ -22,7 +22,7 @@ from pathlib import Path
 
 import httpx
 
-from benchmarks import kv_memory, load, scheduling
+from benchmarks import kv_memory, load, routes, scheduling
 from benchmarks.report import write_report
 from loadtests import payloads
 from loadtests.burst import burst, refusal_figures
@@ -195,7 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--open-loop-seconds", type=float, default=30.0, help="open loop: arrivals per rate")
     parser.add_argument("--long-tokens", type=int, default=1024, help="head-of-line: the long answer's max_tokens")
     parser.add_argument(
-        "--only", default="", help="comma-separated parts: kv, gain, head_of_line, open_loop, stack (default: all)"
+        "--only",
+        default="",
+        help="comma-separated parts: kv, gain, head_of_line, open_loop, stack, routes (default: all)",
     )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
@@ -210,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         "checkpoints": str(args.models_dir),
         "tiny": (args.models_dir / MODEL / "tiny.json").exists(),
     }
-    parts = set(filter(None, args.only.split(","))) or {"kv", "gain", "head_of_line", "open_loop", "stack"}
+    parts = set(filter(None, args.only.split(","))) or {"kv", "gain", "head_of_line", "open_loop", "stack", "routes"}
     if "kv" in parts:
         say("the engine's KV memory: join/leave writes, peak over live, padding, pace, tokens/s vs generate")
         result["kv"] = kv_memory.measure_kv(args.models_dir, say)
@@ -227,6 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     if "stack" in parts:
         say("the stack: cold start, gateway overhead, streaming, in-process vs Triton")
         result["stack"] = measure_stack(args.models_dir, args.requests)
+    if "routes" in parts:
+        say("three routes to llava through port 80 at c=16: KServe infer, OpenAI plain, OpenAI streamed")
+        result["routes"] = routes.run(args.models_dir.resolve())
     result["seconds"] = round(time.perf_counter() - started, 1)
     paths = write_report(result, args.out)
     for path in paths:
