@@ -11,7 +11,7 @@ from typing import TypeVar
 from starlette.requests import Request
 
 from fastapi_app import metrics
-from fastapi_app.backends.base import Backend, Final, GenerationRequest
+from fastapi_app.backends.base import Backend, Delta, Final, GenerationRequest
 from fastapi_app.settings import Settings
 from vlm_engine.errors import Cancelled, EngineError, InvalidParameter, Overloaded, UnknownModel
 
@@ -121,3 +121,60 @@ async def unless_gone(request: Request, work: Awaitable[T]) -> T:
     finally:
         if not task.done():
             task.cancel()
+
+
+async def coalesced(stream: AsyncIterator[str | Final]) -> AsyncIterator[str | Final]:
+    """``stream``, with the text chunks that piled up while the caller was busy (writing the
+    last event to a slow client, or the event loop full) joined into one per answer: a client
+    that keeps up gets every chunk as it comes, one that falls behind gets fewer, larger ones
+    instead of a growing backlog. ``Final`` items and errors keep their place."""
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pull() -> None:
+        try:
+            async for item in stream:
+                queue.put_nowait(item)
+        except BaseException as exc:  # handed on, in order
+            queue.put_nowait(exc)
+        finally:
+            queue.put_nowait(done)
+
+    task = asyncio.ensure_future(pull())
+    try:
+        while True:
+            items = [await queue.get()]
+            while not queue.empty():
+                items.append(queue.get_nowait())
+            for item in _join_text(items):
+                if item is done:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+    finally:
+        if not task.done():
+            task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+def _join_text(items: list) -> list:
+    """Consecutive text chunks of one answer (nothing of that answer between) become one."""
+    out: list = []
+    last: dict[int, int] = {}  # answer index -> place in out of its open text chunk
+    for item in items:
+        if isinstance(item, str):
+            index = getattr(item, "index", 0)
+            at = last.get(index)
+            if at is not None:
+                before = out[at]
+                logprobs = (getattr(before, "logprobs", None) or []) + (getattr(item, "logprobs", None) or [])
+                out[at] = Delta(before + item, logprobs or None, index)
+                continue
+            last[index] = len(out)
+        elif isinstance(item, Final):
+            last.pop(item.index, None)
+        else:
+            last.clear()
+        out.append(item)
+    return out

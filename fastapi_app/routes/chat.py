@@ -16,7 +16,15 @@ from starlette.concurrency import run_in_threadpool
 
 from fastapi_app.backends.base import Final, GenerationRequest
 from fastapi_app.fields import PositiveInteger, form_booleans
-from fastapi_app.generation import check_max_tokens, check_model, first_item, generate, unless_gone, with_defaults
+from fastapi_app.generation import (
+    check_max_tokens,
+    check_model,
+    coalesced,
+    first_item,
+    generate,
+    unless_gone,
+    with_defaults,
+)
 from vlm_engine.chat import TEXT_PATTERN, Message, has_text
 from vlm_engine.errors import EngineError, InvalidImage, InvalidRequest, NotFound
 
@@ -100,6 +108,8 @@ async def chat(request: Request):
     started = time.perf_counter()
     state = request.app.state
     generation_stream = generate(state.backend, with_defaults(settings, generation), state.admission)
+    if body.stream:
+        generation_stream = coalesced(generation_stream)  # a client that falls behind gets fewer, larger chunks
     first, stream = await unless_gone(request, first_item(generation_stream))
 
     async def answer(final: Final) -> dict[str, Any]:

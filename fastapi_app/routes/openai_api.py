@@ -17,6 +17,7 @@ from fastapi_app.fields import PositiveInteger, integer
 from fastapi_app.generation import (
     check_max_tokens,
     check_model,
+    coalesced,
     first_item,
     generate,
     unless_gone,
@@ -269,6 +270,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         body.n,
     )
     stream = generate(request.app.state.backend, with_defaults(settings, generation), request.app.state.admission)
+    if body.stream:
+        stream = coalesced(stream)  # a client that falls behind gets fewer, larger chunks
     first, stream = await unless_gone(request, first_item(stream))
     completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if not body.stream:
