@@ -152,8 +152,10 @@ class ChatCompletionRequest(BaseModel):
 
     def guide(self) -> dict[str, Any] | None:
         """The one structured-output constraint asked for, in the engine's shape."""
-        asked = {}
-        if self.response_format is not None and self.response_format.type != "text":
+        asked: dict[str, Any] = {}
+        if self.response_format is not None and self.response_format.type == "text":
+            asked["response_format"] = None  # plain text: no guide, but still one field of the four
+        elif self.response_format is not None:
             if self.response_format.type == "json_object":
                 asked["response_format"] = {"json_object": True}
             elif self.response_format.json_schema is None:
