@@ -177,11 +177,17 @@ def _requests(schema: dict[str, Any], settings: Settings) -> None:
     for name in ("max_tokens", "max_completion_tokens"):
         _with_maximum(completion[name], settings.max_tokens_cap)
     _with_maximum(completion["n"], settings.max_n)
+    # top_logprobs (any number) only with logprobs: true, as OpenAI has it (dependentSchemas, not
+    # if/then: schemathesis can generate from the document only while its rules stay few)
+    components["ChatCompletionRequest"]["dependentSchemas"] = {
+        "top_logprobs": {
+            "anyOf": [
+                {"properties": {"top_logprobs": NULL}},
+                {"properties": {"logprobs": {"const": True}}, "required": ["logprobs"]},
+            ]
+        }
+    }
     components["ChatCompletionRequest"]["allOf"] = [
-        {  # top_logprobs (any number) only with logprobs: true, as OpenAI has it
-            "if": {"properties": {"top_logprobs": {"type": "integer"}}, "required": ["top_logprobs"]},
-            "then": {"properties": {"logprobs": {"const": True}}, "required": ["logprobs"]},
-        },
         {  # moondream2 runs its own generation code: none of the per-row sampling options
             "if": {"properties": {"model": {"const": "moondream2"}}, "required": ["model"]},
             "then": {
