@@ -21,6 +21,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "artifacts"
+ARTIFACTS.mkdir(exist_ok=True)  # logs of the servers tests start
 
 
 @pytest.fixture(scope="session")
@@ -44,7 +45,9 @@ def jpeg() -> bytes:
 
 
 # Small limits so that the limit checks are cheap to exercise; they are settings like any other.
-TRITON_ENV = {"MAX_IMAGE_PIXELS": "1000000", "MAX_PROMPT_TOKENS": "512", "MAX_TOKENS_CAP": "64"}
+# STREAM_GAP_MS=0: every token its own response, so the streaming tests see real chunks from
+# these fast tiny models (the gap has its own test, test_stream_gap_coalesces_a_fast_rows_text)
+TRITON_ENV = {"MAX_IMAGE_PIXELS": "1000000", "MAX_PROMPT_TOKENS": "512", "MAX_TOKENS_CAP": "64", "STREAM_GAP_MS": "0"}
 
 
 def start_triton(

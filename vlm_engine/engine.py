@@ -113,6 +113,7 @@ class VLMEngine:
             s.stream_interval,
             s.max_queue_wait_s,
             self.on_fatal,
+            s.stream_gap_ms,
         )
         if s.warmup:
             self.warmup()

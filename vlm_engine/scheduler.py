@@ -103,6 +103,7 @@ class Row:
     pending_logprobs: list[dict] = field(default_factory=list)  # of the tokens behind ``pending``
     held: int = 0  # steps since text was last sent
     started: bool = False  # some text was sent
+    sent_at: float = 0.0  # monotonic time text was last sent
     seq: Any = None  # the adapter's sequence while the row holds KV memory
     prompt: int = 0  # tokens its prefill takes (prompt, and answer so far after a preemption)
     prefilled: int = 0
@@ -140,6 +141,7 @@ class Scheduler:
         stream_interval: int = 1,
         max_queue_wait_s: float = 60.0,
         on_fatal: Callable[[BaseException], None] | None = None,
+        stream_gap_ms: float = 0.0,
     ):
         self.adapter = adapter
         self.name = name
@@ -148,6 +150,7 @@ class Scheduler:
         self.max_waiting = max_waiting
         self.prefill_budget = prefill_budget
         self.stream_interval = stream_interval
+        self.stream_gap_s = stream_gap_ms / 1000
         self.max_queue_wait_s = max_queue_wait_s
         self.metrics = metrics or Metrics()
         self.on_fatal = on_fatal
@@ -314,7 +317,7 @@ class Scheduler:
         waited too long free their place."""
         for row in self._running:
             if row.gone and not row.done:
-                self._finish(row, "cancelled")
+                self._finish(row, "cancelled", row.pending)  # text held back goes with the result
         keep = [row for row in self._running if not row.done]
         for row in self._running:
             if row.done:
@@ -566,6 +569,7 @@ class Scheduler:
 
     def _apply(self, rows: list[Row], outputs: list[Any]) -> None:
         produced = 0
+        now = time.monotonic()
         for row, output in zip(rows, outputs, strict=True):
             if row.done:
                 continue
@@ -583,13 +587,19 @@ class Scheduler:
                 self._finish(row, "stop", row.pending)
             elif row.tokens >= row.prepared.params.max_tokens:
                 self._finish(row, "length", row.pending)
-            elif row.pending and (row.held >= self.stream_interval or not row.started):
+            elif row.pending and (not row.started or self._due(row, now)):
                 self._send(row, Event(row.pending, logprobs=row.pending_logprobs or None))  # the first at once
                 row.pending, row.held, row.started, row.pending_logprobs = "", 0, True, []
+                row.sent_at = now
         if any(row.done for row in rows):
             self._hold = 0  # a row left: memory came back
         self.stats.tokens += produced
         self._measure(self.metrics.tokens, produced)
+
+    def _due(self, row: Row, now: float) -> bool:
+        """A started row's held text goes out after ``stream_interval`` tokens and, when a
+        gap is set, no sooner than ``stream_gap_ms`` after its last text."""
+        return row.held >= self.stream_interval and now - row.sent_at >= self.stream_gap_s
 
     # -- row endings
 

@@ -64,6 +64,12 @@ class ModelSettings(BaseModel):
     max_running: int = Field(16, ge=1, description="rows decoding together at most")
     max_waiting: int = Field(64, ge=1, description="requests queued beyond that are refused (503)")
     stream_interval: int = Field(1, ge=1, description="tokens per streamed chunk at most (1: every token)")
+    stream_gap_ms: float = Field(
+        40.0,
+        ge=0,
+        le=1000,
+        description="a row's streamed text at most once per this many ms (its first at once); 0: every STREAM_INTERVAL",
+    )
     prefill_budget: int = Field(
         512, ge=1, description="prompt tokens prefilled per scheduler turn, in chunks (an image is never split)"
     )

@@ -7,7 +7,7 @@ import json
 import pytest
 import tritonclient.http as httpclient
 
-from tests.conftest import image_bytes
+from tests.conftest import image_bytes, start_triton
 from tests.integration.helpers import (
     GREEDY,
     MODELS,
@@ -94,6 +94,23 @@ def test_generate_stream_chunks_join_to_the_greedy_answer(triton, model, png):
     texts = [event["generated_text"] for _, event in events]
     assert len([t for t in texts[:-1] if t]) >= 2, f"too few chunks before the last: {texts}"
     assert "".join(texts) == expected
+
+
+def test_stream_gap_coalesces_a_fast_rows_text(tiny_models_dir, triton, png):
+    """The stream models' ``stream_gap_ms`` (here LLAVA_STREAM_GAP_MS, which beats the shared
+    0 of these tests): a row's first text at once, then nothing sooner than the gap after it,
+    so an answer faster than the gap comes as two responses with the same text."""
+    expected = infer_http(triton.http_url, "llava", "Describe the picture.", png, max_tokens=12, **GREEDY)
+    gapped = start_triton(
+        tiny_models_dir, "tritonserver-stream-gap.log", models=["llava_stream"], env={"LLAVA_STREAM_GAP_MS": "1000"}
+    )
+    try:
+        body = {"prompt": "Describe the picture.", "image": list(png), "max_tokens": 12, "temperature": 0.0}
+        texts = [event["generated_text"] for _, event in stream_http(gapped.http_url, "llava_stream", body)]
+    finally:
+        gapped.stop()
+    assert "".join(texts) == expected
+    assert len([t for t in texts if t]) == 2, f"the first text, then the rest with the result: {texts}"
 
 
 @pytest.mark.parametrize("model", MODELS)

@@ -299,7 +299,7 @@ def test_extreme_but_valid_values_pick_the_likeliest_token(temperature, top_p):
 
 
 def test_stream_interval_sends_fewer_chunks_with_the_same_text(tiny_models_dir):
-    every, grouped = (make_engine(tiny_models_dir, "llava", STREAM_INTERVAL=n) for n in ("1", "4"))
+    every, grouped = (make_engine(tiny_models_dir, "llava", STREAM_INTERVAL=n, STREAM_GAP_MS="0") for n in ("1", "4"))
     try:
         chunks = {}
         for name, engine in (("every", every), ("grouped", grouped)):
@@ -311,3 +311,22 @@ def test_stream_interval_sends_fewer_chunks_with_the_same_text(tiny_models_dir):
         assert chunks["grouped"][0] == chunks["every"][0], "the first text is sent at once"
     finally:
         every.close(), grouped.close()
+
+
+def test_stream_gap_limits_how_often_a_row_sends_text(tiny_models_dir):
+    """STREAM_GAP_MS: a started row's text waits until that long after its last text; the
+    first text still goes at once and nothing is lost (the rest comes with the result)."""
+    every = make_engine(tiny_models_dir, "llava", STREAM_GAP_MS="0")
+    gapped = make_engine(tiny_models_dir, "llava", STREAM_GAP_MS="1000")  # longer than the whole answer
+    try:
+        chunks = {}
+        for name, engine in (("every", every), ("gapped", gapped)):
+            request = Request(engine, prepare(engine, 1, 24))
+            request.result()
+            chunks[name] = [t for t in request.texts if t]
+        assert "".join(chunks["every"]) == "".join(chunks["gapped"])
+        assert len(chunks["every"]) > 2
+        assert len(chunks["gapped"]) == 2, "the first text at once, everything else with the result"
+        assert chunks["gapped"][0] == chunks["every"][0]
+    finally:
+        every.close(), gapped.close()

@@ -82,7 +82,6 @@ class KVPool:
         v = self.values[layer][read_pages].view(rows, -1, heads, dim).transpose(1, 2)
         return k, v
 
-
     def copy_prefix(self, source: int, target: int, tokens: int) -> None:
         """Copy the K/V of ``source``'s first ``tokens`` tokens into ``target``'s pages (held
         already): whole pages, so the last page's other slots carry garbage that ``target``
