@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,6 +107,23 @@ def _docker_daemon_here() -> bool:
         return False
 
 
+def foreign_stub(directory: Path, mark: str | None) -> subprocess.Popen:
+    """A process that looks like a Python-backend stub whose server is gone (its command line
+    names ``triton_python_backend_stub`` and a dead parent pid), started by someone else: no
+    mark of this stack, or another stack's mark. Stub clean-up must leave it alone."""
+    from vlm_triton import launch
+    from vlm_triton.serve import STUB
+
+    env = {k: v for k, v in os.environ.items() if k != launch.MARKER}
+    if mark is not None:
+        env[launch.MARKER] = mark
+    args = [str(directory / STUB), "-c", "import time; time.sleep(3600)", "model", "1", "999999"]
+    return subprocess.Popen(args, executable=sys.executable, env=env)
+
+
+FOREIGN_STUBS: list[subprocess.Popen] = []  # started before the stack, checked after it stopped
+
+
 @pytest.fixture(scope="session")
 def stack(tiny_models_dir):
     if os.environ.get("E2E_STACK_URL"):
@@ -114,8 +132,12 @@ def stack(tiny_models_dir):
     run_dir = ARTIFACTS / "stack"
     env = ephemeral_stack_env(run_dir, tiny_models_dir)
     env["MAX_TOKENS_CAP"] = TRITON_ENV["MAX_TOKENS_CAP"]  # the API's maximum: keeps fuzzed requests short
+    # moondream2 streams every token (test_generate_stream_arrives_over_time checks that nginx
+    # passes each on at once); the other models keep the default STREAM_GAP_MS
+    env["MOONDREAM2_STREAM_GAP_MS"] = "0"
     if _docker_daemon_here():  # this suite is about the local stack; Compose has its own
         env["VLM_STACK_MODE"] = "local"
+    FOREIGN_STUBS[:] = [foreign_stub(ARTIFACTS, None), foreign_stub(ARTIFACTS, "another-deployment")]
     up = _run("up", env)
     (ARTIFACTS / "stack-up.log").write_text(up.stdout + up.stderr)
     assert up.returncode == 0, f"stack did not come up:\n{up.stdout[-3000:]}\n{up.stderr[-3000:]}"
@@ -132,3 +154,8 @@ def stack(tiny_models_dir):
         pids = list((run_dir / "pids").glob("*.pid"))
         assert down.returncode == 0 and not pids, f"stack not stopped: {down.stdout} {pids}"
         assert "stopped" in status.stdout and "ready " not in status.stdout.replace("NOT ready", "")
+        alive = [stub.poll() is None for stub in FOREIGN_STUBS]
+        for stub in FOREIGN_STUBS:
+            stub.kill()
+            stub.wait()
+        assert all(alive), f"the stack's start or stop killed another deployment's stub-like process: {alive}"

@@ -13,6 +13,7 @@ import requests
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 
+from tests.conftest import FOREIGN_STUBS
 from tests.integration.helpers import GREEDY, MODELS, inputs, text_of
 
 
@@ -57,6 +58,15 @@ def test_openai_sdk_streaming_through_nginx(stack, png):
     )
     deltas = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
     assert len(deltas) >= 2 and "".join(deltas).strip()
+
+
+def test_stub_like_processes_of_others_survive_the_stacks_start(stack):
+    """The stack kills only stubs its own tritonserver started: a stub-like process with no
+    mark or another deployment's mark, started before ``up``, is still there (the fixture
+    checks again after ``down``)."""
+    if not FOREIGN_STUBS:
+        pytest.skip("the stack was started elsewhere (E2E_STACK_URL): no stub-like processes were planted")
+    assert [stub.poll() for stub in FOREIGN_STUBS] == [None, None]
 
 
 def test_generate_stream_arrives_over_time_not_in_one_lump(stack):
