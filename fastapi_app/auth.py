@@ -1,5 +1,6 @@
 """API keys: ``API_KEYS`` (comma-separated) or ``API_KEYS_FILE`` (one per line) turn on
-``Authorization: Bearer <key>`` for ``/v1`` and ``/api``, and for Triton's routes through
+``Authorization: Bearer <key>`` for ``/v1``, ``/api`` and ``/v2/models`` (the service's own
+KServe face, local backend), and for Triton's routes through
 nginx, which asks ``GET /auth/check`` (``auth_request``). Health, the page and its static
 files stay open. Keys are compared in constant time and never logged."""
 
@@ -9,7 +10,7 @@ import hmac
 import json
 from pathlib import Path
 
-PROTECTED = ("/v1/", "/api/")
+PROTECTED = ("/v1/", "/api/", "/v2/models/")  # the last: the service's own KServe face (local backend)
 MESSAGE = "missing or wrong API key: send the header 'Authorization: Bearer <key>'"
 
 
@@ -38,6 +39,8 @@ def authorized(keys: tuple[str, ...], header: bytes | str | None) -> bool:
 
 
 def unauthorized_body(path: str) -> bytes:
+    if path.startswith("/v2/"):
+        return json.dumps({"error": MESSAGE}).encode()  # Triton's error body
     if path.startswith("/v1/"):
         error = {"message": MESSAGE, "type": "invalid_request_error", "param": None, "code": "invalid_api_key"}
         body = {"error": error}

@@ -14,7 +14,7 @@ from fastapi_app.backends import make_backend
 from fastapi_app.generation import Admission
 from fastapi_app.history import HistoryStore
 from fastapi_app.middleware import BodyLimit, RequestMetrics
-from fastapi_app.routes import chat, health, openai_api, web
+from fastapi_app.routes import chat, health, kserve, openai_api, web
 from fastapi_app.settings import Settings
 
 log = logging.getLogger("fastapi_app")
@@ -46,6 +46,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     errors.install(app)
     openapi.install(app)
     routers = (openai_api.router, chat.router, health.router, web.router)
+    if settings.inference_backend == "local":  # KServe v2 answered here; with Triton, nginx sends /v2 to Triton
+        routers += (kserve.router,)
     for router in routers:
         app.include_router(router)
     app.state.routes = [route for router in routers for route in router.routes]  # for 405's Allow

@@ -6,6 +6,9 @@ if [ -n "${VLM_STACK_MODE:-}" ]; then
   case "$VLM_STACK_MODE" in gpu|cpu|local) echo "$VLM_STACK_MODE"; exit 0 ;; esac
   echo "VLM_STACK_MODE must be gpu, cpu or local, got '$VLM_STACK_MODE'" >&2; exit 2
 fi
+if [ "${INFERENCE_BACKEND:-}" = "local" ]; then
+  echo local; exit 0  # no tritonserver: the service answers KServe v2 itself (local processes only)
+fi
 docker_ok() {
   command -v docker >/dev/null 2>&1 || return 1
   timeout 20 docker info >/dev/null 2>&1 || return 1

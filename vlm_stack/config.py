@@ -91,9 +91,18 @@ class StackConfig:
             env=env,
         )
 
+    @property
+    def without_triton(self) -> bool:
+        """``INFERENCE_BACKEND=local``: no tritonserver; the service runs the engine and answers
+        KServe v2 over HTTP itself (nginx sends ``/v2`` to it)."""
+        return self.env.get("INFERENCE_BACKEND", "triton") == "local"
+
     def replicas(self) -> list[Replica]:
         """``TRITON_REPLICAS`` tritonservers; the first on the Triton ports, replica i on them
-        + 10*i, or on ``TRITON_REPLICA_PORTS`` ("http:grpc:metrics:health,..." for 1, 2, ...)."""
+        + 10*i, or on ``TRITON_REPLICA_PORTS`` ("http:grpc:metrics:health,..." for 1, 2, ...).
+        None without Triton."""
+        if self.without_triton:
+            return []
         given = [p.split(":") for p in self.replica_ports.split(",") if p.strip()]
         replicas = []
         for i in range(self.triton_replicas):
@@ -132,7 +141,7 @@ class StackConfig:
 
     def triton_grpc_target(self) -> str:
         """The service's gRPC target: one address, or all replicas' for round-robin."""
-        addresses = [f"127.0.0.1:{r.grpc_port}" for r in self.replicas()]
+        addresses = [f"127.0.0.1:{r.grpc_port}" for r in self.replicas()] or [f"127.0.0.1:{self.triton_grpc_port}"]
         return addresses[0] if len(addresses) == 1 else "ipv4:" + ",".join(addresses)
 
     def nginx_vars(self) -> dict[str, str]:
@@ -142,8 +151,11 @@ class StackConfig:
             "NGINX_GRPC_PORT": f"127.0.0.1:{self.nginx_grpc_port}",
             "NGINX_STATUS_PORT": f"127.0.0.1:{self.nginx_status_port}",
             "FASTAPI_SERVERS": f"server 127.0.0.1:{self.api_port};",
-            "TRITON_HTTP_SERVERS": " ".join(f"server 127.0.0.1:{r.http_port};" for r in self.replicas()),
-            "TRITON_GRPC_SERVERS": " ".join(f"server 127.0.0.1:{r.grpc_port};" for r in self.replicas()),
+            # without Triton, /v2 goes to the service (KServe v2 over HTTP); gRPC is not served then
+            "TRITON_HTTP_SERVERS": " ".join(f"server 127.0.0.1:{r.http_port};" for r in self.replicas())
+            or f"server 127.0.0.1:{self.api_port};",
+            "TRITON_GRPC_SERVERS": " ".join(f"server 127.0.0.1:{r.grpc_port};" for r in self.replicas())
+            or f"server 127.0.0.1:{self.api_port};",
             "NGINX_MAX_BODY": self.max_body,
             "NGINX_ACCESS_LOG": str(self.run_dir / "logs" / "nginx-access.log"),
             "NGINX_AUTH_REQUEST": "/_auth" if self.env.get("API_KEYS") or self.env.get("API_KEYS_FILE") else "off",

@@ -96,6 +96,8 @@ class LocalStack:
             "MAX_BODY_BYTES": str(c.max_body_bytes()),
         }
         api_env["TRITON_HEALTH_URL"] = ",".join(f"http://127.0.0.1:{r.health_port}" for r in replicas)
+        if c.without_triton and c.models_dir:
+            api_env["VLM_MODELS_DIR"] = c.models_dir  # the service loads the models itself
         services = [
             Service(
                 replica.name,
@@ -308,7 +310,7 @@ class LocalStack:
     def up(self, timeout_s: float = 900) -> None:
         for line in self.missing():
             say(f"missing: {line}")
-        if any(line.startswith("tritonserver") for line in self.missing()):
+        if not self.c.without_triton and any(line.startswith("tritonserver") for line in self.missing()):
             raise SystemExit("cannot start without tritonserver: run `make install`")
         check_port_privilege(self.c.nginx_port, os.geteuid())
         self.c.check_ports()
@@ -334,6 +336,8 @@ class LocalStack:
         for service in services[len(tritons) :]:
             self.start(service)
             self.wait(service, timeout_s)
+        if self.c.without_triton:
+            say("INFERENCE_BACKEND=local: no tritonserver; the service answers KServe v2 over HTTP (/v2), not gRPC")
         self.print_urls()
 
     def down(self) -> None:
@@ -379,6 +383,14 @@ class LocalStack:
             ("Triton gRPC", f"localhost:{c.nginx_grpc_port}" if "nginx" in has else f"127.0.0.1:{c.triton_grpc_port}"),
             ("Triton metrics", f"http://127.0.0.1:{c.triton_metrics_port}/metrics"),
         ]
+        if c.without_triton:
+            rows[3:] = [
+                (
+                    "KServe v2 HTTP (service)",
+                    f"{gateway}/v2" if "nginx" in has else f"http://127.0.0.1:{c.api_port}/v2",
+                ),
+                ("KServe gRPC", "not served without Triton (INFERENCE_BACKEND=local)"),
+            ]
         if "prometheus" in has:
             rows.append(("Prometheus", f"http://127.0.0.1:{c.prometheus_port}"))
         print("\nvlm-serve is up (local processes):")

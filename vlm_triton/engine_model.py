@@ -8,16 +8,14 @@ and sent by a sender thread, so the step loop never waits on Triton's IPC.
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import triton_python_backend_utils as pb_utils
 
-from vlm_engine.chat import parse_openai_messages, single_turn
 from vlm_engine.engine import VLMEngine
-from vlm_engine.errors import InvalidRequest
+from vlm_engine.kserve import prepare, read_inputs, stream_outputs
 from vlm_engine.scheduler import Event
 from vlm_triton.metrics import TritonMetrics
 from vlm_triton.outbox import Outbox
@@ -25,32 +23,9 @@ from vlm_triton.placement import instance_device
 from vlm_triton.sender import FINAL, Sender
 from vlm_triton.tensors import (
     batch_size,
-    bytes_input,
-    int_tensor,
-    json_tensor,
     model_parameters,
-    scalar_input,
-    string_input,
-    text_tensor,
     triton_error,
 )
-
-TOOL_KEYS = ("tools", "tool_choice", "parallel_tool_calls", "n")  # VLMEngine.prepare's own arguments
-
-
-def sampling_parameters(text: str | None) -> dict | None:
-    """The optional ``sampling_parameters`` input: a JSON object (seed, stop, penalties,
-    logprobs, top_logprobs, guide; and ``TOOL_KEYS``), as Triton's vLLM backend takes its
-    sampling parameters."""
-    if text is None or not text.strip():
-        return None
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise InvalidRequest(f"sampling_parameters is not valid JSON: {exc}") from None
-    if not isinstance(value, dict):
-        raise InvalidRequest(f"sampling_parameters must be a JSON object, got {type(value).__name__}")
-    return value
 
 
 class TritonPythonModel:
@@ -81,39 +56,10 @@ class TritonPythonModel:
     def _read(request) -> dict:
         """The request's inputs as plain values (cheap: no image is decoded here)."""
         batch_size(request)
-        return {
-            "messages": string_input(request, "messages"),
-            "prompt": string_input(request, "prompt"),
-            "image": bytes_input(request, "image"),
-            "max_tokens": scalar_input(request, "max_tokens", int),
-            "temperature": scalar_input(request, "temperature", float),
-            "top_p": scalar_input(request, "top_p", float),
-            "streaming": scalar_input(request, "stream", bool) is not False,
-            "sampling": string_input(request, "sampling_parameters"),
-        }
+        return read_inputs({t.name(): t.as_numpy() for t in request.inputs()})
 
     def _prepare(self, values: dict, sender):
-        if values["messages"] is not None:
-            try:
-                messages = parse_openai_messages(json.loads(values["messages"]))
-            except json.JSONDecodeError as exc:
-                raise InvalidRequest(f"messages is not valid JSON: {exc}") from None
-        else:
-            if values["prompt"] is None:
-                raise InvalidRequest("send a 'prompt' (with an 'image') or 'messages'")
-            messages = single_turn(values["prompt"], values["image"])
-        sampling = sampling_parameters(values["sampling"]) or {}
-        tools = {k: sampling.pop(k) for k in TOOL_KEYS if k in sampling}  # they shape the prompt
-        return self.engine.prepare(
-            messages,
-            max_tokens=values["max_tokens"],
-            temperature=values["temperature"],
-            top_p=values["top_p"],
-            cancelled=sender.is_cancelled,
-            reserved=True,
-            sampling=sampling or None,
-            **tools,
-        )
+        return prepare(self.engine, values, sender.is_cancelled, reserved=True)
 
     def _admit(self, values: dict, sender) -> None:
         """On a preparing thread: decode and check the request, then queue it in its reserved place."""
@@ -152,29 +98,13 @@ class TritonPythonModel:
         if event.error is not None:
             sender.send(pb_utils.InferenceResponse(error=triton_error(event.error)), flags=FINAL)
             return
-        several = sender.answers > 1
+        outputs = [
+            pb_utils.Tensor(name, array)
+            for name, array in stream_outputs(event, streaming, sender.answers > 1, self.with_entities)
+        ]
         if event.result is None:
-            outputs = [text_tensor("generated_text", event.text)]
-            if event.logprobs:
-                outputs.append(json_tensor("logprobs", event.logprobs))
-            if several:
-                outputs.append(int_tensor("index", event.index))
             sender.send(pb_utils.InferenceResponse(output_tensors=outputs))
             return
-        result = event.result
-        outputs = [
-            text_tensor("generated_text", event.text if streaming else result.text),
-            int_tensor("prompt_tokens", result.prompt_tokens),
-            int_tensor("output_tokens", result.output_tokens),
-            text_tensor("finish_reason", result.finish_reason),
-        ]
-        logprobs = (event.logprobs or []) if streaming else result.logprobs
-        if result.logprobs is not None:
-            outputs.append(json_tensor("logprobs", logprobs or []))
-        if self.with_entities:
-            outputs.append(json_tensor("entities", result.entities or []))
-        if several:
-            outputs.append(int_tensor("index", event.index))
         sender.finals += 1
         sender.send(
             pb_utils.InferenceResponse(output_tensors=outputs), flags=FINAL if sender.finals >= sender.answers else 0

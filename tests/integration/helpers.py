@@ -16,13 +16,14 @@ MODELS = ["moondream2", "kosmos2", "llava", "qwen3-vl"]
 GREEDY = {"temperature": 0.0}
 
 
-def inputs(module, prompt: str | None, image: bytes | None, **params) -> list:
-    """KServe v2 inputs with a batch dimension of 1 (the models batch requests themselves)."""
+def inputs(module, prompt: str | None, image: bytes | None, binary: bool = True, **params) -> list:
+    """KServe v2 inputs with a batch dimension of 1 (the models batch requests themselves);
+    ``binary=False``: HTTP inputs as JSON data instead of the binary tensor extension."""
     tensors = []
 
     def add(name, array, dtype):
         tensor = module.InferInput(name, list(array.shape), dtype)
-        tensor.set_data_from_numpy(array)
+        tensor.set_data_from_numpy(array, **({} if binary else {"binary_data": False}))
         tensors.append(tensor)
 
     if prompt is not None:
