@@ -236,12 +236,17 @@ async def _json_body(request: Request) -> object:
         raise InvalidRequest(f"the request body is not JSON: {exc}") from None
 
 
+async def _generate_request(request: Request, name: str) -> tuple[KServeModel, object, dict]:
+    """The model, its engine and the request's values, for generate and generate_stream."""
+    model = _model(request, name)
+    engine = _engine(request, model)
+    return model, engine, _values(model, _generate_tensors(model, await _json_body(request)))
+
+
 @router.post("/models/{name}/generate")
 async def generate(request: Request, name: str):
     try:
-        model = _model(request, name)
-        engine = _engine(request, model)
-        values = _values(model, _generate_tensors(model, await _json_body(request)))
+        model, engine, values = await _generate_request(request, name)
         if model.decoupled:
             values["streaming"] = False  # generate takes exactly one response
             responses = [r async for r in _stream_responses(engine, model, values)]
@@ -256,9 +261,7 @@ async def generate(request: Request, name: str):
 @router.post("/models/{name}/generate_stream")
 async def generate_stream(request: Request, name: str):
     try:
-        model = _model(request, name)
-        engine = _engine(request, model)
-        values = _values(model, _generate_tensors(model, await _json_body(request)))
+        model, engine, values = await _generate_request(request, name)
         if model.decoupled:
             responses = _stream_responses(engine, model, values)
             first = await anext(responses)
