@@ -81,6 +81,16 @@ def sampling_parameters(text: str | None) -> dict | None:
     return value
 
 
+def asks_several(sampling_text: str | None) -> bool:
+    """Whether ``sampling_parameters`` asks for n > 1 answers (the faces answer once; what
+    else is wrong with it the engine says)."""
+    try:
+        options = sampling_parameters(sampling_text) or {}
+    except InvalidRequest:
+        return False
+    return options.get("n", 1) != 1
+
+
 def prepare(engine, values: Mapping[str, Any], cancelled: Callable[[], bool], reserved: bool = False):
     """``values`` (from ``read_inputs``) as the engine's ``Prepared`` request."""
     if values["messages"] is not None:

@@ -17,7 +17,8 @@ from contextlib import aclosing
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from vlm_engine.errors import Cancelled, EngineError, InvalidParameter, from_message
+from vlm_engine.errors import Cancelled, EngineError, InvalidParameter, InvalidRequest, from_message
+from vlm_engine.kserve import asks_several, one_string
 from vlm_triton.forward import Forwarder
 from vlm_triton.sender import FINAL, Sender
 from vlm_triton.tensors import json_tensor, model_parameters, text_tensor, triton_error
@@ -76,24 +77,19 @@ class TritonPythonModel:
         for request in requests:
             sender = Sender(request.get_response_sender())
             arrays = self._arrays(request)
-            if _asks_several(arrays):
+            if asks_several(_sampling_text(arrays)):
                 error = InvalidParameter(f"{self.target[: -len('_stream')]} answers once: send n > 1 to {self.target}")
                 sender.send(pb_utils.InferenceResponse(error=triton_error(error)), flags=FINAL)
                 continue
             self.forwarder.run(self._answer(arrays, sender))
         return None
 
-
-def _asks_several(arrays: dict[str, np.ndarray]) -> bool:
-    """Whether ``sampling_parameters`` asks for n > 1 answers (the stream model checks the rest)."""
-    if "sampling_parameters" not in arrays:
-        return False
-    try:
-        value = arrays["sampling_parameters"].reshape(-1)[0]
-        options = json.loads(value.decode() if isinstance(value, bytes) else value)
-    except (ValueError, IndexError, UnicodeDecodeError):
-        return False
-    return isinstance(options, dict) and options.get("n", 1) != 1
-
     def finalize(self) -> None:
         self.forwarder.close()
+
+
+def _sampling_text(arrays: dict[str, np.ndarray]) -> str | None:
+    try:
+        return one_string("sampling_parameters", arrays.get("sampling_parameters"))
+    except InvalidRequest:
+        return None  # the stream model says what is wrong with it

@@ -138,17 +138,9 @@ async def _events(engine, values: dict, streaming: bool) -> AsyncIterator[tuple[
         gone.set()
 
 
-def _n_of(values: dict) -> int:
-    try:
-        options = kserve.sampling_parameters(values["sampling"]) or {}
-    except InvalidRequest:
-        return 1  # the engine says what is wrong with it
-    return options.get("n", 1) if isinstance(options.get("n", 1), int) else 1
-
-
 async def _face_answer(engine, model: KServeModel, values: dict) -> dict[str, tuple[str, np.ndarray]]:
     """``<model>``: the whole answer in one response (generated_text; entities; logprobs when asked)."""
-    if _n_of(values) != 1:
+    if kserve.asks_several(values["sampling"]):
         raise InvalidParameter(f"{model.base} answers once: send n > 1 to {model.base}_stream")
     result = None
     async for event, _ in _events(engine, values, streaming=False):
