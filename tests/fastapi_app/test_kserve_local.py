@@ -167,3 +167,13 @@ def test_api_keys_guard_the_kserve_face(tiny_models_dir, tmp_path_factory, png):
         assert text_of(result)
     finally:
         server.stop()
+
+
+def test_the_face_answers_once(servers, png):
+    """``n`` > 1 in sampling_parameters is for ``<model>_stream``; the face refuses it, on both."""
+    for url in servers:
+        tensors = inputs(httpclient, PROMPT, png, max_tokens=4)
+        sampling = httpclient.InferInput("sampling_parameters", [1, 1], "BYTES")
+        sampling.set_data_from_numpy(np.array([[b'{"n": 2}']], dtype=np.object_))
+        error = _error(url, "llava", [*tensors, sampling])
+        assert str(error.status()) == "400" and "answers once" in error.message(), error.message()
