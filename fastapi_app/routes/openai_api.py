@@ -103,7 +103,12 @@ class ChatCompletionRequest(BaseModel):
     stream_options: StreamOptions | None = None
     response_format: ResponseFormat | None = None
     guided_json: dict[str, Any] | None = Field(None, description="extension (vLLM): a JSON schema for the answer")
-    guided_regex: str | None = Field(None, min_length=1, description="extension (vLLM): a regex the answer matches")
+    guided_regex: str | None = Field(
+        None,
+        min_length=1,
+        description="extension (vLLM): a regex the answer matches (llguidance's dialect, as Rust's regex crate)",
+        json_schema_extra={"format": "llguidance-regex"},
+    )
     guided_choice: list[Annotated[str, Field(min_length=1)]] | None = Field(
         None, min_length=1, max_length=256, description="extension (vLLM): the answer is one of these strings"
     )

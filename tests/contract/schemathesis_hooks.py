@@ -1,6 +1,6 @@
 """schemathesis hooks (``SCHEMATHESIS_HOOKS=tests.contract.schemathesis_hooks``): the OpenAPI
-document's custom image formats, generated as real small PNG, JPEG and WebP files, so that
-every image schemathesis sends is one the service must accept."""
+document's custom formats, generated as values the service must accept: images as real small
+PNG, JPEG and WebP files, regexes that llguidance compiles."""
 
 from __future__ import annotations
 
@@ -33,6 +33,16 @@ def _data_url(image: tuple[str, bytes]) -> str:
 schemathesis.openapi.format("image-data-url", image_files().map(_data_url))
 schemathesis.openapi.format("image-base64", image_files().map(lambda image: base64.b64encode(image[1]).decode()))
 schemathesis.openapi.format("image-file", image_files().map(lambda image: image[1]))
+
+# guided_regex: a regex in llguidance's dialect (a JSON schema cannot say which strings compile;
+# one that does not is a 400, tested in tests/fastapi_app/test_openai_structured.py)
+REGEX_PARTS = ("[a-z]", "[0-9]", "\\d", "(yes|no)", "x", " ", "[A-Z]{2}", "(ab)*", "[^\\n]")
+schemathesis.openapi.format(
+    "llguidance-regex",
+    st.lists(
+        st.sampled_from(REGEX_PARTS).flatmap(lambda p: st.sampled_from((p, p + "+", p + "?"))), min_size=1, max_size=6
+    ).map("".join),
+)
 
 
 @schemathesis.hook
