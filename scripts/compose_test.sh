@@ -52,6 +52,7 @@ export DOCKER_CONFIG=$WORK/docker-config
 export DOCKER_BUILDKIT=1 COMPOSE_PROJECT_NAME=vlm-serve-test BUILDKIT_PROGRESS=plain
 export NGINX_PORT NGINX_GRPC_PORT PROMETHEUS_PORT BASE_IMAGE
 export NGINX_BIND=127.0.0.1 HF_HUB_OFFLINE=1
+export STREAM_GAP_MS=0  # every token its own event: tests/e2e checks that nginx passes each on at once
 # The stack under test serves the tiny checkpoints, whatever VLM_MODELS_DIR the caller has.
 export VLM_MODELS_DIR=/models/tiny
 # The tests drive the gateway hard from one address: the per-client limits out of their way
