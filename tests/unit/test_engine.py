@@ -118,6 +118,31 @@ def test_sampling_follows_temperature(engines):
     assert len(texts) > 1, "sampled answers should vary"
 
 
+def test_kosmos2_streams_the_caption_its_answer_gives(engines):
+    """Streamed Kosmos-2 text joins to the answer: tags (``<phrase>``, ``<patch_index_N>``)
+    and an unclosed ``<`` are not sent, whatever tokens come (random ids, tags, '<', '>')."""
+    import random
+
+    adapter = engines["kosmos2"].adapter
+    tokenizer = adapter.tokenizer
+    tags = tokenizer.convert_tokens_to_ids(["<phrase>", "</phrase>", "<object>", "</object>", "<patch_index_0007>"])
+    brackets = [i for i in range(len(tokenizer)) if set(tokenizer.decode([i]).strip()) & set("<>\n")]
+    assert brackets, "the tokenizer should have tokens writing '<' or '>'"
+    rng = random.Random(0)
+    tagged = 0
+    for _ in range(300):
+        ids = [rng.choice(rng.choice((tags, brackets, range(5, 360)))) for _ in range(rng.randrange(1, 30))]
+        stream = adapter.stream_text()
+        sent = ""
+        for token in ids:
+            sent += stream.push(token)
+        answer = adapter.finish(ids, "length").text
+        assert answer.startswith(sent), (ids, sent, answer)
+        assert sent + stream.flush(answer) == answer
+        tagged += any(t in tags for t in ids)
+    assert tagged > 100
+
+
 def test_kosmos2_extracts_entities_with_boxes(engines):
     adapter = engines["kosmos2"].adapter
     tokens = "<phrase> a dog</phrase><object><patch_index_0000><patch_index_1023></object> runs"

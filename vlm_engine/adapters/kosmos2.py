@@ -4,6 +4,10 @@ Kosmos-2 numbers positions from ``past length + padding_idx``, so left padding w
 a row's positions in a merged batch. The engine passes positions itself: the ``k``-th real
 token of a row is at ``padding_idx + k`` whatever the padding. Decoding goes through the
 text model alone (the top-level forward would rerun the vision tower).
+
+The answer is the generated text with every ``<...>`` field (``<phrase>``, ``<object>``,
+``<patch_index_N>``) removed, as transformers' ``clean_text_and_extract_entities_with_bboxes``
+removes them; ``CaptionStreamText`` streams that same text as it grows.
 """
 
 from __future__ import annotations
@@ -11,10 +15,48 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from vlm_engine.adapters.base import GenerateAdapter, Prepared, Result
+from vlm_engine.adapters.base import GenerateAdapter, Prepared, Result, StreamText
 from vlm_engine.loading import from_pretrained_kwargs
 
-TAG = re.compile(r"</?(phrase|object|grounding|delimiter_of_multi_objects/)>|<patch_index_\d+>")
+FIELD = re.compile("<.*?>")  # what transformers removes from a Kosmos-2 caption
+
+
+class CaptionStreamText(StreamText):
+    """Kosmos-2's caption as it grows: ``<...>`` fields removed as the final answer removes
+    them, and text from a ``<`` that a later ``>`` could still close held back, so what is
+    sent is always a prefix of the answer."""
+
+    def __init__(self, tokenizer: Any):
+        super().__init__(tokenizer)
+        self.raw = ""  # decoded text not settled yet: it starts at a '<' that may still close
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        self.raw += self.stream.step(self.tokenizer, token) or ""
+        cut = open_field_start(self.raw)
+        piece, self.raw = FIELD.sub("", self.raw[:cut]), self.raw[cut:]
+        if not self.started:
+            piece = piece.lstrip()
+            if not piece:
+                return ""
+            self.started = True
+        text = self.held + piece
+        body = text.rstrip()
+        if not body:
+            self.held = text
+            return ""
+        self.held = text[len(body) :]
+        self.emitted_chars += len(body)
+        self.sent += body
+        return body
+
+
+def open_field_start(text: str) -> int:
+    """Where the first ``<`` that a later ``>`` could still close begins (``len(text)`` if none):
+    the first ``<`` after the last ``>`` or newline (``.`` in ``FIELD`` stops at a newline)."""
+    settled = max(text.rfind(">"), text.rfind("\n")) + 1
+    start = text.find("<", settled)
+    return len(text) if start < 0 else start
 
 
 class Kosmos2Adapter(GenerateAdapter):
@@ -72,12 +114,19 @@ class Kosmos2Adapter(GenerateAdapter):
     def decoder_model(self) -> Any:
         return self.model.text_model  # the top-level forward would rerun the vision tower
 
+    def stream_text(self) -> StreamText:
+        return CaptionStreamText(self.tokenizer._tokenizer)
+
     def _extract(self, ids: list[int]) -> tuple[str, list[dict[str, Any]]]:
-        raw = self.tokenizer.decode(ids, skip_special_tokens=True)
+        """The caption and its entities. ``ids`` are the generated tokens alone, so the
+        processor's split at ``</image>`` (meant for prompt + answer) is not applied."""
+        from transformers.models.kosmos2.processing_kosmos2 import clean_text_and_extract_entities_with_bboxes
+
+        raw = self.tokenizer._tokenizer.decode(ids, skip_special_tokens=True)  # as the stream decodes
         try:
-            caption, entities = self.processor.post_process_generation(raw)
-        except Exception:  # random or truncated output may not parse
-            return " ".join(TAG.sub(" ", raw).split()), []
+            caption, entities = clean_text_and_extract_entities_with_bboxes(raw)
+        except Exception:  # random or truncated output may not parse: the caption, no entities
+            return FIELD.sub("", raw).strip(), []
         return caption.strip(), [
             {"phrase": phrase, "span": list(span), "boxes": [list(box) for box in boxes]}
             for phrase, span, boxes in entities
