@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 INSTALLED := .cache/installed.stamp
 TRITON := .triton/.installed-0.7.0-py$(shell $(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])')
 
-.PHONY: help install tiny-models models demo up down status logs triton api loadtest loadtest-ui soak bench gpu-check test test-compose test-swarm swarm-up swarm-down lint
+.PHONY: help install tiny-models models demo up down status logs triton api loadtest loadtest-ui soak bench gpu-check test test-compose test-swarm test-dynamo dynamo-up swarm-up swarm-down lint
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -15,7 +15,8 @@ help:  ## list the targets
 $(INSTALLED): pyproject.toml
 	@mkdir -p .cache
 	$(PIP) install --quiet torch==2.13.0
-	$(PIP) install --quiet -e ".[test]"
+	$(PIP) install --quiet -e ".[test,dynamo]"
+	$(PIP) install --quiet --no-deps ai-dynamo==1.6.1
 	@touch $@
 
 $(TRITON): scripts/install_triton.sh
@@ -37,6 +38,9 @@ up: install  ## the whole stack with real weights: Compose (GPU or CPU file) or 
 
 down:  ## stop the stack
 	PYTHON=$(PYTHON) ./triton_start.sh down
+
+dynamo-up: install tiny-models  ## the demo stack plus NVIDIA Dynamo: its KServe gRPC frontend on :8787, a worker per Triton
+	HF_HUB_OFFLINE=1 DYNAMO=1 VLM_STACK_MODE=local VLM_MODELS_DIR=$(abspath $(TINY_DIR)) PYTHON=$(PYTHON) ./triton_start.sh up
 
 swarm-up: tiny-models  ## the stack on Docker Swarm, several hosts (deploy/swarm; TRITON_REPLICAS, SWARM_GPU=1)
 	./scripts/swarm.sh up
@@ -76,6 +80,9 @@ test-compose: install  ## build the Docker images offline and test the CPU Compo
 
 test-swarm: install  ## a 3-node Docker Swarm in network namespaces: replicas, scaling, rolling update, a worker cut off (root; after test-compose)
 	PYTHON=$(PYTHON) ./scripts/swarm_test.sh
+
+test-dynamo: install tiny-models  ## Dynamo across two hosts (network namespaces): etcd discovery, a worker on each (root)
+	PYTHON=$(PYTHON) ./scripts/dynamo_test.sh
 
 lint: $(INSTALLED)  ## ruff
 	$(PYTHON) -m ruff check .

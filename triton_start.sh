@@ -13,6 +13,9 @@ PYTHON=${PYTHON:-python3}
 compose_file=docker-compose-cpu.yml
 [ "$mode" = gpu ] && compose_file=docker-compose.yml
 echo "[stack] mode: $mode$([ "$mode" != local ] && echo " ($compose_file)")"
+if [ "${DYNAMO:-0}" = 1 ] && [ "$mode" != local ] && [ "$command" = up ]; then
+  echo "DYNAMO=1 runs with local processes: add VLM_STACK_MODE=local (or use make dynamo-up)" >&2; exit 2
+fi
 if [ "$mode" = local ]; then
   # nginx, prometheus and the exporter: installed now as root with apt, or the command to run
   # (VLM_SYSTEM_PACKAGES=skip starts without whatever is missing).

@@ -18,6 +18,8 @@ PORT_NAMES = (
     "TRITON_METRICS_PORT",
     "TRITON_HEALTH_PORT",
     "PROMETHEUS_PORT",
+    "DYNAMO_GRPC_PORT",
+    "DYNAMO_METRICS_PORT",
 )
 
 
@@ -62,6 +64,8 @@ class StackConfig:
     triton_metrics_port: int = 8002
     triton_health_port: int = 8003
     prometheus_port: int = 9090
+    dynamo_grpc_port: int = 8787
+    dynamo_metrics_port: int = 8788
     triton_replicas: int = 1
     replica_ports: str = ""
     max_body: str = "25m"
@@ -83,6 +87,8 @@ class StackConfig:
             triton_metrics_port=_port(env, "TRITON_METRICS_PORT", 8002),
             triton_health_port=_port(env, "TRITON_HEALTH_PORT", 8003),
             prometheus_port=_port(env, "PROMETHEUS_PORT", 9090),
+            dynamo_grpc_port=_port(env, "DYNAMO_GRPC_PORT", 8787),
+            dynamo_metrics_port=_port(env, "DYNAMO_METRICS_PORT", 8788),
             triton_replicas=_replicas(env),
             replica_ports=env.get("TRITON_REPLICA_PORTS", ""),
             max_body=env.get("NGINX_MAX_BODY", "25m"),
@@ -96,6 +102,30 @@ class StackConfig:
         """``INFERENCE_BACKEND=local``: no tritonserver; the service runs the engine and answers
         KServe v2 over HTTP itself (nginx sends ``/v2`` to it)."""
         return self.env.get("INFERENCE_BACKEND", "triton") == "local"
+
+    @property
+    def dynamo(self) -> bool:
+        """``DYNAMO=1``: NVIDIA Dynamo's frontend (KServe gRPC on ``DYNAMO_GRPC_PORT``) and one
+        ``vlm_dynamo.worker`` per Triton replica, besides the rest of the stack."""
+        value = self.env.get("DYNAMO", "").strip().lower()
+        if value not in ("", "0", "1", "true", "false", "yes", "no"):
+            raise SystemExit(f"DYNAMO must be 1 or 0, got {value!r}")
+        return value in ("1", "true", "yes")
+
+    def dynamo_env(self) -> dict[str, str]:
+        """Discovery for the Dynamo frontend and workers: a folder on one host (``file``, the
+        default) or etcd across hosts (``DYN_DISCOVERY_BACKEND=etcd``, ``ETCD_ENDPOINTS``)."""
+        backend = self.env.get("DYN_DISCOVERY_BACKEND", "file")
+        if backend not in ("file", "etcd"):
+            raise SystemExit(f"DYN_DISCOVERY_BACKEND must be file or etcd, got {backend!r}")
+        env = {"DYN_DISCOVERY_BACKEND": backend, "DYN_NAMESPACE": self.env.get("DYN_NAMESPACE", "vlm")}
+        if backend == "file":
+            env["DYN_FILE_KV"] = self.env.get("DYN_FILE_KV", str(self.run_dir / "dynamo-kv"))
+        return env
+
+    def dynamo_worker_ports(self) -> list[int]:
+        """Each Dynamo worker's status port (``/metrics``, ``/health``): after the frontend's."""
+        return [self.dynamo_metrics_port + 1 + r.index for r in self.replicas()]
 
     def replicas(self) -> list[Replica]:
         """``TRITON_REPLICAS`` tritonservers; the first on the Triton ports, replica i on them
@@ -124,6 +154,11 @@ class StackConfig:
             "API_PORT": self.api_port,
             "PROMETHEUS_PORT": self.prometheus_port,
         }
+        if self.dynamo:
+            ports["DYNAMO_GRPC_PORT"] = self.dynamo_grpc_port
+            ports["DYNAMO_METRICS_PORT"] = self.dynamo_metrics_port
+            for index, port in enumerate(self.dynamo_worker_ports()):
+                ports[f"dynamo worker {index}'s status port"] = port
         for replica in self.replicas():
             values = (replica.http_port, replica.grpc_port, replica.metrics_port, replica.health_port)
             for kind, port in zip(("HTTP", "GRPC", "METRICS", "HEALTH"), values, strict=True):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import http.client
+import importlib.util
 import json
 import os
 import re
@@ -61,6 +62,13 @@ def http_ok(url: str, timeout: float = 2.0) -> bool:
         with urllib.request.urlopen(url, timeout=timeout) as reply:
             return 200 <= reply.status < 300
     except (urllib.error.URLError, OSError, http.client.HTTPException):  # not HTTP/1: another server
+        return False
+
+
+def has_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:  # its parent package is missing
         return False
 
 
@@ -116,6 +124,8 @@ class LocalStack:
             )
             for replica in replicas
         ]
+        if c.dynamo:
+            services += self.dynamo_services()
         services += [
             Service(
                 "fastapi",
@@ -180,6 +190,49 @@ class LocalStack:
             )
         return services
 
+    def dynamo_services(self) -> list[Service]:
+        """Dynamo's frontend and one worker per Triton replica (each forwards to its Triton)."""
+        c = self.c
+        env = c.dynamo_env()
+        frontend = Service(
+            "dynamo-frontend",
+            [
+                sys.executable,
+                "-m",
+                "dynamo.frontend",
+                "--kserve-grpc-server",
+                f"--http-host={c.env.get('DYNAMO_HOST', '127.0.0.1')}",
+                f"--http-port={c.dynamo_grpc_port}",
+                f"--grpc-metrics-port={c.dynamo_metrics_port}",
+                f"--discovery-backend={env['DYN_DISCOVERY_BACKEND']}",
+                f"--namespace={env['DYN_NAMESPACE']}",
+                f"--router-mode={c.env.get('DYNAMO_ROUTER_MODE', 'round-robin')}",
+            ],
+            f"http://127.0.0.1:{c.dynamo_metrics_port}/live",
+            env=env,
+            ports=(c.dynamo_grpc_port, c.dynamo_metrics_port),
+        )
+        workers = [
+            Service(
+                "dynamo-worker" if r.index == 0 else f"dynamo-worker-{r.index}",
+                [sys.executable, "-m", "vlm_dynamo.worker", f"--triton=127.0.0.1:{r.grpc_port}"],
+                None,
+                env={**env, "DYN_SYSTEM_PORT": str(port)},  # its /metrics and /health
+                ports=(port,),
+            )
+            for r, port in zip(c.replicas(), c.dynamo_worker_ports(), strict=True)
+        ]
+        return [frontend, *workers]
+
+    def dynamo_models(self) -> set[str]:
+        """The models Dynamo's frontend lists (registered by at least one worker)."""
+        try:
+            url = f"http://127.0.0.1:{self.c.dynamo_metrics_port}/v1/models"
+            with urllib.request.urlopen(url, timeout=2) as reply:
+                return {m["id"] for m in json.load(reply)["data"]}
+        except (OSError, ValueError, KeyError):
+            return set()
+
     def missing(self) -> list[str]:
         lines = []
         try:
@@ -190,6 +243,8 @@ class LocalStack:
             lines.append(
                 f"nginx (apt-get install nginx): no gateway on port {self.c.nginx_port}; use the services' own ports"
             )
+        if self.c.dynamo and not has_module("dynamo.frontend"):
+            lines.append("ai-dynamo (run `make install`)")
         if not shutil.which("prometheus"):
             lines.append("prometheus (apt-get install prometheus): no metrics collection")
         if not (shutil.which("prometheus-nginx-exporter") or shutil.which("nginx-prometheus-exporter")):
@@ -231,6 +286,10 @@ class LocalStack:
             {"targets": [f"127.0.0.1:{c.api_port}"], "labels": {"job_name": "fastapi"}},
             {"targets": [f"127.0.0.1:{c.prometheus_port}"], "labels": {"job_name": "prometheus"}},
         ]
+        if c.dynamo:
+            targets.append({"targets": [f"127.0.0.1:{c.dynamo_metrics_port}"], "labels": {"job_name": "dynamo"}})
+            for port in c.dynamo_worker_ports():
+                targets.append({"targets": [f"127.0.0.1:{port}"], "labels": {"job_name": "dynamo-worker"}})
         if any(s.name == "nginx-exporter" for s in self.services()):
             targets.append({"targets": [f"127.0.0.1:{c.exporter_port}"], "labels": {"job_name": "nginx"}})
         (prom / "targets" / "local.json").write_text(json.dumps(targets, indent=1))
@@ -312,6 +371,10 @@ class LocalStack:
             say(f"missing: {line}")
         if not self.c.without_triton and any(line.startswith("tritonserver") for line in self.missing()):
             raise SystemExit("cannot start without tritonserver: run `make install`")
+        if self.c.dynamo and self.c.without_triton:
+            raise SystemExit("DYNAMO=1 puts Dynamo in front of Triton: leave INFERENCE_BACKEND unset (triton)")
+        if self.c.dynamo and any(line.startswith("ai-dynamo") for line in self.missing()):
+            raise SystemExit("DYNAMO=1 needs NVIDIA Dynamo: run `make install`")
         check_port_privilege(self.c.nginx_port, os.geteuid())
         self.c.check_ports()
         for folder in (self.logs, self.pids, self.run / "data"):
@@ -336,9 +399,24 @@ class LocalStack:
         for service in services[len(tritons) :]:
             self.start(service)
             self.wait(service, timeout_s)
+        if self.c.dynamo:
+            self.wait_for_dynamo(timeout_s)
         if self.c.without_triton:
             say("INFERENCE_BACKEND=local: no tritonserver; the service answers KServe v2 over HTTP (/v2), not gRPC")
         self.print_urls()
+
+    def wait_for_dynamo(self, timeout_s: float) -> None:
+        """Until Dynamo's frontend lists every model of Triton's repository."""
+        wanted = {p.parent.name for p in (ROOT / "triton_models").glob("*/config.pbtxt")}
+        start = last = time.monotonic()
+        while not wanted <= (listed := self.dynamo_models()):
+            if time.monotonic() - start > timeout_s:
+                raise SystemExit(f"Dynamo lists {sorted(listed)}, not yet {sorted(wanted - listed)}; see .run/logs")
+            if time.monotonic() - last >= 5:
+                say(f"waiting for the Dynamo workers to register: {len(listed & wanted)}/{len(wanted)} models")
+                last = time.monotonic()
+            time.sleep(0.5)
+        say(f"Dynamo lists all {len(wanted)} models after {time.monotonic() - start:.1f}s")
 
     def down(self) -> None:
         was_running = self.supervisor.running()
@@ -391,6 +469,9 @@ class LocalStack:
                 ),
                 ("KServe gRPC", "not served without Triton (INFERENCE_BACKEND=local)"),
             ]
+        if c.dynamo:
+            rows.append(("Dynamo KServe gRPC", f"localhost:{c.dynamo_grpc_port}"))
+            rows.append(("Dynamo metrics", f"http://127.0.0.1:{c.dynamo_metrics_port}/metrics"))
         if "prometheus" in has:
             rows.append(("Prometheus", f"http://127.0.0.1:{c.prometheus_port}"))
         print("\nvlm-serve is up (local processes):")

@@ -1,0 +1,3 @@
+from vlm_dynamo.worker import main
+
+main()
