@@ -23,6 +23,13 @@ PORT_NAMES = (
 )
 
 
+# Dynamo logs a few INFO lines per request (workers: received, completed; the frontend: routed,
+# completed): keep its other INFO lines, and errors of each request
+QUIET_DYNAMO_LOG = (
+    "info,dynamo_runtime::pipeline::network::ingress::push_handler=warn,"
+    "dynamo_runtime::pipeline::network::egress::push_router=warn,dynamo_llm::http::service::metrics=warn,"
+    "router=warn"
+)
 REPLICA_PORT_STEP = 10  # replica i listens on the Triton ports + 10*i, unless TRITON_REPLICA_PORTS says
 
 
@@ -118,7 +125,11 @@ class StackConfig:
         backend = self.env.get("DYN_DISCOVERY_BACKEND", "file")
         if backend not in ("file", "etcd"):
             raise SystemExit(f"DYN_DISCOVERY_BACKEND must be file or etcd, got {backend!r}")
-        env = {"DYN_DISCOVERY_BACKEND": backend, "DYN_NAMESPACE": self.env.get("DYN_NAMESPACE", "vlm")}
+        env = {
+            "DYN_DISCOVERY_BACKEND": backend,
+            "DYN_NAMESPACE": self.env.get("DYN_NAMESPACE", "vlm"),
+            "DYN_LOG": self.env.get("DYN_LOG", QUIET_DYNAMO_LOG),
+        }
         if backend == "file":
             env["DYN_FILE_KV"] = self.env.get("DYN_FILE_KV", str(self.run_dir / "dynamo-kv"))
         return env

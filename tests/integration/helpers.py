@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import queue
+import threading
 import time
 from functools import partial
 
@@ -126,6 +127,45 @@ class GrpcStream:
 
     def cancel(self) -> None:
         self.client.stop_stream(cancel_requests=True)
+
+
+def llm_decoupled_grpc(url: str, messages: list, **parameters) -> list[dict]:
+    """llm_decoupled over gRPC streaming: the chat in ``text_input``, the rest as request parameters."""
+    stream = _ChatStream(url)
+    try:
+        tensor = grpcclient.InferInput("text_input", [1], "BYTES")
+        tensor.set_data_from_numpy(np.array([json.dumps(messages).encode()], dtype=np.object_))
+        return stream.run("llm_decoupled", [tensor], parameters)
+    finally:
+        stream.close()
+
+
+class _ChatStream:
+    """One gRPC stream that collects every response until the final one."""
+
+    def __init__(self, url: str):
+        self.client = grpcclient.InferenceServerClient(url)
+        self.events: list = []
+        self.done = threading.Event()
+        self.client.start_stream(callback=self._on)
+
+    def _on(self, result, error) -> None:
+        self.events.append((result, error))
+        if error is not None or result.get_response().parameters["triton_final_response"].bool_param:
+            self.done.set()
+
+    def run(self, model: str, tensors: list, parameters: dict) -> list[dict]:
+        self.client.async_stream_infer(model, tensors, parameters=parameters, enable_empty_final_response=True)
+        assert self.done.wait(120), "no final response"
+        out = []
+        for result, error in self.events:
+            assert error is None, error
+            if result.get_response().outputs:
+                out.append(json.loads(result.as_numpy("text_output").reshape(-1)[0]))
+        return out
+
+    def close(self) -> None:
+        self.client.stop_stream()
 
 
 METRICS_FLUSH_S = 1.3  # the scheduler reports its metrics about once a second

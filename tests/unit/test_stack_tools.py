@@ -169,3 +169,25 @@ def test_nothing_missing_means_nothing_to_do(tmp_path):
     present = {name: "true" for name in ("nginx", "prometheus", "prometheus-nginx-exporter")}
     result = system_packages(tmp_path, {"id": "echo 1000", "apt-get": "exit 1", **present})
     assert result.returncode == 0 and result.stderr == "" and result.stdout == ""
+
+
+def test_dynamo_adds_its_frontend_and_a_worker_per_triton_replica(tmp_path):
+    from vlm_stack.local import LocalStack
+
+    env = {"DYNAMO": "1", "TRITON_REPLICAS": "2", "STACK_RUN_DIR": str(tmp_path), "DYNAMO_GRPC_PORT": "9787"}
+    stack = LocalStack(StackConfig.from_env(env))
+    services = {s.name: s for s in stack.services()}
+    frontend = services["dynamo-frontend"]
+    assert "--kserve-grpc-server" in frontend.command and "--http-port=9787" in frontend.command
+    assert frontend.env["DYN_DISCOVERY_BACKEND"] == "file"
+    assert frontend.env["DYN_FILE_KV"] == str(tmp_path / "dynamo-kv")
+    tritons = [r.grpc_port for r in stack.c.replicas()]
+    workers = [services["dynamo-worker"], services["dynamo-worker-1"]]
+    assert [w.command[-1] for w in workers] == [f"--triton=127.0.0.1:{port}" for port in tritons]
+    assert [w.env["DYN_SYSTEM_PORT"] for w in workers] == ["8789", "8790"]
+    stack.c.check_ports()
+    etcd = StackConfig.from_env({**env, "DYN_DISCOVERY_BACKEND": "etcd", "ETCD_ENDPOINTS": "http://10.0.0.1:2379"})
+    assert "DYN_FILE_KV" not in etcd.dynamo_env() and etcd.dynamo_env()["DYN_DISCOVERY_BACKEND"] == "etcd"
+    assert not any(s.name.startswith("dynamo") for s in LocalStack(StackConfig.from_env({})).services())
+    with pytest.raises(SystemExit, match="file or etcd"):
+        StackConfig.from_env({"DYNAMO": "1", "DYN_DISCOVERY_BACKEND": "nats"}).dynamo_env()
