@@ -235,8 +235,9 @@ def test_a_client_that_leaves_a_dynamo_stream_frees_its_row(dynamo, triton, jpeg
 
 def test_a_killed_worker_loses_only_its_requests_and_the_other_goes_on(dynamo, jpeg):
     """Load at concurrency 8; one worker is SIGKILLed. Requests it held fail; of those sent
-    after the kill only the router's first pick of the dead worker may fail (Dynamo learns of
-    the death from that failure); the rest are answered by the other worker. It is started again."""
+    after the kill only the few the router still sends to the dead worker may fail (1 in the
+    runs here: Dynamo picks it again until discovery drops its record); the rest are answered
+    by the other worker. It is started again."""
     outcomes: list[tuple[float, float, bool]] = []  # sent, done, answered
     stop = threading.Event()
 
@@ -270,7 +271,7 @@ def test_a_killed_worker_loses_only_its_requests_and_the_other_goes_on(dynamo, j
     }
     (ARTIFACTS / "dynamo-kill.json").write_text(json.dumps(figures))
     assert all(ok for sent, done, ok in outcomes if done < killed_at), "all answered before the kill"
-    assert len(failed_after) <= 2, f"requests sent after the kill failed: {figures}"
+    assert len(failed_after) <= 3, f"requests sent after the kill failed: {figures}"
     assert len(sent_after) - len(failed_after) >= 8, f"the other worker did not go on answering: {figures}"
     dynamo.workers[1] = dynamo.worker(1).start()
     dynamo.wait_registered([0, 1])
