@@ -120,6 +120,19 @@ def text_array(text: str) -> np.ndarray:
     return np.array([[text.encode("utf-8")]], dtype=np.object_)
 
 
+def face_outputs(
+    text: str, entities: list | None, logprobs: list | None, declares_entities: bool
+) -> list[tuple[str, np.ndarray]]:
+    """A ``<model>`` face's one response: ``generated_text``; ``entities`` where the model
+    declares it (Kosmos-2, moondream2); ``logprobs`` when they were asked for."""
+    outputs = [("generated_text", text_array(text))]
+    if declares_entities:
+        outputs.append(("entities", text_array(json.dumps(entities or []))))
+    if logprobs is not None:
+        outputs.append(("logprobs", text_array(json.dumps(logprobs))))
+    return outputs
+
+
 def stream_outputs(event, streaming: bool, several: bool, grounding: bool) -> list[tuple[str, np.ndarray]]:
     """A ``<model>_stream`` response's tensors for one scheduler event: text and its logprobs;
     on an answer's last, its accounting (and Kosmos-2's entities); ``index`` when n > 1. A

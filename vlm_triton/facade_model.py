@@ -18,10 +18,10 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from vlm_engine.errors import Cancelled, EngineError, InvalidParameter, InvalidRequest, from_message
-from vlm_engine.kserve import asks_several, one_string
+from vlm_engine.kserve import asks_several, face_outputs, one_string
 from vlm_triton.forward import Forwarder
 from vlm_triton.sender import FINAL, Sender
-from vlm_triton.tensors import json_tensor, model_parameters, text_tensor, triton_error
+from vlm_triton.tensors import model_parameters, triton_error
 
 FORWARDED = ("prompt", "image", "messages", "max_tokens", "temperature", "top_p", "sampling_parameters")
 
@@ -61,11 +61,8 @@ class TritonPythonModel:
                     final = piece.final
             if not final:
                 raise EngineError(f"{self.target} ended the answer without its final response")
-            tensors = [text_tensor("generated_text", "".join(text))]
-            if "entities" in self.outputs:
-                tensors.append(json_tensor("entities", entities or []))
-            if logprobs is not None:
-                tensors.append(json_tensor("logprobs", logprobs))
+            arrays = face_outputs("".join(text), entities, logprobs, "entities" in self.outputs)
+            tensors = [pb_utils.Tensor(name, array) for name, array in arrays]
             sender.send(pb_utils.InferenceResponse(output_tensors=tensors), flags=FINAL)
         except asyncio.CancelledError:
             error = triton_error(Cancelled("the client cancelled the request"))

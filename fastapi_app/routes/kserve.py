@@ -145,13 +145,9 @@ async def _face_answer(engine, model: KServeModel, values: dict) -> dict[str, tu
     result = None
     async for event, _ in _events(engine, values, streaming=False):
         result = event.result
-    outputs = {"generated_text": ("BYTES", kserve.text_array(result.text))}
-    declared = {o["name"] for o in model.config.get("output", [])}
-    if "entities" in declared:
-        outputs["entities"] = ("BYTES", kserve.text_array(json.dumps(result.entities or [])))
-    if result.logprobs is not None:
-        outputs["logprobs"] = ("BYTES", kserve.text_array(json.dumps(result.logprobs)))
-    return outputs
+    declares_entities = any(o["name"] == "entities" for o in model.config.get("output", []))
+    arrays = kserve.face_outputs(result.text, result.entities, result.logprobs, declares_entities)
+    return {name: ("BYTES", array) for name, array in arrays}
 
 
 async def _stream_responses(engine, model: KServeModel, values: dict) -> AsyncIterator[dict]:
