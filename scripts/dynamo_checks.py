@@ -15,15 +15,21 @@ import argparse
 import os
 import signal
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from tritonclient.utils import InferenceServerException
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.integration.helpers import GREEDY, MODELS, infer_grpc, llm_decoupled_grpc, metric, stream_grpc
+from tests.integration.helpers import (
+    GREEDY,
+    MODELS,
+    chat_text,
+    infer_grpc,
+    kill_under_load,
+    llm_decoupled_grpc,
+    metric,
+    stream_grpc,
+)
 from vlm_engine.tiny.samples import sample_image
 
 IMAGE = sample_image((97, 211), "JPEG", (20, 120, 220))
@@ -47,7 +53,8 @@ def every_model(frontend: str, triton: str) -> None:
     try:
         direct = llm_decoupled_grpc(triton, chat, max_tokens=6, temperature=0.0)
         events = llm_decoupled_grpc(frontend, chat, max_tokens=6, temperature=0.0)
-        result("llm_decoupled through Dynamo", events == direct, f"{len(events)} events, as from Triton")
+        same = chat_text(events) == chat_text(direct) != "" and events[-1] == {"type": "complete"}
+        result("llm_decoupled through Dynamo", same, f"{len(events)} events, Triton's text")
     except Exception as exc:
         result("llm_decoupled through Dynamo", False, repr(exc))
 
@@ -72,40 +79,19 @@ def both_hosts_and_rates(frontend: str, triton: str, worker_a: str, worker_b: st
     result("requests/s at concurrency 16", True, f"Dynamo {through:.1f}/s (two hosts), Triton A alone {direct:.1f}/s")
 
 
-def kill_under_load(frontend: str, pid: int) -> None:
-    outcomes: list[tuple[float, float, bool]] = []  # sent, done, answered
-    stop = threading.Event()
-
-    def client() -> None:
-        while not stop.is_set():
-            sent = time.monotonic()
-            try:
-                infer_grpc(frontend, "llava", "What is this?", IMAGE, max_tokens=16)
-                outcomes.append((sent, time.monotonic(), True))
-            except InferenceServerException:
-                outcomes.append((sent, time.monotonic(), False))
-
-    threads = [threading.Thread(target=client) for _ in range(8)]
-    for thread in threads:
-        thread.start()
-    time.sleep(3)
-    killed = time.monotonic()
-    os.kill(pid, signal.SIGKILL)
-    time.sleep(10)
-    stop.set()
-    for thread in threads:
-        thread.join(60)
-    in_flight = [ok for sent, done, ok in outcomes if sent < killed <= done]
-    after = [(sent - killed, ok) for sent, done, ok in outcomes if sent >= killed]
-    failed_after = [round(at, 1) for at, ok in after if not ok]
-    # Dynamo's router tries a dead worker again once or twice until discovery drops its record
-    good = all(ok for _, done, ok in outcomes if done < killed) and len(failed_after) <= 3
-    good = good and len(after) - len(failed_after) >= 8
+def worker_killed(frontend: str, pid: int, after_s: float) -> None:
+    figures = kill_under_load(frontend, IMAGE, lambda: os.kill(pid, signal.SIGKILL), after_s=after_s)
+    failed_after = figures["sent_after_failed"]
+    # at most one sent after the kill may fail: the frontend leaves an unreachable worker out
+    # for 30 s (the launcher's DYN_RUNTIME_INHIBITED_DURATION_SECS), longer than its record lives
+    good = figures["answered_before"] and len(failed_after) <= 1
+    good = good and figures["sent_after"] - len(failed_after) >= 8
     result(
         "host B's worker killed under load",
         good,
-        f"{in_flight.count(False)} of {len(in_flight)} requests in flight failed; of {len(after)} sent after the kill "
-        f"{len(failed_after)} failed (at {failed_after} s), the rest answered through host A",
+        f"{figures['in_flight_failed']} of {figures['in_flight']} requests in flight failed; "
+        f"of {figures['sent_after']} sent after the kill {len(failed_after)} failed (at {failed_after} s), "
+        "the rest answered through host A",
     )
 
 
@@ -114,10 +100,11 @@ def main() -> None:
     for name in ("--frontend", "--triton", "--worker-a", "--worker-b"):
         parser.add_argument(name, required=True)
     parser.add_argument("--kill-pid", type=int, required=True)
+    parser.add_argument("--after-kill-s", type=float, default=float(os.environ.get("DYNAMO_AFTER_KILL_S", 10)))
     args = parser.parse_args()
     every_model(args.frontend, args.triton)
     both_hosts_and_rates(args.frontend, args.triton, args.worker_a, args.worker_b)
-    kill_under_load(args.frontend, args.kill_pid)
+    worker_killed(args.frontend, args.kill_pid, args.after_kill_s)
     sys.exit(1 if failures else 0)
 
 

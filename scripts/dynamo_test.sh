@@ -72,6 +72,11 @@ if ! on "$A" "${stack_env[@]}" STREAM_GAP_MS=0 ./triton_start.sh up >"$WORK/logs
   say "the stack on host A did not come up:"; tail -30 "$WORK/logs/stack-a.log"; exit 1
 fi
 say "host A up in $((SECONDS - started)) s"
+for _ in $(seq 1 300); do  # host B's worker registers once its Triton is ready
+  on "$A" curl -fsS "http://$B_IP:8789/health" >/dev/null 2>&1 && break; sleep 1
+done
+on "$A" curl -fsS "http://$B_IP:8789/health" >/dev/null 2>&1 || { say "host B's worker did not come up"; tail -20 "$WORK/logs/worker-b.log"; exit 1; }
+say "host B's worker answers"
 
 status=0
 on "$A" "$PYTHON" scripts/dynamo_checks.py --frontend 127.0.0.1:8787 --triton 127.0.0.1:8001 \

@@ -146,7 +146,7 @@ class ModelForwarder:
                 await stream.aclose()
 
 
-async def wait_for_triton(client: grpcaio.InferenceServerClient, timeout_s: float) -> list[str]:
+async def wait_for_triton(client: grpcaio.InferenceServerClient, url: str, timeout_s: float) -> list[str]:
     """Wait until Triton is ready and return its ready models' names (progress every 10 s)."""
     started = last = time.monotonic()
     while True:
@@ -160,9 +160,9 @@ async def wait_for_triton(client: grpcaio.InferenceServerClient, timeout_s: floa
             pass
         waited = time.monotonic() - started
         if waited > timeout_s:
-            raise SystemExit(f"Triton at {client._channel._channel.target().decode()} not ready after {timeout_s:.0f}s")
+            raise SystemExit(f"Triton at {url} not ready after {timeout_s:.0f}s")
         if time.monotonic() - last >= 10:
-            log.info("waiting for Triton (%.0fs)", waited)
+            log.info("waiting for Triton at %s (%.0fs)", url, waited)
             last = time.monotonic()
         await asyncio.sleep(0.5)
 
@@ -208,7 +208,7 @@ async def run(args: argparse.Namespace) -> int:
 
     loop = asyncio.get_running_loop()
     client = grpcaio.InferenceServerClient(args.triton)
-    models = await wait_for_triton(client, args.wait_s)
+    models = await wait_for_triton(client, args.triton, args.wait_s)
     runtime = DistributedRuntime(loop, args.discovery_backend, args.request_plane)
     endpoints: list = []
     install_signal_handlers(loop, runtime, endpoints)

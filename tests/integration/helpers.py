@@ -12,6 +12,7 @@ import numpy as np
 import requests
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
 
 MODELS = ["moondream2", "kosmos2", "llava", "qwen3-vl"]
 GREEDY = {"temperature": 0.0}
@@ -166,6 +167,49 @@ class _ChatStream:
 
     def close(self) -> None:
         self.client.stop_stream()
+
+
+def chat_text(events: list[dict]) -> str:
+    """The text of an llm_decoupled answer: its chunks joined (where chunks break depends on timing)."""
+    return "".join(e.get("content", "") for e in events if e["type"] == "chunk")
+
+
+def kill_under_load(url: str, image: bytes, kill, clients: int = 8, after_s: float = 8) -> dict:
+    """``clients`` threads send llava infers to ``url`` without pause; after 3 s ``kill()``
+    runs, and the load goes on ``after_s`` more. The outcome, by when each request was sent:
+    ``answered_before`` (all done before the kill answered), ``in_flight`` and
+    ``in_flight_failed``, ``sent_after`` and ``sent_after_failed`` (seconds after the kill)."""
+    outcomes: list[tuple[float, float, bool]] = []  # sent, done, answered
+    stop = threading.Event()
+
+    def client() -> None:
+        while not stop.is_set():
+            sent = time.monotonic()
+            try:
+                infer_grpc(url, "llava", "What is this?", image, max_tokens=16)
+                outcomes.append((sent, time.monotonic(), True))
+            except InferenceServerException:
+                outcomes.append((sent, time.monotonic(), False))
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    time.sleep(3)
+    killed = time.monotonic()
+    kill()
+    time.sleep(after_s)
+    stop.set()
+    for thread in threads:
+        thread.join(60)
+    in_flight = [ok for sent, done, ok in outcomes if sent < killed <= done]
+    after = [(sent - killed, ok) for sent, done, ok in outcomes if sent >= killed]
+    return {
+        "answered_before": all(ok for _, done, ok in outcomes if done < killed),
+        "in_flight": len(in_flight),
+        "in_flight_failed": in_flight.count(False),
+        "sent_after": len(after),
+        "sent_after_failed": [round(at, 1) for at, ok in after if not ok],
+    }
 
 
 METRICS_FLUSH_S = 1.3  # the scheduler reports its metrics about once a second

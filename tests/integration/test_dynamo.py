@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -21,8 +20,19 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from tests.conftest import ARTIFACTS, ROOT, free_ports
-from tests.integration.helpers import GREEDY, MODELS, GrpcStream, infer_grpc, llm_decoupled_grpc, metric, stream_grpc
+from tests.integration.helpers import (
+    GREEDY,
+    MODELS,
+    GrpcStream,
+    chat_text,
+    infer_grpc,
+    kill_under_load,
+    llm_decoupled_grpc,
+    metric,
+    stream_grpc,
+)
 from vlm_stack.config import QUIET_DYNAMO_LOG
+from vlm_stack.local import INHIBIT_S
 
 REPOSITORY = sorted(p.parent.name for p in (ROOT / "triton_models").glob("*/config.pbtxt"))
 
@@ -100,7 +110,7 @@ class Dynamo:
                 "--discovery-backend=file",
                 "--namespace=vlmtest",
             ],
-            self.env,
+            {**self.env, "DYN_RUNTIME_INHIBITED_DURATION_SECS": INHIBIT_S},  # as the launcher sets it
         )
         self.workers = [self.worker(i) for i in range(2)]
 
@@ -174,10 +184,10 @@ def test_llm_decoupled_streams_through_dynamo_with_its_parameters(dynamo, triton
     messages = [{"role": "user", "content": "Hello, who are you?"}]
     direct = llm_decoupled_grpc(triton.grpc_url, messages, max_tokens=10, temperature=0.0)
     through = llm_decoupled_grpc(dynamo.url, messages, max_tokens=10, temperature=0.0)
-    assert through == direct
-    assert [e["type"] for e in through][-1] == "complete" and len(through) >= 3
+    assert chat_text(through) == chat_text(direct) != ""
+    assert through[-1] == {"type": "complete"} and len(through) >= 3, through
     shorter = llm_decoupled_grpc(dynamo.url, messages, max_tokens=2, temperature=0.0)
-    assert len(shorter) < len(through), "request parameters must reach Triton through Dynamo"
+    assert len(chat_text(shorter)) < len(chat_text(through)), "request parameters must reach Triton through Dynamo"
 
 
 def test_metadata_and_config_are_tritons(dynamo, triton):
@@ -234,44 +244,16 @@ def test_a_client_that_leaves_a_dynamo_stream_frees_its_row(dynamo, triton, jpeg
 
 
 def test_a_killed_worker_loses_only_its_requests_and_the_other_goes_on(dynamo, jpeg):
-    """Load at concurrency 8; one worker is SIGKILLed. Requests it held fail; of those sent
-    after the kill only the few the router still sends to the dead worker may fail (1 in the
-    runs here: Dynamo picks it again until discovery drops its record); the rest are answered
-    by the other worker. It is started again."""
-    outcomes: list[tuple[float, float, bool]] = []  # sent, done, answered
-    stop = threading.Event()
-
-    def client() -> None:
-        while not stop.is_set():
-            sent = time.monotonic()
-            try:
-                infer_grpc(dynamo.url, "llava", "What is this?", jpeg, max_tokens=16)
-                outcomes.append((sent, time.monotonic(), True))
-            except InferenceServerException:
-                outcomes.append((sent, time.monotonic(), False))
-
-    threads = [threading.Thread(target=client) for _ in range(8)]
-    for thread in threads:
-        thread.start()
-    time.sleep(3)
-    killed_at = time.monotonic()
-    dynamo.workers[1].kill()
-    time.sleep(8)
-    stop.set()
-    for thread in threads:
-        thread.join(60)
-    in_flight = [ok for sent, done, ok in outcomes if sent < killed_at <= done]
-    sent_after = [(sent - killed_at, done - killed_at, ok) for sent, done, ok in outcomes if sent >= killed_at]
-    failed_after = [(round(s, 2), round(d, 2)) for s, d, ok in sent_after if not ok]
-    figures = {
-        "in_flight": len(in_flight),
-        "in_flight_failed": in_flight.count(False),
-        "sent_after": len(sent_after),
-        "sent_after_failed": failed_after,
-    }
+    """Load at concurrency 8; one worker is SIGKILLed. The requests it held fail; of those
+    sent after the kill at most one may (sent before the router learned of the death): the
+    frontend leaves an unreachable worker out for 30 s (``INHIBIT_S``), longer than discovery
+    keeps its record. With Dynamo's default of 5 s it sent a request to the dead worker every
+    5 s until the record expired. The worker is started again."""
+    figures = kill_under_load(dynamo.url, jpeg, dynamo.workers[1].kill)
     (ARTIFACTS / "dynamo-kill.json").write_text(json.dumps(figures))
-    assert all(ok for sent, done, ok in outcomes if done < killed_at), "all answered before the kill"
-    assert len(failed_after) <= 3, f"requests sent after the kill failed: {figures}"
-    assert len(sent_after) - len(failed_after) >= 8, f"the other worker did not go on answering: {figures}"
+    assert figures["answered_before"], f"requests failed before the kill: {figures}"
+    assert len(figures["sent_after_failed"]) <= 1, f"requests sent after the kill failed: {figures}"
+    answered_after = figures["sent_after"] - len(figures["sent_after_failed"])
+    assert answered_after >= 8, f"the other worker did not go on answering: {figures}"
     dynamo.workers[1] = dynamo.worker(1).start()
     dynamo.wait_registered([0, 1])

@@ -181,6 +181,7 @@ def test_dynamo_adds_its_frontend_and_a_worker_per_triton_replica(tmp_path):
     assert "--kserve-grpc-server" in frontend.command and "--http-port=9787" in frontend.command
     assert frontend.env["DYN_DISCOVERY_BACKEND"] == "file"
     assert frontend.env["DYN_FILE_KV"] == str(tmp_path / "dynamo-kv")
+    assert frontend.env["DYN_RUNTIME_INHIBITED_DURATION_SECS"] == "30"
     tritons = [r.grpc_port for r in stack.c.replicas()]
     workers = [services["dynamo-worker"], services["dynamo-worker-1"]]
     assert [w.command[-1] for w in workers] == [f"--triton=127.0.0.1:{port}" for port in tritons]
