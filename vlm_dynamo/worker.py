@@ -10,9 +10,11 @@ them; the worker only adds one loopback hop.
 
 A client that leaves cancels its forwarded request (Triton's models see ``is_cancelled``).
 Triton's answers to bad input (400 / INVALID_ARGUMENT with a message) reach the client
-with that message. If Triton stops answering, the worker exits, so discovery drops it and
-the frontend routes to the other workers until the supervisor has started it again (it
-waits for Triton before registering).
+with that message, marked as the request's fault (Dynamo 1.6.1 still gives every worker
+error on unary ``ModelInfer`` the gRPC code INTERNAL; a worker cannot change that).
+If Triton stops answering, the worker exits, so discovery drops it and the frontend routes
+to the other workers until the supervisor has started it again (it waits for Triton before
+registering).
 
 Settings (flags or env): ``--triton`` (``DYNAMO_TRITON_URL``), ``--namespace``
 (``DYN_NAMESPACE``, default ``vlm``), ``--discovery-backend`` (``DYN_DISCOVERY_BACKEND``:
