@@ -244,15 +244,16 @@ def test_a_client_that_leaves_a_dynamo_stream_frees_its_row(dynamo, triton, jpeg
 
 
 def test_a_killed_worker_loses_only_its_requests_and_the_other_goes_on(dynamo, jpeg):
-    """Load at concurrency 8; one worker is SIGKILLed. The requests it held fail; of those
-    sent after the kill at most one may (sent before the router learned of the death): the
-    frontend leaves an unreachable worker out for 30 s (``INHIBIT_S``), longer than discovery
-    keeps its record. With Dynamo's default of 5 s it sent a request to the dead worker every
-    5 s until the record expired. The worker is started again."""
+    """Load at concurrency 8; one worker is SIGKILLed. The requests it held fail, and so may
+    those sent in the moment before the router saw it fail; none sent 1 s or more after the
+    kill may: the frontend leaves an unreachable worker out for 30 s (``INHIBIT_S``), longer
+    than discovery keeps its record. With Dynamo's default of 5 s it sent a request to the
+    dead worker every 5 s until the record expired. The worker is started again."""
     figures = kill_under_load(dynamo.url, jpeg, dynamo.workers[1].kill)
     (ARTIFACTS / "dynamo-kill.json").write_text(json.dumps(figures))
     assert figures["answered_before"], f"requests failed before the kill: {figures}"
-    assert len(figures["sent_after_failed"]) <= 1, f"requests sent after the kill failed: {figures}"
+    late = [at for at in figures["sent_after_failed"] if at >= 1.0]
+    assert not late, f"requests sent after the router had seen the worker fail did fail: {figures}"
     answered_after = figures["sent_after"] - len(figures["sent_after_failed"])
     assert answered_after >= 8, f"the other worker did not go on answering: {figures}"
     dynamo.workers[1] = dynamo.worker(1).start()
