@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Any
 
-import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from vlm_engine.errors import Cancelled, EngineError, InvalidRequest, Overloaded
@@ -21,15 +19,6 @@ def batch_size(request) -> int:
                 "prompt and image (batch dimension 1): the server batches requests itself"
             )
     return 1
-
-
-def text_tensor(name: str, text: str, batched: bool = True) -> pb_utils.Tensor:
-    array = np.array([text.encode("utf-8")], dtype=np.object_)
-    return pb_utils.Tensor(name, array.reshape(1, 1) if batched else array)
-
-
-def json_tensor(name: str, value: Any, batched: bool = True) -> pb_utils.Tensor:
-    return text_tensor(name, json.dumps(value), batched)
 
 
 def triton_error(exc: BaseException) -> pb_utils.TritonError:
