@@ -13,7 +13,8 @@ PYTHON=${PYTHON:-python3}
 compose_file=docker-compose-cpu.yml
 [ "$mode" = gpu ] && compose_file=docker-compose.yml
 echo "[stack] mode: $mode$([ "$mode" != local ] && echo " ($compose_file)")"
-if [ "${DYNAMO:-0}" = 1 ] && [ "$mode" != local ] && [ "$command" = up ]; then
+case "$(echo "${DYNAMO:-0}" | tr '[:upper:]' '[:lower:]')" in 1|true|yes) dynamo=1 ;; *) dynamo=0 ;; esac
+if [ "$dynamo" = 1 ] && [ "$mode" != local ] && [ "$command" = up ]; then
   echo "DYNAMO=1 runs with local processes: add VLM_STACK_MODE=local (or use make dynamo-up)" >&2; exit 2
 fi
 if [ "$mode" = local ]; then

@@ -4,7 +4,7 @@ Each check prints one line starting with "RESULT"; the script fails if any check
 1. every model of the repository answers through the frontend (the four faces with the same
    greedy text as Triton, their ``_stream`` models and ``llm_decoupled`` over gRPC streaming);
 2. the workers on both hosts take requests (their own Dynamo request counters);
-3. requests/s at concurrency 16 through Dynamo (two workers) and straight to host A's Triton;
+3. (a figure, line "FIGURE") requests/s at concurrency 16 through Dynamo and straight to host A's Triton;
 4. host B's worker is killed under load: only its requests in flight fail, and requests go on
    through host A's worker (the time to the last failure is printed).
 """
@@ -76,7 +76,8 @@ def both_hosts_and_rates(frontend: str, triton: str, worker_a: str, worker_b: st
     taken = served(worker_a) - before[0], served(worker_b) - before[1]
     result("both hosts' workers take requests", min(taken) > 0, f"host A {taken[0]:.0f}, host B {taken[1]:.0f} of 64")
     direct = rate(triton)
-    result("requests/s at concurrency 16", True, f"Dynamo {through:.1f}/s (two hosts), Triton A alone {direct:.1f}/s")
+    # a figure for the notes, not a pass/fail check: both hosts share this machine's cores
+    print(f"FIGURE requests/s at concurrency 16: Dynamo {through:.1f}/s (two hosts), Triton A alone {direct:.1f}/s")
 
 
 def worker_killed(frontend: str, pid: int, after_s: float) -> None:

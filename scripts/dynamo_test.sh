@@ -81,6 +81,6 @@ say "host B's worker answers"
 status=0
 on "$A" "$PYTHON" scripts/dynamo_checks.py --frontend 127.0.0.1:8787 --triton 127.0.0.1:8001 \
   --worker-a 127.0.0.1:8789 --worker-b "$B_IP:8789" --kill-pid "$worker_b" | tee "$WORK/checks.log" || status=$?
-grep '^RESULT' "$WORK/checks.log" || true
+grep -E '^(RESULT|FIGURE)' "$WORK/checks.log" || true
 [ "$status" = 0 ] && say "passed" || { say "FAILED (logs in $WORK/logs and $WORK/run-a/logs)"; tail -20 "$WORK/logs/worker-b.log"; }
 exit "$status"
