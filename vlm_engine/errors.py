@@ -33,6 +33,13 @@ class InvalidParameter(InvalidRequest):
     code = "invalid_parameter"
 
 
+class GuideNotWritable(InvalidRequest):
+    """Structured output this model's vocabulary cannot finish: the grammar asks for a character
+    no token writes (a sentencepiece vocabulary without byte fallback, such as Kosmos-2's)."""
+
+    code = "guide_not_writable"
+
+
 class TooLarge(InvalidRequest):
     """Well formed, but more than the model takes: a prompt past its context, ``max_tokens``
     past its cap. 413, not 400: the OpenAPI document's ranges are the service's, and a model's

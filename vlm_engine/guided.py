@@ -14,7 +14,7 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-from vlm_engine.errors import InvalidParameter
+from vlm_engine.errors import GuideNotWritable, InvalidParameter
 from vlm_engine.params import Guide
 
 # compact JSON (no free whitespace): a model cannot pad an answer with endless spaces; a schema
@@ -52,7 +52,21 @@ class Grammars:
         matcher = LLMatcher(self.tokenizer_for_llguidance(), grammar, log_level=0)
         if matcher.is_error():
             raise InvalidParameter(f"{guide.describe()} cannot be used: {_first_line(matcher.get_error())}")
+        if not matcher.is_accepting() and not self._writes_a_first_token(matcher):
+            raise GuideNotWritable(
+                f"{guide.describe()} cannot be written with this model's vocabulary: no token writes the "
+                "text it must start with; leave out the characters the model cannot write"
+            )
         return matcher
+
+    def _writes_a_first_token(self, matcher: Any) -> bool:
+        """Whether the grammar's first mask allows a token other than end-of-sequence (llguidance
+        allows only end-of-sequence where no token can write what comes next)."""
+        mask = bytearray(matcher.compute_bitmask())
+        for eos in self.eos_ids:
+            if eos // 8 < len(mask):
+                mask[eos // 8] &= ~(1 << (eos % 8)) & 0xFF
+        return any(mask)
 
 
 def grammar_of(guide: Guide) -> str:
@@ -108,7 +122,10 @@ def advance(matcher: Any, token: int) -> str | None:
     if not matcher.consume_token(token):
         return f"structured output failed: {_first_line(matcher.get_error())}"
     if matcher.is_stopped() and not matcher.is_accepting():
-        return "structured output failed: the answer ended before the grammar was complete"
+        return (
+            "structured output failed: the grammar asks for text this model's vocabulary cannot write, "
+            "so the answer ended before the grammar was complete"
+        )
     return None
 
 
@@ -179,5 +196,5 @@ class _SentencePieceBytes:
                     at += size
                     break
             else:
-                at += 1  # a byte the vocabulary cannot write: the grammar will allow no token for it
+                break  # a byte the vocabulary cannot write: what follows it cannot be written either
         return out

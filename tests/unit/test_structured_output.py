@@ -11,7 +11,7 @@ import jsonschema
 import pytest
 
 from tests.unit.test_scheduler import Request, make_engine, prepare
-from vlm_engine.errors import InvalidParameter
+from vlm_engine.errors import GuideNotWritable, InvalidParameter
 
 MODELS = ["llava", "qwen3-vl", "kosmos2"]
 SCHEMA = {
@@ -97,3 +97,24 @@ def test_a_bad_guide_is_refused_before_it_is_queued(engines, guide, says):
     with pytest.raises(InvalidParameter) as caught:
         guided(engine, 0, guide)
     assert says in str(caught.value)
+
+
+def test_a_guide_the_vocabulary_cannot_write_is_refused_and_fails_alone(engines):
+    # Kosmos-2's vocabulary (sentencepiece, no byte fallback; the tiny one has 1393 pieces) has
+    # no token for "\u00cc": llguidance then allows only end-of-sequence, and a row that took it
+    # used to end as a server error ("ended before the grammar was complete")
+    engine = engines["kosmos2"]
+    for choices in (["\u00cc"], ["\u00cca"], ["\u00cc", "\u00e9"]):
+        with pytest.raises(GuideNotWritable) as caught:
+            guided(engine, 0, {"choice": choices})
+        assert caught.value.status == 400 and "cannot be written" in str(caught.value)
+    # a choice that starts well and meets the character later fails as the client's error
+    # (400), alone: its neighbour in the same steps keeps its solo answer
+    free_alone = engine.generate([prepare(engine, 3, 24)])[0].text
+    free = Request(engine, prepare(engine, 3, 24))
+    stuck = Request(engine, guided(engine, 1, {"choice": ["a\u00cc"]}))
+    with pytest.raises(GuideNotWritable) as caught:
+        stuck.result()
+    assert caught.value.status == 400 and "vocabulary cannot write" in str(caught.value)
+    assert "".join(stuck.texts) == "a"  # the part it could write was streamed
+    assert free.result().text == free_alone
