@@ -82,5 +82,18 @@ status=0
 on "$A" "$PYTHON" scripts/dynamo_checks.py --frontend 127.0.0.1:8787 --triton 127.0.0.1:8001 \
   --worker-a 127.0.0.1:8789 --worker-b "$B_IP:8789" --kill-pid "$worker_b" | tee "$WORK/checks.log" || status=$?
 grep -E '^(RESULT|FIGURE)' "$WORK/checks.log" || true
+
+# `status` and `down` without DYNAMO=1 still see the Dynamo programs: they ask supervisord
+plain_env=(env VLM_STACK_MODE=local VLM_SYSTEM_PACKAGES=skip STACK_RUN_DIR="$WORK/run-a" HF_HUB_OFFLINE=1
+  VLM_MODELS_DIR="$PWD/.models/tiny" PYTHON="$PYTHON")
+on "$A" "${plain_env[@]}" ./triton_start.sh status >"$WORK/logs/status-a.log" 2>&1 || true
+frontend=$(awk '$1 == "dynamo-frontend" && /not in these settings/ {print $4}' "$WORK/logs/status-a.log")
+on "$A" "${plain_env[@]}" ./triton_start.sh down >"$WORK/logs/down-a.log" 2>&1 || true
+if [ -z "$frontend" ] || ! grep -q "dynamo-frontend stopped" "$WORK/logs/down-a.log" || kill -0 "$frontend" 2>/dev/null; then
+  say "FAILED: status/down without DYNAMO=1 (frontend pid '${frontend}')"; cat "$WORK/logs/status-a.log" "$WORK/logs/down-a.log"
+  status=1
+else
+  say "RESULT status without DYNAMO=1 lists dynamo-frontend (pid $frontend); down stops it"
+fi
 [ "$status" = 0 ] && say "passed" || { say "FAILED (logs in $WORK/logs and $WORK/run-a/logs)"; tail -20 "$WORK/logs/worker-b.log"; }
 exit "$status"

@@ -425,22 +425,29 @@ class LocalStack:
         say(f"Dynamo lists all {len(wanted)} models after {time.monotonic() - start:.1f}s")
 
     def down(self) -> None:
-        was_running = self.supervisor.running()
+        # what supervisord runs, not what these settings name: a stack started with other
+        # settings (DYNAMO=1, more replicas) stops whole, and says so
+        names = self.supervisor.programs()
         self.supervisor.shutdown()
         for path in self.pids.glob("*.pid") if self.pids.exists() else []:
             path.unlink()
-        if was_running:
-            for service in reversed(self.services()):
-                say(f"{service.name} stopped")
+        configured = [s.name for s in self.services()]
+        for name in reversed(sorted(names, key=lambda n: configured.index(n) if n in configured else len(configured))):
+            say(f"{name} stopped")
 
     def status(self) -> bool:
         ok = True
-        for service in self.services():
+        configured = self.services()
+        for service in configured:
             pid = self.pid(service.name)
             healthy = bool(pid) and (service.health_url is None or http_ok(service.health_url))
             ok &= healthy or not service.required
             state = "ready" if healthy else ("starting/unhealthy" if pid else "stopped")
             print(f"{service.name:15} {state:18} {f'pid {pid}' if pid else ''}")
+        for name in [n for n in self.supervisor.programs() if n not in {s.name for s in configured}]:
+            pid = self.pid(name)  # started with other settings (DYNAMO=1, TRITON_REPLICAS)
+            state = "running" if pid else "stopped"
+            print(f"{name:15} {state:18} {f'pid {pid}' if pid else ''}  (not in these settings)")
         if self.pid("triton"):
             for model, ready in self.model_states().items():
                 ok &= ready

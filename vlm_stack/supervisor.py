@@ -124,6 +124,15 @@ class Supervisor:
         except xmlrpc.client.Fault:
             return None
 
+    def programs(self) -> list[str]:
+        """The names of the programs the running supervisord has, in its order."""
+        if not self.running():
+            return []
+        try:
+            return [info["name"] for info in self.rpc().getAllProcessInfo()]
+        except (OSError, xmlrpc.client.Fault):
+            return []
+
     def pid(self, name: str) -> int | None:
         info = self.info(name)
         return info["pid"] if info and info["statename"] in (RUNNING, "STARTING") and info["pid"] else None
