@@ -9,7 +9,7 @@ import time
 import uuid
 from typing import Any
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Path, Request, Response
 from pydantic import BaseModel, Field, ValidationError
 from sse_starlette.sse import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
@@ -30,11 +30,20 @@ from vlm_engine.errors import EngineError, InvalidImage, InvalidRequest, NotFoun
 
 router = APIRouter(prefix="/api", tags=["REST chat"])
 
+# a session id is a path segment of /api/sessions/{session_id}: no control character (nginx
+# refuses a NUL in a path) and no slash, so every session made can be read and deleted
+SESSION_ID_PATTERN = r"^[^\x00-\x1f\x7f/]+$"
+SESSION_ID = {"min_length": 1, "max_length": 128, "pattern": SESSION_ID_PATTERN}
+
 
 class ChatRequest(BaseModel):
     """JSON bodies are read strictly (no "5" for 5); multipart form fields are text, so leniently."""
 
-    session_id: str = Field(default_factory=lambda: uuid.uuid4().hex, min_length=1, max_length=128)
+    session_id: str = Field(
+        default_factory=lambda: uuid.uuid4().hex,
+        description="up to 128 characters, no slash or control character",
+        **SESSION_ID,
+    )
     model: str | None = Field(None, description="a served model; unset: DEFAULT_MODEL")
     prompt: str = Field(
         description="the question or instruction (not blank)", json_schema_extra={"pattern": TEXT_PATTERN}
@@ -150,7 +159,7 @@ async def chat(request: Request):
 
 
 @router.get("/sessions/{session_id}", operation_id="get_session")
-async def get_session(session_id: str, request: Request):
+async def get_session(request: Request, session_id: str = Path(**SESSION_ID)):
     turns = await run_in_threadpool(request.app.state.history.turns, session_id)
     if not turns:
         raise NotFound(f"no session {session_id!r}")
@@ -158,7 +167,7 @@ async def get_session(session_id: str, request: Request):
 
 
 @router.delete("/sessions/{session_id}", status_code=204, operation_id="delete_session")
-async def delete_session(session_id: str, request: Request):
+async def delete_session(request: Request, session_id: str = Path(**SESSION_ID)):
     if not await run_in_threadpool(request.app.state.history.delete, session_id):
         raise NotFound(f"no session {session_id!r}")
     return Response(status_code=204)

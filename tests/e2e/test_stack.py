@@ -4,6 +4,8 @@ blocked admin APIs, body limit, and Prometheus seeing every target and model."""
 from __future__ import annotations
 
 import base64
+import http.client
+import json
 import time
 
 import httpx
@@ -176,6 +178,33 @@ def test_unsupported_methods_get_405_with_allow(stack, method, path, allow):
     reply = httpx.request(method, stack.url + path, timeout=10)
     assert reply.status_code == 405, reply.text
     assert reply.headers["allow"] == allow
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "shape"),
+    [
+        ("DELETE", "/api/sessions/%00%C2%85", "api"),  # schemathesis' stateful phase sent this
+        ("GET", "/v1/models%2", "openai"),  # a broken %-escape
+        ("GET", "/v2/models/%00/ready", "kserve"),
+    ],
+)
+def test_a_path_nginx_cannot_parse_gets_json_not_html(stack, method, path, shape):
+    # raw http.client: httpx would re-escape the path
+    host, port = stack.url.removeprefix("http://").rsplit(":", 1)
+    connection = http.client.HTTPConnection(host, int(port), timeout=10)
+    try:
+        connection.request(method, path)
+        reply = connection.getresponse()
+        status, kind, body = reply.status, reply.getheader("content-type"), json.loads(reply.read())
+    finally:
+        connection.close()
+    assert (status, kind) == (400, "application/json")
+    if shape == "api":
+        assert body["code"] == "bad_request" and "NUL" in body["detail"]
+    elif shape == "openai":
+        assert body["error"]["code"] == "bad_request" and body["error"]["type"] == "invalid_request_error"
+    else:
+        assert "NUL" in body["error"]
 
 
 def test_openapi_declares_every_error_with_its_schema(stack):

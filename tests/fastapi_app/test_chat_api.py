@@ -105,11 +105,17 @@ def test_rest_chat_bad_input(api):
         ({"prompt": "", "model": "llava"}, 400, "prompt is empty"),
         ({"prompt": "hi", "model": "llava", "image": "data:image/png;base64,"}, 400, "image is empty"),
         ({"prompt": "hi", "model": "llava", "max_tokens": 0}, 400, "max_tokens: Input should be greater than or equal"),
+        # a session id is a path segment later (/api/sessions/{id}): no slash, no control character
+        ({"prompt": "hi", "model": "llava", "session_id": "a/b"}, 400, "session_id: String should match pattern"),
+        ({"prompt": "hi", "model": "llava", "session_id": "a\x00b"}, 400, "session_id: String should match pattern"),
     ]
     for body, status, says in cases:
         reply = httpx.post(api.url + "/api/chat", json=body, timeout=30)
         assert reply.status_code == status, (body, reply.text)
         assert says in reply.json()["detail"], (body, reply.json())
+    for path in ("/api/sessions/a%01b", "/api/sessions/" + "x" * 129):
+        reply = httpx.get(api.url + path, timeout=10)
+        assert reply.status_code == 400 and "session_id" in reply.json()["detail"], (path, reply.text)
     reply = httpx.post(api.url + "/api/chat", content=b"{oops", headers={"content-type": "application/json"})
     assert reply.status_code == 400 and "not valid JSON" in reply.json()["detail"]
     # "" is no image, as an empty multipart field is (the OpenAPI document allows it)
