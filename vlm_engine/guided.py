@@ -14,7 +14,7 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-from vlm_engine.errors import GuideNotWritable, InvalidParameter
+from vlm_engine.errors import EngineError, GuideNotWritable, InvalidParameter
 from vlm_engine.params import Guide
 
 # compact JSON (no free whitespace): a model cannot pad an answer with endless spaces; a schema
@@ -117,12 +117,14 @@ def _host_buffer(rows: int, words: int, pinned: bool) -> Any:
     return buffer[:rows]
 
 
-def advance(matcher: Any, token: int) -> str | None:
-    """Feed the chosen ``token`` to ``matcher``; the error when the grammar refuses it."""
+def advance(matcher: Any, token: int) -> EngineError | None:
+    """Feed the chosen ``token`` to ``matcher``; the row's error when that ends it badly: the
+    request's (400) where llguidance stopped because nothing could write the rest, the engine's
+    (500) where the mask allowed a token the grammar then refused (a vocabulary mismatch)."""
     if not matcher.consume_token(token):
-        return f"structured output failed: {_first_line(matcher.get_error())}"
+        return EngineError(f"structured output failed: {_first_line(matcher.get_error())}")
     if matcher.is_stopped() and not matcher.is_accepting():
-        return (
+        return GuideNotWritable(
             "structured output failed: the grammar asks for text this model's vocabulary cannot write, "
             "so the answer ended before the grammar was complete"
         )

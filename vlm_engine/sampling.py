@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from vlm_engine.errors import EngineError, GuideNotWritable
 from vlm_engine.params import GenerationParams, Sampling
 
 
@@ -75,13 +76,14 @@ class TokenLogprob:
 class Choice:
     """The chosen tokens on the device (the next step's input) and on the host; ``usable``
     is False for a row whose scores were NaN, +inf or all -inf (its token is meaningless);
-    ``logprobs`` for the rows that asked for them; ``errors`` for rows whose grammar failed."""
+    ``logprobs`` for the rows that asked for them; ``errors`` for rows whose grammar failed
+    (``GuideNotWritable`` where the vocabulary cannot write what it asks for)."""
 
     tensor: torch.Tensor
     ids: list[int]
     usable: list[bool]
     logprobs: list[TokenLogprob | None]
-    errors: dict[int, str] = field(default_factory=dict)
+    errors: dict[int, EngineError] = field(default_factory=dict)
 
 
 def choose(
@@ -165,13 +167,14 @@ def choose(
         count = params[i].sampling.top_logprobs
         pairs = tuple(zip(host_lp[2][n][:count], host_lp[1][n][:count], strict=True))
         logprobs[i] = TokenLogprob(host[0][i], host_lp[0][n], pairs)
-    errors: dict[int, str] = {}
+    errors: dict[int, EngineError] = {}
     if guided:
         from vlm_engine.guided import advance
 
         for i in guided:
             if host[2][i]:
-                errors[i] = "structured output failed: the grammar allows no token this model can write here"
+                message = "structured output failed: the grammar allows no token this model can write here"
+                errors[i] = GuideNotWritable(message)
             elif host[1][i]:
                 error = advance(states[i].matcher, host[0][i])
                 if error is not None:

@@ -576,7 +576,7 @@ class GenerateAdapter(Adapter):
 
     def choose(self, logits: Any, seqs: list[Sequence], keys: tuple[int, ...] | None = None) -> list[Any]:
         """Each row's next token; a row whose logits are not usable gets its own error."""
-        from vlm_engine.errors import EngineError, GuideNotWritable
+        from vlm_engine.errors import EngineError
         from vlm_engine.sampling import choose
 
         choice = choose(logits, [s.params for s in seqs], states=[s.state for s in seqs])
@@ -585,8 +585,8 @@ class GenerateAdapter(Adapter):
         rows = zip(seqs, choice.ids, choice.usable, choice.logprobs, strict=True)
         for i, (seq, token, usable, logprob) in enumerate(rows):
             seq.last = token
-            if i in choice.errors:  # the row's grammar: the request's to change
-                outputs.append(GuideNotWritable(choice.errors[i]))
+            if i in choice.errors:  # the row's grammar failed
+                outputs.append(choice.errors[i])
             elif not usable:
                 outputs.append(EngineError("the model produced non-finite scores for this request"))
             else:
