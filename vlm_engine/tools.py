@@ -78,7 +78,8 @@ def resolve_tools(
         return ToolRequest(tuple(tools), choice == "auto", None)
     if choice == "required":
         return ToolRequest(tuple(tools), True, tool_guide(tools, tag, MAX_PARALLEL_CALLS if parallel else 1))
-    wanted = choice.get("function", {}).get("name") if isinstance(choice, Mapping) else None
+    function = choice.get("function") if isinstance(choice, Mapping) else None
+    wanted = function.get("name") if isinstance(function, Mapping) else None
     if not isinstance(choice, Mapping) or choice.get("type") != "function" or not isinstance(wanted, str):
         raise InvalidParameter(
             'tool_choice must be "none", "auto", "required" or {"type": "function", "function": {"name": ...}}'

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import traceback
 
 import triton_python_backend_utils as pb_utils
 
@@ -38,8 +39,10 @@ def triton_error(exc: BaseException) -> pb_utils.TritonError:
         code = codes.INTERNAL
     if isinstance(exc, EngineError):
         message = f"{exc.code}: {exc.message}"
-    else:
+    else:  # a bug of ours: the client gets one line, the log the whole traceback
         message = f"{EngineError.code}: {type(exc).__name__}: {exc}"
+        trace = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        pb_utils.Logger.log_error(f"unexpected error answered as INTERNAL: {trace}")
     return pb_utils.TritonError(message, code)
 
 

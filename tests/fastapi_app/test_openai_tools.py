@@ -56,6 +56,9 @@ def test_a_named_function_and_a_second_turn_with_its_result(any_api):
         ({"model": "llava"}, "llava has no tool-calling format"),
         ({"tool_choice": {"type": "function", "function": {"name": "nope"}}}, "not among the tools"),
         ({"tool_choice": "required", "response_format": {"type": "json_object"}}, "without response_format"),
+        # "function" not an object (schemathesis found these as 500s)
+        ({"tool_choice": {"type": "function", "function": ["zoom"]}}, "tool_choice must be"),
+        ({"tool_choice": {"type": "function", "function": "zoom"}}, "tool_choice must be"),
     ],
 )
 def test_tool_requests_that_cannot_work_are_a_400(any_api, kwargs, says):
