@@ -161,6 +161,22 @@ UNSUPPORTED_BY_MOONDREAM2 = (  # and n above 1
 GUIDES = ("response_format", "guided_json", "guided_regex", "guided_choice")
 
 
+# the values that ask for nothing (the engine's defaults): sent explicitly, as many clients do
+# (frequency_penalty 0), they are accepted where the option is not served
+NEUTRAL = {
+    "frequency_penalty": 0,
+    "presence_penalty": 0,
+    "repetition_penalty": 1,
+    "logprobs": False,
+    "top_logprobs": 0,
+    "stop": [],
+}
+
+
+def _unset_or_neutral(name: str) -> dict[str, Any]:
+    return {"anyOf": [NULL, {"const": NEUTRAL[name]}]} if name in NEUTRAL else NULL
+
+
 def _both(a: str, b: str) -> dict[str, Any]:
     """Both ``a`` and ``b`` sent (not null): one structured-output field at most per request.
     (A response_format of type text counts too: a nuance the generators could not take.)"""
@@ -191,7 +207,7 @@ def _requests(schema: dict[str, Any], settings: Settings) -> None:
         {  # moondream2 runs its own generation code: none of the per-row sampling options
             "if": {"properties": {"model": {"const": "moondream2"}}, "required": ["model"]},
             "then": {
-                "properties": {name: {"type": "null"} for name in UNSUPPORTED_BY_MOONDREAM2}
+                "properties": {name: _unset_or_neutral(name) for name in UNSUPPORTED_BY_MOONDREAM2}
                 | {"n": {"const": 1}}
                 | {"response_format": {"anyOf": [{"type": "null"}, {"properties": {"type": {"const": "text"}}}]}}
             },

@@ -46,12 +46,15 @@ def decode_request(body: bytes, header_length: str | None) -> tuple[dict, list[T
         raise InvalidRequest(f"the request body is not a KServe v2 JSON inference request: {exc}") from None
     if not isinstance(header, dict) or not isinstance(header.get("inputs"), list):
         raise InvalidRequest("the request needs an 'inputs' list of tensors (name, shape, datatype, data)")
+    outputs_asked(header)  # checked before the model runs
     binary, offset, tensors = body[size:], 0, []
     for item in header["inputs"]:
         name, datatype, shape = _tensor_fields(item)
         count = int(np.prod(shape)) if shape else 1
-        binary_size = (item.get("parameters") or {}).get("binary_data_size")
+        binary_size = _object(item.get("parameters"), f"input {name!r}: 'parameters'").get("binary_data_size")
         if binary_size is not None:
+            if not isinstance(binary_size, int) or isinstance(binary_size, bool) or binary_size < 0:
+                raise InvalidRequest(f"input {name!r}: binary_data_size must be a byte count, got {binary_size!r}")
             chunk = binary[offset : offset + int(binary_size)]
             if len(chunk) != int(binary_size):
                 raise InvalidRequest(f"input {name!r}: binary_data_size {binary_size} is past the end of the body")
@@ -65,6 +68,25 @@ def decode_request(body: bytes, header_length: str | None) -> tuple[dict, list[T
             raise InvalidRequest(f"input {name!r} has {values.size} elements, its shape {shape} needs {count}")
         tensors.append(Tensor(name, datatype, shape, values.reshape(shape)))
     return header, tensors
+
+
+def outputs_asked(header: dict) -> tuple[dict[Any, dict], bool]:
+    """The outputs the request names (name -> their parameters; empty: all of them), and
+    whether it asks for every output in binary."""
+    asked = header.get("outputs") or []
+    if not isinstance(asked, list) or not all(isinstance(o, dict) for o in asked):
+        raise InvalidRequest('\'outputs\' must be a list of objects ({"name": ..., "parameters": {...}})')
+    wanted = {o.get("name"): _object(o.get("parameters"), f"output {o.get('name')!r}: 'parameters'") for o in asked}
+    return wanted, bool(_object(header.get("parameters"), "the request's 'parameters'").get("binary_data_output"))
+
+
+def _object(value: Any, where: str) -> dict:
+    """A JSON object the client may leave out (``parameters``): ``{}`` when absent."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidRequest(f"{where} must be a JSON object, got {type(value).__name__}")
+    return value
 
 
 def _tensor_fields(item: Any) -> tuple[str, str, list[int]]:
@@ -106,8 +128,7 @@ def _from_binary(name: str, datatype: str, chunk: bytes) -> np.ndarray:
 
 def encode_response(model: str, header: dict, outputs: dict[str, tuple[str, np.ndarray]]) -> tuple[bytes, dict]:
     """The ``infer`` response body and headers; ``outputs`` maps name -> (datatype, array)."""
-    wanted = {o.get("name"): o.get("parameters") or {} for o in header.get("outputs") or []}
-    all_binary = bool((header.get("parameters") or {}).get("binary_data_output", False))
+    wanted, all_binary = outputs_asked(header)
     entries, blobs = [], []
     for name, (datatype, array) in outputs.items():
         if wanted and name not in wanted:

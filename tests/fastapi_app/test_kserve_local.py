@@ -177,3 +177,28 @@ def test_the_face_answers_once(servers, png):
         sampling.set_data_from_numpy(np.array([[b'{"n": 2}']], dtype=np.object_))
         error = _error(url, "llava", [*tensors, sampling])
         assert str(error.status()) == "400" and "answers once" in error.message(), error.message()
+
+
+GOOD_PROMPT = {"name": "prompt", "shape": [1, 1], "datatype": "BYTES", "data": ["hi"]}
+
+
+@pytest.mark.parametrize(
+    ("case", "body", "says"),
+    [
+        ("input parameters a list", {"inputs": [{**GOOD_PROMPT, "parameters": [1]}]}, "'parameters' must be"),
+        ("request parameters a list", {"inputs": [GOOD_PROMPT], "parameters": [1]}, "'parameters' must be"),
+        ("outputs not objects", {"inputs": [GOOD_PROMPT], "outputs": ["text"]}, "'outputs' must be"),
+        (
+            "binary_data_size not a count",
+            {"inputs": [{**GOOD_PROMPT, "parameters": {"binary_data_size": "x"}}]},
+            "binary_data_size must be",
+        ),
+    ],
+)
+def test_malformed_kserve_json_is_a_400_there_as_in_triton(servers, case, body, says):
+    # each was an AttributeError or ValueError answered as 500 by the service. Triton refuses
+    # them all too, but the two top-level ones with a 500 ("failed to get request params",
+    # "Unable to parse 'name'"); the service says 400: the request is what must change
+    triton, local = (requests.post(f"http://{url}/v2/models/llava/infer", json=body, timeout=60) for url in servers)
+    assert triton.status_code in (400, 500) and "error" in triton.json(), (case, triton.text)
+    assert local.status_code == 400 and says in local.json()["error"], (case, local.text)

@@ -82,6 +82,12 @@ def test_moondream2_refuses_what_it_cannot_honour(any_api, png):
     with pytest.raises(openai.BadRequestError) as caught:
         ask(any_api, png, model="moondream2", seed=3)
     assert "moondream2 does not support seed" in json.dumps(caught.value.body)
+    with pytest.raises(openai.BadRequestError) as caught:
+        ask(any_api, png, model="moondream2", frequency_penalty=0.5)
+    assert "frequency_penalty" in json.dumps(caught.value.body)
+    # the values that ask for nothing are taken, as the OpenAPI document says
+    neutral = {"frequency_penalty": 0.0, "presence_penalty": 0.0, "logprobs": False, "stop": []}
+    assert ask(any_api, png, model="moondream2", **neutral).choices[0].finish_reason in ("stop", "length")
 
 
 @pytest.mark.parametrize(

@@ -22,3 +22,18 @@ def test_request_bodies_can_be_generated(path, method, mode):
         warnings.simplefilter("ignore")
         operation = schemathesis.openapi.from_dict(doc)[path][method]
         operation.as_strategy(generation_mode=mode).example()  # raises UnsupportedSchema when it cannot
+
+
+def test_moondream2_may_send_neutral_values_of_the_options_it_lacks():
+    # clients send frequency_penalty 0 and the like by default; the service takes them for
+    # moondream2 (they ask for nothing), so the document must too (schemathesis found this)
+    import jsonschema
+
+    doc = create_app(Settings(inference_backend="local", local_models="")).openapi()
+    validator = jsonschema.Draft202012Validator({**doc, "$ref": "#/components/schemas/ChatCompletionRequest"})
+    base = {"model": "moondream2", "messages": [{"role": "user", "content": "hi"}]}
+    neutral = {"frequency_penalty": 0.0, "presence_penalty": 0, "repetition_penalty": 1.0, "logprobs": False}
+    assert validator.is_valid({**base, **neutral, "stop": []})
+    for asked in ({"frequency_penalty": 0.5}, {"logprobs": True}, {"seed": 0}, {"stop": ["x"]}):
+        assert not validator.is_valid({**base, **asked}), asked
+    assert validator.is_valid({**base, "model": "llava", "frequency_penalty": 0.5})
