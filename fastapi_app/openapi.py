@@ -168,7 +168,6 @@ NEUTRAL = {
     "presence_penalty": 0,
     "repetition_penalty": 1,
     "logprobs": False,
-    "top_logprobs": 0,
     "stop": [],
 }
 

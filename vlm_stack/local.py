@@ -431,8 +431,8 @@ class LocalStack:
         self.supervisor.shutdown()
         for path in self.pids.glob("*.pid") if self.pids.exists() else []:
             path.unlink()
-        configured = [s.name for s in self.services()]
-        for name in reversed(sorted(names, key=lambda n: configured.index(n) if n in configured else len(configured))):
+        order = {s.name: i for i, s in enumerate(self.services())}  # in reverse start order, others first
+        for name in sorted(names, key=lambda n: order.get(n, len(order)), reverse=True):
             say(f"{name} stopped")
 
     def status(self) -> bool:
