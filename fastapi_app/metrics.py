@@ -34,6 +34,7 @@ class SchedulerMetrics(Metrics):
     steps = Histogram(*names.STEP, ["model", "kind"], buckets=names.STEP_BUCKETS)
     wait = Histogram(*names.QUEUE_WAIT, ["model"], buckets=names.WAIT_BUCKETS)
     generated = Counter(*names.TOKENS, ["model"])
+    reports = Counter(*names.REPORTS, ["model"])
 
     def __init__(self, model: str):
         self.model = model
@@ -51,3 +52,6 @@ class SchedulerMetrics(Metrics):
     def tokens(self, count: int) -> None:
         if count:
             self.generated.labels(self.model).inc(count)
+
+    def reported(self) -> None:
+        self.reports.labels(self.model).inc()

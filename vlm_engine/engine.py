@@ -114,6 +114,7 @@ class VLMEngine:
             s.max_queue_wait_s,
             self.on_fatal,
             s.stream_gap_ms,
+            s.row_trace_file,
         )
         if s.warmup:
             self.warmup()

@@ -21,6 +21,8 @@ from vlm_engine.errors import InvalidRequest
 
 TOOL_KEYS = ("tools", "tool_choice", "parallel_tool_calls", "n")  # VLMEngine.prepare's own arguments
 
+HEARTBEAT = "vlm_heartbeat"  # request parameter: the stream model sends an empty response where it would stream text
+
 
 def one_string(name: str, array: np.ndarray | None) -> str | None:
     if array is None:

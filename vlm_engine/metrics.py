@@ -8,6 +8,10 @@ WAITING = ("vlm_scheduler_waiting_requests", "Requests waiting for admission")
 STEP = ("vlm_scheduler_step_seconds", "Duration of one scheduler step, by kind (prefill, decode)")
 QUEUE_WAIT = ("vlm_scheduler_queue_wait_seconds", "Time from submission to admission into the batch")
 TOKENS = ("vlm_scheduler_generated_tokens", "Tokens generated (counter; exported with _total)")
+REPORTS = (
+    "vlm_scheduler_reports",
+    "Metric reports (about one a second; exported with _total): once it has advanced twice, the others are current",
+)
 
 STEP_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]
 WAIT_BUCKETS = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]

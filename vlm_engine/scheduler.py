@@ -20,10 +20,18 @@ newest rows in the same way and the loop goes on; a request that cannot fit even
 fails with ``TooLarge``. Any other CUDA error is fatal: ``on_fatal`` is called (Triton's
 model exits so that the server reloads it) and the rows in flight fail.
 
-A housekeeping thread asks clients whether they left (``cancelled``) every
-``CANCEL_CHECK_SECONDS`` and flushes metrics about once a second, so neither costs the
-step loop a round trip. ``policy="static"`` is the old behaviour, kept for comparison: a
-batch is admitted only when the previous one has completely finished.
+A housekeeping thread asks clients whether they left (``cancelled``) and flushes metrics about
+once a second, so neither costs the step loop a round trip. It sweeps every
+``CANCEL_CHECK_SECONDS`` and whenever the loop asks, which it does every ``CANCEL_CHECK_STEPS``
+turns; the loop does not ask for the next sweep before the last one is done. So a row whose
+client left is dropped within ``2 * CANCEL_CHECK_STEPS + 1`` steps of the edge noticing it,
+however fast the steps are (a timer alone would let a fast machine run hundreds of steps).
+Held text goes out at least every ``MAX_HELD_STEPS`` steps, so an edge that checks its own
+client whenever a piece arrives checks at least that often too. ``trace_path`` (setting
+``ROW_TRACE_FILE``) appends a JSON line per finished row: its times and each token's time.
+
+``policy="static"`` is the old behaviour, kept for comparison: a batch is admitted only when
+the previous one has completely finished.
 
 Edges (Triton's ``<model>_stream``, the FastAPI local backend) call ``submit`` with a
 callback; it receives ``Event``s on the loop's thread and must not block.
@@ -31,6 +39,8 @@ callback; it receives ``Event``s on the loop's thread and must not block.
 
 from __future__ import annotations
 
+import itertools
+import json
 import logging
 import threading
 import time
@@ -43,7 +53,9 @@ from vlm_engine.adapters.base import Adapter, Prepared, Result, RowDecoder
 from vlm_engine.errors import EngineError, Overloaded, ShuttingDown, TooLarge
 
 log = logging.getLogger("vlm_engine.scheduler")
-CANCEL_CHECK_SECONDS = 0.05  # how often running rows are asked whether their client left
+CANCEL_CHECK_SECONDS = 0.05  # how often rows are asked whether their client left, at least
+CANCEL_CHECK_STEPS = 8  # ... and every this many turns of the loop
+MAX_HELD_STEPS = 32  # a streamed row's text is held (STREAM_GAP_MS) for at most this many steps
 ALONE_OOM_RETRIES = 2  # a row alone that runs out of memory is tried again this often, then fails
 Policy = Literal["inflight", "static"]
 
@@ -73,6 +85,9 @@ class Metrics:
     def step(self, kind: str, seconds: float, rows: int) -> None: ...
 
     def tokens(self, count: int) -> None: ...
+
+    def reported(self) -> None:
+        """After each report: a reader that sees this count advance twice knows the others current."""
 
 
 @dataclass
@@ -108,9 +123,12 @@ class Row:
     prompt: int = 0  # tokens its prefill takes (prompt, and answer so far after a preemption)
     prefilled: int = 0
     gone: bool = False  # the client left (seen by the housekeeping thread)
+    gone_seen: tuple[float, int] | None = None  # (monotonic time, tokens) when that was seen
+    token_times: list[float] = field(default_factory=list)  # monotonic time of each token (tracing only)
     preemptions: int = 0
     out_of_memory: int = 0  # OOMs while it ran alone
     index: int = 0  # which of its request's n answers
+    number: int = 0  # the request's place in the order of submission (traces)
     siblings: list[Row] = field(default_factory=list)  # answers 1..n-1, started from this row's prompt KV
 
     @property
@@ -142,6 +160,7 @@ class Scheduler:
         max_queue_wait_s: float = 60.0,
         on_fatal: Callable[[BaseException], None] | None = None,
         stream_gap_ms: float = 0.0,
+        trace_path: str | None = None,
     ):
         self.adapter = adapter
         self.name = name
@@ -154,6 +173,7 @@ class Scheduler:
         self.max_queue_wait_s = max_queue_wait_s
         self.metrics = metrics or Metrics()
         self.on_fatal = on_fatal
+        self.trace_path = trace_path
         self.stats = Stats()
         self._waiting: deque[Row] = deque()
         self._running: list[Row] = []  # oldest first: preemption takes the newest
@@ -165,6 +185,10 @@ class Scheduler:
         self._measures: list[tuple[Callable[..., None], tuple]] = []
         self._measures_lock = threading.Lock()
         self._stopped = threading.Event()
+        self._sweeps = threading.Condition()
+        self._sweep_asked = self._sweep_done = 0  # turn numbers: the last sweep asked for, and done
+        self._turns = 0
+        self._numbers = itertools.count(1)  # requests, numbered in traces
         self._thread = threading.Thread(target=self._loop, name=f"scheduler-{name}", daemon=True)
         self._housekeeper = threading.Thread(target=self._housekeeping, name=f"housekeeping-{name}", daemon=True)
         self._thread.start()
@@ -210,8 +234,10 @@ class Scheduler:
     def submit(self, prepared: Prepared, emit: Callable[[Event], None], reserved: bool = False) -> Row:
         """Queue one request; raises ``Overloaded`` at once when the waiting queue is full
         (unless a place was reserved for it)."""
-        row = Row(prepared, emit)
-        row.siblings = [Row(sibling, emit, index=i) for i, sibling in enumerate(prepared.siblings, 1)]
+        row = Row(prepared, emit, number=next(self._numbers))
+        row.siblings = [
+            Row(sibling, emit, index=i, number=row.number) for i, sibling in enumerate(prepared.siblings, 1)
+        ]
         with self._wake:
             if reserved:
                 self._reserved -= 1
@@ -252,22 +278,46 @@ class Scheduler:
 
     def _housekeeping(self) -> None:
         flushed = time.monotonic()
-        while not self._stopped.wait(CANCEL_CHECK_SECONDS):
-            with self._wake:
-                rows = [row for row in (*self._running, *self._waiting) if not row.gone and not row.done]
-            left = False
-            for row in rows:
-                try:
-                    if row.prepared.cancelled():
-                        row.gone = left = True
-                except Exception:
-                    log.debug("%s: cancellation check failed", self.name, exc_info=True)
-            if left:
-                with self._wake:
-                    self._wake.notify()
+        while not self._stopped.is_set():
+            with self._sweeps:
+                if self._sweep_done >= self._sweep_asked:
+                    self._sweeps.wait(CANCEL_CHECK_SECONDS)
+                asked = self._sweep_asked  # read before the sweep begins: it covers this ask
+            self._sweep()
+            with self._sweeps:
+                self._sweep_done = max(self._sweep_done, asked)
+                self._sweeps.notify_all()
             if time.monotonic() - flushed >= 1.0:
                 flushed = time.monotonic()
                 self._flush_measures()
+
+    def _sweep(self) -> None:
+        """Ask every row's client whether it left."""
+        with self._wake:
+            rows = [row for row in (*self._running, *self._waiting) if not row.gone and not row.done]
+        left = False
+        for row in rows:
+            try:
+                if row.prepared.cancelled():
+                    row.gone_seen = (time.monotonic(), row.tokens)
+                    row.gone = left = True
+            except Exception:
+                log.debug("%s: cancellation check failed", self.name, exc_info=True)
+        if left:
+            with self._wake:
+                self._wake.notify()
+
+    def _ask_for_sweep(self) -> None:
+        """On the loop, every ``CANCEL_CHECK_STEPS`` turns: wait for the last sweep asked for
+        (rarely: a sweep takes far less than that many steps), then ask for the next."""
+        self._turns += 1
+        if self._turns % CANCEL_CHECK_STEPS:
+            return
+        with self._sweeps:
+            while self._sweep_done < self._sweep_asked and self._housekeeper.is_alive():
+                self._sweeps.wait(CANCEL_CHECK_SECONDS)
+            self._sweep_asked = self._turns
+            self._sweeps.notify_all()
 
     def _flush_measures(self) -> None:
         with self._measures_lock:
@@ -277,6 +327,10 @@ class Scheduler:
                 record(*args)
             except Exception:  # metrics are reported, never allowed to fail a row
                 log.warning("%s: metrics update failed", self.name, exc_info=True)
+        try:
+            self.metrics.reported()
+        except Exception:
+            log.warning("%s: metrics update failed", self.name, exc_info=True)
 
     # -- the loop
 
@@ -303,6 +357,7 @@ class Scheduler:
         self._report()
 
     def _turn(self) -> None:
+        self._ask_for_sweep()
         self._release()
         self._admit()
         prefill_tokens = self._prefill()
@@ -580,6 +635,8 @@ class Scheduler:
                 continue
             row.tokens += step.tokens
             produced += step.tokens
+            if self.trace_path is not None:
+                row.token_times += [now] * step.tokens
             row.pending += step.delta
             row.pending_logprobs += step.logprobs
             row.held += 1
@@ -598,8 +655,11 @@ class Scheduler:
 
     def _due(self, row: Row, now: float) -> bool:
         """A started row's held text goes out after ``stream_interval`` tokens and, when a
-        gap is set, no sooner than ``stream_gap_ms`` after its last text."""
-        return row.held >= self.stream_interval and now - row.sent_at >= self.stream_gap_s
+        gap is set, no sooner than ``stream_gap_ms`` after its last text, unless it was held
+        for ``MAX_HELD_STEPS`` steps."""
+        if row.held < self.stream_interval:
+            return False
+        return now - row.sent_at >= self.stream_gap_s or row.held >= MAX_HELD_STEPS
 
     # -- row endings
 
@@ -638,6 +698,8 @@ class Scheduler:
 
     def _send(self, row: Row, event: Event) -> None:
         event.index = row.index
+        if event.final and self.trace_path is not None:
+            self._measure(self._write_trace, self._trace(row, event))
         if event.final and row.siblings:
             self._siblings_end(row, event)
         try:
@@ -645,6 +707,27 @@ class Scheduler:
         except Exception:  # the client is gone: stop generating for it
             log.debug("%s: emit failed; row dropped", self.name, exc_info=True)
             row.done = True
+
+    def _trace(self, row: Row, event: Event) -> dict[str, Any]:
+        """One finished row, for ``trace_path``: monotonic times (``time.monotonic``: one clock
+        for every process of the host) and what ended it."""
+        gone = row.gone_seen
+        return {
+            "model": self.name,
+            "row": row.number,
+            "index": row.index,
+            "end": event.result.finish_reason if event.result is not None else type(event.error).__name__,
+            "prompt_tokens": row.prepared.prompt_tokens,
+            "tokens": row.tokens,
+            "submitted": row.submitted,
+            "ended": time.monotonic(),
+            "cancel_seen": None if gone is None else {"time": gone[0], "tokens": gone[1]},
+            "token_times": row.token_times,
+        }
+
+    def _write_trace(self, record: dict[str, Any]) -> None:
+        with open(self.trace_path, "a", encoding="utf-8") as trace:
+            trace.write(json.dumps(record) + "\n")
 
     def _report(self) -> None:
         self._measure(self.metrics.queue, len(self._running), len(self._waiting))

@@ -70,6 +70,9 @@ class ModelSettings(BaseModel):
         le=1000,
         description="a row's streamed text at most once per this many ms (its first at once); 0: every STREAM_INTERVAL",
     )
+    row_trace_file: str | None = Field(
+        None, description="debugging: append a JSON line per finished request (its times, each token's) to this file"
+    )
     prefill_budget: int = Field(
         512, ge=1, description="prompt tokens prefilled per scheduler turn, in chunks (an image is never split)"
     )

@@ -8,6 +8,7 @@ and sent by a sender thread, so the step loop never waits on Triton's IPC.
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -15,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import triton_python_backend_utils as pb_utils
 
 from vlm_engine.engine import VLMEngine
-from vlm_engine.kserve import prepare, read_inputs, stream_outputs
+from vlm_engine.kserve import HEARTBEAT, prepare, read_inputs, stream_outputs
 from vlm_engine.scheduler import Event
 from vlm_triton.metrics import TritonMetrics
 from vlm_triton.outbox import Outbox
@@ -26,6 +27,14 @@ from vlm_triton.tensors import (
     model_parameters,
     triton_error,
 )
+
+
+def asks_heartbeat(request) -> bool:
+    """Whether the request's parameters ask for heartbeats (``vlm_triton.forward.HEARTBEAT``)."""
+    try:
+        return bool(json.loads(request.parameters() or "{}").get(HEARTBEAT))
+    except (AttributeError, ValueError):
+        return False
 
 
 class TritonPythonModel:
@@ -56,7 +65,9 @@ class TritonPythonModel:
     def _read(request) -> dict:
         """The request's inputs as plain values (cheap: no image is decoded here)."""
         batch_size(request)
-        return read_inputs({t.name(): t.as_numpy() for t in request.inputs()})
+        values = read_inputs({t.name(): t.as_numpy() for t in request.inputs()})
+        values["heartbeat"] = asks_heartbeat(request)
+        return values
 
     def _prepare(self, values: dict, sender):
         return prepare(self.engine, values, sender.is_cancelled, reserved=True)
@@ -71,16 +82,21 @@ class TritonPythonModel:
             return
         sender.answers = 1 + len(prepared.siblings)  # the request's final response comes with the last
         try:
-            self.engine.submit(prepared, self._responder(sender, values["streaming"]), reserved=True)
+            emit = self._responder(sender, values["streaming"], values["heartbeat"])
+            self.engine.submit(prepared, emit, reserved=True)
         except Exception as exc:
             self.outbox.put((sender, False, Event(error=exc)))
 
-    def _responder(self, sender, streaming: bool):
-        """The scheduler's callback for one request: hand its events to the sender thread."""
+    def _responder(self, sender, streaming: bool, heartbeat: bool = False):
+        """The scheduler's callback for one request: hand its events to the sender thread. A
+        request not streamed that asked for heartbeats (the KServe face's forwarder) gets an
+        empty response where a streamed one would get text: it checks its client on each."""
 
         def emit(event: Event) -> None:
             if event.final or (streaming and event.text):
                 self.outbox.put((sender, streaming, event))
+            elif heartbeat and event.text:
+                self.outbox.put((sender, False, Event(index=event.index)))
 
         return emit
 

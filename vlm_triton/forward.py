@@ -5,8 +5,11 @@ is sent on to ``<model>_stream`` as a gRPC stream to this same tritonserver (pla
 ``tritonclient``), read on one asyncio thread, and answered through the request's own
 response sender. No BLS: synchronous BLS from worker threads corrupted the stub's heap now
 and then (``malloc(): unaligned fastbin chunk``, triton-inference-server/server#7517) and
-iterating an ``async_exec`` result crashed it. A client that leaves is noticed within
-``CANCEL_POLL_S`` and its stream cancelled, which cancels the row in the scheduler.
+iterating an ``async_exec`` result crashed it. A client that leaves is noticed whenever a
+response arrives and every ``CANCEL_POLL_S``, and its stream cancelled, which cancels the row
+in the scheduler. Each request asks the stream model for heartbeats (``HEARTBEAT``, a request
+parameter): a response without text at least every ``MAX_HELD_STEPS`` steps even when the
+answer is not streamed, so the check keeps pace with the steps however fast they are.
 
 The gRPC address is read from the command line of the stub's parent, the tritonserver that
 runs it (``--grpc-address``, ``--grpc-port``), unless ``VLM_TRITON_GRPC_URL`` says otherwise.
@@ -28,6 +31,8 @@ import numpy as np
 import tritonclient.grpc.aio as grpc_aio
 from tritonclient.grpc import InferInput, InferRequestedOutput
 from tritonclient.utils import np_to_triton_dtype
+
+from vlm_engine.kserve import HEARTBEAT
 
 URL_ENV = "VLM_TRITON_GRPC_URL"
 CANCEL_POLL_S = 0.2
@@ -84,20 +89,27 @@ class Forwarder:
                 "inputs": inputs,
                 "outputs": [InferRequestedOutput(name) for name in {*outputs, FINAL_OUTPUT}],
                 "request_id": f"forward-{next(self._ids)}",
+                "parameters": {HEARTBEAT: True},
             }
             await answered.wait()  # the request side stays open until the answer is in
 
         stream = self._client.stream_infer(requests())
         watcher = asyncio.ensure_future(self._watch(stream, cancelled, answered))
+        loop = asyncio.get_running_loop()
         try:
             async for result, error in stream:
                 if error is not None:
                     yield Piece(error=error.message(), final=True)
                     return
                 piece = read_piece(result)
-                yield piece
                 if piece.final:
+                    yield piece
                     return
+                if await loop.run_in_executor(None, cancelled):
+                    stream.cancel()  # tritonserver cancels the request: the scheduler frees its row
+                    raise asyncio.CancelledError
+                if piece.text or piece.logprobs is not None:  # not a bare heartbeat
+                    yield piece
         finally:
             answered.set()
             watcher.cancel()

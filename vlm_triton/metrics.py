@@ -20,6 +20,7 @@ class TritonMetrics(Metrics):
             "step": family(*names.STEP, kind=family.HISTOGRAM),
             "wait": family(*names.QUEUE_WAIT, kind=family.HISTOGRAM),
             "tokens": family(f"{name}_total", description, kind=family.COUNTER),
+            "reports": family(f"{names.REPORTS[0]}_total", names.REPORTS[1], kind=family.COUNTER),
         }
         self.running = self.families["running"].Metric(labels=labels)
         self.waiting = self.families["waiting"].Metric(labels=labels)
@@ -29,6 +30,7 @@ class TritonMetrics(Metrics):
         }
         self.wait = self.families["wait"].Metric(labels=labels, buckets=names.WAIT_BUCKETS)
         self.generated = self.families["tokens"].Metric(labels=labels)
+        self.reports = self.families["reports"].Metric(labels=labels)
 
     def queue(self, running: int, waiting: int) -> None:
         self.running.set(running)
@@ -43,3 +45,6 @@ class TritonMetrics(Metrics):
     def tokens(self, count: int) -> None:
         if count:
             self.generated.increment(count)
+
+    def reported(self) -> None:
+        self.reports.increment(1)

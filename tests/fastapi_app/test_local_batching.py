@@ -2,27 +2,19 @@
 
 from __future__ import annotations
 
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import image_bytes
 from tests.fastapi_app.test_openai_api import vision_messages
-from tests.integration.helpers import METRICS_FLUSH_S
+from tests.integration.helpers import current_metrics, metric_samples
 from vlm_engine.tiny.samples import PROMPTS
 
 
 def scheduler_metric(url: str, name: str, **labels: str) -> float:
-    time.sleep(METRICS_FLUSH_S)  # the scheduler reports its metrics about once a second
-    text = httpx.get(url + "/metrics").text
-    return sum(
-        sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
-    )
+    text = current_metrics(url + "/metrics", labels.get("model"))
+    return sum(metric_samples(text, name, **labels).values())
 
 
 def test_concurrent_chats_share_decode_steps_and_match_single_answers(local_api):

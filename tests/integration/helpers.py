@@ -212,19 +212,39 @@ def kill_under_load(url: str, image: bytes, kill, clients: int = 8, after_s: flo
     }
 
 
-METRICS_FLUSH_S = 1.3  # the scheduler reports its metrics about once a second
+REPORTS = "vlm_scheduler_reports_total"  # the scheduler's reports, about one a second
+
+
+def metric_samples(text: str, name: str, **labels: str) -> dict[tuple, float]:
+    """The samples of metric ``name`` whose labels include ``labels``, by their labels."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {
+        tuple(sorted(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
+    }
+
+
+def current_metrics(url: str, model: str | None = None, hang_s: float = 300) -> str:
+    """The metrics page at ``url`` once every scheduler (or ``model``'s) has reported twice since
+    this call began: all it measured before the call is then on the page. Waits for those
+    reports, however long they take (``hang_s`` only guards against a server that never reports)."""
+    labels = {} if model is None else {"model": model}
+    first = metric_samples(requests.get(url, timeout=10).text, REPORTS, **labels)
+    deadline = time.monotonic() + hang_s
+    while time.monotonic() < deadline:
+        text = requests.get(url, timeout=10).text
+        now = metric_samples(text, REPORTS, **labels)  # a series not there at first starts from 0
+        if now and all(now.get(series, 0) >= first.get(series, 0) + 2 for series in first | now):
+            return text
+        time.sleep(0.05)
+    raise AssertionError(f"the scheduler at {url} did not report for {hang_s:g} s")
 
 
 def metric(metrics_url: str, name: str, **labels: str) -> float:
-    """The sum of a metric's samples whose labels include ``labels`` (Triton's metrics port),
-    read once the scheduler's metrics have been flushed (about once a second)."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    time.sleep(METRICS_FLUSH_S)
-    text = requests.get(f"http://{metrics_url}/metrics", timeout=10).text
-    total = 0.0
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                total += sample.value
-    return total
+    """The sum of a metric's samples whose labels include ``labels`` (Triton's metrics port), as
+    of this call: read once the schedulers have reported what they measured before it."""
+    text = current_metrics(f"http://{metrics_url}/metrics", labels.get("model"))
+    return sum(metric_samples(text, name, **labels).values())
