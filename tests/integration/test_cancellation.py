@@ -3,8 +3,8 @@ the machine's speed in issue 24): KServe infer on the face over gRPC, generate_s
 streaming, the OpenAI route (streamed and not) and /api/chat.
 
 Nothing here races the machine:
-- Each request asks for ``LONG`` tokens (IGNORE_EOS), far more than any machine writes in the
-  test's time, so an answer cannot end before its client leaves: a row that stops was cancelled.
+- Each request asks for ``LONG`` tokens (IGNORE_EOS; ``long_triton`` in conftest.py), far more
+  than any machine writes in the test's time, so an answer cannot end before its client leaves.
 - The client leaves on an event, never on a timer: streams after their first text; plain
   requests once the engine's metrics, read as current, show the row running.
 - What happened is read from the engine's own trace (``ROW_TRACE_FILE``: each token's time on
@@ -20,21 +20,19 @@ import base64
 import json
 import socket
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 import requests
 import tritonclient.grpc as grpcclient
 
-from tests.conftest import ARTIFACTS, image_bytes, start_triton
+from tests.conftest import ARTIFACTS, image_bytes
 from tests.fastapi_app.conftest import ApiProcess, api_env
+from tests.integration.conftest import HANG_S, LONG
 from tests.integration.helpers import GrpcStream, inputs, metric
 from vlm_engine.scheduler import CANCEL_CHECK_STEPS, MAX_HELD_STEPS
 
 MODEL = "llava"
-LONG = 200_000  # tokens asked for: no machine writes these in the test's time (~750/s here)
-KV_TOKENS = LONG + 1024  # the pool (about 400 MiB for the tiny LLaVA) takes the prompt and LONG tokens
 RUNNING = "vlm_scheduler_running_rows"
 IMAGE = image_bytes((64, 64), "PNG", (90, 30, 200))
 # Steps a row may run after its client left: the scheduler sees a client's cancel within
@@ -45,26 +43,6 @@ EVENT_STEPS = 32
 SWEEP_STEPS = 2 * CANCEL_CHECK_STEPS + 1
 BOUND = {"kserve_infer": SWEEP_STEPS + MAX_HELD_STEPS + EVENT_STEPS}
 DEFAULT_BOUND = SWEEP_STEPS + EVENT_STEPS
-HANG_S = 300  # only a guard against a broken build hanging the suite; no verdict depends on it
-
-
-@pytest.fixture(scope="module")
-def trace_file(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("trace") / "rows.jsonl"
-
-
-@pytest.fixture(scope="module")
-def long_triton(tiny_models_dir, trace_file):
-    env = {
-        "MAX_TOKENS_CAP": str(LONG),
-        "LLAVA_IGNORE_EOS": "true",
-        "KV_CACHE_TOKENS": str(KV_TOKENS),
-        "STREAM_GAP_MS": "40",  # the default: heartbeats and streamed text held as in production
-        "ROW_TRACE_FILE": str(trace_file),
-    }
-    server = start_triton(tiny_models_dir, "tritonserver-cancel.log", models=[MODEL, f"{MODEL}_stream"], env=env)
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -73,12 +51,6 @@ def long_api(long_triton, tmp_path_factory):
     server = ApiProcess("api-cancel", env).start()
     yield server
     server.stop()
-
-
-def rows(trace_file: Path) -> list[dict]:
-    if not trace_file.exists():
-        return []
-    return [json.loads(line) for line in trace_file.read_text().splitlines() if line.strip()]
 
 
 def wait_until_running(triton) -> None:
@@ -151,29 +123,18 @@ def api_chat(_triton, api) -> None:
         next(line for line in reply.iter_lines() if '"chunk"' in line)
 
 
-def wait_for_row(trace_file: Path, seen: int) -> dict:
-    """The trace of the next row to end after the first ``seen`` (the engine writes it about a
-    second after the row ends)."""
-    deadline = time.monotonic() + HANG_S
-    while len(ended := rows(trace_file)) <= seen:
-        assert time.monotonic() < deadline, f"no row ended within {HANG_S} s of its client leaving"
-        time.sleep(0.05)
-    assert len(ended) == seen + 1, f"more than one row ended: {ended[seen:]}"
-    return ended[seen]
-
-
 @pytest.mark.parametrize(
     "leave",
     [kserve_infer, generate_stream, grpc_stream, openai_streamed, openai_plain, api_chat],
     ids=lambda f: f.__name__,
 )
-def test_a_client_that_leaves_frees_its_row_within_a_bound_of_steps(long_triton, long_api, trace_file, leave):
-    seen = len(rows(trace_file))
+def test_a_client_that_leaves_frees_its_row_within_a_bound_of_steps(long_triton, long_api, long_trace, leave):
+    seen = long_trace.mark()
     assert metric(long_triton.metrics_url, RUNNING, model=MODEL) == 0, "a row of an earlier test still runs"
     leave(long_triton, long_api)
     left_at = time.monotonic()
 
-    row = wait_for_row(trace_file, seen)
+    [row] = long_trace.wait(seen)
     way, bound = leave.__name__, BOUND.get(leave.__name__, DEFAULT_BOUND)
     after_leave = sum(1 for at in row["token_times"] if at > left_at)
     figures = {
@@ -196,22 +157,12 @@ def test_a_client_that_leaves_frees_its_row_within_a_bound_of_steps(long_triton,
     assert after_leave <= bound, f"{way}: {after_leave} tokens after the client left, more than {bound}: {figures}"
 
 
-def test_the_trace_records_a_row_that_ran_to_its_end(long_triton, trace_file):
+def test_the_trace_records_a_row_that_ran_to_its_end(long_triton, long_trace):
     """The trace the test above reads is the engine's: a row that finishes has all its tokens timed."""
-    seen = len(rows(trace_file))
+    seen = long_trace.mark()
     stream = GrpcStream(long_triton.grpc_url, f"{MODEL}_stream", "Describe this.", IMAGE, max_tokens=12)
     stream.result()
-    row = wait_for_row(trace_file, seen)
+    [row] = long_trace.wait(seen)
     assert (row["end"], row["tokens"], row["cancel_seen"]) == ("length", 12, None)
     assert len(row["token_times"]) == 12 and row["token_times"] == sorted(row["token_times"])
     assert row["submitted"] <= row["token_times"][0] <= row["ended"]
-
-
-def test_rows_alive_when_their_neighbour_leaves(long_triton):
-    """Cancelling one row leaves the others running to their own end."""
-    keeper = GrpcStream(long_triton.grpc_url, f"{MODEL}_stream", "Describe this.", IMAGE, max_tokens=200)
-    leaver = GrpcStream(long_triton.grpc_url, f"{MODEL}_stream", "Describe this.", IMAGE, max_tokens=LONG)
-    leaver.first_text()
-    leaver.cancel()
-    keeper.result()
-    assert keeper.finish_reason == "length"

@@ -6,10 +6,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from tests.conftest import image_bytes, start_triton
+from tests.integration.conftest import HANG_S, LONG, LONG_MODELS
 from tests.integration.helpers import GREEDY, MODELS, GrpcStream, infer_http, inputs, metric, text_of
 from vlm_engine.tiny.samples import PROMPTS
 
@@ -62,101 +64,98 @@ def test_kosmos2_rows_of_different_prompt_lengths_share_steps(triton):
     assert steps < 3 * 29, f"{steps} decode steps for 3 answers of 30 tokens: no shared steps"
 
 
-def _long_request(triton, model: str) -> tuple[str, bytes]:
-    """A prompt and image whose greedy answer runs to the 64-token cap (no early stop)."""
-    for i in range(8):
-        prompt, image, _ = _request(i)
-        stream = GrpcStream(triton.grpc_url, f"{model}_stream", prompt, image, max_tokens=64, **GREEDY)
-        stream.result()
-        if stream.finish_reason == "length":
-            return prompt, image
-    raise AssertionError(f"no sample prompt makes {model} answer 64 tokens")
-
-
-@pytest.mark.parametrize("model", ["llava", "kosmos2", "qwen3-vl"])
-def test_a_short_request_sent_during_a_long_one_finishes_first(triton, model):
-    prompt, image = _long_request(triton, model)
-    long = GrpcStream(triton.grpc_url, f"{model}_stream", prompt, image, max_tokens=64, **GREEDY)
+@pytest.mark.parametrize("model", LONG_MODELS)
+def test_a_short_request_sent_during_a_long_one_finishes_first(long_triton, long_trace, model):
+    """A row that cannot end by itself runs; a short request sent then is answered whole, and
+    the long row ran on after it: the short one never waited behind it."""
+    prompt, image, _ = _request(2)
+    long = GrpcStream(long_triton.grpc_url, f"{model}_stream", prompt, image, max_tokens=LONG, **GREEDY)
     long.first_text()
-    short = GrpcStream(triton.grpc_url, f"{model}_stream", "What is this?", image, max_tokens=3, **GREEDY)
+    mark = long_trace.mark()
+    short = GrpcStream(long_triton.grpc_url, f"{model}_stream", "What is this?", image, max_tokens=3, **GREEDY)
     short.result()
-    assert not long.done, "the short request waited for the long one"
-    long.result()
-    assert long.finish_reason == "length"
+    assert short.finish_reason == "length"
+    long.cancel()
+    short_row, long_row = long_trace.wait(mark, 2)
+    assert (short_row["end"], short_row["tokens"]) == ("length", 3)
+    assert long_row["end"] == "cancelled" and long_row["token_times"][-1] > short_row["ended"]
 
 
-def test_a_cancelled_row_stops_while_its_neighbour_goes_on(triton):
+def test_a_cancelled_row_stops_while_its_neighbour_goes_on(long_triton, long_trace):
     model = "llava"
-    prompt, image = _long_request(triton, model)
+    prompt, image, _ = _request(2)
     neighbour_prompt, neighbour_image, _ = _request(5)
-    expected = infer_http(triton.http_url, model, neighbour_prompt, neighbour_image, max_tokens=40, **GREEDY)
-    for _ in range(3):  # on a busy machine the doomed row can finish before the cancel lands: try again
-        tokens = metric(triton.metrics_url, TOKENS, model=model)
-        doomed = GrpcStream(triton.grpc_url, f"{model}_stream", prompt, image, max_tokens=64, **GREEDY)
-        doomed.first_text()
-        neighbour = GrpcStream(
-            triton.grpc_url, f"{model}_stream", neighbour_prompt, neighbour_image, max_tokens=40, **GREEDY
-        )
-        neighbour.first_text()
-        doomed.cancel()
-        assert neighbour.result() == expected
-        deadline = time.monotonic() + 10
-        while metric(triton.metrics_url, "vlm_scheduler_running_rows", model=model) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert metric(triton.metrics_url, "vlm_scheduler_running_rows", model=model) == 0
-        generated = metric(triton.metrics_url, TOKENS, model=model) - tokens
-        if doomed.finish_reason != "length":
-            break
-    assert doomed.finish_reason != "length", "the doomed row always finished before its cancel arrived"
-    assert generated < 64 + 40, f"{generated} tokens: the cancelled row ran to its end"
+    expected = GrpcStream(
+        long_triton.grpc_url, f"{model}_stream", neighbour_prompt, neighbour_image, max_tokens=40, **GREEDY
+    ).result()
+    mark = long_trace.mark()
+    doomed = GrpcStream(long_triton.grpc_url, f"{model}_stream", prompt, image, max_tokens=LONG, **GREEDY)
+    doomed.first_text()
+    neighbour = GrpcStream(
+        long_triton.grpc_url, f"{model}_stream", neighbour_prompt, neighbour_image, max_tokens=40, **GREEDY
+    )
+    neighbour.first_text()
+    doomed.cancel()
+    assert neighbour.result() == expected
+    ended = {row["end"]: row for row in long_trace.wait(mark, 2)}
+    assert set(ended) == {"cancelled", "length"} and ended["length"]["tokens"] == 40
+    cancelled = ended["cancelled"]
+    assert sum(1 for at in cancelled["token_times"] if at > cancelled["cancel_seen"]["time"]) <= 1
+    assert cancelled["token_times"][0] < ended["length"]["token_times"][0]  # it ran beside the neighbour
 
 
 @pytest.fixture(scope="module")
 def small_queue_triton(tiny_models_dir):
-    """llava with one running row and two waiting places, so that the queue fills."""
-    env = {"LLAVA_MAX_RUNNING": "1", "LLAVA_MAX_WAITING": "2"}
+    """llava with one running row and two waiting places, so that the queue fills; its rows
+    write past their end-of-sequence, so one asked for LONG tokens runs until cancelled."""
+    env = {
+        "LLAVA_MAX_RUNNING": "1",
+        "LLAVA_MAX_WAITING": "2",
+        "LLAVA_IGNORE_EOS": "true",
+        "MAX_TOKENS_CAP": str(LONG),
+        "KV_CACHE_TOKENS": str(LONG + 1024),
+    }
     server = start_triton(tiny_models_dir, "tritonserver-small-queue.log", models=["llava", "llava_stream"], env=env)
     yield server
     server.stop()
 
 
 def test_a_full_queue_answers_503_at_once_and_the_server_stays_healthy(small_queue_triton, png):
-    url = small_queue_triton.http_url
-
-    def infer(i: int):
-        start = time.monotonic()
-        client = httpclient.InferenceServerClient(url, network_timeout=120)
-        try:
-            return text_of(client.infer("llava", inputs(httpclient, PROMPTS[i % 8], png, max_tokens=64, **GREEDY))), 0.0
-        except InferenceServerException as exc:
-            return exc, time.monotonic() - start
-
-    with ThreadPoolExecutor(12) as pool:
-        outcomes = list(pool.map(infer, range(12)))
-    refused = [(e, s) for e, s in outcomes if isinstance(e, InferenceServerException)]
-    answered = [t for t, _ in outcomes if isinstance(t, str)]
-    assert refused and answered, outcomes
-    for error, seconds in refused:
-        assert error.status() == "503", (error.status(), error.message())
-        assert "at capacity" in error.message() and "retry later" in error.message()
-        assert seconds < 5, f"refused after {seconds:.1f}s, not at once"
-    client = httpclient.InferenceServerClient(url)
+    """The running row cannot end by itself and both waiting places are taken: one more request
+    is refused as "at capacity" (not after waiting for a place), and once the running row is
+    cancelled the queued ones are answered and the server is healthy."""
+    server = small_queue_triton
+    running = GrpcStream(server.grpc_url, "llava_stream", PROMPTS[0], png, max_tokens=LONG, **GREEDY)
+    running.first_text()
+    queued = [GrpcStream(server.grpc_url, "llava_stream", PROMPTS[i], png, max_tokens=4, **GREEDY) for i in (1, 2)]
+    deadline = time.monotonic() + HANG_S
+    while metric(server.metrics_url, "vlm_scheduler_waiting_requests", model="llava") < 2:
+        assert time.monotonic() < deadline, "the two requests never queued"
+    client = httpclient.InferenceServerClient(server.http_url)
+    with pytest.raises(InferenceServerException) as refused:
+        client.infer("llava", inputs(httpclient, PROMPTS[3], png, max_tokens=4, **GREEDY))
+    assert refused.value.status() == "503", (refused.value.status(), refused.value.message())
+    assert "at capacity" in refused.value.message() and "retry later" in refused.value.message()
+    running.cancel()
+    assert all(stream.result() for stream in queued)
     assert client.is_server_ready() and client.is_model_ready("llava_stream")
     assert text_of(client.infer("llava", inputs(httpclient, PROMPTS[0], png, max_tokens=4, **GREEDY)))
 
 
-def test_kserve_infer_answers_a_short_request_before_a_long_one_sent_first(triton):
-    """The face forwards every request at once and answers each when its own answer is done."""
-    prompt, image = _long_request(triton, "llava")
-    finished: dict[str, float] = {}
-
-    def infer(name: str, text: str, max_tokens: int) -> None:
-        infer_http(triton.http_url, "llava", text, image, max_tokens=max_tokens, **GREEDY)
-        finished[name] = time.monotonic()
-
-    with ThreadPoolExecutor(2) as pool:
-        long = pool.submit(infer, "long", prompt, 64)
-        time.sleep(0.01)
-        short = pool.submit(infer, "short", "What is this?", 2)
-        long.result(), short.result()
-    assert finished["short"] < finished["long"]
+def test_kserve_infer_answers_a_short_request_while_a_long_one_sent_first_runs(long_triton, long_trace):
+    """The face forwards every request at once and answers each when its own answer is done: a
+    short infer sent while a long one (which cannot end by itself) runs is answered."""
+    prompt, image, _ = _request(2)
+    mark = long_trace.mark()
+    client = grpcclient.InferenceServerClient(long_triton.grpc_url)
+    call = client.async_infer(
+        "llava", inputs(grpcclient, prompt, image, max_tokens=LONG, **GREEDY), lambda result, error: None
+    )
+    deadline = time.monotonic() + HANG_S
+    while metric(long_triton.metrics_url, "vlm_scheduler_running_rows", model="llava") < 1:
+        assert time.monotonic() < deadline, "the long infer never ran"
+    assert infer_http(long_triton.http_url, "llava", "What is this?", image, max_tokens=2, **GREEDY)
+    call.cancel()
+    client.close()
+    short_row, long_row = long_trace.wait(mark, 2)
+    assert (short_row["end"], short_row["tokens"], long_row["end"]) == ("length", 2, "cancelled")
