@@ -38,6 +38,7 @@ class SchedulerMetrics(Metrics):
 
     def __init__(self, model: str):
         self.model = model
+        self.reports.labels(model)  # on the page from the start (0): readers wait for it to advance
 
     def queue(self, running: int, waiting: int) -> None:
         self.running.labels(self.model).set(running)

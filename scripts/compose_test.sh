@@ -511,10 +511,10 @@ EOF
   cat "$WORK/recovery.out"
 }
 restarts() { docker inspect -f '{{.RestartCount}}' "$("${COMPOSE[@]}" ps -q "$1")"; }
-seconds=$(recovery triton llava_stream/1/model.py llava 30) || fail "$seconds"
+seconds=$(recovery triton llava_stream/1/model.py llava 300) || fail "$seconds"
 note "stub of llava_stream killed: ready again in $seconds s (readiness named llava meanwhile)"
 before=$(restarts fastapi)
-seconds=$(recovery fastapi uvicorn - 60) || fail "$seconds"
+seconds=$(recovery fastapi uvicorn - 300) || fail "$seconds"
 [ "$(restarts fastapi)" -gt "$before" ] || fail "the service container was not restarted"
 note "the service killed: ready again in $seconds s (container restarted by Docker)"
 before=$(restarts triton)

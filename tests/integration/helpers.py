@@ -228,16 +228,20 @@ def metric_samples(text: str, name: str, **labels: str) -> dict[tuple, float]:
 
 
 def current_metrics(url: str, model: str | None = None, hang_s: float = 300) -> str:
-    """The metrics page at ``url`` once every scheduler (or ``model``'s) has reported twice since
-    this call began: all it measured before the call is then on the page. Waits for those
-    reports, however long they take (``hang_s`` only guards against a server that never reports)."""
+    """The metrics page at ``url`` once every scheduler on it (or ``model``'s) has reported twice
+    since this call began: all it measured before the call is then on the page. Waits for those
+    reports, however long they take (``hang_s`` only guards against a server that never
+    reports). A page without scheduler metrics (Dynamo's, say) is current as it is read."""
     labels = {} if model is None else {"model": model}
-    first = metric_samples(requests.get(url, timeout=10).text, REPORTS, **labels)
+    text = requests.get(url, timeout=10).text
+    first = metric_samples(text, REPORTS, **labels)
+    if not first:
+        return text
     deadline = time.monotonic() + hang_s
     while time.monotonic() < deadline:
         text = requests.get(url, timeout=10).text
-        now = metric_samples(text, REPORTS, **labels)  # a series not there at first starts from 0
-        if now and all(now.get(series, 0) >= first.get(series, 0) + 2 for series in first | now):
+        now = metric_samples(text, REPORTS, **labels)
+        if all(now.get(series, 0) >= count + 2 for series, count in first.items()):
             return text
         time.sleep(0.05)
     raise AssertionError(f"the scheduler at {url} did not report for {hang_s:g} s")
