@@ -20,10 +20,10 @@ newest rows in the same way and the loop goes on; a request that cannot fit even
 fails with ``TooLarge``. Any other CUDA error is fatal: ``on_fatal`` is called (Triton's
 model exits so that the server reloads it) and the rows in flight fail.
 
-A housekeeping thread asks clients whether they left (``cancelled``) and flushes metrics about
-once a second, so neither costs the step loop a round trip. It sweeps every
-``CANCEL_CHECK_SECONDS`` and whenever the loop asks, which it does every ``CANCEL_CHECK_STEPS``
-turns; the loop does not ask for the next sweep before the last one is done. So a row whose
+A housekeeping thread asks clients whether they left (``cancelled``), and a reporting thread
+flushes metrics about once a second, so neither costs the step loop a round trip. The
+housekeeper sweeps every ``CANCEL_CHECK_SECONDS`` and whenever the loop asks, which it does
+every ``CANCEL_CHECK_STEPS`` turns; the loop does not ask again before the last sweep is done. So a row whose
 client left is dropped within ``2 * CANCEL_CHECK_STEPS + 1`` steps of the edge noticing it,
 however fast the steps are (a timer alone would let a fast machine run hundreds of steps).
 Held text goes out at least every ``MAX_HELD_STEPS`` steps, so an edge that checks its own
@@ -191,8 +191,10 @@ class Scheduler:
         self._numbers = itertools.count(1)  # requests, numbered in traces
         self._thread = threading.Thread(target=self._loop, name=f"scheduler-{name}", daemon=True)
         self._housekeeper = threading.Thread(target=self._housekeeping, name=f"housekeeping-{name}", daemon=True)
+        self._reporter = threading.Thread(target=self._reporting, name=f"metrics-{name}", daemon=True)
         self._thread.start()
         self._housekeeper.start()
+        self._reporter.start()
 
     @property
     def kv(self):
@@ -264,6 +266,7 @@ class Scheduler:
             self._thread.join(timeout)
         self._stopped.set()
         self._housekeeper.join(timeout)
+        self._reporter.join(timeout)
         self._flush_measures()
 
     @property
@@ -276,8 +279,13 @@ class Scheduler:
 
     # -- the housekeeping thread: cancellation and metrics, off the step loop
 
+    def _reporting(self) -> None:
+        """Metrics, about once a second, on a thread of their own: a long report (one IPC call
+        per measure on Triton) never delays a cancellation sweep the loop waits for."""
+        while not self._stopped.wait(1.0):
+            self._flush_measures()
+
     def _housekeeping(self) -> None:
-        flushed = time.monotonic()
         while not self._stopped.is_set():
             with self._sweeps:
                 if self._sweep_done >= self._sweep_asked:
@@ -287,9 +295,6 @@ class Scheduler:
             with self._sweeps:
                 self._sweep_done = max(self._sweep_done, asked)
                 self._sweeps.notify_all()
-            if time.monotonic() - flushed >= 1.0:
-                flushed = time.monotonic()
-                self._flush_measures()
 
     def _sweep(self) -> None:
         """Ask every row's client whether it left."""

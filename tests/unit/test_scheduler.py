@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import queue
 import threading
 import time
@@ -17,7 +18,7 @@ from vlm_engine.engine import VLMEngine
 from vlm_engine.errors import EngineError, Overloaded, ShuttingDown
 from vlm_engine.params import GenerationParams
 from vlm_engine.sampling import choose_tokens
-from vlm_engine.scheduler import Event, Metrics
+from vlm_engine.scheduler import CANCEL_CHECK_STEPS, MAX_HELD_STEPS, Event, Metrics
 from vlm_engine.settings import resolve_settings
 from vlm_engine.tiny.samples import PROMPTS
 
@@ -354,3 +355,45 @@ def test_stream_gap_limits_how_often_a_row_sends_text(tiny_models_dir):
         assert chunks["gapped"][0] == chunks["every"][0]
     finally:
         every.close(), gapped.close()
+
+
+def test_a_client_that_leaves_is_dropped_within_a_bound_of_steps_even_when_asking_is_slow(tiny_models_dir, tmp_path):
+    """The loop asks for a cancellation sweep every CANCEL_CHECK_STEPS turns and waits for a late
+    one, so a client that left is seen within 2 * CANCEL_CHECK_STEPS + 1 steps, however slow the
+    question (here 20 ms a row, many steps' worth) and however fast the steps."""
+    trace = tmp_path / "rows.jsonl"
+    engine = make_engine(tiny_models_dir, "llava", ROW_TRACE_FILE=str(trace), **NEVER_ENDING)
+    try:
+        gone = threading.Event()
+        left_at: list[float] = []
+
+        def cancelled() -> bool:
+            time.sleep(0.02)
+            return gone.is_set()
+
+        row = Request(engine, prepare(engine, 0, LONG, cancelled=cancelled))
+        row.first_text()
+        while len("".join(row.texts)) < 40:  # some steps in: sweeps have been asked for and waited on
+            row.read()
+        left_at.append(time.monotonic())
+        gone.set()
+        assert row.result().finish_reason == "cancelled"
+    finally:
+        engine.close()
+    record = [json.loads(line) for line in trace.read_text().splitlines()][-1]  # after the warm-up's
+    after = sum(1 for at in record["token_times"] if at > left_at[0])
+    assert record["end"] == "cancelled" and after <= 2 * CANCEL_CHECK_STEPS + 1, (after, record["tokens"])
+
+
+def test_held_text_goes_out_at_least_every_max_held_steps(tiny_models_dir):
+    """With a gap longer than the whole answer, a streamed row still sends text every
+    MAX_HELD_STEPS steps (what an edge that checks its client on each response relies on)."""
+    engine = make_engine(tiny_models_dir, "llava", STREAM_GAP_MS="1000", **NEVER_ENDING)
+    try:
+        row = Request(engine, prepare(engine, 0, 4 * MAX_HELD_STEPS + 1))
+        result = row.result()
+    finally:
+        engine.close()
+    texts = [text for text in row.texts if text]
+    assert result.output_tokens == 4 * MAX_HELD_STEPS + 1
+    assert len(texts) >= 4, f"{len(texts)} pieces of text for {result.output_tokens} tokens"
