@@ -52,8 +52,9 @@ def test_vision_chat_streamed_and_not(any_api, model, png):
         model=model, messages=vision_messages(png), max_tokens=10, temperature=0.0, stream=True
     )
     deltas = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
-    assert len(deltas) >= 2
-    assert "".join(deltas) == text
+    # into how many deltas the text is cut depends on timing (chunks that piled up are joined);
+    # test_cancellation proves that text streams while the answer is still being written
+    assert deltas and "".join(deltas) == text
 
 
 def test_sdk_sees_errors_as_its_own_exceptions(api, png):
