@@ -69,8 +69,8 @@ loadtest-ui: install  ## locust's web UI for the same load tests on http://127.0
 soak: install tiny-models  ## load on a stack of its own for DURATION (10m), faults injected (SOAK_ARGS="--profile infer --users 16 --no-faults": the KServe soak)
 	HF_HUB_OFFLINE=1 $(PYTHON) -m loadtests.soak $(SOAK_ARGS)
 
-bench: install tiny-models  ## benchmark (batching, gateway, streaming, cold start) -> benchmarks/results/
-	HF_HUB_OFFLINE=1 $(PYTHON) -m benchmarks.bench
+bench: install tiny-models  ## benchmark (batching, gateway, streaming, cold start, vLLM beside us) -> benchmarks/results/ (BENCH_ARGS="--only peer")
+	HF_HUB_OFFLINE=1 $(PYTHON) -m benchmarks.bench $(BENCH_ARGS)
 
 gpu-check: install tiny-models  ## the engine on a GPU with real-sized random-weight Qwen3-VL-8B and LLaVA-1.5-7B (CPU: shrunken, seconds)
 	PYTHON=$(PYTHON) ./scripts/gpu_check.sh $(GPU_CHECK_ARGS)

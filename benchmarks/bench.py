@@ -22,7 +22,7 @@ from pathlib import Path
 
 import httpx
 
-from benchmarks import kv_memory, load, routes, scheduling
+from benchmarks import kv_memory, load, peer, routes, scheduling
 from benchmarks.report import write_report
 from loadtests import payloads
 from loadtests.burst import burst, refusal_figures
@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--only",
         default="",
-        help="comma-separated parts: kv, gain, head_of_line, open_loop, stack, routes (default: all)",
+        help="comma-separated parts: kv, gain, head_of_line, open_loop, stack, routes, peer (default: all)",
     )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
@@ -212,7 +212,15 @@ def main(argv: list[str] | None = None) -> int:
         "checkpoints": str(args.models_dir),
         "tiny": (args.models_dir / MODEL / "tiny.json").exists(),
     }
-    parts = set(filter(None, args.only.split(","))) or {"kv", "gain", "head_of_line", "open_loop", "stack", "routes"}
+    parts = set(filter(None, args.only.split(","))) or {
+        "kv",
+        "gain",
+        "head_of_line",
+        "open_loop",
+        "stack",
+        "routes",
+        "peer",
+    }
     if "kv" in parts:
         say("the engine's KV memory: join/leave writes, peak over live, padding, pace, tokens/s vs generate")
         result["kv"] = kv_memory.measure_kv(args.models_dir, say)
@@ -232,6 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     if "routes" in parts:
         say("three routes to llava through port 80 at c=16: KServe infer, OpenAI plain, OpenAI streamed")
         result["routes"] = routes.run(args.models_dir.resolve())
+    if "peer" in parts:
+        say("vLLM's CPU build beside this stack: LLaVA and Qwen3-VL, the same load, interleaved")
+        result["peer"] = peer.run(args.models_dir.resolve(), say)
     result["seconds"] = round(time.perf_counter() - started, 1)
     paths = write_report(result, args.out)
     for path in paths:

