@@ -31,17 +31,19 @@ class Trace:
         ended = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
         return [row for row in ended if model is None or row["model"] == model]
 
-    def mark(self) -> int:
-        return len(self.rows())
+    def mark(self) -> float:
+        """Now, on the host's monotonic clock (the engine's too): rows submitted later are new."""
+        return time.monotonic()
 
-    def wait(self, since: int, count: int = 1) -> list[dict]:
-        """The next ``count`` rows to end after the first ``since`` (the engine writes each about
-        a second after the row ends), waiting for as long as that takes."""
+    def wait(self, since: float, count: int = 1) -> list[dict]:
+        """The first ``count`` rows submitted after ``since`` to end, in the order they ended,
+        waiting for as long as that takes (the engine writes each about a second after it ends;
+        rows submitted before, a model's warm-up say, are not counted)."""
         deadline = time.monotonic() + HANG_S
-        while len(ended := self.rows()) < since + count:
+        while len(ended := [row for row in self.rows() if row["submitted"] >= since]) < count:
             assert time.monotonic() < deadline, f"fewer than {count} rows ended within {HANG_S} s"
             time.sleep(0.05)
-        return ended[since:]
+        return sorted(ended, key=lambda row: row["ended"])[:count]
 
 
 @pytest.fixture(scope="session")

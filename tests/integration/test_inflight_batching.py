@@ -69,9 +69,9 @@ def test_a_short_request_sent_during_a_long_one_finishes_first(long_triton, long
     """A row that cannot end by itself runs; a short request sent then is answered whole, and
     the long row ran on after it: the short one never waited behind it."""
     prompt, image, _ = _request(2)
+    mark = long_trace.mark()
     long = GrpcStream(long_triton.grpc_url, f"{model}_stream", prompt, image, max_tokens=LONG, **GREEDY)
     long.first_text()
-    mark = long_trace.mark()
     short = GrpcStream(long_triton.grpc_url, f"{model}_stream", "What is this?", image, max_tokens=3, **GREEDY)
     short.result()
     assert short.finish_reason == "length"
