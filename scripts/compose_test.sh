@@ -565,13 +565,25 @@ def chat(i):
     with urllib.request.urlopen(request, timeout=120) as reply:
         return reply.status
 
-before = query('nv_inference_request_success{model="llava_stream"} - ignoring(model) nv_inference_request_success{model="llava"}')
-with ThreadPoolExecutor(8) as pool:
-    assert set(pool.map(infer, range(24))) == {200} and set(pool.map(chat, range(12))) == {200}
-time.sleep(12)  # two scrapes
-kserve = query('nv_inference_request_success{model="llava"}')
-streams = query('nv_inference_request_success{model="llava_stream"} - ignoring(model) nv_inference_request_success{model="llava"}')
-service = {k: streams[k] - before.get(k, 0) for k in streams}
+KSERVE = 'nv_inference_request_success{model="llava"}'
+STREAMS = 'nv_inference_request_success{model="llava_stream"} - ignoring(model) nv_inference_request_success{model="llava"}'
+before_kserve, before = query(KSERVE), query(STREAMS)
+# gRPC's round-robin channel (the service's) sends only to the replicas it has connected, so a
+# first burst can all go to one: rounds go on until both replicas served; each round's counts
+# are read once Prometheus has scraped all of them (waiting for the scrape, not a fixed sleep)
+for round_ in range(1, 6):
+    with ThreadPoolExecutor(8) as pool:
+        assert set(pool.map(infer, range(24))) == {200} and set(pool.map(chat, range(12))) == {200}
+    deadline = time.monotonic() + 120
+    while True:
+        kserve = {k: v - before_kserve.get(k, 0) for k, v in query(KSERVE).items()}
+        service = {k: v - before.get(k, 0) for k, v in query(STREAMS).items()}
+        if sum(kserve.values()) >= 24 * round_ and sum(service.values()) >= 12 * round_:
+            break
+        assert time.monotonic() < deadline, f"Prometheus never saw the requests: {kserve} {service}"
+        time.sleep(1)
+    if len(kserve) == 2 and len(service) == 2 and all(v > 0 for v in [*kserve.values(), *service.values()]):
+        break
 assert len(kserve) == 2 and all(v > 0 for v in kserve.values()), f"KServe per replica: {kserve}"
 assert len(service) == 2 and all(v > 0 for v in service.values()), f"service streams per replica: {service}"
 print(f"KServe requests per replica {sorted(kserve.values())}; the service's streams per replica {sorted(service.values())}")

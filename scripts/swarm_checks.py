@@ -119,18 +119,32 @@ def check_both_replicas_serve(swarm: Swarm) -> None:
     replicas = set(swarm.wait_targets(2))
     before = swarm.query('nv_inference_request_success{model="llava"}')
     streams_before = swarm.query('nv_inference_request_success{model="llava_stream"}')
-    results = []
-    threads = [threading.Thread(target=lambda i=i: results.append(swarm.infer(i) and swarm.chat(i))) for i in range(12)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert results == [True] * 12, f"requests through nginx failed: {Counter(results)}"
-    time.sleep(12)  # two scrapes
-    kserve = swarm.query('nv_inference_request_success{model="llava"}')
-    streams = swarm.query('nv_inference_request_success{model="llava_stream"}')
-    kserve = {k: v - before.get(k, 0) for k, v in kserve.items() if k in replicas}
-    streams = {k: v - streams_before.get(k, 0) - kserve.get(k, 0) for k, v in streams.items() if k in replicas}
+    # gRPC's round-robin channel (the service's) sends only to the replicas it has connected, so a
+    # first burst can all go to one: rounds go on until both served, each read once Prometheus
+    # has scraped all of its requests (a wait for the scrape, not a fixed sleep)
+    for round_ in range(1, 6):
+        results = []
+        threads = [
+            threading.Thread(target=lambda i=i, out=results: out.append(swarm.infer(i) and swarm.chat(i)))
+            for i in range(12)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert results == [True] * 12, f"requests through nginx failed: {Counter(results)}"
+        deadline = time.monotonic() + 120
+        while True:
+            kserve = swarm.query('nv_inference_request_success{model="llava"}')
+            streams = swarm.query('nv_inference_request_success{model="llava_stream"}')
+            kserve = {k: v - before.get(k, 0) for k, v in kserve.items() if k in replicas}
+            streams = {k: v - streams_before.get(k, 0) - kserve.get(k, 0) for k, v in streams.items() if k in replicas}
+            if sum(kserve.values()) >= 12 * round_ and sum(streams.values()) >= 12 * round_:
+                break
+            assert time.monotonic() < deadline, f"Prometheus never saw the requests: {kserve} {streams}"
+            time.sleep(1)
+        if len(kserve) == 2 and len(streams) == 2 and all(v > 0 for v in [*kserve.values(), *streams.values()]):
+            break
     assert len(kserve) == 2 and all(v > 0 for v in kserve.values()), f"KServe requests per replica: {kserve}"
     assert len(streams) == 2 and all(v > 0 for v in streams.values()), f"the service's streams per replica: {streams}"
     total_k, total_s = sum(kserve.values()), sum(streams.values())
