@@ -26,9 +26,8 @@ import pytest
 import requests
 import tritonclient.grpc as grpcclient
 
-from tests.conftest import ARTIFACTS, image_bytes
+from tests.conftest import ARTIFACTS, HANG_S, LONG, image_bytes
 from tests.fastapi_app.conftest import ApiProcess, api_env
-from tests.integration.conftest import HANG_S, LONG
 from tests.integration.helpers import GrpcStream, inputs, metric
 from vlm_engine.scheduler import CANCEL_CHECK_STEPS, MAX_HELD_STEPS
 

@@ -10,8 +10,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from tests.conftest import image_bytes, start_triton
-from tests.integration.conftest import HANG_S, LONG, LONG_MODELS
+from tests.conftest import HANG_S, LONG, LONG_MODELS, image_bytes, start_triton
 from tests.integration.helpers import GREEDY, MODELS, GrpcStream, infer_http, inputs, metric, text_of
 from vlm_engine.tiny.samples import PROMPTS
 
