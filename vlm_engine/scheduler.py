@@ -23,7 +23,8 @@ model exits so that the server reloads it) and the rows in flight fail.
 A housekeeping thread asks clients whether they left (``cancelled``), and a reporting thread
 flushes metrics about once a second, so neither costs the step loop a round trip. The
 housekeeper sweeps every ``CANCEL_CHECK_SECONDS`` and whenever the loop asks, which it does
-every ``CANCEL_CHECK_STEPS`` turns; the loop does not ask again before the last sweep is done. So a row whose
+every ``CANCEL_CHECK_STEPS`` turns; the loop does not ask again before the last sweep is done
+(for ``SWEEP_WAIT_MAX_S`` at most: a stuck IPC call must not stall every row). So a row whose
 client left is dropped within ``2 * CANCEL_CHECK_STEPS + 1`` steps of the edge noticing it,
 however fast the steps are (a timer alone would let a fast machine run hundreds of steps).
 Held text goes out at least every ``MAX_HELD_STEPS`` steps, so an edge that checks its own
@@ -55,6 +56,7 @@ from vlm_engine.errors import EngineError, Overloaded, ShuttingDown, TooLarge
 log = logging.getLogger("vlm_engine.scheduler")
 CANCEL_CHECK_SECONDS = 0.05  # how often rows are asked whether their client left, at least
 CANCEL_CHECK_STEPS = 8  # ... and every this many turns of the loop
+SWEEP_WAIT_MAX_S = 1.0  # the longest the loop waits for a late sweep before going on (and saying so)
 MAX_HELD_STEPS = 32  # a streamed row's text is held (STREAM_GAP_MS) for at most this many steps
 ALONE_OOM_RETRIES = 2  # a row alone that runs out of memory is tried again this often, then fails
 Policy = Literal["inflight", "static"]
@@ -319,7 +321,11 @@ class Scheduler:
         if self._turns % CANCEL_CHECK_STEPS:
             return
         with self._sweeps:
+            waited = time.monotonic()
             while self._sweep_done < self._sweep_asked and self._housekeeper.is_alive():
+                if time.monotonic() - waited > SWEEP_WAIT_MAX_S:
+                    log.warning("%s: a cancellation sweep took over %g s; going on", self.name, SWEEP_WAIT_MAX_S)
+                    break
                 self._sweeps.wait(CANCEL_CHECK_SECONDS)
             self._sweep_asked = self._turns
             self._sweeps.notify_all()

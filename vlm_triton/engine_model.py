@@ -30,7 +30,8 @@ from vlm_triton.tensors import (
 
 
 def asks_heartbeat(request) -> bool:
-    """Whether the request's parameters ask for heartbeats (``vlm_triton.forward.HEARTBEAT``)."""
+    """Whether the request's parameters ask for heartbeats (``vlm_engine.kserve.HEARTBEAT``: the
+    forwarder of the KServe face and ``llm_decoupled`` sets it)."""
     try:
         return bool(json.loads(request.parameters() or "{}").get(HEARTBEAT))
     except (AttributeError, ValueError):
