@@ -225,18 +225,20 @@ def random_weights(device: str):
 
 
 class StepTimer:
-    """Wraps the adapter's ``decode``: wall time, rows and KV tokens read per step; on CUDA,
-    a few steps under the profiler for the kernels' own time."""
+    """Wraps the adapter's ``step``: wall time, rows and KV tokens read per decode-only step; on
+    CUDA, a few steps under the profiler for the kernels' own time."""
 
     def __init__(self, adapter: Any, device: str):
         self.adapter, self.device = adapter, device
-        self.original = adapter.decode
+        self.original = adapter.step
         self.steps: list[tuple[float, int, int]] = []  # (seconds, rows, KV tokens read)
         self.profile_left = 0
         self.profiled: list[tuple[float, float, int]] = []  # (wall s, kernel s, rows)
-        adapter.decode = self.decode
+        adapter.step = self.step
 
-    def decode(self, seqs: list[Any]) -> list[Any]:
+    def step(self, seqs: list[Any], chunks: list[Any]) -> tuple[list[Any], list[Any]]:
+        if chunks:  # a step carrying prompt chunks: not a decode step's figure
+            return self.original(seqs, chunks)
         kv_tokens = sum(s.cached + 1 for s in seqs)
         if self.profile_left > 0 and self.device.startswith("cuda"):
             self.profile_left -= 1
@@ -245,13 +247,13 @@ class StepTimer:
             torch.cuda.synchronize()
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 start = time.perf_counter()
-                out = self.original(seqs)
+                out = self.original(seqs, chunks)
                 wall = time.perf_counter() - start
             kernel_us = sum(e.self_device_time_total for e in prof.key_averages())
             self.profiled.append((wall, kernel_us / 1e6, len(seqs)))
             return out
         start = time.perf_counter()
-        out = self.original(seqs)
+        out = self.original(seqs, chunks)
         self.steps.append((time.perf_counter() - start, len(seqs), kv_tokens))
         return out
 
@@ -352,7 +354,7 @@ def throughput(e: VLMEngine, rows: int, max_tokens: int, side: int, bandwidth: f
                 out["step_host_ms"] = round(max(step_s - gpu, 0.0) * 1000, 2)
         return out
     finally:
-        e.adapter.decode = timer.original
+        e.adapter.step = timer.original
 
 
 def bare_generate(e: VLMEngine, rows: int, max_tokens: int, side: int, device: str) -> float:

@@ -115,6 +115,7 @@ class VLMEngine:
             self.on_fatal,
             s.stream_gap_ms,
             s.row_trace_file,
+            s.prefill_step_multiple,
         )
         if s.warmup:
             self.warmup()
@@ -184,6 +185,7 @@ class VLMEngine:
             prompt_message(messages).decoded = [image]
         prepared = Prepared(messages, params, image, cancelled or (lambda: False), tokens, tools=tools)
         prepared.image_key = content_key([data for m in messages for data in m.images])
+        prepared.image_keys = [content_key([data]) for m in messages for data in m.images]
         prepared.inputs = self.adapter.encode_row(prepared)  # here, not in the step loop
         prepared.state = self.adapter.sampling_state(prepared, prepared.inputs)  # a bad guide: 400 here
         prepared.siblings = [self._sibling(prepared, i) for i in range(1, n)]

@@ -3,17 +3,21 @@ batch at every step, and a request waits rather than fails when memory is short.
 
 One ``Scheduler`` per loaded model runs one thread, the step loop. Each turn of the loop:
 
-1. **release**: rows that finished, were cancelled or failed leave; their KV pages are free
-   (nothing else is copied);
+1. **release**: rows that finished, were cancelled or failed leave; their KV references go
+   back (pages nobody holds stay cached by hash until the pool needs them);
 2. **admit**: waiting requests, oldest first, while there is a row free (``MAX_RUNNING``)
-   and the KV pool has pages for the whole prompt plus a small reserve;
-3. **prefill**: prompt chunks of the admitted rows, at most ``PREFILL_BUDGET`` tokens per
-   turn (an image and its tokens always go in one chunk), so running streams keep their
-   pace while a long prompt comes in; a row whose prompt is complete sends its first text;
-4. **decode**: one step for every row that has its prompt in: each gets a page when its
-   last one is full; when none is free the newest rows are **preempted**: their pages are
-   freed and they go back to the front of the queue, to be prefilled again with what they
-   had generated (vLLM's recompute preemption). Nothing they sent is sent twice.
+   and the KV pool has pages for the whole prompt plus a small reserve; the cached pages a
+   prompt starts with (prefix caching, ``kv.manager``) cost nothing and are not prefilled;
+3. **step**: one forward carries a token for every row that has its prompt in and prompt
+   chunks of the others. The chunks are bounded by ``PREFILL_BUDGET`` and, while rows are
+   decoding, by time: a step with chunks takes about ``step_multiple`` decode steps
+   (``Pace`` measures both online), so running streams keep their pace while a long prompt
+   comes in (an image and its tokens go in one chunk). A row whose prompt is complete sends
+   its first text. Each decoding row gets a page when its last one is full; when none is
+   free the newest rows are **preempted**: their pages are given back and they go back to
+   the front of the queue, to be prefilled again with what they had generated (vLLM's
+   recompute preemption; their cached pages usually make that cheap). Nothing they sent is
+   sent twice.
 
 Out-of-memory errors (``torch.OutOfMemoryError``) in a prefill or a decode step preempt the
 newest rows in the same way and the loop goes on; a request that cannot fit even alone
@@ -59,6 +63,7 @@ CANCEL_CHECK_STEPS = 8  # ... and every this many turns of the loop
 SWEEP_WAIT_MAX_S = 1.0  # the longest the loop waits for a late sweep before going on (and saying so)
 MAX_HELD_STEPS = 32  # a streamed row's text is held (STREAM_GAP_MS) for at most this many steps
 ALONE_OOM_RETRIES = 2  # a row alone that runs out of memory is tried again this often, then fails
+MIN_CHUNK = 16  # prompt tokens a step carries at least, however slow prompt tokens are
 Policy = Literal["inflight", "static"]
 
 
@@ -106,6 +111,27 @@ class Stats:
     preempted: int = 0  # rows sent back to the queue for lack of KV pages
     out_of_memory: int = 0  # OutOfMemoryErrors recovered from
     turns: list[tuple[int, int]] = field(default_factory=list)  # recent (prefill tokens, decode rows) per turn
+
+
+@dataclass
+class Pace:
+    """Online estimates for the chunk budget: a decode-only step's time, and what a prompt
+    token adds to a step (moving averages)."""
+
+    decode_s: float = 0.0
+    token_s: float = 0.0
+
+    def record(self, seconds: float, decodes: int, tokens: int) -> None:
+        if not tokens:
+            self.decode_s = _average(self.decode_s, seconds)
+        else:
+            extra = seconds - (self.decode_s if decodes else 0.0)
+            if extra > 0:
+                self.token_s = _average(self.token_s, extra / tokens)
+
+
+def _average(old: float, new: float, weight: float = 0.2) -> float:
+    return new if old == 0 else (1 - weight) * old + weight * new
 
 
 @dataclass(eq=False)
@@ -163,6 +189,7 @@ class Scheduler:
         on_fatal: Callable[[BaseException], None] | None = None,
         stream_gap_ms: float = 0.0,
         trace_path: str | None = None,
+        step_multiple: float = 0.0,
     ):
         self.adapter = adapter
         self.name = name
@@ -176,6 +203,8 @@ class Scheduler:
         self.metrics = metrics or Metrics()
         self.on_fatal = on_fatal
         self.trace_path = trace_path
+        self.step_multiple = step_multiple
+        self._pace = Pace()
         self.stats = Stats()
         self._waiting: deque[Row] = deque()
         self._running: list[Row] = []  # oldest first: preemption takes the newest
@@ -371,9 +400,7 @@ class Scheduler:
         self._ask_for_sweep()
         self._release()
         self._admit()
-        prefill_tokens = self._prefill()
-        self._release()
-        decoding = self._decode()
+        prefill_tokens, decoding = self._step()
         self.stats.turns.append((prefill_tokens, decoding))
         del self.stats.turns[:-4096]
         self._report()
@@ -414,65 +441,88 @@ class Scheduler:
             finally:
                 row.seq = None
 
-    def _pages_needed(self, row: Row, generated: int) -> int:
-        if self.kv is None:
-            return 0
-        return self.kv.pages.pages_for(self.adapter.prefill_cost(row.prepared) + generated)
-
-    def _room(self, need: int, promised: int, rows: int) -> bool:
-        """Whether the pool has ``need`` pages beyond ``promised`` ones, and a reserve of a page
-        for every fourth running row (so the next decode steps do not preempt at once)."""
+    def _room(self, need: int, rows: int) -> bool:
+        """Whether the pool has ``need`` free pages, and a reserve of a page for every fourth
+        running row beyond them (so the next decode steps do not preempt at once)."""
         if self.kv is None:
             return True
-        reserve = -(-rows // 4)
-        return need + promised + reserve <= self.kv.pages.free_pages
+        return need + -(-rows // 4) <= self.kv.pages.free_pages
+
+    def _sequence(self, row: Row) -> Any:
+        """The row's sequence (made once per admission: a preempted row's includes its answer so far)."""
+        if row.seq is None:
+            generated = list(row.decoder.ids) if row.decoder is not None and self.adapter.resumable else []
+            row.seq = self.adapter.start(row.prepared, generated)
+            row.prompt = self.adapter.prompt_length(row.seq)
+        return row.seq
+
+    def _take_pages(self, row: Row, hit: list[int]) -> bool:
+        """The row's pages: ``hit`` (cached, shared) and new ones for the rest of its prompt."""
+        if self.kv is not None and not self.kv.pages.admit(row.seq.key, hit, row.prompt):
+            return False
+        row.prefilled = row.seq.cached = len(hit) * self.kv.page_size if self.kv is not None else 0
+        return True
 
     def _admit(self) -> None:
+        """Waiting rows, oldest first, while a row is free and the pool has their pages (the
+        cached pages their prompt starts with cost nothing)."""
         if self.policy == "static" and self._running:
             return
         limit = self.max_running if not self._hold else min(self.max_running, self._hold)
         admitted: list[Row] = []
-        promised = 0
-        with self._wake:
-            while self._waiting and len(self._running) + len(admitted) < limit:
+        while len(self._running) + len(admitted) < limit:
+            with self._wake:
+                if not self._waiting:
+                    break
                 row = self._waiting[0]
-                if row.gone or row.prepared.cancelled():  # asked once per admission, not per step
-                    self._waiting.popleft()
-                    self._cancel_waiting(row)
-                    continue
-                generated = len(row.decoder.ids) if row.decoder is not None and self.adapter.resumable else 0
-                need = self._pages_needed(row, generated)
-                if not self._room(need, promised, len(self._running) + len(admitted)):
-                    break  # oldest first: the next ones wait too
-                self._waiting.popleft()
-                admitted.append(row)
-                promised += need
-        now = time.monotonic()
-        for row in admitted:
+            if row.gone or row.prepared.cancelled():  # asked once per admission, not per step
+                self._pop_waiting(row)
+                self._cancel_waiting(row)
+                continue
             try:
-                self._start(row)
+                seq = self._sequence(row)
             except Exception as exc:
+                self._pop_waiting(row)
                 self._fail(row, exc)
                 continue
+            hit = self.adapter.prefix_hit(seq) if self.kv is not None else []
+            need = self.kv.pages.cost(hit, row.prompt) if self.kv is not None else 0
+            if not self._room(need, len(self._running) + len(admitted)) or not self._take_pages(row, hit):
+                break  # oldest first: the next ones wait too
+            self._pop_waiting(row)
+            admitted.append(row)
+        now = time.monotonic()
+        for row in admitted:
+            if row.decoder is None:
+                row.decoder = self.adapter.decoder(row.prepared)
             if row.preemptions == 0:
                 self.stats.admitted += 1
                 self._measure(self.metrics.waited, now - row.submitted)
             self._running.append(row)
         self.stats.largest_batch = max(self.stats.largest_batch, len(self._running))
 
-    def _start(self, row: Row) -> None:
-        generated = list(row.decoder.ids) if row.decoder is not None and self.adapter.resumable else []
-        row.seq = self.adapter.start(row.prepared, generated)
-        row.prompt, row.prefilled = self.adapter.prompt_length(row.seq), 0
-        if self.kv is not None and not self.kv.pages.grow(row.seq.key, row.prompt):
-            self._free(row)
-            raise TooLarge(f"{self.name}: no KV memory for a prompt of {row.prompt} tokens")
-        if row.decoder is None:
-            row.decoder = self.adapter.decoder(row.prepared)
+    def _pop_waiting(self, row: Row) -> None:
+        with self._wake:
+            self._waiting.remove(row)
 
-    def _prefill(self) -> int:
-        """One forward over the next prompt chunk of rows still prefilling, within the budget."""
-        budget = self.prefill_budget if self.policy == "inflight" else 1 << 62
+    def _chunk_budget(self, decoding: int) -> int:
+        """Prompt tokens this step may carry: ``PREFILL_BUDGET``, and with rows decoding, as
+        many as keep the step within ``prefill_step_multiple`` decode steps (measured online:
+        the last decode-only step's time and the recent cost of a prompt token)."""
+        if self.policy != "inflight":
+            return 1 << 62
+        budget = self.prefill_budget
+        pace = self._pace
+        if decoding and self.step_multiple > 0 and pace.decode_s > 0 and pace.token_s > 0:
+            spare = (self.step_multiple - 1) * pace.decode_s
+            budget = min(budget, max(int(spare / pace.token_s), MIN_CHUNK))
+        return budget
+
+    def _step(self) -> tuple[int, int]:
+        """One forward: a token for every decoding row and prompt chunks of the others, within
+        the step's budget. Returns (prompt tokens, decode rows)."""
+        decoding = self._pages_for_next_token([row for row in self._running if row.decoding])
+        budget = self._chunk_budget(len(decoding))
         items: list[tuple[Row, int, int]] = []
         for row in self._running:
             if row.done or row.seq is None or row.prefilled >= row.prompt or budget <= 0:
@@ -480,57 +530,93 @@ class Scheduler:
             end = self.adapter.chunk_end(row.seq, row.prefilled, budget)
             items.append((row, row.prefilled, end))
             budget -= end - row.prefilled
-        return self._run_prefill(items)
+        if not decoding and not items:
+            return 0, 0
+        return self._run(decoding, items)
 
-    def _run_prefill(self, items: list[tuple[Row, int, int]]) -> int:
-        if not items:
-            return 0
+    def _run(self, decoding: list[Row], items: list[tuple[Row, int, int]]) -> tuple[int, int]:
         start = time.perf_counter()
         try:
-            outputs = self.adapter.prefill([(row.seq, begin, end) for row, begin, end in items])
+            outputs, finished = self.adapter.step([row.seq for row in decoding], [(r.seq, b, e) for r, b, e in items])
         except Exception as exc:
-            if is_out_of_memory(exc):
-                self._prefill_out_of_memory([row for row, _, _ in items], exc)
-                return 0
-            self._fatal(exc)
-            if len(items) > 1:  # find the row at fault: each alone
-                return sum(self._run_prefill([item]) for item in items)
-            log.warning("%s: prefill failed: %s", self.name, exc)
-            self._fail(items[0][0], exc)
-            return 0
+            self._step_failed(decoding, items, exc)
+            return 0, 0
+        seconds = time.perf_counter() - start
         tokens = sum(end - begin for _, begin, end in items)
-        self._measure(self.metrics.step, "prefill", time.perf_counter() - start, len(items))
-        self.stats.prefills += 1
-        self.stats.prefill_tokens += tokens
-        finished = []
-        for (row, _, end), output in zip(items, outputs, strict=True):
+        self._pace.record(seconds, len(decoding), tokens)
+        if items:
+            self._measure(self.metrics.step, "prefill", seconds, len(items))
+            self.stats.prefills += 1
+            self.stats.prefill_tokens += tokens
+        if decoding:
+            self._measure(self.metrics.step, "decode", seconds, len(decoding))
+            self.stats.decode_steps += 1
+        rows, results = list(decoding), list(outputs)
+        for (row, _, end), output in zip(items, finished, strict=True):
             row.prefilled = end
             if output is not None:
-                finished.append((row, output))
+                rows.append(row)
+                results.append(output)
                 if row.siblings:
                     self._fork(row)
-        self._apply([row for row, _ in finished], [output for _, output in finished])
-        return tokens
+        self._apply(rows, results)
+        return tokens, len(decoding)
+
+    def _step_failed(self, decoding: list[Row], items: list[tuple[Row, int, int]], exc: BaseException) -> None:
+        """Out of memory: the newest rows wait. A prompt chunk's error fails its row alone (each
+        part is run again on its own to find it); a decode step's fails the running rows."""
+        if is_out_of_memory(exc):
+            if items:
+                self._prefill_out_of_memory([row for row, _, _ in items], exc)
+                return
+            self.stats.out_of_memory += 1
+            log.warning("%s: out of memory in a decode step of %d rows: preempting", self.name, len(decoding))
+            self._clear_device_cache()
+            if len(decoding) == 1:
+                self._alone_out_of_memory(decoding[0], exc)
+            else:
+                self._preempt(decoding[-1])
+            return
+        self._fatal(exc)
+        if items and (decoding or len(items) > 1):  # find the part at fault: each alone
+            if decoding:
+                self._run(decoding, [])
+            for item in items:
+                if not item[0].done:
+                    self._run([], [item])
+            return
+        if items:
+            log.warning("%s: prefill failed: %s", self.name, exc, exc_info=exc)
+            self._fail(items[0][0], exc)
+            return
+        log.exception("%s: decode step failed for %d rows", self.name, len(decoding), exc_info=exc)
+        self._fail_running(exc)
 
     def _fork(self, row: Row) -> None:
-        """The other answers of an n > 1 request start from ``row``'s prompt: its K/V is copied
-        into their pages up to the last prompt token, which each prefills itself (its own
-        first token, by its own sampling). A sibling that finds no room waits in the queue and
+        """The other answers of an n > 1 request start on ``row``'s prompt: its full pages are
+        shared (by reference), the partial page after them copied; each prefills only its last
+        prompt token, by its own sampling. A sibling that finds no room waits in the queue and
         is prefilled whole."""
         siblings, row.siblings = row.siblings, []
         for sibling in siblings:
             try:
-                self._start(sibling)
-                shared = sibling.prompt - 1
-                if shared > 0 and self.adapter.share_prefix(row.seq, sibling.seq, shared):
-                    sibling.prefilled = shared
-            except Exception as exc:
-                self._free(sibling)
-                if isinstance(exc, TooLarge):  # no pages now: it queues like any request
-                    sibling.decoder = None
+                self._sequence(sibling)
+                shared: list[int] = []
+                if self.kv is not None:
+                    full, rest = divmod(sibling.prompt - 1, self.kv.page_size)
+                    source = self.kv.pages.pages(row.seq.key)
+                    shared = source[:full]
+                if not self._take_pages(sibling, shared):
+                    self._free(sibling)  # no pages now: it queues like any request
                     with self._wake:
                         self._waiting.appendleft(sibling)
                     continue
+                if self.kv is not None and rest:
+                    self.kv.copy_page(source[full], self.kv.pages.pages(sibling.seq.key)[full])
+                    sibling.prefilled = sibling.seq.cached = sibling.prompt - 1
+                sibling.decoder = self.adapter.decoder(sibling.prepared)
+            except Exception as exc:
+                self._free(sibling)
                 self._fail(sibling, exc)
                 continue
             self.stats.admitted += 1
@@ -542,35 +628,6 @@ class Scheduler:
         for sibling in siblings:
             sibling.done = True
             self._send(sibling, Event(result=event.result, error=event.error))
-
-    def _decode(self) -> int:
-        rows = [row for row in self._running if row.decoding]
-        if not rows:
-            return 0
-        rows = self._pages_for_next_token(rows)
-        if not rows:
-            return 0
-        start = time.perf_counter()
-        try:
-            outputs = self.adapter.decode([row.seq for row in rows])
-        except Exception as exc:
-            if is_out_of_memory(exc):
-                self.stats.out_of_memory += 1
-                log.warning("%s: out of memory in a decode step of %d rows: preempting", self.name, len(rows))
-                self._clear_device_cache()
-                if len(rows) == 1:
-                    self._alone_out_of_memory(rows[0], exc)
-                else:
-                    self._preempt(rows[-1])
-                return 0
-            log.exception("%s: decode step failed for %d rows", self.name, len(rows))
-            self._fatal(exc)
-            self._fail_running(exc)
-            return 0
-        self._measure(self.metrics.step, "decode", time.perf_counter() - start, len(rows))
-        self.stats.decode_steps += 1
-        self._apply(rows, outputs)
-        return len(rows)
 
     def _pages_for_next_token(self, rows: list[Row]) -> list[Row]:
         """Every decoding row gets room for one more token; when the pool is full, the newest
@@ -682,6 +739,7 @@ class Scheduler:
             return
         result.prompt_tokens = row.prepared.prompt_tokens
         row.done = True
+        self._free(row)  # its pages come back before its client hears it ended
         self._send(row, Event(pending + rest, result, logprobs=row.pending_logprobs or None))
 
     def _cancel_waiting(self, row: Row) -> None:
@@ -693,6 +751,10 @@ class Scheduler:
 
     def _fail(self, row: Row, exc: BaseException) -> None:
         row.done = True
+        try:
+            self._free(row)
+        except Exception:
+            log.warning("%s: freeing a failed row's memory failed", self.name, exc_info=True)
         if not isinstance(exc, EngineError):
             exc = EngineError(f"{type(exc).__name__}: {exc}")
         self._send(row, Event(error=exc))

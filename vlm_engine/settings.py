@@ -86,6 +86,14 @@ class ModelSettings(BaseModel):
         0.9, gt=0, le=1, description="CUDA: the share of the device that weights, activations and KV may use"
     )
     kv_page_tokens: int = Field(16, ge=1, le=1024, description="tokens per page of the KV cache")
+    prefix_caching: bool = Field(
+        True, description="share the KV pages of prompts that start the same way (by hash, images included)"
+    )
+    prefill_step_multiple: float = Field(
+        4.0,
+        ge=0,
+        description="a step carrying prompt chunks takes about this many decode steps (0: PREFILL_BUDGET alone)",
+    )
     max_image_tokens: int = Field(
         4096, ge=4, le=16384, description="qwen3-vl: image tokens at most; larger images are scaled down"
     )

@@ -9,14 +9,14 @@ import torch
 from tests.unit.test_scheduler import MODELS, Request, make_engine, prepare
 from vlm_engine.chat import single_turn
 from vlm_engine.errors import EngineError, TooLarge
-from vlm_engine.kv.pages import PageTable
+from vlm_engine.kv.manager import KVManager, page_hashes
 from vlm_engine.tiny.samples import PROMPTS
 
 PAGED = [m for m in MODELS if m != "moondream2"]  # moondream2 keeps its own per-row buffers
 
 
-def test_the_page_table_hands_out_lowest_pages_and_takes_them_back():
-    table = PageTable(num_pages=9, page_size=4)
+def test_the_kv_manager_hands_out_lowest_pages_and_takes_them_back():
+    table = KVManager(num_pages=9, page_size=4)
     assert table.capacity_tokens == 32 and table.free_pages == 8
     assert table.grow(1, 5) and table.pages(1) == [1, 2]  # page 0 is never handed out
     assert table.grow(2, 4) and table.pages(2) == [3]
@@ -24,6 +24,39 @@ def test_the_page_table_hands_out_lowest_pages_and_takes_them_back():
     assert not table.grow(3, 40) and table.pages(3) == [] and table.free_pages == 5  # nothing taken
     assert table.slot(1, 5) == 2 * 4 + 1
     assert table.free(1) == 2 and table.grow(4, 1) and table.pages(4) == [1]
+    assert table.take_fresh() == [1, 2, 3, 1] and table.take_fresh() == []  # each hand-out, to be zeroed
+
+
+def test_pages_are_shared_by_reference_and_cached_by_hash_until_the_pool_needs_them():
+    table = KVManager(num_pages=7, page_size=4)
+    ids = list(range(100, 111))  # 11 tokens: 2 full pages and a partial one
+    hashes = page_hashes(ids, [], 4)
+    assert len(hashes) == 2 and hashes == page_hashes(ids[:8], [], 4)
+    assert table.admit(1, table.match(hashes), 11) and table.pages(1) == [1, 2, 3]
+    table.register(1, hashes)
+    hit = table.match(hashes)
+    assert hit == [1, 2]
+    assert table.cost(hit, 11) == 1, "a new row starting the same way takes one new page"
+    assert table.admit(2, hit, 11) and table.pages(2) == [1, 2, 4]
+    assert table.refs[1:5] == [2, 2, 1, 1]
+    assert table.stats.hit_tokens == 8
+    table.free(1)
+    table.free(2)
+    assert table.used_pages == 0 and table.cached_pages == 2 and table.free_pages == 6
+    assert table.match(hashes) == [1, 2], "freed pages stay cached"
+    assert table.cost([1, 2], 11) == 3, "cached pages nobody holds count as free"
+    # an image at another place, or another image, is another prompt
+    with_image = page_hashes(ids, [(2, 6, "a")], 4)
+    assert with_image[0] != hashes[0] and page_hashes(ids, [(2, 6, "b")], 4)[0] != with_image[0]
+    assert page_hashes(ids, [(1, 5, "a")], 4)[0] != with_image[0]
+    # the pool needs pages: clean ones first, then the least recently freed cached ones (a row's
+    # pages are freed last first, so the end of a prefix goes before its start)
+    assert table.grow(3, 16) and table.pages(3) == [3, 4, 5, 6]
+    assert table.grow(4, 4) and table.pages(4) == [2] and table.stats.evicted == 1
+    assert table.match(hashes) == [1], "an evicted page loses its hash, and the chain ends there"
+    table.free(3)
+    table.free(4)
+    assert table.free_pages == 6 and all(r == 0 for r in table.refs)
 
 
 @pytest.mark.parametrize("model", PAGED)
@@ -94,14 +127,17 @@ def test_a_request_that_can_never_fit_is_refused_with_413_and_what_fits(tiny_mod
         engine.close()
 
 
-def _out_of_memory(verb, fail_on: set[int]):
+def _out_of_memory(step, fail_on: set[int], where: str):
+    """``step`` failing with OOM on the steps numbered ``fail_on`` among those carrying prompt
+    chunks (``where="prefill"``) or decode rows alone (``"decode"``)."""
     calls = {"n": 0}
 
-    def flaky(*args):
-        calls["n"] += 1
-        if calls["n"] in fail_on:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
-        return verb(*args)
+    def flaky(decodes, chunks):
+        if bool(chunks) == (where == "prefill"):
+            calls["n"] += 1
+            if calls["n"] in fail_on:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+        return step(decodes, chunks)
 
     return flaky
 
@@ -111,8 +147,7 @@ def test_out_of_memory_preempts_and_every_row_finishes(tiny_models_dir, monkeypa
     engine = make_engine(tiny_models_dir, "llava", IGNORE_EOS="true")
     try:
         alone = [engine.generate([prepare(engine, i, 30)])[0].text for i in range(4)]
-        verb = getattr(engine.adapter, where)
-        monkeypatch.setattr(engine.adapter, where, _out_of_memory(verb, {2, 5}))
+        monkeypatch.setattr(engine.adapter, "step", _out_of_memory(engine.adapter.step, {2, 3}, where))
         first = Request(engine, prepare(engine, 0, 30))
         first.first_text()
         rest = [Request(engine, prepare(engine, i, 30)) for i in (1, 2, 3)]
@@ -130,11 +165,11 @@ def test_a_row_with_non_finite_scores_fails_alone(tiny_models_dir, monkeypatch):
         doomed = prepare(engine, 1, 12, temperature=1.0)  # sampled: torch.multinomial would raise
         choose = engine.adapter.choose
 
-        def poisoned(logits, seqs, keys=None):
+        def poisoned(logits, seqs):
             for i, seq in enumerate(seqs):
                 if seq.params is doomed.params:
                     logits[i] = float("nan")
-            return choose(logits, seqs, keys)
+            return choose(logits, seqs)
 
         monkeypatch.setattr(engine.adapter, "choose", poisoned)
         requests = [Request(engine, p) for p in (prepare(engine, 0, 12), doomed, prepare(engine, 2, 12))]
@@ -193,10 +228,14 @@ def test_a_fatal_device_error_calls_on_fatal_and_fails_the_rows(tiny_models_dir,
     engine.scheduler.on_fatal = seen.append
     try:
 
-        def broken(seqs):
-            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        step = engine.adapter.step
 
-        monkeypatch.setattr(engine.adapter, "decode", broken)
+        def broken(decodes, chunks):
+            if decodes:
+                raise RuntimeError("CUDA error: an illegal memory access was encountered")
+            return step(decodes, chunks)
+
+        monkeypatch.setattr(engine.adapter, "step", broken)
         with pytest.raises(EngineError, match="illegal memory access"):
             Request(engine, prepare(engine, 0, 8)).result()
         assert len(seen) == 1
@@ -221,9 +260,13 @@ def test_a_join_peaks_within_1_1x_of_the_live_cache_and_the_new_row(tiny_models_
         joining = adapter.start(prepare(engine, 3, 8), [])
         kv.pages.grow(joining.key, joining.length + 8)
         kv.counters.largest_gather = 0
-        adapter.prefill([(joining, 0, joining.length)])
+        half = adapter.chunk_end(joining, 0, joining.length // 2)
+        adapter.prefill([(joining, 0, half)])
+        assert kv.counters.largest_gather == 0, "a prompt's first chunk reads nothing from the pool"
+        if half < joining.length:  # its next chunk reads the first from its pages
+            adapter.prefill([(joining, half, joining.length)])
+            assert kv.counters.largest_gather > 0, "the counter must see the join's read"
         resident = live + joining.length * per_token
-        assert kv.counters.largest_gather > 0, "the counter must see the join's read"
         assert (resident + kv.counters.largest_gather) / resident <= 1.1
     finally:
         engine.close()
@@ -232,8 +275,10 @@ def test_a_join_peaks_within_1_1x_of_the_live_cache_and_the_new_row(tiny_models_
 def test_qwen_reuses_an_encoded_image_by_its_content(tiny_models_dir):
     """The same image again (a new question, or a preempted row prefilled again) skips the
     vision tower, and the answer is the one the tower would give."""
-    cached = make_engine(tiny_models_dir, "qwen3-vl", WARMUP="false", IGNORE_EOS="true")
-    uncached = make_engine(tiny_models_dir, "qwen3-vl", WARMUP="false", IGNORE_EOS="true", ENCODED_IMAGES="0")
+    # the prompt cache off: with it, a repeated prompt's image pages are shared and no tower runs
+    plain = {"WARMUP": "false", "IGNORE_EOS": "true", "PREFIX_CACHING": "false"}
+    cached = make_engine(tiny_models_dir, "qwen3-vl", **plain)
+    uncached = make_engine(tiny_models_dir, "qwen3-vl", ENCODED_IMAGES="0", **plain)
     try:
         answers = {}
         for name, engine in (("cached", cached), ("uncached", uncached)):

@@ -241,7 +241,8 @@ def test_a_request_whose_prefill_fails_fails_alone(engines):
     engine = engines["llava"]
     good = [prepare(engine, i, 8) for i in (0, 1, 2)]
     expected = [engine.generate([p])[0].text for p in (prepare(engine, i, 8) for i in (0, 1, 2))]
-    bad = prepare(engine, 4, 8)
+    # a prompt no test sent before (a cached one would not run the vision tower at all)
+    bad = engine.prepare(single_turn("A question no test asked before.", image_bytes(SIZES[4])), 8, 0.0)
     bad.inputs["pixel_values"] = torch.zeros(1, 3, 9, 9)  # not what the vision tower takes
     requests = [Request(engine, p) for p in (good[0], bad, good[1], good[2])]
     with pytest.raises(EngineError):
@@ -252,16 +253,16 @@ def test_a_request_whose_prefill_fails_fails_alone(engines):
 def test_a_failed_decode_step_fails_its_rows_and_the_loop_goes_on(tiny_models_dir, monkeypatch):
     engine = make_engine(tiny_models_dir, "llava", **NEVER_ENDING)
     try:
-        decode = engine.adapter.decode
+        step = engine.adapter.step
         failed: list[bool] = []
 
-        def flaky(seqs):
-            if len(seqs) >= 2 and not failed:  # the first step of both rows (the first cannot end)
+        def flaky(decodes, chunks):
+            if len(decodes) >= 2 and not failed:  # the first step of both rows (the first cannot end)
                 failed.append(True)
                 raise RuntimeError("CUDA error: an illegal memory access was encountered")
-            return decode(seqs)
+            return step(decodes, chunks)
 
-        monkeypatch.setattr(engine.adapter, "decode", flaky)
+        monkeypatch.setattr(engine.adapter, "step", flaky)
         victims = [endless(engine, 0)[0], Request(engine, prepare(engine, 1, 30))]
         for victim in victims:
             with pytest.raises(EngineError, match="illegal memory access"):

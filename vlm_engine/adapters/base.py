@@ -7,10 +7,12 @@ The scheduler (``vlm_engine.scheduler``) drives adapters through these verbs, on
   already produced before it was preempted; they are prefilled again with its prompt);
 - ``prompt_length(seq)`` and ``chunk_end(seq, start, budget)``: how its prompt is split
   into prefill chunks (an image is never split);
-- ``prefill(items)``: one forward over a chunk of each listed sequence; the first output of
-  each sequence whose prompt is complete (``None`` for the others);
-- ``decode(seqs)``: one more output for every sequence;
-- ``free(seq)``: the sequence left; its KV memory is free.
+- ``prefix_hit(seq)``: the cached pages its prompt can start from (prefix caching);
+- ``step(decodes, chunks)``: one step: one more output for every decoding sequence, and a
+  prompt chunk of others; the first output of each sequence whose prompt is complete
+  (``None`` for the others). HF models run it as **one packed forward**; ``prefill`` and
+  ``decode`` are its two halves;
+- ``free(seq)``: the sequence left; its KV references are given back.
 
 The KV memory of HF models is a pool of pages (``vlm_engine.kv``), sized once; the
 scheduler asks ``kv.pages`` whether a request fits, grows rows page by page and preempts
@@ -33,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 from PIL import Image
 
 from vlm_engine.chat import Message
+from vlm_engine.kv.manager import page_hashes
 from vlm_engine.params import GenerationParams
 from vlm_engine.settings import ModelSettings
 
@@ -52,6 +55,7 @@ class Prepared:
     inputs: Any = None  # model inputs encoded on the request's thread (``Adapter.encode_row``)
     state: Any = None  # sampling state that outlives a preemption (``sampling.RowState``)
     image_key: str | None = None  # content hash of the request's images (encoded-image caches)
+    image_keys: list[str] = field(default_factory=list)  # content hash of each image, in order (prefix caching)
     tools: list[dict[str, Any]] | None = None  # tools the prompt lists (OpenAI's function objects)
     siblings: list[Prepared] = field(default_factory=list)  # answers 2..n of the same prompt (n > 1)
 
@@ -158,14 +162,19 @@ class Adapter(ABC):
     @abstractmethod
     def decode(self, seqs: list[Any]) -> list[Any]: ...
 
+    def step(self, decodes: list[Any], chunks: list[tuple[Any, int, int]]) -> tuple[list[Any], list[Any]]:
+        """One step: an output per decoding sequence, and per chunk (``None`` for a chunk that
+        does not complete its prompt). Here two calls; ``GenerateAdapter`` packs one forward."""
+        prefilled = self.prefill(chunks) if chunks else []
+        return (self.decode(decodes) if decodes else []), prefilled
+
+    def prefix_hit(self, seq: Any) -> list[int]:
+        """KV pages (cached) that ``seq``'s prompt can start from; none for adapters without a pool."""
+        return []
+
     def lark_tag(self, text: str) -> str:
         """``text`` as a Lark literal (``GenerateAdapter``: the token that writes it, if any)."""
         return json.dumps(text)
-
-    def share_prefix(self, source: Any, target: Any, tokens: int) -> bool:
-        """Give ``target`` the K/V of ``source``'s first ``tokens`` prompt tokens (the same
-        prompt), so it need not prefill them; False where the adapter cannot."""
-        return False
 
     def free(self, seq: Any) -> None:
         return None
@@ -299,6 +308,9 @@ class Sequence:
     last: int | None = None  # the last chosen token (not in the pool yet)
     image_key: str | None = None  # content hash of its images (``Prepared.image_key``)
     state: Any = None  # its sampling state (``sampling.RowState``), when it needs one
+    ids: list[int] = field(default_factory=list)  # every token fed so far: prompt, then each decoded one
+    image_runs: list[tuple[int, int, str]] = field(default_factory=list)  # each image's tokens and content key
+    hashes: list[bytes] = field(default_factory=list)  # of its full pages (``kv.manager.page_hashes``)
 
     @property
     def length(self) -> int:
@@ -338,7 +350,6 @@ class GenerateAdapter(Adapter):
         self.pad_id = pad if pad is not None else next(iter(self.eos))
         self.text_config()._attn_implementation = ATTENTION  # the vision tower keeps its own
         self._keys = itertools.count(1)
-        self._last_step: tuple[tuple[int, ...], Any] | None = None
 
     def text_config(self) -> Any:
         return self.model.config.text_config
@@ -358,7 +369,7 @@ class GenerateAdapter(Adapter):
         else:
             budget = budget_bytes(s.kv_cache_mb, s.gpu_memory_utilization, self.device, fallback)
         pages = max(2, budget // page_bytes + 1)
-        self.kv = KVPool(shape, pages, s.kv_page_tokens, self.device)
+        self.kv = KVPool(shape, pages, s.kv_page_tokens, self.device, s.prefix_caching)
         if str(self.device).startswith("cuda"):
             torch.cuda.synchronize()
 
@@ -410,7 +421,7 @@ class GenerateAdapter(Adapter):
     def decode_positions(self, seqs: list[Sequence]) -> Any:
         import torch
 
-        return torch.tensor([s.next_position + s.cached - s.length for s in seqs])[:, None]
+        return torch.tensor([s.next_position + s.cached - s.length for s in seqs])
 
     def image_mask(self, tokens: dict[str, Any]) -> Any:
         """Which prompt tokens stand for the image (never split across prefill chunks)."""
@@ -421,17 +432,9 @@ class GenerateAdapter(Adapter):
         image_id = getattr(self.model.config, "image_token_id", None)
         return tokens["input_ids"] == image_id
 
-    def forward_prefill(self, inputs: dict[str, Any], positions: Any, cache: Any) -> Any:
-        return self.model(**inputs, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1)
-
-    def decoder_model(self) -> Any:
-        """What a decode step runs: the whole model (Kosmos-2: its text model)."""
-        return self.model
-
-    def forward_decode(self, tokens: Any, positions: Any, cache: Any) -> Any:
-        return self.decoder_model()(
-            input_ids=tokens, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1
-        )
+    def forward(self, inputs: dict[str, Any], positions: Any, cache: Any, keep: Any) -> Any:
+        """One packed forward; ``keep``: the positions whose logits are needed."""
+        return self.model(**inputs, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=keep)
 
     # -- the scheduler's verbs
 
@@ -454,7 +457,7 @@ class GenerateAdapter(Adapter):
         span = (int(where[0]), int(where[-1]) + 1) if len(where) and images else None
         if prepared.state is None:
             prepared.state = self.sampling_state(prepared, inputs)
-        return Sequence(
+        seq = Sequence(
             next(self._keys),
             tokens,
             images,
@@ -465,7 +468,25 @@ class GenerateAdapter(Adapter):
             prepared.params,
             image_key=prepared.image_key,
             state=prepared.state,
+            ids=tokens["input_ids"].tolist(),
         )
+        seq.image_runs = self.image_runs(tokens, prepared) if images else []
+        if self.kv is not None and self.kv.pages.caching and seq.image_runs is not None:
+            seq.hashes = page_hashes(seq.ids, seq.image_runs, self.kv.page_size)
+        return seq
+
+    def image_runs(self, tokens: dict[str, Any], prepared: Prepared) -> list[tuple[int, int, str]] | None:
+        """Each image's tokens (one run of image tokens per image, in order) with its content
+        key; None when they cannot be told apart (the prompt is then not cached)."""
+        import torch
+
+        mask = self.image_mask(tokens).int()
+        edges = torch.diff(mask, prepend=mask.new_zeros(1), append=mask.new_zeros(1))
+        starts, ends = (edges == 1).nonzero()[:, 0].tolist(), (edges == -1).nonzero()[:, 0].tolist()
+        keys = prepared.image_keys or (["blank"] if self.requires_image else [])
+        if len(starts) != len(keys):
+            return None
+        return list(zip(starts, ends, keys, strict=True))
 
     def lark_tag(self, text: str) -> str:
         """``text`` in a Lark grammar: its own token (``<[id]>``) where the vocabulary has one
@@ -503,43 +524,85 @@ class GenerateAdapter(Adapter):
     def free(self, seq: Sequence) -> None:
         self.kv.pages.free(seq.key)
 
-    def share_prefix(self, source: Sequence, target: Sequence, tokens: int) -> bool:
-        self.kv.copy_prefix(source.key, target.key, tokens)
-        target.cached = tokens
-        return True
+    def prefix_hit(self, seq: Sequence) -> list[int]:
+        """The cached pages ``seq``'s prompt can start from: its full pages found by hash, up to
+        (not including) its last prompt token, whose logits it needs; a hit that would end
+        inside its images is cut back to before them (their embeddings go in one chunk)."""
+        size = self.kv.page_size
+        hit = self.kv.pages.match(seq.hashes[: (seq.length - 1) // size])
+        if seq.image_span is not None and seq.image_span[0] < len(hit) * size < seq.image_span[1]:
+            hit = hit[: seq.image_span[0] // size]
+        return hit
 
     def prefill(self, items: list[tuple[Sequence, int, int]]) -> list[Any]:
+        return self.step([], items)[1]
+
+    def decode(self, seqs: list[Sequence]) -> list[Any]:
+        return self.step(seqs, [])[0]
+
+    def step(self, decodes: list[Sequence], chunks: list[tuple[Sequence, int, int]]) -> tuple[list[Any], list[Any]]:
+        """One packed forward: the last chosen token of every decoding sequence, then a prompt
+        chunk of each other one, as one flat sequence with its own positions (no padding);
+        logits only where a token is chosen."""
         import torch
 
-        from vlm_engine.kv.cache import StepCache, forward_over, layout
+        from vlm_engine.kv.cache import StepCache, forward_over, pack
 
-        width = max(end - start for _, start, end in items)
+        pages = self.kv.pages
+        self.kv.scrub(pages.take_fresh())
+        last = [s.last for s in decodes]
+        for seq in decodes:
+            seq.ids.append(seq.last)
+        keys = dict.fromkeys(k for seq, _, _ in chunks for k in seq.tokens)
         inputs: dict[str, Any] = {}
-        for key in dict.fromkeys(k for seq, _, _ in items for k in seq.tokens):
-            fill = self.pad_id if key == "input_ids" else 0
-            inputs[key] = torch.stack([_pad_left(seq.tokens[key][start:end], width, fill) for seq, start, end in items])
-        positions = torch.stack([_pad_left(seq.positions[..., start:end], width, 1) for seq, start, end in items], -2)
-        with_image = [seq for seq, start, end in items if seq.image_span and start <= seq.image_span[0] < end]
+        for key in keys or ["input_ids"]:
+            parts = [seq.tokens[key][start:end] for seq, start, end in chunks]
+            if decodes:
+                head = torch.tensor(last) if key == "input_ids" else torch.zeros(len(decodes), dtype=parts[0].dtype)
+                parts.insert(0, head)
+            inputs[key] = torch.cat(parts)[None]
+        parts = [seq.positions[..., start:end] for seq, start, end in chunks]
+        if decodes:
+            parts.insert(0, self.decode_positions(decodes))
+        positions = torch.cat(parts, -1).unsqueeze(-2)
+        with_image = [seq for seq, start, end in chunks if seq.image_span and start <= seq.image_span[0] < end]
         if not with_image:
             inputs = self.text_only(inputs)
         inputs = {k: v.to(self.device) for k, v in inputs.items()}
         if with_image:
             inputs.update(self.vision_inputs(with_image))
-        seqs = [seq for seq, _, _ in items]
-        step = layout(
-            self.kv, [s.key for s in seqs], [s for _, s, _ in items], [e - s for _, s, e in items], self.device
-        )
+        step = pack(self.kv, [(s.key, s.cached) for s in decodes], [(s.key, a, b) for s, a, b in chunks], self.device)
+        done = [i for i, (seq, _, end) in enumerate(chunks) if end == seq.length]
+        keep = list(range(len(decodes))) + [step.chunks[i].end - 1 for i in done]
         with torch.inference_mode(), forward_over(self.kv, step):
-            out = self.forward_prefill(inputs, positions.to(self.device), StepCache(self.kv, step, 0))
-        for seq, _, end in items:
+            out = self.forward(
+                inputs,
+                positions.to(self.device),
+                StepCache(self.kv, step, 0 if with_image else 1),
+                torch.tensor(keep, dtype=torch.long, device=self.device),
+            )
+            chosen = self.choose(out.logits[0], [*decodes, *(chunks[i][0] for i in done)]) if keep else []
+        for seq in decodes:
+            seq.cached += 1
+        for seq, _, end in chunks:
             seq.cached = end
-        done = [i for i, (seq, _, end) in enumerate(items) if end == seq.length]
-        outputs: list[Any] = [None] * len(items)
-        if done:
-            chosen = self.choose(out.logits[done, -1], [seqs[i] for i in done])
-            for i, output in zip(done, chosen, strict=True):
-                outputs[i] = output
-        return outputs
+        for seq in (*decodes, *(seq for seq, _, _ in chunks)):
+            self._register(seq)
+        outputs: list[Any] = [None] * len(chunks)
+        for i, output in zip(done, chosen[len(decodes) :], strict=True):
+            outputs[i] = output
+        return chosen[: len(decodes)], outputs
+
+    def _register(self, seq: Sequence) -> None:
+        """Its pages filled so far are known by hash: later prompts that start the same way share them."""
+        pages, size = self.kv.pages, self.kv.page_size
+        if not pages.caching or seq.image_runs is None:
+            return
+        full = seq.cached // size
+        if full > len(seq.hashes):
+            parent = seq.hashes[-1] if seq.hashes else b""
+            seq.hashes += page_hashes(seq.ids[: full * size], seq.image_runs, size, len(seq.hashes), parent)
+        pages.register(seq.key, seq.hashes[:full])
 
     def vision_inputs(self, seqs: list[Sequence]) -> dict[str, Any]:
         """The image inputs of a prefill over ``seqs`` (each has its image in this chunk), on the
@@ -556,31 +619,12 @@ class GenerateAdapter(Adapter):
         """Inputs of a prefill with no image in it (Kosmos-2 drops its image mask)."""
         return inputs
 
-    def decode(self, seqs: list[Sequence]) -> list[Any]:
-        import torch
-
-        from vlm_engine.kv.cache import StepCache, forward_over, layout
-
-        keys = tuple(s.key for s in seqs)
-        if self._last_step is not None and self._last_step[0] == keys:
-            tokens = self._last_step[1]  # last step's rows in the same order: the tokens stay on the device
-        else:
-            tokens = torch.tensor([s.last for s in seqs], device=self.device)
-        step = layout(self.kv, list(keys), [s.cached for s in seqs], [1] * len(seqs), self.device)
-        positions = self.decode_positions(seqs).to(self.device)
-        with torch.inference_mode(), forward_over(self.kv, step):
-            out = self.forward_decode(tokens[:, None], positions, StepCache(self.kv, step, 1))
-        for seq in seqs:
-            seq.cached += 1
-        return self.choose(out.logits[:, -1], seqs, keys)
-
-    def choose(self, logits: Any, seqs: list[Sequence], keys: tuple[int, ...] | None = None) -> list[Any]:
+    def choose(self, logits: Any, seqs: list[Sequence]) -> list[Any]:
         """Each row's next token; a row whose logits are not usable gets its own error."""
         from vlm_engine.errors import EngineError
         from vlm_engine.sampling import choose
 
         choice = choose(logits, [s.params for s in seqs], states=[s.state for s in seqs])
-        self._last_step = (keys, choice.tensor) if keys is not None and all(choice.usable) else None
         outputs: list[Any] = []
         rows = zip(seqs, choice.ids, choice.usable, choice.logprobs, strict=True)
         for i, (seq, token, usable, logprob) in enumerate(rows):
@@ -592,12 +636,3 @@ class GenerateAdapter(Adapter):
             else:
                 outputs.append(logprob if logprob is not None else token)
         return outputs
-
-
-def _pad_left(tensor: Any, width: int, fill: int) -> Any:
-    import torch
-
-    missing = width - tensor.shape[-1]
-    if missing == 0:
-        return tensor
-    return torch.cat([tensor.new_full((*tensor.shape[:-1], missing), fill), tensor], dim=-1)

@@ -2,8 +2,8 @@
 
 Kosmos-2 numbers positions from ``past length + padding_idx``, so left padding would shift
 a row's positions in a merged batch. The engine passes positions itself: the ``k``-th real
-token of a row is at ``padding_idx + k`` whatever the padding. Decoding goes through the
-text model alone (the top-level forward would rerun the vision tower).
+token of a row is at ``padding_idx + k`` whatever the padding. A forward with no image in it
+goes through the text model alone (the top-level forward would rerun the vision tower).
 
 The answer is the generated text with every ``<...>`` field (``<phrase>``, ``<object>``,
 ``<patch_index_N>``) removed, as transformers' ``clean_text_and_extract_entities_with_bboxes``
@@ -104,15 +104,12 @@ class Kosmos2Adapter(GenerateAdapter):
         inputs.pop("image_embeds_position_mask", None)
         return inputs
 
-    def forward_prefill(self, inputs: dict[str, Any], positions: Any, cache: Any) -> Any:
+    def forward(self, inputs: dict[str, Any], positions: Any, cache: Any, keep: Any) -> Any:
         if "pixel_values" in inputs:
-            return super().forward_prefill(inputs, positions, cache)
-        return self.model.text_model(  # a chunk after the image: the text model alone
-            **inputs, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1
+            return super().forward(inputs, positions, cache, keep)
+        return self.model.text_model(  # no image in this forward: the text model alone
+            **inputs, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=keep
         )
-
-    def decoder_model(self) -> Any:
-        return self.model.text_model  # the top-level forward would rerun the vision tower
 
     def stream_text(self) -> StreamText:
         return CaptionStreamText(self.tokenizer._tokenizer)

@@ -178,4 +178,4 @@ class Qwen3VLAdapter(GenerateAdapter):
 
         text = torch.tensor([s.next_position + s.cached - s.length for s in seqs])
         mrope = torch.tensor([s.next_mrope + s.cached - s.length for s in seqs])
-        return torch.stack([text, mrope, mrope, mrope])[:, :, None]
+        return torch.stack([text, mrope, mrope, mrope])

@@ -1,7 +1,8 @@
-"""KV memory the engine owns: pages in a pool allocated once, a page table per row.
+"""KV memory the engine owns: pages in a pool allocated once, shared by reference.
 
-- ``pages``: which pages each row holds (allocate, grow, free, can-admit); pure Python.
+- ``manager``: which pages each row holds, their reference counts and hashes (prefix
+  caching), and what is free or cached; pure Python.
 - ``pool``: the tensors (one K and one V pool per layer) and the budget that sizes them.
-- ``cache``: what a transformers model sees as its cache for one forward: it writes the
-  new tokens' K/V into the rows' pages and gives attention each row's K/V.
+- ``cache``: what a transformers model sees as its cache for one packed forward: it writes
+  the new tokens' K/V into their slots and computes each row's attention over its pages.
 """

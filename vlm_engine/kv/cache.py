@@ -1,10 +1,18 @@
-"""What a transformers model sees as its KV cache for one forward of the engine.
+"""What a transformers model sees as its KV cache for one packed forward of the engine.
 
-The engine describes the forward (``Layout``: rows, how many tokens each already has in the
-pool, how many it adds); ``StepCache.update`` writes the new K/V of each layer into the
-rows' pages and hands attention each row's K/V; ``paged_attention`` (registered as the
-text model's attention implementation) applies the per-row mask of the layout. Outside a
-forward of the engine it is plain SDPA, so ``generate`` still works on the same model.
+A forward carries every row of a step in one flat sequence, without padding: the decode
+rows first (one token each), then the prefill chunks (``pack`` builds its ``Step``: the
+slot of every new token, each decode row's block table and length, each chunk's place).
+``StepCache.update`` writes the new K/V of each layer into the rows' slots, and
+``paged_attention`` (registered as the text model's attention implementation) computes each
+row's attention over its own pages: the decode rows in one call, a chunk that starts a row on
+its own new keys (causal, nothing read from the pool), a chunk that continues a row over its
+pages. Which way reads pages is chosen here, in one place: on CPU (and as the fallback) the
+rows' pages are gathered per layer, then SDPA.
+
+Outside a forward of the engine it is plain SDPA, so ``generate`` still works on the same
+model; Kosmos-2's image-to-text attention (which shares the text config) is recognised
+because its keys are not the ones this cache was handed.
 """
 
 from __future__ import annotations
@@ -25,59 +33,102 @@ _active = threading.local()
 
 
 @dataclass
-class Layout:
-    """One forward: ``slots`` to write (``[rows * q]``), ``pages`` to read (``[rows, P]``),
-    ``mask`` ``[rows, 1, q, P * page_size]`` (True: attend), real tokens written/read."""
+class Chunk:
+    """A prefill chunk in the pack: tokens ``[begin, end)`` of the flat sequence; ``pages``
+    ``[1, P]`` and ``mask`` ``[1, 1, q, P * page_size]`` when it continues a row (None: it
+    starts one, and attends causally over its own keys)."""
+
+    begin: int
+    end: int
+    pages: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+
+
+@dataclass
+class Step:
+    """One packed forward: ``slots`` ``[T]`` to write; ``decodes`` rows first, with their
+    block table ``[rows, P]`` and key mask ``[rows, 1, 1, P * page_size]``; then ``chunks``."""
 
     slots: torch.Tensor
-    pages: torch.Tensor
-    mask: torch.Tensor
-    written: int
-    read: int
+    decodes: int
+    decode_pages: torch.Tensor | None
+    decode_mask: torch.Tensor | None
+    chunks: list[Chunk]
+    written: int  # tokens written
+    read: int  # key positions the rows really have
+    attended: int  # key positions attention reads (block tables are padded to the longest row)
+    pool: KVPool | None = None
+    key: Any = None  # the keys ``StepCache.update`` handed on last (tells self-attention apart)
+    layer: int = 0
 
 
-def layout(pool: KVPool, keys: list[int], cached: list[int], new: list[int], device: Any) -> Layout:
-    """Rows ``keys`` with ``cached[r]`` tokens in the pool add ``new[r]`` tokens each, left-padded
-    to the longest ``new``. Their pages must already hold ``cached + new`` tokens."""
+def pack(pool: KVPool, decodes: list[tuple[int, int]], chunks: list[tuple[int, int, int]], device: Any) -> Step:
+    """``decodes``: (row key, tokens it has in the pool) for rows adding one token;
+    ``chunks``: (row key, start, end) for prompt chunks. Their pages must be held already."""
     table, size = pool.pages, pool.page_size
-    q = max(new)
-    held = [table.pages(key) for key in keys]
-    width = max(table.pages_for(c + n) for c, n in zip(cached, new, strict=True))
-    pages = torch.tensor([h[:width] + [0] * (width - len(h[:width])) for h in held], dtype=torch.long)
-    start = torch.tensor(cached)[:, None]
-    pad = torch.tensor([q - n for n in new])[:, None]
-    offset = torch.arange(q)[None, :] - pad  # the query's index among the row's new tokens
-    position = (start + offset).clamp(min=0)  # its position in the row
-    slots = pages.gather(1, position // size) * size + position % size
-    slots = slots.masked_fill(offset < 0, 0)  # padding writes to the reserved page 0
-    limit = position.masked_fill(offset < 0, 0)  # padding queries see the row's first token only
-    mask = torch.arange(width * size)[None, None, :] <= limit[:, :, None]
-    written = sum(new)
-    read = sum(c + n for c, n in zip(cached, new, strict=True))
-    return Layout(slots.reshape(-1).to(device), pages.to(device), mask[:, None].to(device), written, read)
+    slots: list[int] = []
+    decode_pages = decode_mask = None
+    read = attended = 0
+    if decodes:
+        held = [table.pages(key) for key, _ in decodes]
+        lengths = [cached + 1 for _, cached in decodes]
+        width = max(table.pages_for(n) for n in lengths)
+        slots += [h[c // size] * size + c % size for h, (_, c) in zip(held, decodes, strict=True)]
+        # a short row's table is padded with its own first page: masked, and never another row's data
+        decode_pages = torch.tensor([h[:width] + h[:1] * (width - len(h[:width])) for h in held], dtype=torch.long)
+        length = torch.tensor(lengths)
+        decode_mask = (torch.arange(width * size)[None, :] < length[:, None])[:, None, None]
+        read += sum(lengths)
+        attended += len(decodes) * width * size
+        decode_pages, decode_mask = decode_pages.to(device), decode_mask.to(device)
+    placed: list[Chunk] = []
+    begin = len(slots)
+    for key, start, end in chunks:
+        held = torch.tensor(table.pages(key)[: table.pages_for(end)], dtype=torch.long)
+        position = torch.arange(start, end)
+        slots += (held[position // size] * size + position % size).tolist()
+        chunk = Chunk(begin, begin + end - start)
+        if start > 0:
+            limit = position[:, None]
+            chunk.mask = (torch.arange(len(held) * size)[None, :] <= limit)[None, None].to(device)
+            chunk.pages = held[None].to(device)
+            attended += len(held) * size * (end - start)
+        else:
+            attended += (end - start) * (end - start + 1) // 2
+        read += end
+        placed.append(chunk)
+        begin = chunk.end
+    return Step(
+        torch.tensor(slots, dtype=torch.long, device=device),
+        len(decodes),
+        decode_pages,
+        decode_mask,
+        placed,
+        len(slots),
+        read,
+        attended,
+        pool,
+    )
 
 
 class StepCache(Cache):
-    """The model's cache argument for one forward over the pool (see ``Layout``)."""
+    """The model's cache argument for one packed forward over the pool (see ``Step``)."""
 
-    def __init__(self, pool: KVPool, step: Layout, seen: int):
+    def __init__(self, pool: KVPool, step: Step, seen: int):
         super().__init__(layers=[])
         self.pool, self.step, self.seen = pool, step, seen
 
     def update(self, key_states, value_states, layer_idx: int, cache_kwargs=None):
-        k, v = self.pool.write_read(layer_idx, key_states, value_states, self.step.slots, self.step.pages)
-        gathered = 2 * k.numel() * k.element_size()
-        counters = self.pool.counters
-        counters.gathered += gathered
-        counters.largest_gather = max(counters.largest_gather, gathered)
-        return k, v
+        self.pool.write(layer_idx, key_states[0], value_states[0], self.step.slots)
+        self.step.key, self.step.layer = key_states, layer_idx
+        return key_states, value_states
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        """0 during a prefill (models then take their image inputs), else 1."""
+        """0 when the forward carries an image (Kosmos-2 then takes its image inputs), else 1."""
         return self.seen
 
     def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
-        return self.step.mask.shape[-1], 0
+        return query_length, 0
 
     @property
     def is_compileable(self) -> bool:
@@ -85,12 +136,12 @@ class StepCache(Cache):
 
 
 class forward_over:
-    """``with forward_over(pool, step):`` the model's attention uses ``step``'s mask on this thread."""
+    """``with forward_over(pool, step):`` the model's attention reads ``step``'s pages on this thread."""
 
-    def __init__(self, pool: KVPool, step: Layout):
+    def __init__(self, pool: KVPool, step: Step):
         self.pool, self.step = pool, step
 
-    def __enter__(self) -> Layout:
+    def __enter__(self) -> Step:
         _active.step = self.step
         return self.step
 
@@ -98,18 +149,54 @@ class forward_over:
         _active.step = None
         counters, step = self.pool.counters, self.step
         counters.written += step.written * self.pool.shape.bytes_per_token
-        counters.attended_tokens += step.mask.shape[0] * step.mask.shape[-1]
+        counters.attended_tokens += step.attended
         counters.real_tokens += step.read
 
 
+def _attend(pool: KVPool, step: Step, module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor):
+    """Each row's attention over its own tokens; ``query`` ``[1, heads, T, dim]``, ``key``/``value``
+    the new tokens' ``[1, kv_heads, T, dim]``. Returns ``[1, T, heads, dim]``."""
+    import torch.nn.functional as F
+
+    q = query[0]
+    heads, total, dim = q.shape
+    kv_heads = key.shape[1]
+    gqa = heads != kv_heads
+    scale = getattr(module, "scaling", None)
+    out = q.new_empty(total, heads, dim)
+    layer, n = step.layer, step.decodes
+    keys, values = pool.keys[layer], pool.values[layer]
+    gathered = 0
+    if n:
+        k = keys[step.decode_pages].view(n, -1, kv_heads, dim).transpose(1, 2)
+        v = values[step.decode_pages].view(n, -1, kv_heads, dim).transpose(1, 2)
+        gathered += 2 * k.numel() * k.element_size()
+        o = F.scaled_dot_product_attention(
+            q[:, :n].transpose(0, 1)[:, :, None], k, v, attn_mask=step.decode_mask, scale=scale, enable_gqa=gqa
+        )
+        out[:n] = o[:, :, 0]
+    for chunk in step.chunks:
+        part = q[:, chunk.begin : chunk.end][None]
+        if chunk.pages is None:
+            k, v = key[:, :, chunk.begin : chunk.end], value[:, :, chunk.begin : chunk.end]
+            o = F.scaled_dot_product_attention(part, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+        else:
+            k = keys[chunk.pages].view(1, -1, kv_heads, dim).transpose(1, 2)
+            v = values[chunk.pages].view(1, -1, kv_heads, dim).transpose(1, 2)
+            gathered += 2 * k.numel() * k.element_size()
+            o = F.scaled_dot_product_attention(part, k, v, attn_mask=chunk.mask, scale=scale, enable_gqa=gqa)
+        out[chunk.begin : chunk.end] = o[0].transpose(0, 1)
+    counters = pool.counters
+    counters.gathered += gathered
+    counters.largest_gather = max(counters.largest_gather, gathered)
+    return out[None], None
+
+
 def paged_attention(module, query, key, value, attention_mask, **kwargs):
-    """SDPA with the engine's per-row mask for attention over the pool (inside an engine
-    forward), plain SDPA otherwise (Kosmos-2's image-to-text cross attention shares the text
-    config: it is recognised by its shapes)."""
+    """Inside an engine forward, each row's attention over its pages; plain SDPA otherwise."""
     step = getattr(_active, "step", None)
-    if step is not None and key.shape[-2] == step.mask.shape[-1] and query.shape[-2] == step.mask.shape[-2]:
-        attention_mask = step.mask
-        kwargs["is_causal"] = False
+    if step is not None and key is step.key:
+        return _attend(step.pool, step, module, query, key, value)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 

@@ -1,9 +1,9 @@
 """The KV pool: one key and one value tensor per layer, ``[pages, page_size, kv_heads, head_dim]``,
 allocated once; and the budget that sizes it.
 
-A row's tokens live in the pages its ``PageTable`` entry lists. Writing a forward's new
-tokens touches only their slots (``index_copy_``); a row leaving frees its pages and
-copies nothing.
+A row's tokens live in the pages the ``KVManager`` lists for it (some shared with other
+rows, by reference). Writing a forward's new tokens touches only their slots
+(``index_copy_``); a row leaving gives its references back and copies nothing.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from vlm_engine.kv.pages import PageTable
+from vlm_engine.kv.manager import KVManager
 
 log = logging.getLogger("vlm_engine.kv")
 
@@ -47,18 +47,20 @@ class KVCounters:
     """Bytes the KV paths moved, for tests and benchmarks."""
 
     written: int = 0  # K/V of new tokens written into pages
-    gathered: int = 0  # K/V read into attention's working set (the SDPA path)
+    gathered: int = 0  # K/V gathered from pages into attention's working set (the CPU path)
     largest_gather: int = 0  # the largest one layer's gather (transient memory)
     attended_tokens: int = 0  # key positions attention read, padding included (summed over forwards)
     real_tokens: int = 0  # key positions the rows really have
-    copied: int = 0  # K/V copied from one row's pages to another's (n > 1: a shared prompt)
+    copied: int = 0  # K/V copied from one page to another (n > 1: the prompt's last, partial page)
 
 
 class KVPool:
-    def __init__(self, shape: KVShape, num_pages: int, page_size: int, device: str | torch.device):
+    def __init__(
+        self, shape: KVShape, num_pages: int, page_size: int, device: str | torch.device, caching: bool = True
+    ):
         self.shape = shape
         self.page_size = page_size
-        self.pages = PageTable(num_pages, page_size)
+        self.pages = KVManager(num_pages, page_size, caching)
         size = (num_pages, page_size, shape.kv_heads, shape.head_dim)
         # zeroed once: masked slots must hold finite values (0 * NaN would poison attention)
         self.keys = [torch.zeros(size, dtype=shape.dtype, device=device) for _ in range(shape.layers)]
@@ -69,30 +71,29 @@ class KVPool:
     def bytes(self) -> int:
         return self.pages.num_pages * self.page_size * self.shape.bytes_per_token
 
-    def write_read(
-        self, layer: int, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor, read_pages: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write ``keys``/``values`` ``[rows, kv_heads, q, head_dim]`` into ``slots`` (``[rows * q]``,
-        padding to slot 0), then each row's K/V over ``read_pages`` ``[rows, pages]`` as
-        ``[rows, kv_heads, pages * page_size, head_dim]``."""
-        rows, heads, _, dim = keys.shape
-        for pool, new in ((self.keys[layer], keys), (self.values[layer], values)):
-            pool.view(-1, heads, dim).index_copy_(0, slots, new.transpose(1, 2).reshape(-1, heads, dim))
-        k = self.keys[layer][read_pages].view(rows, -1, heads, dim).transpose(1, 2)
-        v = self.values[layer][read_pages].view(rows, -1, heads, dim).transpose(1, 2)
-        return k, v
+    def write(self, layer: int, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor) -> None:
+        """Write ``keys``/``values`` ``[kv_heads, T, head_dim]`` of a forward's T new tokens into
+        their ``slots`` ``[T]`` (page * page_size + offset)."""
+        heads, _, dim = keys.shape
+        self.keys[layer].view(-1, heads, dim).index_copy_(0, slots, keys.transpose(0, 1))
+        self.values[layer].view(-1, heads, dim).index_copy_(0, slots, values.transpose(0, 1))
 
-    def copy_prefix(self, source: int, target: int, tokens: int) -> None:
-        """Copy the K/V of ``source``'s first ``tokens`` tokens into ``target``'s pages (held
-        already): whole pages, so the last page's other slots carry garbage that ``target``
-        overwrites before it reads them."""
-        pages = self.pages.pages_for(tokens)
-        src = torch.tensor(self.pages.pages(source)[:pages], device=self.keys[0].device)
-        dst = torch.tensor(self.pages.pages(target)[:pages], device=self.keys[0].device)
-        for layer in range(self.shape.layers):
-            self.keys[layer].index_copy_(0, dst, self.keys[layer].index_select(0, src))
-            self.values[layer].index_copy_(0, dst, self.values[layer].index_select(0, src))
-        self.counters.copied += pages * self.page_size * self.shape.bytes_per_token
+    def copy_page(self, source: int, target: int) -> None:
+        """Copy page ``source`` into ``target`` (a row's own page, handed out for it): pages
+        waiting to be zeroed are zeroed first, so the copy is not undone."""
+        self.scrub(self.pages.take_fresh())
+        for pool in (*self.keys, *self.values):
+            pool[target].copy_(pool[source])
+        self.counters.copied += self.page_size * self.shape.bytes_per_token
+
+    def scrub(self, pages: list[int]) -> None:
+        """Zero ``pages`` (handed out for new data): a slot a row has not written yet holds 0,
+        never a value an earlier row left (a NaN there would reach masked attention)."""
+        if not pages:
+            return
+        index = torch.tensor(pages, device=self.keys[0].device)
+        for pool in (*self.keys, *self.values):
+            pool.index_fill_(0, index, 0)
 
 
 def budget_bytes(kv_cache_mb: int | None, memory_fraction: float, device: str, fallback: int) -> int:
