@@ -35,6 +35,8 @@ class SchedulerMetrics(Metrics):
     wait = Histogram(*names.QUEUE_WAIT, ["model"], buckets=names.WAIT_BUCKETS)
     generated = Counter(*names.TOKENS, ["model"])
     reports = Counter(*names.REPORTS, ["model"])
+    prefix_queried = Counter(*names.PREFIX_QUERIED, ["model"])
+    prefix_hit = Counter(*names.PREFIX_HIT, ["model"])
 
     def __init__(self, model: str):
         self.model = model
@@ -53,6 +55,10 @@ class SchedulerMetrics(Metrics):
     def tokens(self, count: int) -> None:
         if count:
             self.generated.labels(self.model).inc(count)
+
+    def prefix_cache(self, queried: int, hit: int) -> None:
+        self.prefix_queried.labels(self.model).inc(queried)
+        self.prefix_hit.labels(self.model).inc(hit)
 
     def reported(self) -> None:
         self.reports.labels(self.model).inc()

@@ -8,6 +8,14 @@ WAITING = ("vlm_scheduler_waiting_requests", "Requests waiting for admission")
 STEP = ("vlm_scheduler_step_seconds", "Duration of one scheduler step, by kind (prefill, decode)")
 QUEUE_WAIT = ("vlm_scheduler_queue_wait_seconds", "Time from submission to admission into the batch")
 TOKENS = ("vlm_scheduler_generated_tokens", "Tokens generated (counter; exported with _total)")
+PREFIX_QUERIED = (
+    "vlm_prefix_cache_queried_tokens",
+    "Prompt tokens looked up in the prefix cache at admission (counter; exported with _total)",
+)
+PREFIX_HIT = (
+    "vlm_prefix_cache_hit_tokens",
+    "Prompt tokens found in the prefix cache, not prefilled again (counter; exported with _total)",
+)
 REPORTS = (
     "vlm_scheduler_reports",
     "Metric reports (about one a second; exported with _total): once it has advanced twice, the others are current",

@@ -93,6 +93,9 @@ class Metrics:
 
     def tokens(self, count: int) -> None: ...
 
+    def prefix_cache(self, queried: int, hit: int) -> None:
+        """A row admitted: ``queried`` prompt tokens looked up, ``hit`` of them found cached."""
+
     def reported(self) -> None:
         """After each report: a reader that sees this count advance twice knows the others current."""
 
@@ -458,9 +461,12 @@ class Scheduler:
 
     def _take_pages(self, row: Row, hit: list[int]) -> bool:
         """The row's pages: ``hit`` (cached, shared) and new ones for the rest of its prompt."""
-        if self.kv is not None and not self.kv.pages.admit(row.seq.key, hit, row.prompt):
+        if self.kv is None:
+            return True
+        if not self.kv.pages.admit(row.seq.key, hit, row.prompt):
             return False
-        row.prefilled = row.seq.cached = len(hit) * self.kv.page_size if self.kv is not None else 0
+        row.prefilled = row.seq.cached = len(hit) * self.kv.page_size
+        self._measure(self.metrics.prefix_cache, row.prompt, row.prefilled)
         return True
 
     def _admit(self) -> None:

@@ -21,6 +21,8 @@ class TritonMetrics(Metrics):
             "wait": family(*names.QUEUE_WAIT, kind=family.HISTOGRAM),
             "tokens": family(f"{name}_total", description, kind=family.COUNTER),
             "reports": family(f"{names.REPORTS[0]}_total", names.REPORTS[1], kind=family.COUNTER),
+            "queried": family(f"{names.PREFIX_QUERIED[0]}_total", names.PREFIX_QUERIED[1], kind=family.COUNTER),
+            "hit": family(f"{names.PREFIX_HIT[0]}_total", names.PREFIX_HIT[1], kind=family.COUNTER),
         }
         self.running = self.families["running"].Metric(labels=labels)
         self.waiting = self.families["waiting"].Metric(labels=labels)
@@ -31,6 +33,8 @@ class TritonMetrics(Metrics):
         self.wait = self.families["wait"].Metric(labels=labels, buckets=names.WAIT_BUCKETS)
         self.generated = self.families["tokens"].Metric(labels=labels)
         self.reports = self.families["reports"].Metric(labels=labels)
+        self.queried = self.families["queried"].Metric(labels=labels)
+        self.hit = self.families["hit"].Metric(labels=labels)
 
     def queue(self, running: int, waiting: int) -> None:
         self.running.set(running)
@@ -45,6 +49,12 @@ class TritonMetrics(Metrics):
     def tokens(self, count: int) -> None:
         if count:
             self.generated.increment(count)
+
+    def prefix_cache(self, queried: int, hit: int) -> None:
+        if queried:
+            self.queried.increment(queried)
+        if hit:
+            self.hit.increment(hit)
 
     def reported(self) -> None:
         self.reports.increment(1)
