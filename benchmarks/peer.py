@@ -207,10 +207,17 @@ def image_content(image: bytes, prompt: str) -> list:
     return load.chat_body("", prompt, image, 1, False)["messages"][0]["content"]
 
 
-DISTINCT = [
-    sample_image((96 + 8 * (i % 16), 96 + 8 * (i // 16)), "PNG", (4 * i % 256, 90, 255 - 4 * i % 256))
-    for i in range(64)
-]
+_fresh = itertools.count()
+
+
+def fresh_image() -> bytes:
+    """An image no request of the run has sent before (both sides cache prompts by content,
+    so a repeated image would measure the cache, not the engine)."""
+    k = next(_fresh)
+    colour = (k % 256, 90 + k // 256 % 160, 255 - k % 256)
+    return sample_image((96 + 8 * (k % 16), 96 + 8 * (k // 16 % 16)), "PNG", colour)
+
+
 SHARED = sample_image((224, 224), "PNG", (40, 120, 200))
 
 
@@ -218,7 +225,7 @@ async def throughput(client: httpx.AsyncClient, side: Side, model: str, concurre
     requests = max(2 * concurrency, 16)
 
     async def one(i: int) -> load.Sample:
-        image = SHARED if shared else DISTINCT[i % len(DISTINCT)]
+        image = SHARED if shared else fresh_image()
         body = side.body(model, image_content(image, PROMPTS[i % 8]), TOKENS, False)
         start = time.perf_counter()
         reply = await client.post(side.base + "/v1/chat/completions", json=body)
@@ -251,7 +258,7 @@ async def _stream(client: httpx.AsyncClient, side: Side, body: dict) -> tuple[li
 async def ttft_idle(client: httpx.AsyncClient, side: Side, model: str, n: int = 8) -> float:
     firsts = []
     for i in range(n):
-        times, _ = await _stream(client, side, side.body(model, image_content(DISTINCT[i], PROMPTS[i % 8]), 8, True))
+        times, _ = await _stream(client, side, side.body(model, image_content(fresh_image(), PROMPTS[i % 8]), 8, True))
         firsts.append(times[0])
     return round(statistics.median(firsts) * 1000, 1)
 
@@ -312,7 +319,7 @@ async def compare(
                         out[side.name].setdefault("failed", []).append(figure["failed"])
                 out[side.name].setdefault("ttft_idle_ms", []).append(await ttft_idle(client, side, model))
                 out[side.name].setdefault("five_turns_ttft_ms", []).append(
-                    await five_turns(client, side, model, DISTINCT[r])
+                    await five_turns(client, side, model, fresh_image())
                 )
     return out
 

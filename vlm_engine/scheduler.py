@@ -167,6 +167,30 @@ class Row:
         return self.seq is not None and self.prefilled >= self.prompt and not self.done
 
 
+def _coalesced(pending: list[tuple[Callable[..., None], tuple]], metrics: Metrics) -> list[tuple[Callable, tuple]]:
+    """The measures of a report with one call per counter and gauge (each is an IPC call on
+    Triton): the queue's last state, token and prefix-cache counts summed; observations as they are."""
+    out: list[tuple[Callable, tuple]] = []
+    queue: tuple | None = None
+    tokens, queried, hit = 0, 0, 0
+    for record, args in pending:
+        if record == metrics.queue:
+            queue = args
+        elif record == metrics.tokens:
+            tokens += args[0]
+        elif record == metrics.prefix_cache:
+            queried, hit = queried + args[0], hit + args[1]
+        else:
+            out.append((record, args))
+    if tokens:
+        out.append((metrics.tokens, (tokens,)))
+    if queried:
+        out.append((metrics.prefix_cache, (queried, hit)))
+    if queue is not None:
+        out.append((metrics.queue, queue))
+    return out
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
     return type(exc).__name__ == "OutOfMemoryError" or isinstance(exc, MemoryError)
 
@@ -365,7 +389,7 @@ class Scheduler:
     def _flush_measures(self) -> None:
         with self._measures_lock:
             pending, self._measures = self._measures, []
-        for record, args in pending:
+        for record, args in _coalesced(pending, self.metrics):
             try:
                 record(*args)
             except Exception:  # metrics are reported, never allowed to fail a row
@@ -425,10 +449,10 @@ class Scheduler:
             late = [row for row in self._waiting if now - row.submitted > self.max_queue_wait_s and not row.gone]
             for row in gone + late:
                 self._waiting.remove(row)
+            self.stats.rejected += len(late)  # under the lock: request threads count refusals too
         for row in gone:
             self._cancel_waiting(row)
         for row in late:  # waited too long: a clear 503 rather than a request that hangs
-            self.stats.rejected += 1
             self._fail(
                 row,
                 Overloaded(
@@ -481,7 +505,7 @@ class Scheduler:
                 if not self._waiting:
                     break
                 row = self._waiting[0]
-            if row.gone or row.prepared.cancelled():  # asked once per admission, not per step
+            if row.gone:  # the housekeeper asks clients (an IPC call on Triton): never the loop
                 self._pop_waiting(row)
                 self._cancel_waiting(row)
                 continue
