@@ -102,7 +102,10 @@ class ModelSettings(BaseModel):
     tokenizer_repo: str | None = Field(None, description="moondream2: default moondream/starmie-v1")
     tokenizer_revision: str | None = Field(None, description="moondream2: default the pinned commit")
     encoded_images: int = Field(
-        4, ge=0, description="moondream2, qwen3-vl: encoded images kept by content for later requests (0: none)"
+        4, ge=0, description="encoded images kept by content for later requests and chunks (0: none)"
+    )
+    encoder_cache_mb: int = Field(
+        256, ge=0, description="llava, kosmos2, qwen3-vl: the encoded images kept hold at most this much"
     )
     max_objects: int = Field(50, ge=1, le=200, description="moondream2: boxes or points a /detect or /point returns")
 

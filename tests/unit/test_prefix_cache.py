@@ -97,6 +97,23 @@ def test_another_image_in_the_same_place_is_not_a_hit(pair, model):
     assert prefilled >= prompt - first_image_token, "nothing from the image on is shared"
 
 
+@pytest.mark.parametrize("model", PAGED)
+def test_an_image_asked_about_again_shares_its_pages_whatever_the_question(pair, model):
+    """The same image with another question: the pages up to the question are shared (the
+    hit may end inside the image; the rest of its tokens take their slice of the cached
+    encoder output), and the answer is the cold cache's."""
+    cached, cold = pair[model]
+    size = cached.adapter.kv.page_size
+    ask(cached, turns("Describe it, please.", image=OTHER))
+    encoded = cached.adapter.vision_encoded
+    answer, prefilled, prompt = ask(cached, turns("Which colour is the sky here?", image=OTHER))
+    assert answer == ask(cold, turns("Which colour is the sky here?", image=OTHER))[0]
+    inputs = cached.prepare(turns("Which colour is the sky here?", image=OTHER), 4).inputs
+    image_end = int(cached.adapter.image_mask({k: v[0] for k, v in inputs.items()}).nonzero()[-1]) + 1
+    assert prompt - prefilled >= image_end // size * size, "every page up to the question was shared"
+    assert cached.adapter.vision_encoded == encoded, "the image did not go through the encoder again"
+
+
 def test_nan_left_in_free_pages_never_reaches_a_later_request(tiny_models_dir):
     """Pages an earlier row used (and the pool's null page) hold NaN; new rows, decoding
     together with rows of other lengths, still get their clean answers."""
@@ -192,7 +209,7 @@ def test_one_packed_forward_carries_decode_rows_and_a_joining_prompt(pair, model
     decoded, prefilled = adapter.step([first], [(second, 0, second.length)])
     got[0] += decoded
     got[1] += prefilled
-    half = adapter.chunk_end(third, 0, third.length // 2)  # two chunks (an image is never split)
+    half = adapter.chunk_end(third, 0, third.length // 2)  # two chunks: its image split between them
     assert half < third.length
     for chunk in ((third, 0, half), (third, half, third.length)):
         decoded, prefilled = adapter.step([first, second], [chunk])

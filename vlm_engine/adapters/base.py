@@ -28,6 +28,7 @@ import itertools
 import json
 import threading
 from abc import ABC, abstractmethod
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -277,6 +278,17 @@ class TokenDecoder(RowDecoder):
         return result.text[len(self.shown) :], result
 
 
+def pixels_key(image: Image.Image | None) -> str:
+    """A content key for an image the request did not send as bytes (a blank one the engine made)."""
+    import hashlib
+
+    if image is None:
+        return "none"
+    digest = hashlib.blake2b(f"{image.mode}{image.size}".encode(), digest_size=16)
+    digest.update(image.tobytes())
+    return digest.hexdigest()
+
+
 def first_stop(text: str, stops: tuple[str, ...], start: int) -> int | None:
     """Where the earliest stop string begins in ``text`` (from ``start``), if any does."""
     found = [i for i in (text.find(s, start) for s in stops) if i >= 0]
@@ -298,8 +310,7 @@ class Sequence:
 
     key: int
     tokens: dict[str, Any]  # per-token tensors [length]: input_ids, mm_token_type_ids, ...
-    images: dict[str, Any]  # pixel_values, image_grid_thw: whole, with the chunk holding the image
-    image_span: tuple[int, int] | None  # [first, last + 1) of the image tokens
+    images: dict[str, Any]  # pixel_values, image_grid_thw: every image of the prompt
     positions: Any  # [length] text positions, or [4, length] (Qwen3-VL: text then M-RoPE)
     next_position: int  # text position of the first token after the prompt
     next_mrope: int | None
@@ -311,6 +322,7 @@ class Sequence:
     ids: list[int] = field(default_factory=list)  # every token fed so far: prompt, then each decoded one
     image_runs: list[tuple[int, int, str]] = field(default_factory=list)  # each image's tokens and content key
     hashes: list[bytes] = field(default_factory=list)  # of its full pages (``kv.manager.page_hashes``)
+    encoded: dict[int, tuple[Any, ...]] = field(default_factory=dict)  # its images' encoder outputs, while prefilling
 
     @property
     def length(self) -> int:
@@ -350,6 +362,10 @@ class GenerateAdapter(Adapter):
         self.pad_id = pad if pad is not None else next(iter(self.eos))
         self.text_config()._attn_implementation = ATTENTION  # the vision tower keeps its own
         self._keys = itertools.count(1)
+        self._encoder_cache: OrderedDict[str, tuple[Any, ...]] = OrderedDict()
+        self._encoder_bytes = 0
+        self.vision_encoded = 0  # images run through the vision encoder
+        self.encoder_hits = 0  # images whose encoder output came from the cache
 
     def text_config(self) -> Any:
         return self.model.config.text_config
@@ -424,7 +440,7 @@ class GenerateAdapter(Adapter):
         return torch.tensor([s.next_position + s.cached - s.length for s in seqs])
 
     def image_mask(self, tokens: dict[str, Any]) -> Any:
-        """Which prompt tokens stand for the image (never split across prefill chunks)."""
+        """Which prompt tokens stand for an image (their embeddings come from the vision encoder)."""
         if "image_embeds_position_mask" in tokens:
             return tokens["image_embeds_position_mask"].bool()
         if "mm_token_type_ids" in tokens:
@@ -444,6 +460,7 @@ class GenerateAdapter(Adapter):
         inputs = prepared.inputs if prepared.inputs is not None else self.encode_row(prepared)
         tokens = {k: v[0] for k, v in inputs.items() if k in SEQUENCE_KEYS and k != "attention_mask"}
         images = {k: v for k, v in inputs.items() if k not in SEQUENCE_KEYS}
+        runs = self.image_runs(tokens, prepared) if images else []
         if generated:  # resumed after a preemption: its answer so far is prompt now
             more = torch.tensor(generated, dtype=tokens["input_ids"].dtype)
             tokens = {
@@ -453,15 +470,12 @@ class GenerateAdapter(Adapter):
         whole["attention_mask"] = torch.ones_like(whole["input_ids"])
         whole.update(images)
         positions, following, mrope = self.sequence_positions(whole)
-        where = self.image_mask(tokens).nonzero()
-        span = (int(where[0]), int(where[-1]) + 1) if len(where) and images else None
         if prepared.state is None:
             prepared.state = self.sampling_state(prepared, inputs)
         seq = Sequence(
             next(self._keys),
             tokens,
             images,
-            span,
             positions,
             following,
             mrope,
@@ -470,22 +484,23 @@ class GenerateAdapter(Adapter):
             state=prepared.state,
             ids=tokens["input_ids"].tolist(),
         )
-        seq.image_runs = self.image_runs(tokens, prepared) if images else []
-        if self.kv is not None and self.kv.pages.caching and seq.image_runs is not None:
+        seq.image_runs = runs
+        if self.kv is not None and self.kv.pages.caching:
             seq.hashes = page_hashes(seq.ids, seq.image_runs, self.kv.page_size)
         return seq
 
-    def image_runs(self, tokens: dict[str, Any], prepared: Prepared) -> list[tuple[int, int, str]] | None:
-        """Each image's tokens (one run of image tokens per image, in order) with its content
-        key; None when they cannot be told apart (the prompt is then not cached)."""
+    def image_runs(self, tokens: dict[str, Any], prepared: Prepared) -> list[tuple[int, int, str]]:
+        """Each image's tokens (one run of image tokens per image, in order) and its content key."""
         import torch
+
+        from vlm_engine.errors import EngineError
 
         mask = self.image_mask(tokens).int()
         edges = torch.diff(mask, prepend=mask.new_zeros(1), append=mask.new_zeros(1))
         starts, ends = (edges == 1).nonzero()[:, 0].tolist(), (edges == -1).nonzero()[:, 0].tolist()
-        keys = prepared.image_keys or (["blank"] if self.requires_image else [])
+        keys = prepared.image_keys or [pixels_key(image) for image in prepared.images or [prepared.image]]
         if len(starts) != len(keys):
-            return None
+            raise EngineError(f"{self.settings.name}: the prompt has {len(starts)} image runs for {len(keys)} images")
         return list(zip(starts, ends, keys, strict=True))
 
     def lark_tag(self, text: str) -> str:
@@ -516,23 +531,17 @@ class GenerateAdapter(Adapter):
         return seq.length
 
     def chunk_end(self, seq: Sequence, start: int, budget: int) -> int:
-        end = min(seq.length, start + max(budget, 1))
-        if seq.image_span is not None and start < seq.image_span[1] and end > seq.image_span[0]:
-            end = max(end, seq.image_span[1])  # the image and its tokens go in one forward
-        return end
+        """Chunks may split an image: each takes the slice of its encoder output it covers."""
+        return min(seq.length, start + max(budget, 1))
 
     def free(self, seq: Sequence) -> None:
         self.kv.pages.free(seq.key)
 
     def prefix_hit(self, seq: Sequence) -> list[int]:
         """The cached pages ``seq``'s prompt can start from: its full pages found by hash, up to
-        (not including) its last prompt token, whose logits it needs; a hit that would end
-        inside its images is cut back to before them (their embeddings go in one chunk)."""
-        size = self.kv.page_size
-        hit = self.kv.pages.match(seq.hashes[: (seq.length - 1) // size])
-        if seq.image_span is not None and seq.image_span[0] < len(hit) * size < seq.image_span[1]:
-            hit = hit[: seq.image_span[0] // size]
-        return hit
+        (not including) its last prompt token, whose logits it needs. A hit may end inside an
+        image: the rest of its tokens take their slice of the (cached) encoder output."""
+        return self.kv.pages.match(seq.hashes[: (seq.length - 1) // self.kv.page_size])
 
     def prefill(self, items: list[tuple[Sequence, int, int]]) -> list[Any]:
         return self.step([], items)[1]
@@ -565,12 +574,12 @@ class GenerateAdapter(Adapter):
         if decodes:
             parts.insert(0, self.decode_positions(decodes))
         positions = torch.cat(parts, -1).unsqueeze(-2)
-        with_image = [seq for seq, start, end in chunks if seq.image_span and start <= seq.image_span[0] < end]
-        if not with_image:
+        pieces = [piece for seq, start, end in chunks for piece in self._image_pieces(seq, start, end)]
+        if not pieces:
             inputs = self.text_only(inputs)
         inputs = {k: v.to(self.device) for k, v in inputs.items()}
-        if with_image:
-            inputs.update(self.vision_inputs(with_image))
+        if pieces:
+            inputs.update(self.image_inputs(pieces))
         step = pack(self.kv, [(s.key, s.cached) for s in decodes], [(s.key, a, b) for s, a, b in chunks], self.device)
         done = [i for i, (seq, _, end) in enumerate(chunks) if end == seq.length]
         keep = list(range(len(decodes))) + [step.chunks[i].end - 1 for i in done]
@@ -578,7 +587,7 @@ class GenerateAdapter(Adapter):
             out = self.forward(
                 inputs,
                 positions.to(self.device),
-                StepCache(self.kv, step, 0 if with_image else 1),
+                StepCache(self.kv, step, 0 if pieces else 1),
                 torch.tensor(keep, dtype=torch.long, device=self.device),
             )
             chosen = self.choose(out.logits[0], [*decodes, *(chunks[i][0] for i in done)]) if keep else []
@@ -586,6 +595,8 @@ class GenerateAdapter(Adapter):
             seq.cached += 1
         for seq, _, end in chunks:
             seq.cached = end
+            if end == seq.length:
+                seq.encoded.clear()  # its prompt is in: the encoder outputs it held go back to the cache alone
         for seq in (*decodes, *(seq for seq, _, _ in chunks)):
             self._register(seq)
         outputs: list[Any] = [None] * len(chunks)
@@ -604,19 +615,69 @@ class GenerateAdapter(Adapter):
             seq.hashes += page_hashes(seq.ids[: full * size], seq.image_runs, size, len(seq.hashes), parent)
         pages.register(seq.key, seq.hashes[:full])
 
-    def vision_inputs(self, seqs: list[Sequence]) -> dict[str, Any]:
-        """The image inputs of a prefill over ``seqs`` (each has its image in this chunk), on the
-        device. Qwen3-VL gives encoded images from its cache instead."""
+    # -- images: the vision encoder's output, by content, sliced chunk by chunk
+
+    def _image_pieces(self, seq: Sequence, start: int, end: int) -> list[tuple[Any, ...]]:
+        """The slices of encoder output that tokens ``[start, end)`` of ``seq`` take, in order."""
+        pieces = []
+        for index, (first, last, _) in enumerate(seq.image_runs):
+            low, high = max(start, first), min(end, last)
+            if low < high:
+                encoded = self.encoder_output(seq, index)
+                pieces.append(tuple(part[low - first : high - first] for part in encoded))
+        return pieces
+
+    def encoder_output(self, seq: Sequence, index: int) -> tuple[Any, ...]:
+        """Image ``index`` of ``seq`` through the vision encoder (one row per image token), from
+        the encoder cache by the image's content when it is there; the row holds it until its
+        prompt is in."""
         import torch
 
-        out: dict[str, Any] = {}
-        for key in dict.fromkeys(k for seq in seqs for k in seq.images):
-            value = torch.cat([seq.images[key] for seq in seqs]).to(self.device)
-            out[key] = value.to(self.model.dtype) if key == "pixel_values" and value.is_floating_point() else value
-        return out
+        held = seq.encoded.get(index)
+        if held is not None:
+            return held
+        key = seq.image_runs[index][2]
+        found = self._encoder_cache.get(key)
+        if found is not None:
+            self._encoder_cache.move_to_end(key)
+            self.encoder_hits += 1
+        else:
+            with torch.inference_mode():
+                found = self.encode_image(self.image_pixels(seq, index))
+            self.vision_encoded += 1
+            self._keep_encoded(key, found)
+        seq.encoded[index] = found
+        return found
+
+    def _keep_encoded(self, key: str, encoded: tuple[Any, ...]) -> None:
+        """Kept by content, least recently used first out, within ``ENCODED_IMAGES`` images and
+        ``ENCODER_CACHE_MB``."""
+        size = sum(part.numel() * part.element_size() for part in encoded)
+        budget = self.settings.encoder_cache_mb * 2**20
+        if self.settings.encoded_images <= 0 or size > budget:
+            return
+        self._encoder_cache[key] = encoded
+        self._encoder_bytes += size
+        while len(self._encoder_cache) > self.settings.encoded_images or self._encoder_bytes > budget:
+            _, dropped = self._encoder_cache.popitem(last=False)
+            self._encoder_bytes -= sum(part.numel() * part.element_size() for part in dropped)
+
+    def image_pixels(self, seq: Sequence, index: int) -> dict[str, Any]:
+        """The processor's inputs of image ``index`` alone (one image per row of pixel values)."""
+        return {"pixel_values": seq.images["pixel_values"][index : index + 1]}
+
+    @abstractmethod
+    def encode_image(self, pixels: dict[str, Any]) -> tuple[Any, ...]:
+        """One image through the vision encoder: tensors with one row per image token (the
+        embeddings first; Qwen3-VL adds its DeepStack features)."""
+
+    @abstractmethod
+    def image_inputs(self, pieces: list[tuple[Any, ...]]) -> dict[str, Any]:
+        """Model inputs that place ``pieces`` (slices of encoder outputs, in the order of the
+        image tokens of the packed forward) at those tokens."""
 
     def text_only(self, inputs: dict[str, Any]) -> dict[str, Any]:
-        """Inputs of a prefill with no image in it (Kosmos-2 drops its image mask)."""
+        """Inputs of a forward with no image tokens in it (Kosmos-2 drops its image mask)."""
         return inputs
 
     def choose(self, logits: Any, seqs: list[Sequence]) -> list[Any]:

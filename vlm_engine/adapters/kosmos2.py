@@ -2,8 +2,8 @@
 
 Kosmos-2 numbers positions from ``past length + padding_idx``, so left padding would shift
 a row's positions in a merged batch. The engine passes positions itself: the ``k``-th real
-token of a row is at ``padding_idx + k`` whatever the padding. A forward with no image in it
-goes through the text model alone (the top-level forward would rerun the vision tower).
+token of a row is at ``padding_idx + k`` whatever the padding. Forwards go through the text
+model alone, given the image's embeddings (the encoder's output, sliced per chunk).
 
 The answer is the generated text with every ``<...>`` field (``<phrase>``, ``<object>``,
 ``<patch_index_N>``) removed, as transformers' ``clean_text_and_extract_entities_with_bboxes``
@@ -104,10 +104,25 @@ class Kosmos2Adapter(GenerateAdapter):
         inputs.pop("image_embeds_position_mask", None)
         return inputs
 
+    def encode_image(self, pixels: dict[str, Any]) -> tuple[Any, ...]:
+        """As ``Kosmos2ForConditionalGeneration.forward`` makes ``image_embeds``: the vision
+        model's last hidden state, its post-layernorm, normalized, then the image-to-text
+        projection (64 latent queries)."""
+        import torch.nn.functional as F
+
+        hidden = self.model.vision_model(pixel_values=pixels["pixel_values"].to(self.device, self.model.dtype))[0]
+        embeds = F.normalize(self.model.vision_model.model.post_layernorm(hidden), dim=-1)
+        return (self.model.image_to_text_projection(embeds)[0][0],)
+
+    def image_inputs(self, pieces: list[tuple[Any, ...]]) -> dict[str, Any]:
+        import torch
+
+        return {"image_embeds": torch.cat([p[0] for p in pieces])[None]}
+
     def forward(self, inputs: dict[str, Any], positions: Any, cache: Any, keep: Any) -> Any:
-        if "pixel_values" in inputs:
-            return super().forward(inputs, positions, cache, keep)
-        return self.model.text_model(  # no image in this forward: the text model alone
+        """The text model alone: image tokens take ``image_embeds`` (the top-level forward
+        would run the vision tower again)."""
+        return self.model.text_model(
             **inputs, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=keep
         )
 

@@ -10,13 +10,13 @@ M-RoPE position in the batch state.
 processor are loaded separately and the processor's image step is done here: each
 ``<|image_pad|>`` is expanded to ``grid_t*grid_h*grid_w / merge_size**2`` copies.
 
-Encoded images are kept by content hash (``ENCODED_IMAGES``, on the device; up to 128 MiB
-each for an 8B model at 4096 image tokens) and given back to the model instead of pixels.
+Encoded images (merged embeddings and DeepStack features) come from the engine's encoder
+cache by content hash and are given back to the model as ``mm_encoder_outputs``, sliced to
+the image tokens of each chunk.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,54 +62,32 @@ class Qwen3VLAdapter(GenerateAdapter):
         if size.shortest_edge and size.shortest_edge > size.longest_edge:
             size.shortest_edge = size.longest_edge
 
-    def after_load(self) -> None:
-        super().after_load()
-        self._encoded: OrderedDict[str, EncodedImages] = OrderedDict()
-        self.vision_encoded = 0  # images run through the vision tower (the rest came from the cache)
+    def image_pixels(self, seq: Sequence, index: int) -> dict[str, Any]:
+        """Image ``index``'s patches (the processor flattens every image's patches into one
+        tensor) and its grid."""
+        grids = seq.images["image_grid_thw"]
+        first = int(grids[:index].prod(-1).sum())
+        count = int(grids[index].prod())
+        return {
+            "pixel_values": seq.images["pixel_values"][first : first + count],
+            "image_grid_thw": grids[index : index + 1],
+        }
 
-    def vision_inputs(self, seqs: list[Sequence]) -> dict[str, Any]:
-        """Encoded images for a prefill: from the cache by content hash (``ENCODED_IMAGES``
-        kept), the rest through the vision tower in one call; given to the model as
-        ``mm_encoder_outputs``, so a repeated image (a new question about it, a preempted row
-        prefilled again) skips the tower."""
-        import torch
-
-        found = {id(s): self._encoded.get(s.image_key) if s.image_key else None for s in seqs}
-        missing = [s for s in seqs if found[id(s)] is None]
-        if missing:
-            pixels = torch.cat([s.images["pixel_values"] for s in missing]).to(self.device, self.model.dtype)
-            grids = torch.cat([s.images["image_grid_thw"] for s in missing]).to(self.device)
-            out = self.model.model.get_image_features(pixels, grids, return_dict=True)
-            first = 0
-            for seq in missing:
-                count = int(seq.images["image_grid_thw"].shape[0])
-                span = slice(first, first + count)
-                first += count
-                found[id(seq)] = EncodedImages(
-                    tuple(out.pooler_output[span]), [tuple(layer[span]) for layer in out.deepstack_features]
-                )
-                self._keep(seq.image_key, found[id(seq)])
-            self.vision_encoded += first
-        encoded = [found[id(s)] for s in seqs]
-        for seq in seqs:
-            if seq.image_key in self._encoded:
-                self._encoded.move_to_end(seq.image_key)
-        joined = EncodedImages(
-            tuple(e for item in encoded for e in item.pooler_output),
-            [
-                tuple(e for item in encoded for e in item.deepstack_features[layer])
-                for layer in range(len(encoded[0].deepstack_features))
-            ],
+    def encode_image(self, pixels: dict[str, Any]) -> tuple[Any, ...]:
+        out = self.model.model.get_image_features(
+            pixels["pixel_values"].to(self.device, self.model.dtype),
+            pixels["image_grid_thw"].to(self.device),
+            return_dict=True,
         )
-        grid = torch.cat([s.images["image_grid_thw"] for s in seqs]).to(self.device)
-        return {"image_grid_thw": grid, "mm_encoder_outputs": {"image": joined}}
+        return (out.pooler_output[0], *(layer[0] for layer in out.deepstack_features))
 
-    def _keep(self, key: str | None, encoded: EncodedImages) -> None:
-        if key is None or self.settings.encoded_images <= 0:
-            return
-        self._encoded[key] = encoded
-        while len(self._encoded) > self.settings.encoded_images:
-            self._encoded.popitem(last=False)
+    def image_inputs(self, pieces: list[tuple[Any, ...]]) -> dict[str, Any]:
+        """Given back as ``mm_encoder_outputs``: merged embeddings and DeepStack features."""
+        layers = len(pieces[0]) - 1
+        encoded = EncodedImages(
+            tuple(p[0] for p in pieces), [tuple(p[1 + layer] for p in pieces) for layer in range(layers)]
+        )
+        return {"mm_encoder_outputs": {"image": encoded}}
 
     def max_image_tokens(self) -> int:
         return self.settings.max_image_tokens
