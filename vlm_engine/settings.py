@@ -86,6 +86,9 @@ class ModelSettings(BaseModel):
         0.9, gt=0, le=1, description="CUDA: the share of the device that weights, activations and KV may use"
     )
     kv_page_tokens: int = Field(16, ge=1, le=1024, description="tokens per page of the KV cache")
+    paged_attention: Literal["auto", "gather"] = Field(
+        "auto", description="auto: decode rows read KV pages in place where a kernel exists (CPU: built once); gather"
+    )
     prefix_caching: bool = Field(
         True, description="share the KV pages of prompts that start the same way (by hash, images included)"
     )

@@ -114,10 +114,20 @@ def test_an_image_asked_about_again_shares_its_pages_whatever_the_question(pair,
     assert cached.adapter.vision_encoded == encoded, "the image did not go through the encoder again"
 
 
-def test_nan_left_in_free_pages_never_reaches_a_later_request(tiny_models_dir):
+@pytest.mark.parametrize("attention", ["auto", "gather"])
+def test_nan_left_in_free_pages_never_reaches_a_later_request(tiny_models_dir, attention):
     """Pages an earlier row used (and the pool's null page) hold NaN; new rows, decoding
-    together with rows of other lengths, still get their clean answers."""
-    engine = make_engine(tiny_models_dir, "llava", WARMUP="false", IGNORE_EOS="true", PREFIX_CACHING="false")
+    together with rows of other lengths, still get their clean answers, whether decode
+    attention reads pages in place (never past a row's length) or gathers them (masked
+    slots: zeroed when the page was handed out)."""
+    engine = make_engine(
+        tiny_models_dir,
+        "llava",
+        WARMUP="false",
+        IGNORE_EOS="true",
+        PREFIX_CACHING="false",
+        PAGED_ATTENTION=attention,
+    )
     try:
         expected = [engine.generate([prepare(engine, i, 24)])[0].text for i in (0, 3)]
         kv = engine.adapter.kv
@@ -223,3 +233,30 @@ def test_one_packed_forward_carries_decode_rows_and_a_joining_prompt(pair, model
     for seq in (first, second, third):
         adapter.free(seq)
     assert got == expected
+
+
+def test_the_cpu_kernel_reads_pages_in_place_and_answers_as_the_gather_does(tiny_models_dir):
+    """The CPU decode kernel (built once per machine) is the default here, and every token it
+    gives equals the gather-and-SDPA path's, rows joining and leaving."""
+    from vlm_engine.kv import cpu_attention
+
+    assert cpu_attention.available(), "the C++ kernel could not be built: is a compiler (g++) installed?"
+    engines = {
+        name: make_engine(tiny_models_dir, "qwen3-vl", WARMUP="false", PAGED_ATTENTION=name, PREFIX_CACHING="false")
+        for name in ("auto", "gather")
+    }
+    try:
+        assert engines["auto"].adapter.read_in_place and not engines["gather"].adapter.read_in_place
+        answers = {}
+        for name, engine in engines.items():
+            requests = []
+            for i in range(4):
+                requests.append(Request(engine, prepare(engine, i, 12 + 6 * i)))
+                requests[-1].first_text()
+            answers[name] = [r.result().text for r in requests]
+        assert answers["auto"] == answers["gather"]
+        counters = engines["auto"].adapter.kv.counters
+        assert counters.attended_tokens < engines["gather"].adapter.kv.counters.attended_tokens
+    finally:
+        for engine in engines.values():
+            engine.close()

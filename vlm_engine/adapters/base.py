@@ -26,7 +26,9 @@ from __future__ import annotations
 import copy
 import itertools
 import json
+import logging
 import threading
+import time
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Callable
@@ -39,6 +41,8 @@ from vlm_engine.chat import Message
 from vlm_engine.kv.manager import page_hashes
 from vlm_engine.params import GenerationParams
 from vlm_engine.settings import ModelSettings
+
+log = logging.getLogger("vlm_engine.adapters")
 
 if TYPE_CHECKING:  # torch only where a model is loaded: the service image has none
     from vlm_engine.kv.pool import KVPool
@@ -341,6 +345,7 @@ class GenerateAdapter(Adapter):
     resumable = True
     sampling_options = True  # seed, stop, penalties, logprobs, guides
     grammars: Any = None  # ``guided.Grammars``, made on the first guided request
+    read_in_place = False  # decode attention reads the pool's pages in place (``kv.cache.in_place``)
 
     @abstractmethod
     def encode(self, group: list[Prepared]) -> dict[str, Any]:
@@ -373,6 +378,7 @@ class GenerateAdapter(Adapter):
     def setup_kv(self) -> None:
         import torch
 
+        from vlm_engine.kv.cache import in_place
         from vlm_engine.kv.pool import KVPool, budget_bytes, kv_shape
 
         s = self.settings
@@ -388,6 +394,14 @@ class GenerateAdapter(Adapter):
         self.kv = KVPool(shape, pages, s.kv_page_tokens, self.device, s.prefix_caching)
         if str(self.device).startswith("cuda"):
             torch.cuda.synchronize()
+        started = time.perf_counter()
+        self.read_in_place = in_place(self.device, s.paged_attention)  # builds the CPU kernel once per machine
+        log.info(
+            "%s: decode attention %s (%.1f s)",
+            s.name,
+            "reads pages in place" if self.read_in_place else "gathers pages",
+            time.perf_counter() - started,
+        )
 
     def max_image_tokens(self) -> int:
         return self.image_tokens
@@ -580,7 +594,13 @@ class GenerateAdapter(Adapter):
         inputs = {k: v.to(self.device) for k, v in inputs.items()}
         if pieces:
             inputs.update(self.image_inputs(pieces))
-        step = pack(self.kv, [(s.key, s.cached) for s in decodes], [(s.key, a, b) for s, a, b in chunks], self.device)
+        step = pack(
+            self.kv,
+            [(s.key, s.cached) for s in decodes],
+            [(s.key, a, b) for s, a, b in chunks],
+            self.device,
+            self.read_in_place,
+        )
         done = [i for i, (seq, _, end) in enumerate(chunks) if end == seq.length]
         keep = list(range(len(decodes))) + [step.chunks[i].end - 1 for i in done]
         with torch.inference_mode(), forward_over(self.kv, step):

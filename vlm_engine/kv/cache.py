@@ -7,8 +7,9 @@ slot of every new token, each decode row's block table and length, each chunk's 
 ``paged_attention`` (registered as the text model's attention implementation) computes each
 row's attention over its own pages: the decode rows in one call, a chunk that starts a row on
 its own new keys (causal, nothing read from the pool), a chunk that continues a row over its
-pages. Which way reads pages is chosen here, in one place: on CPU (and as the fallback) the
-rows' pages are gathered per layer, then SDPA.
+pages. Which way reads pages is chosen here, in one place (``in_place``): on CPU the decode
+rows read their pages in place (``kv.cpu_attention``, the engine's C++ kernel); chunks that
+continue a row, and every row where no kernel exists, gather the pages per layer for SDPA.
 
 Outside a forward of the engine it is plain SDPA, so ``generate`` still works on the same
 model; Kosmos-2's image-to-text attention (which shares the text config) is recognised
@@ -47,7 +48,8 @@ class Chunk:
 @dataclass
 class Step:
     """One packed forward: ``slots`` ``[T]`` to write; ``decodes`` rows first, with their
-    block table ``[rows, P]`` and key mask ``[rows, 1, 1, P * page_size]``; then ``chunks``."""
+    block table ``[rows, P]`` and either their lengths ``[rows]`` (read in place) or a key
+    mask ``[rows, 1, 1, P * page_size]`` (gathered); then ``chunks``."""
 
     slots: torch.Tensor
     decodes: int
@@ -58,16 +60,34 @@ class Step:
     read: int  # key positions the rows really have
     attended: int  # key positions attention reads (block tables are padded to the longest row)
     pool: KVPool | None = None
+    decode_lengths: torch.Tensor | None = None
     key: Any = None  # the keys ``StepCache.update`` handed on last (tells self-attention apart)
     layer: int = 0
 
 
-def pack(pool: KVPool, decodes: list[tuple[int, int]], chunks: list[tuple[int, int, int]], device: Any) -> Step:
+def in_place(device: Any, setting: str = "auto") -> bool:
+    """Whether decode rows read their pages in place (``PAGED_ATTENTION``): on CPU with the
+    engine's kernel (``kv.cpu_attention``, built once per machine); otherwise pages are
+    gathered per layer for SDPA (CUDA's in-place kernels, flashinfer's, would go here)."""
+    if setting == "gather" or not str(device).startswith("cpu"):
+        return False
+    from vlm_engine.kv import cpu_attention
+
+    return cpu_attention.available()
+
+
+def pack(
+    pool: KVPool,
+    decodes: list[tuple[int, int]],
+    chunks: list[tuple[int, int, int]],
+    device: Any,
+    read_in_place: bool = False,
+) -> Step:
     """``decodes``: (row key, tokens it has in the pool) for rows adding one token;
     ``chunks``: (row key, start, end) for prompt chunks. Their pages must be held already."""
     table, size = pool.pages, pool.page_size
     slots: list[int] = []
-    decode_pages = decode_mask = None
+    decode_pages = decode_mask = decode_lengths = None
     read = attended = 0
     if decodes:
         held = [table.pages(key) for key, _ in decodes]
@@ -77,10 +97,14 @@ def pack(pool: KVPool, decodes: list[tuple[int, int]], chunks: list[tuple[int, i
         # a short row's table is padded with its own first page: masked, and never another row's data
         decode_pages = torch.tensor([h[:width] + h[:1] * (width - len(h[:width])) for h in held], dtype=torch.long)
         length = torch.tensor(lengths)
-        decode_mask = (torch.arange(width * size)[None, :] < length[:, None])[:, None, None]
         read += sum(lengths)
-        attended += len(decodes) * width * size
-        decode_pages, decode_mask = decode_pages.to(device), decode_mask.to(device)
+        decode_pages = decode_pages.to(device)
+        if read_in_place:
+            decode_lengths = length
+            attended += sum(lengths)
+        else:
+            decode_mask = (torch.arange(width * size)[None, :] < length[:, None])[:, None, None].to(device)
+            attended += len(decodes) * width * size
     placed: list[Chunk] = []
     begin = len(slots)
     for key, start, end in chunks:
@@ -108,6 +132,7 @@ def pack(pool: KVPool, decodes: list[tuple[int, int]], chunks: list[tuple[int, i
         read,
         attended,
         pool,
+        decode_lengths,
     )
 
 
@@ -167,7 +192,12 @@ def _attend(pool: KVPool, step: Step, module: Any, query: torch.Tensor, key: tor
     layer, n = step.layer, step.decodes
     keys, values = pool.keys[layer], pool.values[layer]
     gathered = 0
-    if n:
+    if n and step.decode_lengths is not None:
+        from vlm_engine.kv.cpu_attention import paged_decode
+
+        scaling = scale if scale is not None else dim**-0.5
+        out[:n] = paged_decode(q[:, :n].transpose(0, 1), keys, values, step.decode_pages, step.decode_lengths, scaling)
+    elif n:
         k = keys[step.decode_pages].view(n, -1, kv_heads, dim).transpose(1, 2)
         v = values[step.decode_pages].view(n, -1, kv_heads, dim).transpose(1, 2)
         gathered += 2 * k.numel() * k.element_size()
