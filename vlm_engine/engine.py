@@ -19,7 +19,7 @@ from vlm_engine.adapters.base import Adapter, Prepared, Result
 from vlm_engine.chat import Message, has_text, prompt_message, single_turn
 from vlm_engine.errors import InvalidParameter, InvalidRequest, ModelConfigError, PromptTooLong, ShuttingDown, TooLarge
 from vlm_engine.images import content_key, decode_image
-from vlm_engine.loading import check_source, load_error, resolve_device
+from vlm_engine.loading import check_source, cpu_threads, load_error, resolve_device
 from vlm_engine.params import GenerationParams, Sampling, resolve_params
 from vlm_engine.scheduler import Event, Metrics, Scheduler
 from vlm_engine.settings import ModelSettings, resolve_settings
@@ -75,6 +75,10 @@ class VLMEngine:
 
     def load(self) -> None:
         check_source(self.settings)
+        if str(self.device).startswith("cpu"):
+            import torch
+
+            torch.set_num_threads(cpu_threads(self.settings))
         start = time.perf_counter()
         try:
             self.adapter.load()

@@ -44,6 +44,9 @@ class ModelSettings(BaseModel):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     device: str = "auto"
     quantization_type: Literal["none", "int8", "int4"] = "none"
+    cpu_threads: int | None = Field(
+        None, ge=1, description="CPU: torch threads of the engine; default half the cores (the server keeps the rest)"
+    )
     attention_impl: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     max_new_tokens: int = Field(128, ge=1, description="default when a request sets none")
     max_tokens_cap: int = Field(1024, ge=1, description="largest max_tokens a request may ask")
