@@ -143,7 +143,10 @@ def kv_heavy_throughput(models_dir: Path, rows: int, max_tokens: int = 64) -> di
 
 
 def against_generate(e: VLMEngine, rows: int, max_tokens: int) -> dict:
-    prepared = [prepare(e, i, max_tokens) for i in range(rows)]
+    from benchmarks.peer import fresh_image
+
+    # images no request sent before: the engine's prefix and encoder caches would skip their work
+    prepared = [e.prepare(single_turn(PROMPTS[i % 8], fresh_image()), max_tokens, 0.0) for i in range(rows)]
     start = time.perf_counter()
     results = e.generate(prepared)
     engine_s = time.perf_counter() - start

@@ -1,10 +1,10 @@
 """Decode attention that reads the KV pool's pages in place, on CPU: a small C++ kernel.
 
 One query token per row (the decode rows of a step): for each row and head (split over
-torch's threads), the kernel walks the row's block table up to its length and keeps an
-online softmax (running max, sum and weighted values), so each key and value is read once,
-where it lives; nothing is gathered, no mask is built, and a slot past a row's length is
-never read (whatever it holds).
+torch's threads), the kernel walks the row's block table up to its length, page by page,
+with an online softmax (per page: its scores, one rescale, its weights by a vectorizable
+exponential, its values), so each key and value is read once, where it lives; nothing is
+gathered, no mask is built, and a slot past a row's length is never read (whatever it holds).
 
 The kernel is compiled with the machine's C++ compiler the first time it is needed (about
 20-40 s, cached by torch under ``~/.cache/torch_extensions``); ``available()`` says whether
@@ -23,9 +23,30 @@ log = logging.getLogger("vlm_engine.kv")
 SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <limits>
 #include <vector>
+
+// e^x for x <= 0 as 2^(x log2 e), the fraction by a degree-6 polynomial fitted
+// to 2^f on [0, 1) (relative error 1e-7, float's own), the integer part in the exponent bits.
+static inline float exp_nonpositive(float x) {
+  x = x < -87.0f ? -87.0f : x;
+  const float t = x * 1.4426950408889634f;
+  const int32_t whole = static_cast<int32_t>(t) - (t < static_cast<float>(static_cast<int32_t>(t)) ? 1 : 0);
+  const float f = t - static_cast<float>(whole);
+  float p = 0.000218712622881867f;
+  p = p * f + 0.001238241558894515f;
+  p = p * f + 0.009686185978353024f;
+  p = p * f + 0.055478911846876144f;
+  p = p * f + 0.24023109674453735f;
+  p = p * f + 0.693146824836731f;
+  p = p * f + 1.0f;
+  union { int32_t i; float f; } scale_bits;
+  scale_bits.i = (whole + 127) << 23;
+  return p * scale_bits.f;
+}
 
 template <typename T>
 static void decode_rows(const float* q, const T* k_pool, const T* v_pool, const int64_t* table,
@@ -33,33 +54,49 @@ static void decode_rows(const float* q, const T* k_pool, const T* v_pool, const 
                         int64_t dim, int64_t page, int64_t width, float scale) {
   const int64_t group = heads / kv_heads;
   at::parallel_for(0, rows * heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> acc(dim), scores(page);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t r = item / heads, h = item % heads;
       const float* qh = q + (r * heads + h) * dim;
       const int64_t kh = h / group;
-      std::vector<float> acc(dim, 0.0f);
+      const int64_t length = lengths[r];
+      std::fill(acc.begin(), acc.end(), 0.0f);
       float best = -std::numeric_limits<float>::infinity();
       float total = 0.0f;
-      const int64_t length = lengths[r];
-      for (int64_t t = 0; t < length; ++t) {
-        const int64_t slot = table[r * width + t / page] * page + t % page;
-        const T* k = k_pool + (slot * kv_heads + kh) * dim;
-        const T* v = v_pool + (slot * kv_heads + kh) * dim;
-        float s = 0.0f;
+      // page by page: the page's scores, then one rescale, then its weights and values
+      for (int64_t first = 0; first < length; first += page) {
+        const int64_t count = std::min(page, length - first);
+        const int64_t base = table[r * width + first / page] * page;
+        float block_best = -std::numeric_limits<float>::infinity();
+        for (int64_t j = 0; j < count; ++j) {
+          const T* k = k_pool + ((base + j) * kv_heads + kh) * dim;
+          float s = 0.0f;
 #pragma omp simd reduction(+ : s)
-        for (int64_t d = 0; d < dim; ++d) s += qh[d] * static_cast<float>(k[d]);
-        s *= scale;
-        if (s > best) {
-          const float shrink = std::exp(best - s);
+          for (int64_t d = 0; d < dim; ++d) s += qh[d] * static_cast<float>(k[d]);
+          scores[j] = s * scale;
+          block_best = scores[j] > block_best ? scores[j] : block_best;
+        }
+        if (block_best > best) {
+          const float shrink = exp_nonpositive(best - block_best);
           total *= shrink;
 #pragma omp simd
           for (int64_t d = 0; d < dim; ++d) acc[d] *= shrink;
-          best = s;
+          best = block_best;
         }
-        const float p = std::exp(s - best);
-        total += p;
+        float* w = scores.data();
+        float block_total = 0.0f;
+#pragma omp simd reduction(+ : block_total)
+        for (int64_t j = 0; j < count; ++j) {
+          w[j] = exp_nonpositive(w[j] - best);
+          block_total += w[j];
+        }
+        total += block_total;
+        for (int64_t j = 0; j < count; ++j) {
+          const T* v = v_pool + ((base + j) * kv_heads + kh) * dim;
+          const float p = w[j];
 #pragma omp simd
-        for (int64_t d = 0; d < dim; ++d) acc[d] += p * static_cast<float>(v[d]);
+          for (int64_t d = 0; d < dim; ++d) acc[d] += p * static_cast<float>(v[d]);
+        }
       }
       float* o = out + (r * heads + h) * dim;
       const float inv = total > 0.0f ? 1.0f / total : 0.0f;
@@ -102,7 +139,7 @@ def _load():
         try:
             log.info("compiling the CPU paged-attention kernel (once per machine; cached by torch)")
             _module = load_inline(
-                name="vlm_paged_decode_v3",
+                name="vlm_paged_decode_v5",
                 cpp_sources=SOURCE,
                 functions=["paged_decode"],
                 extra_cflags=["-O3", "-march=native", "-fopenmp"],
