@@ -223,10 +223,10 @@ SHARED = sample_image((224, 224), "PNG", (40, 120, 200))
 
 async def throughput(client: httpx.AsyncClient, side: Side, model: str, concurrency: int, shared: bool) -> dict:
     requests = max(2 * concurrency, 16)
+    images = [SHARED if shared else fresh_image() for _ in range(requests)]  # made before the clock starts
 
     async def one(i: int) -> load.Sample:
-        image = SHARED if shared else fresh_image()
-        body = side.body(model, image_content(image, PROMPTS[i % 8]), TOKENS, False)
+        body = side.body(model, image_content(images[i], PROMPTS[i % 8]), TOKENS, False)
         start = time.perf_counter()
         reply = await client.post(side.base + "/v1/chat/completions", json=body)
         ok = reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == TOKENS
@@ -257,8 +257,9 @@ async def _stream(client: httpx.AsyncClient, side: Side, body: dict) -> tuple[li
 
 async def ttft_idle(client: httpx.AsyncClient, side: Side, model: str, n: int = 8) -> float:
     firsts = []
+    images = [fresh_image() for _ in range(n)]
     for i in range(n):
-        times, _ = await _stream(client, side, side.body(model, image_content(fresh_image(), PROMPTS[i % 8]), 8, True))
+        times, _ = await _stream(client, side, side.body(model, image_content(images[i], PROMPTS[i % 8]), 8, True))
         firsts.append(times[0])
     return round(statistics.median(firsts) * 1000, 1)
 
