@@ -12,8 +12,8 @@ One ``Scheduler`` per loaded model runs one thread, the step loop. Each turn of 
    chunks of the others. The chunks are bounded by ``PREFILL_BUDGET`` and, while rows are
    decoding, by time: a step with chunks takes about ``step_multiple`` decode steps
    (``Pace`` measures both online), so running streams keep their pace while a long prompt
-   comes in (an image and its tokens go in one chunk). A row whose prompt is complete sends
-   its first text. Each decoding row gets a page when its last one is full; when none is
+   comes in (a chunk may split an image: the adapter slices its encoder output). A row
+   whose prompt is complete sends its first text. Each decoding row gets a page when its last one is full; when none is
    free the newest rows are **preempted**: their pages are given back and they go back to
    the front of the queue, to be prefilled again with what they had generated (vLLM's
    recompute preemption; their cached pages usually make that cheap). Nothing they sent is

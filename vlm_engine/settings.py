@@ -77,7 +77,7 @@ class ModelSettings(BaseModel):
         None, description="debugging: append a JSON line per finished request (its times, each token's) to this file"
     )
     prefill_budget: int = Field(
-        512, ge=1, description="prompt tokens prefilled per scheduler turn, in chunks (an image is never split)"
+        512, ge=1, description="prompt tokens a step carries at most, in chunks beside the decode rows"
     )
     kv_cache_mb: int | None = Field(
         None, ge=1, description="KV cache size; default: CUDA by GPU_MEMORY_UTILIZATION, CPU MAX_RUNNING full rows"

@@ -6,7 +6,7 @@ The scheduler (``vlm_engine.scheduler``) drives adapters through these verbs, on
 - ``start(prepared, generated)``: a new sequence for a request (``generated``: tokens it
   already produced before it was preempted; they are prefilled again with its prompt);
 - ``prompt_length(seq)`` and ``chunk_end(seq, start, budget)``: how its prompt is split
-  into prefill chunks (an image is never split);
+  into prefill chunks (a chunk may split an image: it takes its slice of the encoder output);
 - ``prefix_hit(seq)``: the cached pages its prompt can start from (prefix caching);
 - ``step(decodes, chunks)``: one step: one more output for every decoding sequence, and a
   prompt chunk of others; the first output of each sequence whose prompt is complete
