@@ -17,6 +17,7 @@ $(INSTALLED): pyproject.toml
 	$(PIP) install --quiet torch==2.13.0
 	$(PIP) install --quiet -e ".[test,dynamo]"
 	$(PIP) install --quiet --no-deps ai-dynamo==1.6.1
+	$(PYTHON) -m vlm_engine.kv.cpu_attention
 	@touch $@
 
 $(TRITON): scripts/install_triton.sh

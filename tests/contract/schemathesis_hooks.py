@@ -45,11 +45,36 @@ schemathesis.openapi.format(
 )
 
 
+def _compiles(schema: object) -> bool:
+    """Whether llguidance (the service's structured-output library) takes ``schema``: a JSON
+    schema with a keyword it does not implement (``if``, ``not``, ``contains``, ...) or a
+    keyword of the wrong type is a 400 that says so (tests/unit/test_structured_output.py)."""
+    from llguidance import LLMatcher
+
+    from vlm_engine.guided import JSON_DEFAULTS
+
+    try:
+        return not LLMatcher.validate_grammar(LLMatcher.grammar_from_json_schema(schema, defaults=JSON_DEFAULTS))
+    except Exception:
+        return False
+
+
+def _guides_compile(body: dict) -> bool:
+    schemas = [body.get("guided_json")]
+    response_format = body.get("response_format")
+    if isinstance(response_format, dict) and isinstance(response_format.get("json_schema"), dict):
+        schemas.append(response_format["json_schema"].get("schema"))
+    return all(_compiles(schema) for schema in schemas if isinstance(schema, dict))
+
+
 @schemathesis.hook
 def filter_body(context, body) -> bool:
-    """Leave out chat completions whose ``tool_choice`` names a function that is not among their
-    ``tools``: the one rule of the request that a JSON schema cannot state (a 400, tested in
-    tests/fastapi_app/test_openai_tools.py)."""
+    """Leave out chat completions that break the two rules of the request a JSON schema cannot
+    state (each a 400, tested elsewhere): a ``tool_choice`` naming a function that is not among
+    the ``tools`` (tests/fastapi_app/test_openai_tools.py), and a JSON schema llguidance cannot
+    compile (``_compiles``)."""
+    if isinstance(body, dict) and not _guides_compile(body):
+        return False
     if not isinstance(body, dict) or not isinstance(body.get("tool_choice"), dict):
         return True
     function = body["tool_choice"].get("function")

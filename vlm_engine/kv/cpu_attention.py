@@ -137,7 +137,7 @@ def _load():
         from torch.utils.cpp_extension import load_inline
 
         try:
-            log.info("compiling the CPU paged-attention kernel (once per machine; cached by torch)")
+            log.info("loading the CPU paged-attention kernel (built with g++ once per machine, ~30 s; then cached)")
             _module = load_inline(
                 name="vlm_paged_decode_v5",
                 cpp_sources=SOURCE,
@@ -167,3 +167,13 @@ def paged_decode(
     """``q`` ``[rows, heads, dim]`` against each row's first ``lengths[r]`` tokens in the pages
     ``table[r]`` of ``keys``/``values`` ``[pages, page_size, kv_heads, dim]``."""
     return _load().paged_decode(q, keys, values, table, lengths, scale)
+
+
+if __name__ == "__main__":  # `make install` builds it once, so no model load waits for the compiler
+    import time
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    started = time.perf_counter()
+    built = available()
+    outcome = "ready" if built else f"not built ({_failed}); decode attention will gather pages"
+    print(f"CPU paged-attention kernel: {outcome} ({time.perf_counter() - started:.1f} s)")
