@@ -260,3 +260,27 @@ def test_the_cpu_kernel_reads_pages_in_place_and_answers_as_the_gather_does(tiny
     finally:
         for engine in engines.values():
             engine.close()
+
+
+def test_a_failed_step_leaves_each_rows_token_record_as_it_was(pair, monkeypatch):
+    """A step that fails (out of memory) is tried again: the tokens a row has fed, which name
+    its pages in the prefix cache, must not count the failed try."""
+    import torch
+
+    _, engine = pair["llava"]
+    adapter = engine.adapter
+    seq = adapter.start(prepare(engine, 0, 8), [])
+    assert adapter.kv.pages.grow(seq.key, seq.length + 8)
+    adapter.prefill([(seq, 0, seq.length)])
+    forward = adapter.forward
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("injected")
+
+    monkeypatch.setattr(adapter, "forward", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):
+        adapter.decode([seq])
+    monkeypatch.setattr(adapter, "forward", forward)
+    adapter.decode([seq])
+    assert len(seq.ids) == seq.cached == seq.length + 1
+    adapter.free(seq)

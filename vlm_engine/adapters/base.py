@@ -574,8 +574,6 @@ class GenerateAdapter(Adapter):
         pages = self.kv.pages
         self.kv.scrub(pages.take_fresh())
         last = [s.last for s in decodes]
-        for seq in decodes:
-            seq.ids.append(seq.last)
         keys = dict.fromkeys(k for seq, _, _ in chunks for k in seq.tokens)
         inputs: dict[str, Any] = {}
         for key in keys or ["input_ids"]:
@@ -611,7 +609,8 @@ class GenerateAdapter(Adapter):
                 torch.tensor(keep, dtype=torch.long, device=self.device),
             )
             chosen = self.choose(out.logits[0], [*decodes, *(chunks[i][0] for i in done)]) if keep else []
-        for seq in decodes:
+        for seq, token in zip(decodes, last, strict=True):  # only once the forward has run: a failed
+            seq.ids.append(token)  # step is tried again, and its tokens must not be counted twice
             seq.cached += 1
         for seq, _, end in chunks:
             seq.cached = end
