@@ -167,7 +167,8 @@ def test_pages_come_back_after_every_way_a_row_ends(tiny_models_dir, monkeypatch
         engine.submit(prepare(engine, 7, 30, temperature=1.0, n=3), answers.put)
         requests = {
             "finished": Request(engine, prepare(engine, 0, 200)),
-            "preempted": [Request(engine, prepare(engine, i, 200)) for i in (1, 2, 3, 6)],
+            # each row nearly fills the pool alone (its prompt and 600 tokens): any two together preempt
+            "preempted": [Request(engine, prepare(engine, i, 600)) for i in (1, 2, 3, 6)],
             "cancelled": Request(engine, leaving),
         }
         requests["cancelled"].first_text()
