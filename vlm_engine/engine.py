@@ -188,7 +188,6 @@ class VLMEngine:
             image = Image.new("RGB", BLANK, (127, 127, 127))
             prompt_message(messages).decoded = [image]
         prepared = Prepared(messages, params, image, cancelled or (lambda: False), tokens, tools=tools)
-        prepared.image_key = content_key([data for m in messages for data in m.images])
         prepared.image_keys = [content_key([data]) for m in messages for data in m.images]
         prepared.inputs = self.adapter.encode_row(prepared)  # here, not in the step loop
         prepared.state = self.adapter.sampling_state(prepared, prepared.inputs)  # a bad guide: 400 here

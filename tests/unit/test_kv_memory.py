@@ -227,7 +227,6 @@ def test_a_fatal_device_error_calls_on_fatal_and_fails_the_rows(tiny_models_dir,
     engine = make_engine(tiny_models_dir, "llava")
     engine.scheduler.on_fatal = seen.append
     try:
-
         step = engine.adapter.step
 
         def broken(decodes, chunks):

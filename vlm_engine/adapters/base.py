@@ -59,8 +59,7 @@ class Prepared:
     prompt_tokens: int = 0
     inputs: Any = None  # model inputs encoded on the request's thread (``Adapter.encode_row``)
     state: Any = None  # sampling state that outlives a preemption (``sampling.RowState``)
-    image_key: str | None = None  # content hash of the request's images (encoded-image caches)
-    image_keys: list[str] = field(default_factory=list)  # content hash of each image, in order (prefix caching)
+    image_keys: list[str] = field(default_factory=list)  # content hash of each image: prefix and encoder caches
     tools: list[dict[str, Any]] | None = None  # tools the prompt lists (OpenAI's function objects)
     siblings: list[Prepared] = field(default_factory=list)  # answers 2..n of the same prompt (n > 1)
 
@@ -321,7 +320,6 @@ class Sequence:
     params: GenerationParams
     cached: int = 0  # tokens whose K/V is in the pool
     last: int | None = None  # the last chosen token (not in the pool yet)
-    image_key: str | None = None  # content hash of its images (``Prepared.image_key``)
     state: Any = None  # its sampling state (``sampling.RowState``), when it needs one
     ids: list[int] = field(default_factory=list)  # every token fed so far: prompt, then each decoded one
     image_runs: list[tuple[int, int, str]] = field(default_factory=list)  # each image's tokens and content key
@@ -494,7 +492,6 @@ class GenerateAdapter(Adapter):
             following,
             mrope,
             prepared.params,
-            image_key=prepared.image_key,
             state=prepared.state,
             ids=tokens["input_ids"].tolist(),
         )

@@ -103,9 +103,6 @@ class KVManager:
     def pages(self, key: int) -> list[int]:
         return self._rows.get(key, [])
 
-    def held_tokens(self, key: int) -> int:
-        return len(self.pages(key)) * self.page_size
-
     def slot(self, key: int, position: int) -> int:
         """The flat slot (page * page_size + offset) of a row's ``position``-th token."""
         return self._rows[key][position // self.page_size] * self.page_size + position % self.page_size
@@ -158,23 +155,7 @@ class KVManager:
                 self.hash_of[page] = h
         self._registered[key] = max(done, min(len(hashes), len(pages)))
 
-    def share(self, source: int, target: int, pages: int) -> None:
-        """Row ``target`` (new) starts on the first ``pages`` pages of ``source`` (full pages:
-        the other answers of an n > 1 request)."""
-        if target in self._rows:
-            raise ValueError(f"row {target} holds pages already")
-        shared = self._rows[source][:pages]
-        for page in shared:
-            self._hold(page)
-        self._rows[target] = list(shared)
-        self._registered[target] = len(shared)
-
     # -- pages of a row
-
-    def can_grow(self, key: int, tokens: int, keep_free: int = 0) -> bool:
-        """Whether ``key`` could hold ``tokens`` tokens with ``keep_free`` pages left over."""
-        missing = self.pages_for(tokens) - len(self.pages(key))
-        return missing <= 0 or missing + keep_free <= self.free_pages
 
     def grow(self, key: int, tokens: int) -> bool:
         """Give ``key`` pages for ``tokens`` tokens in all; False (and nothing taken) if short."""
@@ -214,15 +195,6 @@ class KVManager:
         """Pages handed out for new data since the last call (the runner zeroes them)."""
         fresh, self.fresh = self.fresh, []
         return fresh
-
-    def clear_cache(self) -> int:
-        """Forget every cached page nobody holds (they stay free); returns how many."""
-        dropped = list(self._cached)
-        for page in dropped:
-            self._unhash(page)
-            heapq.heappush(self._clean, page)
-        self._cached.clear()
-        return len(dropped)
 
     def _forget(self, key: int) -> None:
         self._rows.pop(key, None)
