@@ -23,7 +23,9 @@ def reference(q, keys, values, table, lengths, scale):
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize(("heads", "kv_heads", "dtype"), [(4, 4, torch.float32), (8, 2, torch.float32), (4, 2, torch.bfloat16)])
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "dtype"), [(4, 4, torch.float32), (8, 2, torch.float32), (4, 2, torch.bfloat16)]
+)
 def test_the_kernel_equals_sdpa_over_gathered_pages(threads, heads, kv_heads, dtype):
     assert cpu_attention.available(), "the C++ kernel could not be built: is a compiler (g++) installed?"
     generator = torch.Generator().manual_seed(heads * 10 + kv_heads)
