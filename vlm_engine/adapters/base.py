@@ -583,6 +583,7 @@ class GenerateAdapter(Adapter):
         if decodes:
             parts.insert(0, self.decode_positions(decodes))
         positions = torch.cat(parts, -1).unsqueeze(-2)
+        self._encode_step_images(chunks)
         pieces = [piece for seq, start, end in chunks for piece in self._image_pieces(seq, start, end)]
         if not pieces:
             inputs = self.text_only(inputs)
@@ -643,27 +644,42 @@ class GenerateAdapter(Adapter):
                 pieces.append(tuple(part[low - first : high - first] for part in encoded))
         return pieces
 
-    def encoder_output(self, seq: Sequence, index: int) -> tuple[Any, ...]:
-        """Image ``index`` of ``seq`` through the vision encoder (one row per image token), from
-        the encoder cache by the image's content when it is there; the row holds it until its
-        prompt is in."""
+    def _encode_step_images(self, chunks: list[tuple[Sequence, int, int]]) -> None:
+        """Every image the step's chunks reach that is neither held by its row nor in the
+        encoder cache goes through the vision encoder in one batch (an image sent by several
+        rows, once); each row then holds its images' outputs until its prompt is in."""
         import torch
 
-        held = seq.encoded.get(index)
-        if held is not None:
-            return held
-        key = seq.image_runs[index][2]
-        found = self._encoder_cache.get(key)
-        if found is not None:
-            self._encoder_cache.move_to_end(key)
-            self.encoder_hits += 1
-        else:
+        wanted: dict[str, tuple[Sequence, int]] = {}
+        needed: list[tuple[Sequence, int, str]] = []
+        for seq, start, end in chunks:
+            for index, (first, last, key) in enumerate(seq.image_runs):
+                if max(start, first) >= min(end, last) or index in seq.encoded:
+                    continue
+                needed.append((seq, index, key))
+                if key not in self._encoder_cache:
+                    wanted.setdefault(key, (seq, index))
+        if wanted:
             with torch.inference_mode():
-                found = self.encode_image(self.image_pixels(seq, index))
-            self.vision_encoded += 1
-            self._keep_encoded(key, found)
-        seq.encoded[index] = found
-        return found
+                outputs = self.encode_images([self.image_pixels(seq, index) for seq, index in wanted.values()])
+            self.vision_encoded += len(wanted)
+            for key, found in zip(wanted, outputs, strict=True):
+                self._keep_encoded(key, found)
+                wanted[key] = found
+        for seq, index, key in needed:
+            found = wanted.get(key)
+            if found is None:
+                found = self._encoder_cache[key]
+                self._encoder_cache.move_to_end(key)
+                self.encoder_hits += 1
+            seq.encoded[index] = found
+
+    def encoder_output(self, seq: Sequence, index: int) -> tuple[Any, ...]:
+        """Image ``index`` of ``seq`` through the vision encoder (one row per image token): what
+        the row holds, else from the encoder cache by the image's content, else encoded now."""
+        if index not in seq.encoded:
+            self._encode_step_images([(seq, seq.image_runs[index][0], seq.image_runs[index][1])])
+        return seq.encoded[index]
 
     def _keep_encoded(self, key: str, encoded: tuple[Any, ...]) -> None:
         """Kept by content, least recently used first out, within ``ENCODED_IMAGES`` images and
@@ -682,10 +698,18 @@ class GenerateAdapter(Adapter):
         """The processor's inputs of image ``index`` alone (one image per row of pixel values)."""
         return {"pixel_values": seq.images["pixel_values"][index : index + 1]}
 
+    @staticmethod
+    def pixel_batch(pixels: list[dict[str, Any]]) -> dict[str, Any]:
+        """Several images' processor inputs as one batch (each key's rows one after another)."""
+        import torch
+
+        return {key: torch.cat([p[key] for p in pixels]) for key in pixels[0]}
+
     @abstractmethod
-    def encode_image(self, pixels: dict[str, Any]) -> tuple[Any, ...]:
-        """One image through the vision encoder: tensors with one row per image token (the
-        embeddings first; Qwen3-VL adds its DeepStack features)."""
+    def encode_images(self, pixels: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+        """Images (``image_pixels`` each) through the vision encoder in one batch; per image,
+        tensors with one row per image token (the embeddings first; Qwen3-VL adds its
+        DeepStack features)."""
 
     @abstractmethod
     def image_inputs(self, pieces: list[tuple[Any, ...]]) -> dict[str, Any]:

@@ -104,15 +104,16 @@ class Kosmos2Adapter(GenerateAdapter):
         inputs.pop("image_embeds_position_mask", None)
         return inputs
 
-    def encode_image(self, pixels: dict[str, Any]) -> tuple[Any, ...]:
+    def encode_images(self, pixels: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
         """As ``Kosmos2ForConditionalGeneration.forward`` makes ``image_embeds``: the vision
         model's last hidden state, its post-layernorm, normalized, then the image-to-text
         projection (64 latent queries)."""
         import torch.nn.functional as F
 
-        hidden = self.model.vision_model(pixel_values=pixels["pixel_values"].to(self.device, self.model.dtype))[0]
+        batch = self.pixel_batch(pixels)["pixel_values"].to(self.device, self.model.dtype)
+        hidden = self.model.vision_model(pixel_values=batch)[0]
         embeds = F.normalize(self.model.vision_model.model.post_layernorm(hidden), dim=-1)
-        return (self.model.image_to_text_projection(embeds)[0][0],)
+        return [(projected,) for projected in self.model.image_to_text_projection(embeds)[0]]
 
     def image_inputs(self, pieces: list[tuple[Any, ...]]) -> dict[str, Any]:
         import torch

@@ -40,15 +40,15 @@ class LlavaAdapter(GenerateAdapter):
                 parts.append(f"ASSISTANT: {message.text.strip()}{self.tokenizer.eos_token}")
         return " ".join(p for p in parts if p) + " ASSISTANT:"
 
-    def encode_image(self, pixels: dict[str, Any]) -> tuple[Any, ...]:
+    def encode_images(self, pixels: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
         config = self.model.config
         out = self.model.model.get_image_features(
-            pixels["pixel_values"].to(self.device, self.model.dtype),
+            self.pixel_batch(pixels)["pixel_values"].to(self.device, self.model.dtype),
             vision_feature_layer=config.vision_feature_layer,
             vision_feature_select_strategy=config.vision_feature_select_strategy,
             return_dict=True,
         )
-        return (out.pooler_output[0],)
+        return [(features,) for features in out.pooler_output]
 
     def image_inputs(self, pieces: list[tuple[Any, ...]]) -> dict[str, Any]:
         from transformers.modeling_outputs import BaseModelOutputWithPooling

@@ -73,13 +73,16 @@ class Qwen3VLAdapter(GenerateAdapter):
             "image_grid_thw": grids[index : index + 1],
         }
 
-    def encode_image(self, pixels: dict[str, Any]) -> tuple[Any, ...]:
+    def encode_images(self, pixels: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+        """One vision forward over every image's patches (its attention stays within each image)."""
+        batch = self.pixel_batch(pixels)
         out = self.model.model.get_image_features(
-            pixels["pixel_values"].to(self.device, self.model.dtype),
-            pixels["image_grid_thw"].to(self.device),
+            batch["pixel_values"].to(self.device, self.model.dtype),
+            batch["image_grid_thw"].to(self.device),
             return_dict=True,
         )
-        return (out.pooler_output[0], *(layer[0] for layer in out.deepstack_features))
+        layers = out.deepstack_features
+        return [(embeds, *(layer[i] for layer in layers)) for i, embeds in enumerate(out.pooler_output)]
 
     def image_inputs(self, pieces: list[tuple[Any, ...]]) -> dict[str, Any]:
         """Given back as ``mm_encoder_outputs``: merged embeddings and DeepStack features."""
