@@ -285,3 +285,51 @@ def test_a_failed_step_leaves_each_rows_token_record_as_it_was(pair, monkeypatch
     adapter.decode([seq])
     assert len(seq.ids) == seq.cached == seq.length + 1
     adapter.free(seq)
+
+
+def greedy_tokens(engine, requests: list[list[Message]], count: int = 8) -> list[list[int]]:
+    """Each request's first ``count`` tokens, all prefilled in one step and decoded together."""
+    adapter = engine.adapter
+    seqs = [adapter.start(engine.prepare(messages, count, 0.0), []) for messages in requests]
+    try:
+        for seq in seqs:
+            assert adapter.kv.pages.grow(seq.key, seq.length + count)
+        got = [[token] for token in adapter.prefill([(seq, 0, seq.length) for seq in seqs])]
+        for _ in range(count - 1):
+            for row, token in zip(got, adapter.decode(seqs), strict=True):
+                row.append(token)
+        return got
+    finally:
+        for seq in seqs:
+            adapter.free(seq)
+
+
+@pytest.mark.parametrize("model", PAGED)
+def test_a_steps_images_go_through_the_vision_encoder_in_one_batch(pair, model):
+    """Three prompts prefilled in one step, two of them about the same image: the encoder runs
+    once, over the two distinct images, and each row's tokens are those it gets alone."""
+    _, engine = pair[model]  # no prefix cache: only the encoder cache could spare work
+    adapter = engine.adapter
+    requests = [
+        [Message("user", QUESTION, [IMAGE])],
+        [Message("user", "Say what is left.", [OTHER])],
+        [Message("user", "Name one colour.", [IMAGE])],
+    ]
+    alone = []
+    for messages in requests:
+        adapter._encoder_cache.clear()
+        alone += greedy_tokens(engine, [messages])
+    adapter._encoder_cache.clear()
+    batches, encode = [], adapter.encode_images
+
+    def counted(pixels):
+        batches.append(len(pixels))
+        return encode(pixels)
+
+    adapter.encode_images = counted
+    try:
+        together = greedy_tokens(engine, requests)
+    finally:
+        adapter.encode_images = encode
+    assert batches == [2], "one batch of the two distinct images"
+    assert together == alone
