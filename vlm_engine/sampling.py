@@ -36,30 +36,44 @@ class RowState:
         self.counts: torch.Tensor | None = None  # [vocab] tokens produced so far
         self.seen: torch.Tensor | None = None  # [vocab] tokens in the prompt or produced
 
-    def penalise(self, logits: torch.Tensor) -> torch.Tensor:
-        """``logits`` ``[vocab]`` with this row's penalties (OpenAI's frequency and presence
-        penalties over the answer so far; transformers' repetition penalty over prompt and answer)."""
-        s = self.sampling
+    def counted(self, vocab: int, device) -> None:
+        """Its counts exist (made on its first penalised step: the prompt's tokens are seen)."""
         if self.counts is None:
-            self.counts = torch.zeros(logits.shape[-1], device=logits.device)
-            self.seen = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
-            ids = torch.tensor([i for i in self.prompt_ids if 0 <= i < logits.shape[-1]], device=logits.device)
+            self.counts = torch.zeros(vocab, device=device)
+            self.seen = torch.zeros(vocab, dtype=torch.bool, device=device)
+            ids = torch.tensor([i for i in self.prompt_ids if 0 <= i < vocab], dtype=torch.long, device=device)
             self.seen[ids] = True
-        if s.frequency_penalty:
-            logits = logits - s.frequency_penalty * self.counts
-        if s.presence_penalty:
-            logits = logits - s.presence_penalty * (self.counts > 0)
-        if s.repetition_penalty != 1.0:
-            scaled = torch.where(logits > 0, logits / s.repetition_penalty, logits * s.repetition_penalty)
-            logits = torch.where(self.seen, scaled, logits)
-        # a penalty of 5e-324 is 0 in float32: keep every score finite so sampling stays defined
-        big = torch.finfo(torch.float32).max / 4
-        return torch.nan_to_num(logits, nan=0.0, posinf=big, neginf=-big)
 
     def produced(self, token: torch.Tensor) -> None:
         if self.counts is not None:
             self.counts[token] += 1
             self.seen[token] = True
+
+
+def penalise(logits: torch.Tensor, rows: list[int], states: Sequence[RowState | None]) -> torch.Tensor:
+    """``logits`` ``[rows, vocab]`` with the penalties of ``rows``, applied to them together:
+    OpenAI's frequency and presence penalties over each answer so far, transformers'
+    repetition penalty over prompt and answer."""
+    vocab, device = logits.shape[-1], logits.device
+    chosen = [states[i] for i in rows]
+    for state in chosen:
+        state.counted(vocab, device)
+    counts = torch.stack([state.counts for state in chosen])
+    seen = torch.stack([state.seen for state in chosen])
+    settings = torch.tensor(
+        [[s.frequency_penalty, s.presence_penalty, s.repetition_penalty] for s in (st.sampling for st in chosen)],
+        dtype=logits.dtype,
+        device=device,
+    )
+    at = torch.tensor(rows, device=device)
+    part = logits[at] - settings[:, :1] * counts - settings[:, 1:2] * (counts > 0)
+    repetition = settings[:, 2:3]
+    part = torch.where(seen, torch.where(part > 0, part / repetition, part * repetition), part)
+    # a penalty of 5e-324 is 0 in float32: keep every score finite so sampling stays defined
+    big = torch.finfo(torch.float32).max / 4
+    logits = logits.clone()
+    logits[at] = torch.nan_to_num(part, nan=0.0, posinf=big, neginf=-big)
+    return logits
 
 
 @dataclass(frozen=True)
@@ -106,9 +120,7 @@ def choose(
     raw = logits
     penalised = [i for i, s in enumerate(states) if s is not None and s.sampling.penalised]
     if penalised:
-        logits = logits.clone()
-        for i in penalised:
-            logits[i] = states[i].penalise(logits[i])
+        logits = penalise(logits, penalised, states)
     guided = [i for i, s in enumerate(states) if s is not None and s.matcher is not None]
     if guided:
         from vlm_engine.guided import allowed_tokens
@@ -132,21 +144,23 @@ def choose(
         rows = logits[index]
         # shifted so the largest is 0: a tiny temperature gives 0 and -inf (argmax), not inf/inf
         probs = torch.softmax((rows - rows.max(dim=-1, keepdim=True).values) / temperature[:, None], dim=-1)
-        sorted_probs, order = torch.sort(probs, descending=True, dim=-1)
-        before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
-        keep = before < top_p[:, None]
-        keep[:, 0] = True  # the likeliest token always stays (top_p 5e-324 is 0 in float32)
-        sorted_probs = sorted_probs * keep
-        sorted_probs = sorted_probs / sorted_probs.sum(-1, keepdim=True)
+        order = None
+        if any(params[i].top_p < 1 for i in sampled):  # nucleus filtering: the only reason to sort
+            probs, order = torch.sort(probs, descending=True, dim=-1)
+            before = torch.cumsum(probs, dim=-1) - probs
+            keep = before < top_p[:, None]
+            keep[:, 0] = True  # the likeliest token always stays (top_p 5e-324 is 0 in float32)
+            probs = probs * keep
+            probs = probs / probs.sum(-1, keepdim=True)
         seeded = [j for j, i in enumerate(sampled) if states[i] is not None and states[i].generator is not None]
         shared = [j for j in range(len(sampled)) if j not in set(seeded)]
         picks = torch.zeros(len(sampled), 1, dtype=torch.long, device=logits.device)
         if shared:
             at = torch.tensor(shared, device=logits.device)
-            picks[at] = torch.multinomial(sorted_probs[at], 1, generator=generator)
+            picks[at] = torch.multinomial(probs[at], 1, generator=generator)
         for j in seeded:  # its own generator: its draws do not depend on the other rows
-            picks[j] = torch.multinomial(sorted_probs[j : j + 1], 1, generator=states[sampled[j]].generator)[0]
-        chosen[index] = order.gather(-1, picks).squeeze(-1)
+            picks[j] = torch.multinomial(probs[j : j + 1], 1, generator=states[sampled[j]].generator)[0]
+        chosen[index] = (order.gather(-1, picks) if order is not None else picks).squeeze(-1)
     if guided:
         usable = usable & ~blocked
     chosen = torch.where(usable, chosen, torch.zeros_like(chosen))

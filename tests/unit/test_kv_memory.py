@@ -163,7 +163,7 @@ def test_a_row_with_non_finite_scores_fails_alone(tiny_models_dir, monkeypatch):
     try:
         expected = [engine.generate([prepare(engine, i, 12)])[0].text for i in (0, 2)]
         doomed = prepare(engine, 1, 12, temperature=1.0)  # sampled: torch.multinomial would raise
-        choose = engine.adapter.choose
+        choose = engine.adapter.runner.choose
 
         def poisoned(logits, seqs):
             for i, seq in enumerate(seqs):
@@ -171,7 +171,7 @@ def test_a_row_with_non_finite_scores_fails_alone(tiny_models_dir, monkeypatch):
                     logits[i] = float("nan")
             return choose(logits, seqs)
 
-        monkeypatch.setattr(engine.adapter, "choose", poisoned)
+        monkeypatch.setattr(engine.adapter.runner, "choose", poisoned)
         requests = [Request(engine, p) for p in (prepare(engine, 0, 12), doomed, prepare(engine, 2, 12))]
         with pytest.raises(EngineError, match="non-finite"):
             requests[1].result()

@@ -317,9 +317,9 @@ def test_a_steps_images_go_through_the_vision_encoder_in_one_batch(pair, model):
     ]
     alone = []
     for messages in requests:
-        adapter._encoder_cache.clear()
+        adapter.runner.encoder_cache.clear()
         alone += greedy_tokens(engine, [messages])
-    adapter._encoder_cache.clear()
+    adapter.runner.encoder_cache.clear()
     batches, encode = [], adapter.encode_images
 
     def counted(pixels):

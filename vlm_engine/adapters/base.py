@@ -30,7 +30,6 @@ import logging
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -343,7 +342,8 @@ class GenerateAdapter(Adapter):
     resumable = True
     sampling_options = True  # seed, stop, penalties, logprobs, guides
     grammars: Any = None  # ``guided.Grammars``, made on the first guided request
-    read_in_place = False  # decode attention reads the pool's pages in place (``kv.cache.in_place``)
+    position_rows = 1  # rows of a token's position (Qwen3-VL: text, then three of M-RoPE)
+    runner: Any = None  # ``runner.ModelRunner``, made with the KV pool
 
     @abstractmethod
     def encode(self, group: list[Prepared]) -> dict[str, Any]:
@@ -365,10 +365,6 @@ class GenerateAdapter(Adapter):
         self.pad_id = pad if pad is not None else next(iter(self.eos))
         self.text_config()._attn_implementation = ATTENTION  # the vision tower keeps its own
         self._keys = itertools.count(1)
-        self._encoder_cache: OrderedDict[str, tuple[Any, ...]] = OrderedDict()
-        self._encoder_bytes = 0
-        self.vision_encoded = 0  # images run through the vision encoder
-        self.encoder_hits = 0  # images whose encoder output came from the cache
 
     def text_config(self) -> Any:
         return self.model.config.text_config
@@ -378,6 +374,7 @@ class GenerateAdapter(Adapter):
 
         from vlm_engine.kv.cache import in_place
         from vlm_engine.kv.pool import KVPool, budget_bytes, kv_shape
+        from vlm_engine.runner import ModelRunner
 
         s = self.settings
         shape = kv_shape(self.text_config(), self.model.dtype)
@@ -393,13 +390,29 @@ class GenerateAdapter(Adapter):
         if str(self.device).startswith("cuda"):
             torch.cuda.synchronize()
         started = time.perf_counter()
-        self.read_in_place = in_place(self.device, s.paged_attention)  # builds the CPU kernel once per machine
+        read_in_place = in_place(self.device, s.paged_attention)  # builds the CPU kernel once per machine
         log.info(
             "%s: decode attention %s (%.1f s)",
             s.name,
-            "reads pages in place" if self.read_in_place else "gathers pages",
+            "reads pages in place" if read_in_place else "gathers pages",
             time.perf_counter() - started,
         )
+        self.runner = ModelRunner(self, self.kv, read_in_place, s.max_running, row_tokens)
+
+    @property
+    def read_in_place(self) -> bool:
+        """Decode attention reads the pool's pages in place (``kv.cache.in_place``)."""
+        return self.runner.read_in_place
+
+    @property
+    def vision_encoded(self) -> int:
+        """Images run through the vision encoder."""
+        return self.runner.encoder_cache.encoded
+
+    @property
+    def encoder_hits(self) -> int:
+        """Images whose encoder output came from the encoder cache."""
+        return self.runner.encoder_cache.hits
 
     def max_image_tokens(self) -> int:
         return self.image_tokens
@@ -446,10 +459,9 @@ class GenerateAdapter(Adapter):
         length = int(inputs["input_ids"].shape[-1])
         return torch.arange(length), length, None
 
-    def decode_positions(self, seqs: list[Sequence]) -> Any:
-        import torch
-
-        return torch.tensor([s.next_position + s.cached - s.length for s in seqs])
+    def next_positions(self, seq: Sequence) -> list[int]:
+        """The position of ``seq``'s next token (after its ``cached`` tokens), one per position row."""
+        return [seq.next_position + seq.cached - seq.length]
 
     def image_mask(self, tokens: dict[str, Any]) -> Any:
         """Which prompt tokens stand for an image (their embeddings come from the vision encoder)."""
@@ -561,138 +573,8 @@ class GenerateAdapter(Adapter):
         return self.step(seqs, [])[0]
 
     def step(self, decodes: list[Sequence], chunks: list[tuple[Sequence, int, int]]) -> tuple[list[Any], list[Any]]:
-        """One packed forward: the last chosen token of every decoding sequence, then a prompt
-        chunk of each other one, as one flat sequence with its own positions (no padding);
-        logits only where a token is chosen."""
-        import torch
-
-        from vlm_engine.kv.cache import StepCache, forward_over, pack
-
-        pages = self.kv.pages
-        self.kv.scrub(pages.take_fresh())
-        last = [s.last for s in decodes]
-        keys = dict.fromkeys(k for seq, _, _ in chunks for k in seq.tokens)
-        inputs: dict[str, Any] = {}
-        for key in keys or ["input_ids"]:
-            parts = [seq.tokens[key][start:end] for seq, start, end in chunks]
-            if decodes:
-                head = torch.tensor(last) if key == "input_ids" else torch.zeros(len(decodes), dtype=parts[0].dtype)
-                parts.insert(0, head)
-            inputs[key] = torch.cat(parts)[None]
-        parts = [seq.positions[..., start:end] for seq, start, end in chunks]
-        if decodes:
-            parts.insert(0, self.decode_positions(decodes))
-        positions = torch.cat(parts, -1).unsqueeze(-2)
-        self._encode_step_images(chunks)
-        pieces = [piece for seq, start, end in chunks for piece in self._image_pieces(seq, start, end)]
-        if not pieces:
-            inputs = self.text_only(inputs)
-        inputs = {k: v.to(self.device) for k, v in inputs.items()}
-        if pieces:
-            inputs.update(self.image_inputs(pieces))
-        step = pack(
-            self.kv,
-            [(s.key, s.cached) for s in decodes],
-            [(s.key, a, b) for s, a, b in chunks],
-            self.device,
-            self.read_in_place,
-        )
-        done = [i for i, (seq, _, end) in enumerate(chunks) if end == seq.length]
-        keep = list(range(len(decodes))) + [step.chunks[i].end - 1 for i in done]
-        with torch.inference_mode(), forward_over(self.kv, step):
-            out = self.forward(
-                inputs,
-                positions.to(self.device),
-                StepCache(self.kv, step, 0 if pieces else 1),
-                torch.tensor(keep, dtype=torch.long, device=self.device),
-            )
-            chosen = self.choose(out.logits[0], [*decodes, *(chunks[i][0] for i in done)]) if keep else []
-        for seq, token in zip(decodes, last, strict=True):  # only once the forward has run: a failed
-            seq.ids.append(token)  # step is tried again, and its tokens must not be counted twice
-            seq.cached += 1
-        for seq, _, end in chunks:
-            seq.cached = end
-            if end == seq.length:
-                seq.encoded.clear()  # its prompt is in: the encoder outputs it held go back to the cache alone
-        for seq in (*decodes, *(seq for seq, _, _ in chunks)):
-            self._register(seq)
-        outputs: list[Any] = [None] * len(chunks)
-        for i, output in zip(done, chosen[len(decodes) :], strict=True):
-            outputs[i] = output
-        return chosen[: len(decodes)], outputs
-
-    def _register(self, seq: Sequence) -> None:
-        """Its pages filled so far are known by hash: later prompts that start the same way share them."""
-        pages, size = self.kv.pages, self.kv.page_size
-        if not pages.caching or seq.image_runs is None:
-            return
-        full = seq.cached // size
-        if full > len(seq.hashes):
-            parent = seq.hashes[-1] if seq.hashes else b""
-            seq.hashes += page_hashes(seq.ids[: full * size], seq.image_runs, size, len(seq.hashes), parent)
-        pages.register(seq.key, seq.hashes[:full])
-
-    # -- images: the vision encoder's output, by content, sliced chunk by chunk
-
-    def _image_pieces(self, seq: Sequence, start: int, end: int) -> list[tuple[Any, ...]]:
-        """The slices of encoder output that tokens ``[start, end)`` of ``seq`` take, in order."""
-        pieces = []
-        for index, (first, last, _) in enumerate(seq.image_runs):
-            low, high = max(start, first), min(end, last)
-            if low < high:
-                encoded = self.encoder_output(seq, index)
-                pieces.append(tuple(part[low - first : high - first] for part in encoded))
-        return pieces
-
-    def _encode_step_images(self, chunks: list[tuple[Sequence, int, int]]) -> None:
-        """Every image the step's chunks reach that is neither held by its row nor in the
-        encoder cache goes through the vision encoder in one batch (an image sent by several
-        rows, once); each row then holds its images' outputs until its prompt is in."""
-        import torch
-
-        wanted: dict[str, tuple[Sequence, int]] = {}
-        needed: list[tuple[Sequence, int, str]] = []
-        for seq, start, end in chunks:
-            for index, (first, last, key) in enumerate(seq.image_runs):
-                if max(start, first) >= min(end, last) or index in seq.encoded:
-                    continue
-                needed.append((seq, index, key))
-                if key not in self._encoder_cache:
-                    wanted.setdefault(key, (seq, index))
-        if wanted:
-            with torch.inference_mode():
-                outputs = self.encode_images([self.image_pixels(seq, index) for seq, index in wanted.values()])
-            self.vision_encoded += len(wanted)
-            for key, found in zip(wanted, outputs, strict=True):
-                self._keep_encoded(key, found)
-                wanted[key] = found
-        for seq, index, key in needed:
-            found = wanted.get(key)
-            if found is None:
-                found = self._encoder_cache[key]
-                self._encoder_cache.move_to_end(key)
-                self.encoder_hits += 1
-            seq.encoded[index] = found
-
-    def encoder_output(self, seq: Sequence, index: int) -> tuple[Any, ...]:
-        """Image ``index`` of ``seq`` through the vision encoder (one row per image token): what
-        the row holds, else from the encoder cache by the image's content, else encoded now."""
-        if index not in seq.encoded:
-            self._encode_step_images([(seq, seq.image_runs[index][0], seq.image_runs[index][1])])
-        return seq.encoded[index]
-
-    def _keep_encoded(self, key: str, encoded: tuple[Any, ...]) -> None:
-        """Kept by content, least recently used first out, within ``ENCODED_IMAGES`` images and
-        ``ENCODER_CACHE_MB``."""
-        size = sum(part.numel() * part.element_size() for part in encoded)
-        budget = self.settings.encoder_cache_mb * 2**20
-        if self.settings.encoded_images <= 0 or size > budget:
-            return
-        self._encoder_cache[key] = encoded
-        self._encoder_bytes += size
-        while len(self._encoder_cache) > self.settings.encoded_images or self._encoder_bytes > budget:
-            _, dropped = self._encoder_cache.popitem(last=False)
-            self._encoder_bytes -= sum(part.numel() * part.element_size() for part in dropped)
+        """One packed forward (``runner.ModelRunner``)."""
+        return self.runner.step(decodes, chunks)
 
     def image_pixels(self, seq: Sequence, index: int) -> dict[str, Any]:
         """The processor's inputs of image ``index`` alone (one image per row of pixel values)."""
@@ -719,21 +601,3 @@ class GenerateAdapter(Adapter):
     def text_only(self, inputs: dict[str, Any]) -> dict[str, Any]:
         """Inputs of a forward with no image tokens in it (Kosmos-2 drops its image mask)."""
         return inputs
-
-    def choose(self, logits: Any, seqs: list[Sequence]) -> list[Any]:
-        """Each row's next token; a row whose logits are not usable gets its own error."""
-        from vlm_engine.errors import EngineError
-        from vlm_engine.sampling import choose
-
-        choice = choose(logits, [s.params for s in seqs], states=[s.state for s in seqs])
-        outputs: list[Any] = []
-        rows = zip(seqs, choice.ids, choice.usable, choice.logprobs, strict=True)
-        for i, (seq, token, usable, logprob) in enumerate(rows):
-            seq.last = token
-            if i in choice.errors:  # the row's grammar failed
-                outputs.append(choice.errors[i])
-            elif not usable:
-                outputs.append(EngineError("the model produced non-finite scores for this request"))
-            else:
-                outputs.append(logprob if logprob is not None else token)
-        return outputs

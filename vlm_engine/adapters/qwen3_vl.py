@@ -38,6 +38,7 @@ class EncodedImages:
 class Qwen3VLAdapter(GenerateAdapter):
     multi_image = True  # the chat template's image parts, each expanded to its own grid
     tool_format = "hermes"  # tools in the system turn, calls in <tool_call> tags (vlm_engine.tools)
+    position_rows = 4  # text, then M-RoPE's temporal, height and width
 
     def load(self) -> None:
         from transformers import AutoImageProcessor, AutoTokenizer, Qwen3VLForConditionalGeneration
@@ -154,9 +155,6 @@ class Qwen3VLAdapter(GenerateAdapter):
             mrope = text[None].expand(3, -1)
         return torch.cat([text[None], mrope]), length, int(mrope.max()) + 1 if length else 0
 
-    def decode_positions(self, seqs: list[Sequence]) -> Any:
-        import torch
-
-        text = torch.tensor([s.next_position + s.cached - s.length for s in seqs])
-        mrope = torch.tensor([s.next_mrope + s.cached - s.length for s in seqs])
-        return torch.stack([text, mrope, mrope, mrope])
+    def next_positions(self, seq: Sequence) -> list[int]:
+        mrope = seq.next_mrope + seq.cached - seq.length
+        return [seq.next_position + seq.cached - seq.length, mrope, mrope, mrope]

@@ -76,41 +76,45 @@ def in_place(device: Any, setting: str = "auto") -> bool:
     return cpu_attention.available()
 
 
-def pack(
-    pool: KVPool,
-    decodes: list[tuple[int, int]],
-    chunks: list[tuple[int, int, int]],
-    device: Any,
-    read_in_place: bool = False,
-) -> Step:
-    """``decodes``: (row key, tokens it has in the pool) for rows adding one token;
-    ``chunks``: (row key, start, end) for prompt chunks. Their pages must be held already."""
+@dataclass
+class DecodeRows:
+    """The decode rows of a pack, from the persistent batch (device tensors): each new token's
+    ``slots`` ``[rows]``, block ``table`` ``[rows, width]``, ``lengths`` ``[rows]`` with the new
+    token; ``tokens``: their sum (on the host); ``in_place``: attention reads pages in place."""
+
+    slots: torch.Tensor
+    table: torch.Tensor
+    lengths: torch.Tensor
+    tokens: int
+    in_place: bool
+
+
+def pack(pool: KVPool, decode: DecodeRows | None, chunks: list[tuple[int, int, int]], device: Any) -> Step:
+    """The ``Step`` of one packed forward: ``decode`` rows first, then ``chunks`` (row key,
+    start, end) of prompts. Their pages must be held already."""
     table, size = pool.pages, pool.page_size
-    slots: list[int] = []
     decode_pages = decode_mask = decode_lengths = None
-    read = attended = 0
-    if decodes:
-        held = [table.pages(key) for key, _ in decodes]
-        lengths = [cached + 1 for _, cached in decodes]
-        width = max(table.pages_for(n) for n in lengths)
-        slots += [h[c // size] * size + c % size for h, (_, c) in zip(held, decodes, strict=True)]
-        # a short row's table is padded with its own first page: masked, and never another row's data
-        decode_pages = torch.tensor([h[:width] + h[:1] * (width - len(h[:width])) for h in held], dtype=torch.long)
-        length = torch.tensor(lengths)
-        read += sum(lengths)
-        decode_pages = decode_pages.to(device)
-        if read_in_place:
-            decode_lengths = length
-            attended += sum(lengths)
+    read = attended = rows = 0
+    slots = []
+    if decode is not None:
+        rows, decode_pages = len(decode.lengths), decode.table
+        slots.append(decode.slots)
+        read += decode.tokens
+        if decode.in_place:
+            decode_lengths = decode.lengths
+            attended += decode.tokens
         else:
-            decode_mask = (torch.arange(width * size)[None, :] < length[:, None])[:, None, None].to(device)
-            attended += len(decodes) * width * size
+            width = decode.table.shape[1] * size
+            key_positions = torch.arange(width, device=decode.lengths.device)
+            decode_mask = (key_positions[None, :] < decode.lengths[:, None])[:, None, None]
+            attended += rows * width
     placed: list[Chunk] = []
-    begin = len(slots)
+    begin = rows
+    chunk_slots: list[int] = []
     for key, start, end in chunks:
         held = torch.tensor(table.pages(key)[: table.pages_for(end)], dtype=torch.long)
         position = torch.arange(start, end)
-        slots += (held[position // size] * size + position % size).tolist()
+        chunk_slots += (held[position // size] * size + position % size).tolist()
         chunk = Chunk(begin, begin + end - start)
         if start > 0:
             limit = position[:, None]
@@ -122,13 +126,15 @@ def pack(
         read += end
         placed.append(chunk)
         begin = chunk.end
+    if chunk_slots:
+        slots.append(torch.tensor(chunk_slots, dtype=torch.long).to(device))
     return Step(
-        torch.tensor(slots, dtype=torch.long, device=device),
-        len(decodes),
+        slots[0] if len(slots) == 1 else torch.cat(slots),
+        rows,
         decode_pages,
         decode_mask,
         placed,
-        len(slots),
+        begin,
         read,
         attended,
         pool,

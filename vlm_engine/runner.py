@@ -1,0 +1,204 @@
+"""The model runner: one packed forward per step for the HF decoder models.
+
+Each step carries a token for every decoding row and prompt chunks of others as one flat
+sequence with per-token positions, no padding, logits only where a token is chosen:
+
+- **decode rows** come from the persistent batch (``batch.PersistentBatch``): their tokens,
+  positions, block tables and lengths are views of tensors allocated once and updated by
+  difference; after the forward the chosen tokens become the next inputs in place;
+- **prompt chunks** are cut from each row's prompt tensors; the images a step's chunks reach
+  go through the vision encoder in one batch (``encoder_cache.EncoderCache`` keeps them by
+  content), and each chunk takes the slice of encoder output its image tokens cover;
+- the pages a step fills are registered by hash (prefix caching, ``kv.manager``).
+
+The adapter describes its model (inputs, positions, image encoding, the forward call); the
+runner owns the pool, the batch, the encoder cache and the step.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from vlm_engine.batch import PersistentBatch
+from vlm_engine.encoder_cache import EncoderCache
+from vlm_engine.kv.cache import DecodeRows, StepCache, forward_over, pack
+from vlm_engine.kv.manager import page_hashes
+from vlm_engine.kv.pool import KVPool
+
+if TYPE_CHECKING:
+    from vlm_engine.adapters.base import GenerateAdapter, Sequence
+
+Chunk = tuple["Sequence", int, int]  # a row, and the [start, end) of its prompt this step carries
+
+
+class ModelRunner:
+    def __init__(self, adapter: GenerateAdapter, pool: KVPool, read_in_place: bool, max_rows: int, max_tokens: int):
+        self.adapter = adapter
+        self.kv = pool
+        self.device = adapter.device
+        self.read_in_place = read_in_place
+        settings = adapter.settings
+        self.encoder_cache = EncoderCache(settings.encoded_images, settings.encoder_cache_mb * 2**20)
+        self.batch = PersistentBatch(
+            max_rows, pool.pages.pages_for(max_tokens) + 1, adapter.position_rows, pool.page_size, self.device
+        )
+
+    # -- one step
+
+    def step(self, decodes: list[Sequence], chunks: list[Chunk]) -> tuple[list[Any], list[Any]]:
+        """An output per decoding row (in the order given) and per chunk (``None`` for a chunk
+        that does not complete its prompt)."""
+        self.kv.scrub(self.kv.pages.take_fresh())
+        rows, decode = self._decode_rows(decodes)
+        self._encode_step_images(chunks)
+        pieces = [piece for seq, start, end in chunks for piece in self._image_pieces(seq, start, end)]
+        inputs, positions = self._inputs(rows, chunks, bool(pieces))
+        if pieces:
+            inputs.update(self.adapter.image_inputs(pieces))
+        step = pack(self.kv, decode, [(s.key, a, b) for s, a, b in chunks], self.device)
+        done = [i for i, (seq, _, end) in enumerate(chunks) if end == seq.length]
+        keep = list(range(len(rows))) + [step.chunks[i].end - 1 for i in done]
+        last = [s.last for s in rows]
+        with torch.inference_mode(), forward_over(self.kv, step):
+            out = self.adapter.forward(
+                inputs,
+                positions,
+                StepCache(self.kv, step, 0 if pieces else 1),
+                torch.tensor(keep, dtype=torch.long, device=self.device),
+            )
+            outputs, chosen = self.choose(out.logits[0], [*rows, *(chunks[i][0] for i in done)])
+            if rows:
+                self.batch.advance(chosen[: len(rows)])
+        for seq, token in zip(rows, last, strict=True):  # only once the forward has run: a failed
+            seq.ids.append(token)  # step is tried again, and its tokens must not be counted twice
+            seq.cached += 1
+        for seq, _, end in chunks:
+            seq.cached = end
+            if end == seq.length:
+                seq.encoded.clear()  # its prompt is in: the encoder outputs it held go back to the cache alone
+        for seq in (*rows, *(seq for seq, _, _ in chunks)):
+            self._register(seq)
+        by_row = dict(zip((s.key for s in rows), outputs[: len(rows)], strict=True))
+        finished: list[Any] = [None] * len(chunks)
+        for i, output in zip(done, outputs[len(rows) :], strict=True):
+            finished[i] = output
+        return [by_row[s.key] for s in decodes], finished
+
+    def choose(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[Any], torch.Tensor]:
+        """Each row's next token (on the host, and the device tensor of them); a row whose
+        logits are not usable gets its own error as its output."""
+        from vlm_engine.errors import EngineError
+        from vlm_engine.sampling import choose
+
+        choice = choose(logits, [s.params for s in seqs], states=[s.state for s in seqs])
+        outputs: list[Any] = []
+        rows = zip(seqs, choice.ids, choice.usable, choice.logprobs, strict=True)
+        for i, (seq, token, usable, logprob) in enumerate(rows):
+            seq.last = token
+            if i in choice.errors:  # the row's grammar failed
+                outputs.append(choice.errors[i])
+            elif not usable:
+                outputs.append(EngineError("the model produced non-finite scores for this request"))
+            else:
+                outputs.append(logprob if logprob is not None else token)
+        return outputs, choice.tensor
+
+    def _decode_rows(self, decodes: list[Sequence]) -> tuple[list[Sequence], DecodeRows | None]:
+        """The decoding rows in the batch's order, and their part of the pack."""
+        if not decodes:
+            return [], None
+        batch = self.batch
+        slots = batch.update(decodes, self.kv.pages.pages, self.adapter.next_positions)
+        rows: list[Any] = [None] * len(decodes)
+        for seq, slot in zip(decodes, slots, strict=True):
+            rows[slot] = seq
+        n = len(rows)
+        return rows, DecodeRows(
+            slots=batch.slots(),
+            table=batch.tables[:n] if self.read_in_place else batch.tables[:n, : batch.width()],
+            lengths=batch.lengths[:n] + 1,
+            tokens=sum(s.cached + 1 for s in rows),
+            in_place=self.read_in_place,
+        )
+
+    def _inputs(self, rows: list[Sequence], chunks: list[Chunk], images: bool) -> tuple[dict[str, Any], Any]:
+        """The flat sequence's per-token inputs and positions: decode rows first, then chunks."""
+        n = len(rows)
+        keys = dict.fromkeys(k for seq, _, _ in chunks for k in seq.tokens) or {"input_ids": None}
+        inputs: dict[str, Any] = {}
+        for key in keys:
+            head = self.batch.tokens[:n] if key == "input_ids" else None
+            parts = [seq.tokens[key][start:end] for seq, start, end in chunks]
+            if not parts:
+                inputs[key] = head[None]
+                continue
+            tail = torch.cat(parts).to(self.device)
+            if n:
+                head = head if head is not None else tail.new_zeros(n)
+                tail = torch.cat([head, tail])
+            inputs[key] = tail[None]
+        if not images:
+            inputs = self.adapter.text_only(inputs)
+        head = self.batch.positions[:, :n]
+        if head.shape[0] == 1:
+            head = head[0]
+        if chunks:
+            tail = torch.cat([seq.positions[..., start:end] for seq, start, end in chunks], -1).to(self.device)
+            head = torch.cat([head, tail], -1) if n else tail
+        return inputs, head.unsqueeze(-2)
+
+    def _register(self, seq: Sequence) -> None:
+        """Its pages filled so far are known by hash: later prompts that start the same way share them."""
+        pages, size = self.kv.pages, self.kv.page_size
+        if not pages.caching or seq.image_runs is None:
+            return
+        full = seq.cached // size
+        if full > len(seq.hashes):
+            parent = seq.hashes[-1] if seq.hashes else b""
+            seq.hashes += page_hashes(seq.ids[: full * size], seq.image_runs, size, len(seq.hashes), parent)
+        pages.register(seq.key, seq.hashes[:full])
+
+    # -- images: the vision encoder's output, by content, sliced chunk by chunk
+
+    def _image_pieces(self, seq: Sequence, start: int, end: int) -> list[tuple[Any, ...]]:
+        """The slices of encoder output that tokens ``[start, end)`` of ``seq`` take, in order."""
+        pieces = []
+        for index, (first, last, _) in enumerate(seq.image_runs):
+            low, high = max(start, first), min(end, last)
+            if low < high:
+                encoded = self.encoder_output(seq, index)
+                pieces.append(tuple(part[low - first : high - first] for part in encoded))
+        return pieces
+
+    def _encode_step_images(self, chunks: list[Chunk]) -> None:
+        """Every image the step's chunks reach that is neither held by its row nor in the
+        encoder cache goes through the vision encoder in one batch (an image sent by several
+        rows, once); each row then holds its images' outputs until its prompt is in."""
+        cache = self.encoder_cache
+        wanted: dict[str, Any] = {}
+        needed: list[tuple[Sequence, int, str]] = []
+        for seq, start, end in chunks:
+            for index, (first, last, key) in enumerate(seq.image_runs):
+                if max(start, first) >= min(end, last) or index in seq.encoded:
+                    continue
+                needed.append((seq, index, key))
+                if key not in cache:
+                    wanted.setdefault(key, (seq, index))
+        if wanted:
+            with torch.inference_mode():
+                outputs = self.adapter.encode_images([self.adapter.image_pixels(s, i) for s, i in wanted.values()])
+            for key, found in zip(list(wanted), outputs, strict=True):
+                cache.keep(key, found)
+                wanted[key] = found
+        for seq, index, key in needed:
+            seq.encoded[index] = wanted[key] if key in wanted else cache.take(key)
+
+    def encoder_output(self, seq: Sequence, index: int) -> tuple[Any, ...]:
+        """Image ``index`` of ``seq`` through the vision encoder (one row per image token): what
+        the row holds, else from the encoder cache by the image's content, else encoded now."""
+        if index not in seq.encoded:
+            first, last, _ = seq.image_runs[index]
+            self._encode_step_images([(seq, first, last)])
+        return seq.encoded[index]
