@@ -15,11 +15,12 @@ from typing import Any
 from PIL import Image
 
 from vlm_engine.adapters import adapter_class
-from vlm_engine.adapters.base import Adapter, Prepared, Result
+from vlm_engine.adapters.base import Adapter, Prepared
 from vlm_engine.chat import Message, has_text, prompt_message, single_turn
 from vlm_engine.errors import InvalidParameter, InvalidRequest, ModelConfigError, PromptTooLong, ShuttingDown, TooLarge
 from vlm_engine.images import content_key, decode_image
 from vlm_engine.loading import check_source, cpu_threads, load_error, resolve_device
+from vlm_engine.output import Result
 from vlm_engine.params import GenerationParams, Sampling, resolve_params
 from vlm_engine.scheduler import Event, Metrics, Scheduler
 from vlm_engine.settings import ModelSettings, resolve_settings
@@ -125,11 +126,22 @@ class VLMEngine:
             self.warmup()
 
     def warmup(self) -> None:
-        """One short generation so the first real request does not pay for lazy set-up."""
-        blank = Image.new("RGB", BLANK, (127, 127, 127))
-        prepared = Prepared(single_turn("Describe the image.", None), resolve_params(self.settings, 2), blank)
-        prepared.messages[0].decoded = [blank]
-        self.generate([prepared])
+        """One short generation so the first real request does not pay for lazy set-up; with
+        ``COMPILE_STEP``, then two rows at once, so that both of the compiled step's graphs
+        (one row, and any number of rows) are built before the model reports ready."""
+        started = time.perf_counter()
+
+        def blank_request() -> Prepared:
+            blank = Image.new("RGB", BLANK, (127, 127, 127))
+            prepared = Prepared(single_turn("Describe the image.", None), resolve_params(self.settings, 2), blank)
+            prepared.messages[0].decoded = [blank]
+            return prepared
+
+        self.generate([blank_request()])
+        runner = getattr(self.adapter, "runner", None)
+        if runner is not None and runner.compiled is not None:
+            self.generate([blank_request(), blank_request()])
+            log.info("%s: decode step compiled (torch.compile) in %.1f s", self.name, time.perf_counter() - started)
 
     def prepare(
         self,

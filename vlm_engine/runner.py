@@ -23,7 +23,7 @@ import torch
 
 from vlm_engine.batch import PersistentBatch
 from vlm_engine.encoder_cache import EncoderCache
-from vlm_engine.kv.cache import DecodeRows, StepCache, forward_over, pack
+from vlm_engine.kv.cache import ATTENTION, COMPILED_ATTENTION, DecodeRows, StepCache, forward_over, pack
 from vlm_engine.kv.manager import page_hashes
 from vlm_engine.kv.pool import KVPool
 
@@ -34,7 +34,15 @@ Chunk = tuple["Sequence", int, int]  # a row, and the [start, end) of its prompt
 
 
 class ModelRunner:
-    def __init__(self, adapter: GenerateAdapter, pool: KVPool, read_in_place: bool, max_rows: int, max_tokens: int):
+    def __init__(
+        self,
+        adapter: GenerateAdapter,
+        pool: KVPool,
+        read_in_place: bool,
+        max_rows: int,
+        max_tokens: int,
+        compile_step: bool = False,
+    ):
         self.adapter = adapter
         self.kv = pool
         self.device = adapter.device
@@ -44,6 +52,12 @@ class ModelRunner:
         self.batch = PersistentBatch(
             max_rows, pool.pages.pages_for(max_tokens) + 1, adapter.position_rows, pool.page_size, self.device
         )
+        # decode steps (the bulk) through torch.compile, dynamic in the rows; steps with prompt
+        # chunks (images, varying inputs) stay eager
+        # (no guards on the model's modules and weights: they never change while it serves)
+        options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+        self.compiled_steps = 0  # forwards that ran compiled
+        self.compiled = torch.compile(adapter.forward_module(), dynamic=True, options=options) if compile_step else None
 
     # -- one step
 
@@ -62,11 +76,12 @@ class ModelRunner:
         keep = list(range(len(rows))) + [step.chunks[i].end - 1 for i in done]
         last = [s.last for s in rows]
         with torch.inference_mode(), forward_over(self.kv, step):
-            out = self.adapter.forward(
+            out = self._forward(
                 inputs,
                 positions,
                 StepCache(self.kv, step, 0 if pieces else 1),
                 torch.tensor(keep, dtype=torch.long, device=self.device),
+                compiled=not chunks,
             )
             outputs, chosen = self.choose(out.logits[0], [*rows, *(chunks[i][0] for i in done)])
             if rows:
@@ -85,6 +100,17 @@ class ModelRunner:
         for i, output in zip(done, outputs[len(rows) :], strict=True):
             finished[i] = output
         return [by_row[s.key] for s in decodes], finished
+
+    def _forward(self, inputs: dict[str, Any], positions: Any, cache: StepCache, keep: Any, compiled: bool) -> Any:
+        if self.compiled is None or not compiled:
+            return self.adapter.forward(inputs, positions, cache, keep)
+        self.compiled_steps += 1
+        config = self.adapter.text_config()
+        config._attn_implementation = COMPILED_ATTENTION  # every attention of the graph is the op
+        try:
+            return self.adapter.forward(inputs, positions, cache, keep, module=self.compiled)
+        finally:
+            config._attn_implementation = ATTENTION
 
     def choose(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[Any], torch.Tensor]:
         """Each row's next token (on the host, and the device tensor of them); a row whose
@@ -131,8 +157,8 @@ class ModelRunner:
         for key in keys:
             head = self.batch.tokens[:n] if key == "input_ids" else None
             parts = [seq.tokens[key][start:end] for seq, start, end in chunks]
-            if not parts:
-                inputs[key] = head[None]
+            if not parts:  # a copy: a view of the batch's tensor would tie a compiled graph to its base
+                inputs[key] = head[None].clone()
                 continue
             tail = torch.cat(parts).to(self.device)
             if n:
@@ -147,7 +173,7 @@ class ModelRunner:
         if chunks:
             tail = torch.cat([seq.positions[..., start:end] for seq, start, end in chunks], -1).to(self.device)
             head = torch.cat([head, tail], -1) if n else tail
-        return inputs, head.unsqueeze(-2)
+        return inputs, head.unsqueeze(-2).clone()  # no view: a compiled graph would be tied to its base
 
     def _register(self, seq: Sequence) -> None:
         """Its pages filled so far are known by hash: later prompts that start the same way share them."""

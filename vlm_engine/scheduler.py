@@ -54,8 +54,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from vlm_engine.adapters.base import Adapter, Prepared, Result, RowDecoder
+from vlm_engine.adapters.base import Adapter, Prepared
 from vlm_engine.errors import EngineError, Overloaded, ShuttingDown, TooLarge
+from vlm_engine.output import Result, RowDecoder
 
 log = logging.getLogger("vlm_engine.scheduler")
 CANCEL_CHECK_SECONDS = 0.05  # how often rows are asked whether their client left, at least

@@ -92,6 +92,11 @@ class ModelSettings(BaseModel):
     paged_attention: Literal["auto", "gather"] = Field(
         "auto", description="auto: decode rows read KV pages in place where a kernel exists (CPU: built once); gather"
     )
+    compile_step: Literal["auto", "true", "false"] = Field(
+        "auto",
+        description="decode steps run the text model through torch.compile (inductor; compiled while warming up); "
+        "auto: on CPU yes, on CUDA not yet (measured by make gpu-check first)",
+    )
     prefix_caching: bool = Field(
         True, description="share the KV pages of prompts that start the same way (by hash, images included)"
     )

@@ -314,3 +314,14 @@ def test_a_row_gets_the_answer_of_the_models_own_generate(tiny_models_dir, model
         assert answered >= 2, "most answers must have text, or the comparison proves little"
     finally:
         engine.close()
+
+
+def test_a_cpu_pool_takes_at_most_a_quarter_of_the_memory_available(monkeypatch):
+    """Every row at full length (the CPU default) may be far more than the machine has: the
+    pool is capped at a quarter of what is available, unless KV_CACHE_MB says otherwise."""
+    from vlm_engine.kv import pool
+
+    monkeypatch.setattr(pool, "available_memory", lambda: 8 * 2**30)
+    assert pool.budget_bytes(None, 0.9, "cpu", 64 * 2**30) == 2 * 2**30
+    assert pool.budget_bytes(None, 0.9, "cpu", 2**30) == 2**30, "a default that fits is kept"
+    assert pool.budget_bytes(40_000, 0.9, "cpu", 2**30) == 40_000 * 2**20, "KV_CACHE_MB beats the cap"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 
-from vlm_engine.adapters.base import Result
+from vlm_engine.output import Result
 from vlm_engine.scheduler import Event
 from vlm_triton.outbox import Outbox, coalesce
 

@@ -46,7 +46,9 @@ class Recorder(Metrics):
 
 
 def make_engine(models_dir, model: str, metrics: Metrics | None = None, **env) -> VLMEngine:
-    settings = resolve_settings(model, env={"VLM_MODELS_DIR": str(models_dir), **env})
+    """An engine on a tiny checkpoint; eager unless ``COMPILE_STEP`` says (compiling takes
+    seconds per engine; ``test_compiled_step`` runs the compiled step)."""
+    settings = resolve_settings(model, env={"VLM_MODELS_DIR": str(models_dir), "COMPILE_STEP": "false", **env})
     return VLMEngine(settings, metrics=metrics)
 
 

@@ -10,15 +10,16 @@ The scheduler (``vlm_engine.scheduler``) drives adapters through these verbs, on
 - ``prefix_hit(seq)``: the cached pages its prompt can start from (prefix caching);
 - ``step(decodes, chunks)``: one step: one more output for every decoding sequence, and a
   prompt chunk of others; the first output of each sequence whose prompt is complete
-  (``None`` for the others). HF models run it as **one packed forward**; ``prefill`` and
-  ``decode`` are its two halves;
+  (``None`` for the others). HF models run it as **one packed forward** (``runner``);
+  ``prefill`` and ``decode`` are its two halves;
 - ``free(seq)``: the sequence left; its KV references are given back.
 
 The KV memory of HF models is a pool of pages (``vlm_engine.kv``), sized once; the
 scheduler asks ``kv.pages`` whether a request fits, grows rows page by page and preempts
 when it runs out. An output is a token id (HF models) or a text chunk (moondream2's own
-API), turned into text by the row's ``decoder``; an exception as an output fails that row
-alone.
+API), turned into text by the row's ``decoder`` (``vlm_engine.output``); an exception as an
+output fails that row alone. Adapters describe their model (inputs, positions, image encoder,
+the forward call); the runner (``vlm_engine.runner``) owns the step.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from PIL import Image
 
 from vlm_engine.chat import Message
 from vlm_engine.kv.manager import page_hashes
+from vlm_engine.output import Result, RowDecoder, StreamText, TokenDecoder
 from vlm_engine.params import GenerationParams
 from vlm_engine.settings import ModelSettings
 
@@ -68,38 +70,7 @@ class Prepared:
         return [image for message in self.messages for image in message.decoded]
 
 
-@dataclass
-class Result:
-    text: str
-    output_tokens: int
-    finish_reason: str  # "stop" | "length" | "cancelled"
-    entities: list[dict[str, Any]] | None = None
-    prompt_tokens: int = 0  # text tokens of the conversation (image tokens not counted)
-    logprobs: list[dict[str, Any]] | None = None  # per output token, OpenAI's shape (when asked)
-
-
 SEQUENCE_KEYS = ("input_ids", "attention_mask", "image_embeds_position_mask", "mm_token_type_ids")
-
-
-@dataclass
-class RowStep:
-    """What one output did to a row: new visible text, tokens used, end of the answer."""
-
-    delta: str = ""
-    tokens: int = 1
-    stop: bool = False
-    logprobs: list[dict[str, Any]] = field(default_factory=list)  # of this step's tokens, when asked
-
-
-class RowDecoder(ABC):
-    """Turns one row's outputs into text as they come."""
-
-    @abstractmethod
-    def push(self, output: Any) -> RowStep: ...
-
-    @abstractmethod
-    def finish(self, finish_reason: str) -> tuple[str, Result]:
-        """The text not sent yet, and the row's result."""
 
 
 class Adapter(ABC):
@@ -183,103 +154,6 @@ class Adapter(ABC):
         return None
 
 
-class StreamText:
-    """A row's visible text from ``tokenizers``' ``DecodeStream``: O(1) per token.
-
-    Leading whitespace is dropped and trailing whitespace held back (the final answer is
-    stripped), so what is sent is always a prefix of the answer."""
-
-    def __init__(self, tokenizer: Any):
-        from tokenizers.decoders import DecodeStream
-
-        self.tokenizer = tokenizer
-        self.stream = DecodeStream(skip_special_tokens=True)
-        self.ids: list[int] = []
-        self.emitted_chars = 0
-        self.sent = ""  # what push has returned so far
-        self.started = False
-        self.held = ""
-
-    def push(self, token: int) -> str:
-        self.ids.append(token)
-        piece = self.stream.step(self.tokenizer, token) or ""
-        if not self.started:
-            piece = piece.lstrip()
-            if not piece:
-                return ""
-            self.started = True
-        body = piece.rstrip()
-        if not body:
-            self.held += piece
-            return ""
-        out, self.held = self.held + body, piece[len(body) :]
-        self.emitted_chars += len(out)
-        self.sent += out
-        return out
-
-    def flush(self, final_text: str) -> str:
-        """The rest of ``final_text`` after what was sent."""
-        rest = final_text[self.emitted_chars :]
-        self.emitted_chars = len(final_text)
-        return rest
-
-
-class TokenDecoder(RowDecoder):
-    """Token ids to text for HF models; EOS ends the answer and is not counted. Stop strings
-    end it too: the text ends before the stop string, and text that could still become one
-    is held back."""
-
-    def __init__(self, adapter: GenerateAdapter, params: GenerationParams | None = None):
-        self.adapter = adapter
-        self.text = adapter.stream_text()
-        self.eos = set() if adapter.settings.ignore_eos else adapter.eos
-        self.stops = params.sampling.stop if params is not None else ()
-        self.longest = max((len(s) for s in self.stops), default=0)
-        self.shown = ""  # text released so far (stop strings only)
-        self.logprobs: list[dict[str, Any]] | None = [] if params is not None and params.sampling.logprobs else None
-
-    @property
-    def ids(self) -> list[int]:
-        return self.text.ids
-
-    def push(self, output: Any) -> RowStep:
-        from vlm_engine.sampling import TokenLogprob
-
-        if isinstance(output, BaseException):
-            raise output
-        entries = []
-        if isinstance(output, TokenLogprob):
-            entries = [self.adapter.logprob_entry(output)]
-            output = output.token
-        if output in self.eos:
-            return RowStep(tokens=0, stop=True)
-        if self.logprobs is not None:
-            self.logprobs.extend(entries)
-        delta = self.text.push(output)
-        if not self.stops:
-            return RowStep(delta, logprobs=entries)
-        full = self.text.sent + self.text.held  # everything decoded so far, leading spaces dropped
-        hit = first_stop(full, self.stops, max(0, len(self.shown) - self.longest + 1))
-        if hit is not None:
-            release = full[len(self.shown) : hit].rstrip()
-            self.shown += release
-            return RowStep(release, stop=True, logprobs=entries)
-        hold = stop_prefix_length(full, self.stops)
-        release = full[len(self.shown) : len(full) - hold].rstrip()
-        self.shown += release
-        return RowStep(release, logprobs=entries)
-
-    def finish(self, finish_reason: str) -> tuple[str, Result]:
-        result = self.adapter.finish(self.text.ids, finish_reason)
-        result.logprobs = self.logprobs
-        if not self.stops:
-            return self.text.flush(result.text), result
-        hit = first_stop(result.text, self.stops, 0)
-        if hit is not None:
-            result.text = result.text[:hit].rstrip()
-        return result.text[len(self.shown) :], result
-
-
 def pixels_key(image: Image.Image | None) -> str:
     """A content key for an image the request did not send as bytes (a blank one the engine made)."""
     import hashlib
@@ -289,20 +163,6 @@ def pixels_key(image: Image.Image | None) -> str:
     digest = hashlib.blake2b(f"{image.mode}{image.size}".encode(), digest_size=16)
     digest.update(image.tobytes())
     return digest.hexdigest()
-
-
-def first_stop(text: str, stops: tuple[str, ...], start: int) -> int | None:
-    """Where the earliest stop string begins in ``text`` (from ``start``), if any does."""
-    found = [i for i in (text.find(s, start) for s in stops) if i >= 0]
-    return min(found) if found else None
-
-
-def stop_prefix_length(text: str, stops: tuple[str, ...]) -> int:
-    """The length of the longest end of ``text`` that is the start of a stop string."""
-    for length in range(min(len(text), max(len(s) for s in stops) - 1), 0, -1):
-        if any(s.startswith(text[-length:]) for s in stops):
-            return length
-    return 0
 
 
 @dataclass(eq=False)
@@ -397,7 +257,9 @@ class GenerateAdapter(Adapter):
             "reads pages in place" if read_in_place else "gathers pages",
             time.perf_counter() - started,
         )
-        self.runner = ModelRunner(self, self.kv, read_in_place, s.max_running, row_tokens)
+        on_cuda = str(self.device).startswith("cuda")
+        compile_step = s.compile_step == "true" or (s.compile_step == "auto" and not on_cuda)
+        self.runner = ModelRunner(self, self.kv, read_in_place, s.max_running, row_tokens, compile_step)
 
     @property
     def read_in_place(self) -> bool:
@@ -472,9 +334,15 @@ class GenerateAdapter(Adapter):
         image_id = getattr(self.model.config, "image_token_id", None)
         return tokens["input_ids"] == image_id
 
-    def forward(self, inputs: dict[str, Any], positions: Any, cache: Any, keep: Any) -> Any:
-        """One packed forward; ``keep``: the positions whose logits are needed."""
-        return self.model(**inputs, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=keep)
+    def forward_module(self) -> Any:
+        """The module a step calls (what ``COMPILE_STEP`` compiles)."""
+        return self.model
+
+    def forward(self, inputs: dict[str, Any], positions: Any, cache: Any, keep: Any, module: Any = None) -> Any:
+        """One packed forward; ``keep``: the positions whose logits are needed; ``module``: the
+        compiled ``forward_module`` when the runner has one."""
+        module = module if module is not None else self.forward_module()
+        return module(**inputs, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=keep)
 
     # -- the scheduler's verbs
 

@@ -15,8 +15,9 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from vlm_engine.adapters.base import GenerateAdapter, Prepared, Result, StreamText
+from vlm_engine.adapters.base import GenerateAdapter, Prepared
 from vlm_engine.loading import from_pretrained_kwargs
+from vlm_engine.output import Result, StreamText
 
 FIELD = re.compile("<.*?>")  # what transformers removes from a Kosmos-2 caption
 
@@ -120,12 +121,10 @@ class Kosmos2Adapter(GenerateAdapter):
 
         return {"image_embeds": torch.cat([p[0] for p in pieces])[None]}
 
-    def forward(self, inputs: dict[str, Any], positions: Any, cache: Any, keep: Any) -> Any:
+    def forward_module(self) -> Any:
         """The text model alone: image tokens take ``image_embeds`` (the top-level forward
         would run the vision tower again)."""
-        return self.model.text_model(
-            **inputs, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=keep
-        )
+        return self.model.text_model
 
     def stream_text(self) -> StreamText:
         return CaptionStreamText(self.tokenizer._tokenizer)

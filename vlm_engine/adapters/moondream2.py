@@ -44,10 +44,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vlm_engine.adapters.base import Adapter, Prepared, Result, RowDecoder, RowStep
+from vlm_engine.adapters.base import Adapter, Prepared
 from vlm_engine.chat import prompt_message
 from vlm_engine.errors import InvalidParameter, InvalidRequest, ModelConfigError, PromptTooLong
 from vlm_engine.loading import from_pretrained_kwargs, resolve_dtype
+from vlm_engine.output import Result, RowDecoder, RowStep
 
 TOKENIZER_REPO = "moondream/starmie-v1"  # what the real code asks for
 TOKENIZER_REVISION = "35192e10a54e36eabe0a7cc57a2c1aab371cafc5"  # pinned here; the code asks for "main"

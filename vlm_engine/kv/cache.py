@@ -30,6 +30,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from vlm_engine.kv.pool import KVPool
 
 ATTENTION = "vlm_paged"
+COMPILED_ATTENTION = "vlm_paged_compiled"  # inside a compiled forward: every attention is the engine's
 _active = threading.local()
 
 
@@ -150,7 +151,7 @@ class StepCache(Cache):
         self.pool, self.step, self.seen = pool, step, seen
 
     def update(self, key_states, value_states, layer_idx: int, cache_kwargs=None):
-        self.pool.write(layer_idx, key_states[0], value_states[0], self.step.slots)
+        """Marks the layer's new keys (attention writes them into the pool, then reads)."""
         self.step.key, self.step.layer = key_states, layer_idx
         return key_states, value_states
 
@@ -184,25 +185,26 @@ class forward_over:
         counters.real_tokens += step.read
 
 
-def _attend(pool: KVPool, step: Step, module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor):
-    """Each row's attention over its own tokens; ``query`` ``[1, heads, T, dim]``, ``key``/``value``
-    the new tokens' ``[1, kv_heads, T, dim]``. Returns ``[1, T, heads, dim]``."""
+def _attend(step: Step, layer: int, scale: float, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor):
+    """The new tokens' K/V written into their slots, then each row's attention over its own
+    tokens; ``query`` ``[1, heads, T, dim]``, ``key``/``value`` the new tokens' ``[1, kv_heads,
+    T, dim]``. Returns ``[1, T, heads, dim]``."""
     import torch.nn.functional as F
 
+    pool = step.pool
+    pool.write(layer, key[0], value[0], step.slots)
     q = query[0]
     heads, total, dim = q.shape
     kv_heads = key.shape[1]
     gqa = heads != kv_heads
-    scale = getattr(module, "scaling", None)
     out = q.new_empty(total, heads, dim)
-    layer, n = step.layer, step.decodes
+    n = step.decodes
     keys, values = pool.keys[layer], pool.values[layer]
     gathered = 0
     if n and step.decode_lengths is not None:
         from vlm_engine.kv.cpu_attention import paged_decode
 
-        scaling = scale if scale is not None else dim**-0.5
-        out[:n] = paged_decode(q[:, :n].transpose(0, 1), keys, values, step.decode_pages, step.decode_lengths, scaling)
+        out[:n] = paged_decode(q[:, :n].transpose(0, 1), keys, values, step.decode_pages, step.decode_lengths, scale)
     elif n:
         k = keys[step.decode_pages].view(n, -1, kv_heads, dim).transpose(1, 2)
         v = values[step.decode_pages].view(n, -1, kv_heads, dim).transpose(1, 2)
@@ -228,12 +230,38 @@ def _attend(pool: KVPool, step: Step, module: Any, query: torch.Tensor, key: tor
     return out[None], None
 
 
+def _scale(module: Any, query: torch.Tensor) -> float:
+    scale = getattr(module, "scaling", None)
+    return float(scale) if scale is not None else query.shape[-1] ** -0.5
+
+
 def paged_attention(module, query, key, value, attention_mask, **kwargs):
     """Inside an engine forward, each row's attention over its pages; plain SDPA otherwise."""
     step = getattr(_active, "step", None)
     if step is not None and key is step.key:
-        return _attend(step.pool, step, module, query, key, value)
+        return _attend(step, step.layer, _scale(module, query), query, key, value)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
+@torch.library.custom_op("vlm::paged_attention", mutates_args=())
+def paged_attention_op(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer: int, scale: float
+) -> torch.Tensor:
+    """``_attend`` as one opaque operator for ``torch.compile``: the graph runs up to each
+    layer's attention and on after it; inside, the step of this thread (``forward_over``) says
+    where the rows' pages are (as vLLM's attention op reads its forward context)."""
+    return _attend(_active.step, layer, scale, query, key, value)[0]
+
+
+@paged_attention_op.register_fake
+def _(query, key, value, layer, scale):
+    return query.new_empty(1, query.shape[2], query.shape[1], query.shape[3])
+
+
+def compiled_paged_attention(module, query, key, value, attention_mask, **kwargs):
+    """The attention of a compiled engine forward (``COMPILED_ATTENTION``): always the op."""
+    return paged_attention_op(query, key, value, module.layer_idx, _scale(module, query)), None
+
+
 AttentionInterface.register(ATTENTION, paged_attention)
+AttentionInterface.register(COMPILED_ATTENTION, compiled_paged_attention)

@@ -96,10 +96,27 @@ class KVPool:
             pool.index_fill_(0, index, 0)
 
 
+CPU_MEMORY_SHARE = 0.25  # of the memory available at start, the most a CPU pool takes unless KV_CACHE_MB says
+
+
+def available_memory() -> int | None:
+    """Bytes of memory the system can still give (Linux), if it says."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as info:
+            for line in info:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
 def budget_bytes(kv_cache_mb: int | None, memory_fraction: float, device: str, fallback: int) -> int:
     """KV bytes to allocate: ``KV_CACHE_MB`` when set; on CUDA, ``memory_fraction`` of the
     device less what is in use at its peak so far (weights, warm-up activations); on CPU
-    ``fallback`` (enough for MAX_RUNNING rows at full length)."""
+    ``fallback`` (enough for MAX_RUNNING rows at full length), but no more than
+    ``CPU_MEMORY_SHARE`` of the memory available now (rows are rarely all full length: the
+    scheduler preempts when they are)."""
     if kv_cache_mb:
         return kv_cache_mb * 2**20
     if str(device).startswith("cuda"):
@@ -113,4 +130,14 @@ def budget_bytes(kv_cache_mb: int | None, memory_fraction: float, device: str, f
                 f"{total / 2**30:.1f} GiB (GPU_MEMORY_UTILIZATION={memory_fraction}); raise it or use a smaller model"
             )
         return available
+    free = available_memory()
+    if free is not None and fallback > CPU_MEMORY_SHARE * free:
+        log.warning(
+            "the KV cache for every row at full length would take %.1f GiB; it takes %.1f GiB (%d%% of the "
+            "memory available); set KV_CACHE_MB to choose",
+            fallback / 2**30,
+            CPU_MEMORY_SHARE * free / 2**30,
+            CPU_MEMORY_SHARE * 100,
+        )
+        return int(CPU_MEMORY_SHARE * free)
     return fallback
