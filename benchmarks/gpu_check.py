@@ -425,12 +425,14 @@ def check_model(model: str, args: argparse.Namespace, say) -> dict:
     folder = make_checkpoint(model, args.scale, args.tiny_dir, args.work)
     say(f"{model}: building random weights from {REAL[model]['source']}'s config ({args.scale}) on {device}")
     start = time.perf_counter()
-    e = engine(folder, model, device, dtype, MAX_RUNNING=str(max(args.rows)), MAX_WAITING=str(2 * max(args.rows)))
+    rows = {"MAX_RUNNING": str(max(args.rows)), "MAX_WAITING": str(2 * max(args.rows))}
+    e = engine(folder, model, device, dtype, COMPILE_STEP=args.compile_step, **rows)
     out: dict[str, Any] = {"model": model, "source": REAL[model]["source"], "scale": args.scale}
     try:
         kv = e.adapter.kv
         out["load_s"] = round(time.perf_counter() - start, 1)
         out["dtype"] = str(e.adapter.model.dtype)
+        out["compiled_step"] = e.adapter.runner.compiled is not None
         out["kv_budget"] = {
             "gib": round(kv.bytes / 2**30, 2),
             "tokens": kv.pages.capacity_tokens,
@@ -486,6 +488,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=ROOT / ".models" / "gpu-check")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "gpu_check.json")
     parser.add_argument("--strict", action="store_true", help="fail unless batched and preempted rows agree exactly")
+    parser.add_argument(
+        "--compile-step",
+        choices=["auto", "true", "false"],
+        default="auto",
+        help="COMPILE_STEP of the engine (auto: on for CPU, off on CUDA until measured here)",
+    )
     args = parser.parse_args(argv)
     args.scale = args.scale or ("real" if args.device.startswith("cuda") else "tiny")
     args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
