@@ -174,8 +174,84 @@ def against_generate(e: VLMEngine, rows: int, max_tokens: int) -> dict:
     }
 
 
+def bare_generate_tok_s(e: VLMEngine, rows: int, max_tokens: int) -> float:
+    """The bare model's batched ``generate`` on ``rows`` new images, every answer ``max_tokens`` long."""
+    from benchmarks.peer import fresh_image
+
+    adapter = e.adapter
+    prepared = [e.prepare(single_turn(PROMPTS[i % 8], fresh_image()), max_tokens, 0.0) for i in range(rows)]
+    batch = adapter.encode(prepared)
+    with torch.inference_mode():
+        start = time.perf_counter()
+        out = adapter.model.generate(
+            **batch, max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False, pad_token_id=adapter.pad_id
+        )
+        seconds = time.perf_counter() - start
+    return (out.shape[-1] - batch["input_ids"].shape[-1]) * rows / seconds
+
+
+def kserve_against_generate(models_dir: Path, models: list[str], rows: list[int], max_tokens: int = 64) -> dict:
+    """Tokens/s of KServe ``infer`` to Triton's ``<model>`` (gRPC, ``rows`` requests in flight,
+    images no request sent before) against the bare model's batched ``generate`` on as many
+    rows, in this process with as many threads as Triton's engine (``CPU_THREADS``)."""
+    import asyncio
+    import tempfile
+
+    import tritonclient.grpc.aio as tc
+
+    from benchmarks.load import drive
+    from benchmarks.peer import fresh_image
+    from benchmarks.scheduling import grpc_inputs, start_server
+    from vlm_engine.loading import cpu_threads
+
+    async def served(url: str, model: str, count: int) -> float:
+        client = tc.InferenceServerClient(url)
+        try:
+            await client.infer(model, grpc_inputs(PROMPTS[0], fresh_image(), 4))  # warm
+            images = [fresh_image() for _ in range(2 * count)]  # made before the clock
+
+            async def one(i: int):
+                from benchmarks.load import Sample
+
+                start = time.perf_counter()
+                await client.infer(model, grpc_inputs(PROMPTS[i % 8], images[i], max_tokens))
+                return Sample(time.perf_counter() - start, tokens=max_tokens)
+
+            run = await drive(f"{model} infer c={count}", count, 2 * count, one)
+            return sum(sample.tokens for sample in run.ok) / run.wall
+        finally:
+            await client.close()
+
+    out: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {"IGNORE_EOS": "true", "MAX_RUNNING": str(max(rows)), "MAX_WAITING": str(2 * max(rows))}
+        server = start_server(models_dir, Path(tmp) / "triton.log", models, env)
+        try:
+            for model in models:
+                url = server.grpc_url
+                out[model] = {f"infer_tok_s_{n}": round(asyncio.run(served(url, model, n)), 1) for n in rows}
+        finally:
+            server.stop()
+    for model in models:
+        e = engine(models_dir, model, WARMUP="false", COMPILE_STEP="false")
+        before = torch.get_num_threads()
+        torch.set_num_threads(cpu_threads(e.settings))
+        try:
+            for n in rows:
+                bare = bare_generate_tok_s(e, n, max_tokens)
+                out[model][f"generate_tok_s_{n}"] = round(bare, 1)
+                out[model][f"infer_over_generate_{n}"] = round(out[model][f"infer_tok_s_{n}"] / bare, 3)
+        finally:
+            torch.set_num_threads(before)
+            e.close()
+    return out
+
+
 def measure_kv(models_dir: Path, say=print) -> dict:
     out: dict = {}
+    say("KV: KServe infer through Triton against the bare model's generate, 16 and 64 rows")
+    out["kserve_over_generate"] = kserve_against_generate(models_dir, ["llava", "qwen3-vl"], [16, 64])
+    say(f"KV: {out['kserve_over_generate']}")
     say("KV: bytes per join and leave, peak over live")
     out["join_leave"] = join_and_leave(models_dir)
     say(f"KV: {out['join_leave']}")

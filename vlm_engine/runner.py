@@ -17,6 +17,7 @@ runner owns the pool, the batch, the encoder cache and the step.
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -30,6 +31,7 @@ from vlm_engine.kv.pool import KVPool
 if TYPE_CHECKING:
     from vlm_engine.adapters.base import GenerateAdapter, Sequence
 
+log = logging.getLogger("vlm_engine.runner")
 Chunk = tuple["Sequence", int, int]  # a row, and the [start, end) of its prompt this step carries
 
 
@@ -104,13 +106,18 @@ class ModelRunner:
     def _forward(self, inputs: dict[str, Any], positions: Any, cache: StepCache, keep: Any, compiled: bool) -> Any:
         if self.compiled is None or not compiled:
             return self.adapter.forward(inputs, positions, cache, keep)
-        self.compiled_steps += 1
         config = self.adapter.text_config()
         config._attn_implementation = COMPILED_ATTENTION  # every attention of the graph is the op
         try:
-            return self.adapter.forward(inputs, positions, cache, keep, module=self.compiled)
+            out = self.adapter.forward(inputs, positions, cache, keep, module=self.compiled)
+        except torch._dynamo.exc.TorchDynamoException as exc:  # no compiler, an unsupported model: eager
+            log.warning("%s: the compiled step failed (%s); decode steps run eager", self.adapter.settings.name, exc)
+            self.compiled = None
+            return self.adapter.forward(inputs, positions, cache, keep)
         finally:
             config._attn_implementation = ATTENTION
+        self.compiled_steps += 1
+        return out
 
     def choose(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[Any], torch.Tensor]:
         """Each row's next token (on the host, and the device tensor of them); a row whose

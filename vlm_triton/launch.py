@@ -65,8 +65,18 @@ def marker() -> str:
     return f"vlm-serve:{ROOT}"
 
 
+# what a process needs from the machine whatever else it is given: compilers (the CPU attention
+# kernel, torch.compile's C++) find themselves and their tools through PATH
+MACHINE_VARIABLES = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR")
+
+
 def environment(base: dict[str, str] | None = None) -> dict[str, str]:
+    """tritonserver's environment: ``base`` (default: this process's), with the machine's
+    ``MACHINE_VARIABLES`` where ``base`` lacks them, and what the stubs need."""
     env = dict(os.environ if base is None else base)
+    for name in MACHINE_VARIABLES:
+        if name not in env and name in os.environ:
+            env[name] = os.environ[name]
     env[MARKER] = marker()
     libs = TRITON_HOME / "unpacked" / "nvidia_pytriton.libs"
     ld_path = [python_libdir(), str(libs) if libs.exists() else None, env.get("LD_LIBRARY_PATH")]
