@@ -54,9 +54,8 @@ class ModelRunner:
         self.batch = PersistentBatch(
             max_rows, pool.pages.pages_for(max_tokens) + 1, adapter.position_rows, pool.page_size, self.device
         )
-        # decode steps (the bulk) through torch.compile, dynamic in the rows; steps with prompt
-        # chunks (images, varying inputs) stay eager
-        # (no guards on the model's modules and weights: they never change while it serves)
+        # decode steps (the bulk) through torch.compile, dynamic in the rows, without guards on the
+        # modules and weights (they never change while it serves); steps with prompt chunks stay eager
         options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
         self.compiled_steps = 0  # forwards that ran compiled
         self.compiled = torch.compile(adapter.forward_module(), dynamic=True, options=options) if compile_step else None
