@@ -1,7 +1,8 @@
-"""The compiled decode step (``COMPILE_STEP``, torch.compile with inductor's C++ backend on
-CPU, float32) gives every token the eager step gives: rows joining and leaving at every step,
-a prompt that starts on cached pages (prefix hit), rows preempted for lack of pages and
-prefilled again. Moondream2 runs its own API, not the runner: it has no compiled step.
+"""The compiled step (``COMPILE_STEP``, torch.compile with inductor's C++ backend on CPU,
+float32; every step without image tokens) gives every token the eager step gives: rows
+joining and leaving at every step, a prompt that starts on cached pages (prefix hit; the
+rest of its prompt is prefilled compiled), rows preempted for lack of pages and prefilled
+again. Moondream2 runs its own API, not the runner: it has no compiled step.
 
 One engine per architecture runs both ways: ``runner.compiled`` is switched off for the
 eager answers, so both use the same weights, pages and caches.
@@ -49,10 +50,11 @@ def test_rows_joining_and_leaving_answer_as_the_eager_step_does(compiled):
 def test_a_prefix_hit_answers_as_the_eager_step_does(compiled):
     first = answers(compiled, False, [lambda: compiled.prepare(turns(QUESTION), 12, 0.0)])[0]
     chat = turns(QUESTION, first, "And what colour is it?")
-    pages = compiled.adapter.kv.pages
-    hits = pages.stats.hit_tokens
+    pages, runner = compiled.adapter.kv.pages, compiled.adapter.runner
+    hits, prompt_steps = pages.stats.hit_tokens, runner.compiled_prompt_steps
     got = answers(compiled, True, [lambda: compiled.prepare(chat, 12, 0.0)])
     assert pages.stats.hit_tokens > hits, "the next turn started on cached pages"
+    assert runner.compiled_prompt_steps > prompt_steps, "the rest of its prompt (text) was prefilled compiled"
     assert got == answers(compiled, False, [lambda: compiled.prepare(chat, 12, 0.0)])
 
 
