@@ -4,69 +4,78 @@ joining and leaving at every step, a prompt that starts on cached pages (prefix 
 rest of its prompt is prefilled compiled), rows preempted for lack of pages and prefilled
 again. Moondream2 runs its own API, not the runner: it has no compiled step.
 
-One engine per architecture runs both ways: ``runner.compiled`` is switched off for the
-eager answers, so both use the same weights, pages and caches.
+Each architecture's compiled engine is compared with an eager one on the same checkpoint.
 """
 
 from __future__ import annotations
 
 import pytest
 
+from tests.conftest import image_bytes
 from tests.unit.test_prefix_cache import QUESTION, turns
 from tests.unit.test_scheduler import Request, make_engine, prepare
+from vlm_engine.chat import single_turn
+from vlm_engine.tiny.samples import PROMPTS
 
 PAGED = ["llava", "kosmos2", "qwen3-vl"]
 
 
 @pytest.fixture(scope="module", params=PAGED)
-def compiled(request, tiny_models_dir):
-    engine = make_engine(tiny_models_dir, request.param, COMPILE_STEP="true", IGNORE_EOS="true")
-    assert engine.adapter.runner.compiled is not None
-    yield engine
-    engine.close()
+def pair(request, tiny_models_dir):
+    """Per architecture: an engine with the compiled step, and one without (the reference)."""
+    engines = [
+        make_engine(tiny_models_dir, request.param, COMPILE_STEP=compiled, IGNORE_EOS="true")
+        for compiled in ("true", "false")
+    ]
+    assert engines[0].adapter.runner.compiled is not None and engines[1].adapter.runner.compiled is None
+    yield engines
+    for engine in engines:
+        engine.close()
 
 
-def answers(engine, compiled_step: bool, requests: list) -> list[str]:
+def answers(engine, requests: list) -> list[str]:
     """Every request submitted at once (each answer a different length: rows leave at
     different steps while the others go on), the texts in order."""
-    runner = engine.adapter.runner
-    module, runner.compiled = runner.compiled, runner.compiled if compiled_step else None
-    try:
-        submitted = [Request(engine, make()) for make in requests]
-        return [r.result().text for r in submitted]
-    finally:
-        runner.compiled = module
+    submitted = [Request(engine, make(engine)) for make in requests]
+    return [r.result().text for r in submitted]
 
 
-def test_rows_joining_and_leaving_answer_as_the_eager_step_does(compiled):
-    requests = [lambda i=i: prepare(compiled, i, 6 + 5 * i) for i in range(6)]
+def test_rows_joining_and_leaving_answer_as_the_eager_step_does(pair):
+    compiled, eager = pair
+    requests = [lambda e, i=i: prepare(e, i, 6 + 5 * i) for i in range(6)]
     before = compiled.adapter.runner.compiled_steps
-    expected = answers(compiled, False, requests)
-    assert compiled.adapter.runner.compiled_steps == before, "the eager answers ran eager"
-    assert answers(compiled, True, requests) == expected
+    assert answers(compiled, requests) == answers(eager, requests)
     assert compiled.adapter.runner.compiled_steps > before, "the compiled step ran"
+    other_images = [
+        lambda e, i=i: e.prepare(single_turn(PROMPTS[i], image_bytes((64, 64), "PNG", (9, 9, 9 * i))), 6 + 5 * i, 0.0)
+        for i in range(6)
+    ]
+    assert answers(eager, other_images) != answers(eager, requests), "the images matter to these answers"
+    assert answers(compiled, other_images) == answers(eager, other_images)
 
 
-def test_a_prefix_hit_answers_as_the_eager_step_does(compiled):
-    first = answers(compiled, False, [lambda: compiled.prepare(turns(QUESTION), 12, 0.0)])[0]
+def test_a_prefix_hit_answers_as_the_eager_step_does(pair):
+    compiled, eager = pair
+    first = answers(eager, [lambda e: e.prepare(turns(QUESTION), 12, 0.0)])[0]
     chat = turns(QUESTION, first, "And what colour is it?")
+    answers(compiled, [lambda e: e.prepare(turns(QUESTION), 12, 0.0)])  # the first turn, into its cache
     pages, runner = compiled.adapter.kv.pages, compiled.adapter.runner
     hits, prompt_steps = pages.stats.hit_tokens, runner.compiled_prompt_steps
-    got = answers(compiled, True, [lambda: compiled.prepare(chat, 12, 0.0)])
+    got = answers(compiled, [lambda e: e.prepare(chat, 12, 0.0)])
     assert pages.stats.hit_tokens > hits, "the next turn started on cached pages"
     assert runner.compiled_prompt_steps > prompt_steps, "the rest of its prompt (text) was prefilled compiled"
-    assert got == answers(compiled, False, [lambda: compiled.prepare(chat, 12, 0.0)])
+    assert got == answers(eager, [lambda e: e.prepare(chat, 12, 0.0)])
 
 
 def test_preempted_rows_answer_as_the_eager_step_does(tiny_models_dir):
     """A pool too small for every row at once: rows are preempted and prefilled again."""
-    small_pool = {"KV_CACHE_TOKENS": "160", "PREFIX_CACHING": "false"}
-    engine = make_engine(tiny_models_dir, "qwen3-vl", COMPILE_STEP="true", IGNORE_EOS="true", **small_pool)
+    small_pool = {"KV_CACHE_TOKENS": "160", "PREFIX_CACHING": "false", "IGNORE_EOS": "true"}
+    engines = [make_engine(tiny_models_dir, "qwen3-vl", COMPILE_STEP=c, **small_pool) for c in ("true", "false")]
     try:
-        requests = [lambda i=i: prepare(engine, i, 40) for i in range(4)]
-        expected = answers(engine, False, requests)
-        preempted = engine.scheduler.stats.preempted
-        assert answers(engine, True, requests) == expected
-        assert engine.scheduler.stats.preempted > preempted, "the pool was too small: rows were preempted"
+        requests = [lambda e, i=i: prepare(e, i, 40) for i in range(4)]
+        assert answers(engines[0], requests) == answers(engines[1], requests)
+        assert engines[0].scheduler.stats.preempted > 0, "the pool was too small: rows were preempted"
+        assert engines[0].adapter.runner.compiled_steps > 0
     finally:
-        engine.close()
+        for engine in engines:
+            engine.close()
