@@ -3,13 +3,17 @@
 A forward carries every row of a step in one flat sequence, without padding: the decode
 rows first (one token each), then the prefill chunks (``pack`` builds its ``Step``: the
 slot of every new token, each decode row's block table and length, each chunk's place).
-``StepCache.update`` writes the new K/V of each layer into the rows' slots, and
-``paged_attention`` (registered as the text model's attention implementation) computes each
-row's attention over its own pages: the decode rows in one call, a chunk that starts a row on
+``StepCache.update`` marks each layer's new keys; ``paged_attention`` (registered as the
+text model's attention implementation) writes the new K/V into the rows' slots and computes
+each row's attention over its own pages: the decode rows in one call, a chunk that starts a row on
 its own new keys (causal, nothing read from the pool), a chunk that continues a row over its
 pages. Which way reads pages is chosen here, in one place (``in_place``): on CPU the decode
 rows read their pages in place (``kv.cpu_attention``, the engine's C++ kernel); chunks that
 continue a row, and every row where no kernel exists, gather the pages per layer for SDPA.
+
+In a compiled forward (``COMPILE_STEP``) the same work is one custom operator,
+``vlm::paged_attention``: opaque to the graph, it writes the pool (which is not one of its
+arguments: nothing in the graph reads the pool, so nothing can be reordered around it).
 
 Outside a forward of the engine it is plain SDPA, so ``generate`` still works on the same
 model; Kosmos-2's image-to-text attention (which shares the text config) is recognised
