@@ -127,9 +127,8 @@ class VLMEngine:
 
     def warmup(self) -> None:
         """One short generation so the first real request does not pay for lazy set-up; with
-        ``COMPILE_STEP``, then two rows at once, so that the compiled step's graphs (one row;
-        any number of rows; prompt chunks, here the rest of a prefix hit) are built before the
-        model reports ready."""
+        ``COMPILE_STEP``, then two rows at once, so that both of the compiled step's graphs
+        (one row, and any number of rows) are built before the model reports ready."""
         started = time.perf_counter()
 
         def blank_request() -> Prepared:
@@ -141,7 +140,6 @@ class VLMEngine:
         self.generate([blank_request()])
         runner = getattr(self.adapter, "runner", None)
         if runner is not None and runner.compiled is not None:
-            # the same prompt twice more: prefix hits leave text-only chunks (compiled), then two rows decode
             self.generate([blank_request(), blank_request()])
             log.info("%s: step compiled (torch.compile) in %.1f s", self.name, time.perf_counter() - started)
 

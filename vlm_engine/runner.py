@@ -54,13 +54,13 @@ class ModelRunner:
         self.batch = PersistentBatch(
             max_rows, pool.pages.pages_for(max_tokens) + 1, adapter.position_rows, pool.page_size, self.device
         )
-        # steps without image tokens (decode rows, text chunks) through torch.compile, dynamic in
-        # their tokens, without guards on the modules and weights (they never change while it
-        # serves); a step that places image embeddings stays eager
+        # decode-only steps (the bulk) through torch.compile, dynamic in the rows, without guards
+        # on the modules and weights (they never change while it serves). Steps with prompt
+        # chunks stay eager: their shapes (tokens, kept logits, images) vary in ways that made
+        # inductor recompile while serving (seconds each), where decode steps need two graphs
         options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
         self.compiled_steps = 0  # forwards that ran compiled
-        self.compiled_prompt_steps = 0  # ... of them with prompt chunks
-        if compile_step:  # a graph per kind of step (1 row, n rows, chunks) and per model in this process
+        if compile_step:  # two graphs (one row; any number) per model in this process
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         self.compiled = torch.compile(adapter.forward_module(), dynamic=True, options=options) if compile_step else None
 
@@ -86,10 +86,8 @@ class ModelRunner:
                 positions,
                 StepCache(self.kv, step, 0 if pieces else 1),
                 torch.tensor(keep, dtype=torch.long, device=self.device),
-                compiled=not pieces,
+                compiled=not chunks,
             )
-            if chunks and not pieces and self.compiled is not None:
-                self.compiled_prompt_steps += 1
             outputs, chosen = self.choose(out.logits[0], [*rows, *(chunks[i][0] for i in done)])
             if rows:
                 self.batch.advance(chosen[: len(rows)])

@@ -94,8 +94,8 @@ class ModelSettings(BaseModel):
     )
     compile_step: Literal["auto", "true", "false"] = Field(
         "auto",
-        description="steps without image tokens run the model through torch.compile (inductor; compiled while "
-        "warming up); auto: on CPU yes, on CUDA not yet (measured by make gpu-check first)",
+        description="decode steps run the model through torch.compile (inductor; compiled while warming up); "
+        "auto: on CPU yes, on CUDA not yet (measured by make gpu-check first)",
     )
     prefix_caching: bool = Field(
         True, description="share the KV pages of prompts that start the same way (by hash, images included)"

@@ -1,8 +1,7 @@
-"""The compiled step (``COMPILE_STEP``, torch.compile with inductor's C++ backend on CPU,
-float32; every step without image tokens) gives every token the eager step gives: rows
-joining and leaving at every step, a prompt that starts on cached pages (prefix hit; the
-rest of its prompt is prefilled compiled), rows preempted for lack of pages and prefilled
-again. Moondream2 runs its own API, not the runner: it has no compiled step.
+"""The compiled decode step (``COMPILE_STEP``, torch.compile with inductor's C++ backend on
+CPU, float32) gives every token the eager step gives: rows joining and leaving at every
+step, a prompt that starts on cached pages (prefix hit), rows preempted for lack of pages and
+prefilled again. Moondream2 runs its own API, not the runner: it has no compiled step.
 
 Each architecture's compiled engine is compared with an eager one on the same checkpoint.
 """
@@ -60,10 +59,10 @@ def test_a_prefix_hit_answers_as_the_eager_step_does(pair):
     chat = turns(QUESTION, first, "And what colour is it?")
     answers(compiled, [lambda e: e.prepare(turns(QUESTION), 12, 0.0)])  # the first turn, into its cache
     pages, runner = compiled.adapter.kv.pages, compiled.adapter.runner
-    hits, prompt_steps = pages.stats.hit_tokens, runner.compiled_prompt_steps
+    hits, steps = pages.stats.hit_tokens, runner.compiled_steps
     got = answers(compiled, [lambda e: e.prepare(chat, 12, 0.0)])
     assert pages.stats.hit_tokens > hits, "the next turn started on cached pages"
-    assert runner.compiled_prompt_steps > prompt_steps, "the rest of its prompt (text) was prefilled compiled"
+    assert runner.compiled_steps > steps, "it decoded compiled"
     assert got == answers(eager, [lambda e: e.prepare(chat, 12, 0.0)])
 
 
