@@ -1,12 +1,12 @@
 """The persistent batch: the decode rows' state in tensors allocated once, changed by difference.
 
 A row that starts decoding takes the next free slot: its block table, length, next position
-(one row of positions, or four for Qwen3-VL's text + M-RoPE) and last token are written there
-once; a row that leaves is replaced by the last slot's row (one row copied). Each step then
-only appends the pages a row grew by, and after the forward advances every row in place (the
-chosen tokens become the next inputs without a trip through the host; lengths and positions
-grow by one). A decode step's inputs are views of these tensors: no per-row Python work, no
-tensor built from lists, on the hot path.
+(one row of positions, or four for Qwen3-VL's text + M-RoPE), last token and sampling settings
+(temperature, top_p) are written there once; a row that leaves is replaced by the last slot's
+row (one row copied). Each step then only appends the pages a row grew by, and after the
+forward advances every row in place (the chosen tokens become the next inputs without a trip
+through the host; lengths and positions grow by one). A decode step's inputs are views of
+these tensors: no per-row Python work, no tensor built from lists, on the hot path.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ class PersistentBatch:
         self.lengths = torch.zeros(capacity, dtype=torch.long, device=device)  # tokens in the pool
         self.positions = torch.zeros(position_rows, capacity, dtype=torch.long, device=device)  # of the next token
         self.tokens = torch.zeros(capacity, dtype=torch.long, device=device)  # the next token (last chosen)
+        self.sampling = torch.zeros(capacity, 2, device=device)  # each row's temperature and top_p
         self.keys: list[int] = []  # the row in each slot
         self.known: list[int] = []  # table entries written per slot
         self.slot_of: dict[int, int] = {}
@@ -39,7 +40,7 @@ class PersistentBatch:
         pages: Callable[[int], list[int]],
         next_positions: Callable[[Any], list[int]],
     ) -> list[int]:
-        """Make the batch hold exactly ``rows`` (sequences: ``key``, ``cached``, ``last``);
+        """Make the batch hold exactly ``rows`` (sequences: ``key``, ``cached``, ``last``, ``params``);
         returns each row's slot. Rows already in keep their slot and only get their new pages."""
         wanted = {row.key for row in rows}
         for key in [key for key in self.keys if key not in wanted]:
@@ -70,6 +71,7 @@ class PersistentBatch:
         state = torch.tensor([row.cached, row.last, *positions], dtype=torch.long)
         self.lengths[slot], self.tokens[slot] = state[0], state[1]
         self.positions[:, slot] = state[2:]
+        self.sampling[slot] = torch.tensor([row.params.temperature, row.params.top_p])
         self.joined += 1
 
     def _grow(self, capacity: int, max_pages: int) -> None:
@@ -80,9 +82,10 @@ class PersistentBatch:
         tables[:n, :width] = self.tables
         tables[:n, width:] = self.tables[:, :1]  # padding: each row's own first page
         self.tables = tables
-        for name in ("lengths", "tokens"):
-            grown = getattr(self, name).new_zeros(capacity)
-            grown[:n] = getattr(self, name)
+        for name in ("lengths", "tokens", "sampling"):
+            old = getattr(self, name)
+            grown = old.new_zeros(capacity, *old.shape[1:])
+            grown[:n] = old
             setattr(self, name, grown)
         positions = self.positions.new_zeros(self.positions.shape[0], capacity)
         positions[:, :n] = self.positions
@@ -95,6 +98,7 @@ class PersistentBatch:
             self.tables[slot] = self.tables[last]
             self.lengths[slot], self.tokens[slot] = self.lengths[last], self.tokens[last]
             self.positions[:, slot] = self.positions[:, last]
+            self.sampling[slot] = self.sampling[last]
             self.keys[slot], self.known[slot] = moved, self.known[last]
             self.slot_of[moved] = slot
         self.keys.pop()

@@ -88,7 +88,8 @@ class ModelRunner:
                 torch.tensor(keep, dtype=torch.long, device=self.device),
                 compiled=not chunks,
             )
-            outputs, chosen = self.choose(out.logits[0], [*rows, *(chunks[i][0] for i in done)])
+            settings = self.batch.sampling[: len(rows)] if rows and not done else None  # decode rows alone
+            outputs, chosen = self.choose(out.logits[0], [*rows, *(chunks[i][0] for i in done)], settings)
             if rows:
                 self.batch.advance(chosen[: len(rows)])
         for seq, token in zip(rows, last, strict=True):  # only once the forward has run: a failed
@@ -122,13 +123,16 @@ class ModelRunner:
         self.compiled_steps += 1
         return out
 
-    def choose(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[Any], torch.Tensor]:
+    def choose(
+        self, logits: torch.Tensor, seqs: list[Sequence], settings: torch.Tensor | None = None
+    ) -> tuple[list[Any], torch.Tensor]:
         """Each row's next token (on the host, and the device tensor of them); a row whose
-        logits are not usable gets its own error as its output."""
+        logits are not usable gets its own error as its output. ``settings``: the rows'
+        temperature and top_p from the persistent batch, when the step is its rows alone."""
         from vlm_engine.errors import EngineError
         from vlm_engine.sampling import choose
 
-        choice = choose(logits, [s.params for s in seqs], states=[s.state for s in seqs])
+        choice = choose(logits, [s.params for s in seqs], states=[s.state for s in seqs], settings=settings)
         outputs: list[Any] = []
         rows = zip(seqs, choice.ids, choice.usable, choice.logprobs, strict=True)
         for i, (seq, token, usable, logprob) in enumerate(rows):

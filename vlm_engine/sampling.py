@@ -105,13 +105,15 @@ def choose(
     params: Sequence[GenerationParams],
     generator=None,
     states: Sequence[RowState | None] | None = None,
+    settings: torch.Tensor | None = None,
 ) -> Choice:
     """One token per row of ``logits`` ``[rows, vocab]``, each with its own settings.
 
     Greedy rows take the argmax of their own (penalised, grammar-masked) logits, so sampled
     neighbours never change them. Sampled rows use temperature then nucleus (top-p) filtering; a seeded row
     draws from its own generator. A row whose scores are unusable gets token 0 and ``usable``
-    False; the other rows are unaffected.
+    False; the other rows are unaffected. ``settings`` ``[rows, 2]`` (temperature, top_p on
+    the device: the persistent batch's) spares building them from ``params``.
     """
     states = states or [None] * len(params)
     logits = logits.float()
@@ -138,9 +140,10 @@ def choose(
     sampled = [i for i, p in enumerate(params) if not p.greedy]
     if sampled:
         index = torch.tensor(sampled, device=logits.device)
-        temperature = torch.tensor([params[i].temperature for i in sampled], device=logits.device)
+        if settings is None:
+            settings = torch.tensor([[p.temperature, p.top_p] for p in params], device=logits.device)
+        temperature, top_p = settings[index].unbind(-1)
         temperature = temperature.clamp(min=torch.finfo(torch.float32).tiny)  # 1e-300 is 0 in float32
-        top_p = torch.tensor([params[i].top_p for i in sampled], device=logits.device)
         rows = logits[index]
         # shifted so the largest is 0: a tiny temperature gives 0 and -inf (argmax), not inf/inf
         probs = torch.softmax((rows - rows.max(dim=-1, keepdim=True).values) / temperature[:, None], dim=-1)

@@ -1,5 +1,6 @@
 """The persistent batch: rows join and leave by difference, and its tensors always say what
-the KV manager and the rows say (block tables, next slots, lengths, positions, tokens)."""
+the KV manager and the rows say (block tables, next slots, lengths, positions, tokens,
+sampling settings)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ PAGE = 4
 
 def row(manager: KVManager, key: int, tokens: int, last: int) -> SimpleNamespace:
     assert manager.grow(key, tokens + 1)
-    return SimpleNamespace(key=key, cached=tokens, last=last)
+    params = SimpleNamespace(temperature=key / 10, top_p=1 - key / 100)
+    return SimpleNamespace(key=key, cached=tokens, last=last, params=params)
 
 
 def agrees(batch: PersistentBatch, manager: KVManager, rows: list[SimpleNamespace]) -> None:
@@ -26,6 +28,8 @@ def agrees(batch: PersistentBatch, manager: KVManager, rows: list[SimpleNamespac
     assert batch.slots().tolist() == [manager.slot(r.key, r.cached) for r in ordered]
     assert batch.lengths[: len(rows)].tolist() == [r.cached for r in ordered]
     assert batch.tokens[: len(rows)].tolist() == [r.last for r in ordered]
+    expected = torch.tensor([[r.params.temperature, r.params.top_p] for r in ordered])
+    assert torch.equal(batch.sampling[: len(rows)], expected), "each row's temperature and top_p"
     for slot, r in by_slot:
         held = manager.pages(r.key)
         table = batch.tables[slot].tolist()

@@ -165,11 +165,11 @@ def test_a_row_with_non_finite_scores_fails_alone(tiny_models_dir, monkeypatch):
         doomed = prepare(engine, 1, 12, temperature=1.0)  # sampled: torch.multinomial would raise
         choose = engine.adapter.runner.choose
 
-        def poisoned(logits, seqs):
+        def poisoned(logits, seqs, settings=None):
             for i, seq in enumerate(seqs):
                 if seq.params is doomed.params:
                     logits[i] = float("nan")
-            return choose(logits, seqs)
+            return choose(logits, seqs, settings)
 
         monkeypatch.setattr(engine.adapter.runner, "choose", poisoned)
         requests = [Request(engine, p) for p in (prepare(engine, 0, 12), doomed, prepare(engine, 2, 12))]
