@@ -84,7 +84,7 @@ class ModelRunner:
             out = self._forward(
                 inputs,
                 positions,
-                StepCache(self.kv, step, 0 if pieces else 1),
+                StepCache(step, 0 if pieces else 1),
                 torch.tensor(keep, dtype=torch.long, device=self.device),
                 compiled=not chunks,
             )
@@ -208,7 +208,7 @@ class ModelRunner:
         for index, (first, last, _) in enumerate(seq.image_runs):
             low, high = max(start, first), min(end, last)
             if low < high:
-                encoded = self.encoder_output(seq, index)
+                encoded = seq.encoded[index]  # held since ``_encode_step_images``
                 pieces.append(tuple(part[low - first : high - first] for part in encoded))
         return pieces
 
@@ -234,11 +234,3 @@ class ModelRunner:
                 wanted[key] = found
         for seq, index, key in needed:
             seq.encoded[index] = wanted[key] if key in wanted else cache.take(key)
-
-    def encoder_output(self, seq: Sequence, index: int) -> tuple[Any, ...]:
-        """Image ``index`` of ``seq`` through the vision encoder (one row per image token): what
-        the row holds, else from the encoder cache by the image's content, else encoded now."""
-        if index not in seq.encoded:
-            first, last, _ = seq.image_runs[index]
-            self._encode_step_images([(seq, first, last)])
-        return seq.encoded[index]

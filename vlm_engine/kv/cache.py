@@ -150,9 +150,9 @@ def pack(pool: KVPool, decode: DecodeRows | None, chunks: list[tuple[int, int, i
 class StepCache(Cache):
     """The model's cache argument for one packed forward over the pool (see ``Step``)."""
 
-    def __init__(self, pool: KVPool, step: Step, seen: int):
+    def __init__(self, step: Step, seen: int):
         super().__init__(layers=[])
-        self.pool, self.step, self.seen = pool, step, seen
+        self.step, self.seen = step, seen
 
     def update(self, key_states, value_states, layer_idx: int, cache_kwargs=None):
         """Marks the layer's new keys (attention writes them into the pool, then reads)."""
