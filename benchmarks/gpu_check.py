@@ -311,6 +311,7 @@ def engine(folder: Path, model: str, device: str, dtype: str, **env: str) -> VLM
             "IGNORE_EOS": "true",
             "MAX_PROMPT_TOKENS": "256",
             "MAX_TOKENS_CAP": "256",
+            "PREPARE_WORKERS": "0",  # the bare generate batches the decoded images
             **env,
         },
     )

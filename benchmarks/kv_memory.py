@@ -28,7 +28,10 @@ IMAGES = [sample_image((160 + 24 * i, 120 + 16 * i), "PNG", (30 * i, 90, 200 - 2
 
 
 def engine(models_dir: Path, model: str = "llava", **env: str) -> VLMEngine:
-    return VLMEngine(resolve_settings(model, env={"VLM_MODELS_DIR": str(models_dir), **env}))
+    """An engine in this process; its request inputs made here unless ``PREPARE_WORKERS`` is
+    given (the bare ``generate`` batches the decoded images that preparing keeps here)."""
+    env = {"VLM_MODELS_DIR": str(models_dir), "PREPARE_WORKERS": "0", **env}
+    return VLMEngine(resolve_settings(model, env=env))
 
 
 def prepare(e: VLMEngine, i: int, max_tokens: int, prompt: str | None = None):

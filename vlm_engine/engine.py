@@ -12,22 +12,19 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from PIL import Image
-
 from vlm_engine.adapters import adapter_class
 from vlm_engine.adapters.base import Adapter, Prepared
-from vlm_engine.chat import Message, has_text, prompt_message, single_turn
-from vlm_engine.errors import InvalidParameter, InvalidRequest, ModelConfigError, PromptTooLong, ShuttingDown, TooLarge
-from vlm_engine.images import content_key, decode_image
+from vlm_engine.chat import Message, has_text, single_turn
+from vlm_engine.errors import InvalidParameter, InvalidRequest, ModelConfigError, ShuttingDown, TooLarge
 from vlm_engine.loading import check_source, cpu_threads, load_error, resolve_device
 from vlm_engine.output import Result
 from vlm_engine.params import GenerationParams, Sampling, resolve_params
+from vlm_engine.preparing import InputWorkers, RequestInputs, blank_image, make_inputs, worker_count
 from vlm_engine.scheduler import Event, Metrics, Scheduler
 from vlm_engine.settings import ModelSettings, resolve_settings
 from vlm_engine.tools import resolve_tools
 
 log = logging.getLogger("vlm_engine")
-BLANK = (224, 224)
 
 
 @dataclass
@@ -56,6 +53,7 @@ class VLMEngine:
         self.adapter: Adapter = adapter_class(settings.architecture)(settings, self.device)
         self.metrics = metrics
         self.scheduler: Scheduler | None = None
+        self.input_workers: InputWorkers | None = None
         self.load_seconds = 0.0
         if load:
             self.load()
@@ -81,16 +79,14 @@ class VLMEngine:
 
             torch.set_num_threads(cpu_threads(self.settings))
         start = time.perf_counter()
+        workers = worker_count(self.settings) if self.adapter.inputs_elsewhere else 0
+        if workers:  # they load the processor while the weights load
+            self.input_workers = InputWorkers(self.settings, workers)
         try:
-            self.adapter.load()
-        except ModelConfigError:
+            self._load_weights()
+        except BaseException:
+            self.close_input_workers()
             raise
-        except (OSError, ValueError) as exc:
-            raise load_error(self.settings, exc) from exc
-        if self.settings.quantization_type == "none":
-            self.adapter.model.to(self.device)
-        self.adapter.model.eval()
-        self.adapter.setup_kv()
         self.load_seconds = time.perf_counter() - start
         log.info(
             "%s loaded from %s on %s in %.1fs", self.name, self.settings.model_path, self.device, self.load_seconds
@@ -122,8 +118,34 @@ class VLMEngine:
             s.row_trace_file,
             s.prefill_step_multiple,
         )
+        if self.input_workers is not None:
+            waited = time.perf_counter()
+            self.input_workers.warm_up()
+            log.info(
+                "%s: %d input worker process(es) ready (waited %.1f s)",
+                self.name,
+                self.input_workers.count,
+                time.perf_counter() - waited,
+            )
         if s.warmup:
             self.warmup()
+
+    def _load_weights(self) -> None:
+        try:
+            self.adapter.load()
+        except ModelConfigError:
+            raise
+        except (OSError, ValueError) as exc:
+            raise load_error(self.settings, exc) from exc
+        if self.settings.quantization_type == "none":
+            self.adapter.model.to(self.device)
+        self.adapter.model.eval()
+        self.adapter.setup_kv()
+
+    def close_input_workers(self) -> None:
+        if self.input_workers is not None:
+            self.input_workers.close()
+            self.input_workers = None
 
     def warmup(self) -> None:
         """One short generation so the first real request does not pay for lazy set-up; with
@@ -132,7 +154,7 @@ class VLMEngine:
         started = time.perf_counter()
 
         def blank_request() -> Prepared:
-            blank = Image.new("RGB", BLANK, (127, 127, 127))
+            blank = blank_image()
             prepared = Prepared(single_turn("Describe the image.", None), resolve_params(self.settings, 2), blank)
             prepared.messages[0].decoded = [blank]
             return prepared
@@ -184,28 +206,21 @@ class VLMEngine:
                 f"{self.name} takes at most {limit} image{'s' if limit > 1 else ''} per request{where}, "
                 f"counting every turn; got {count}"
             )
-        image = None
-        for message in messages:
-            message.decoded = [
-                decode_image(data, self.settings.max_image_pixels, self.settings.max_image_bytes)
-                for data in message.images
-            ]
-            image = message.decoded[-1] if message.decoded else image
-        tokens = self.adapter.count_tokens("\n".join(m.text for m in messages))
-        if tokens > self.settings.max_prompt_tokens:
-            raise PromptTooLong(
-                f"prompt is {tokens} tokens, above the limit of {self.settings.max_prompt_tokens} (MAX_PROMPT_TOKENS)"
-            )
-        if image is None and self.adapter.requires_image:
-            image = Image.new("RGB", BLANK, (127, 127, 127))
-            prompt_message(messages).decoded = [image]
-        prepared = Prepared(messages, params, image, cancelled or (lambda: False), tokens, tools=tools)
-        prepared.image_keys = [content_key([data]) for m in messages for data in m.images]
-        prepared.inputs = self.adapter.encode_row(prepared)  # here, not in the step loop
+        made = self._make_inputs(messages, params, tools)
+        image = next((m.decoded[-1] for m in reversed(messages) if m.decoded), None)
+        prepared = Prepared(messages, params, image, cancelled or (lambda: False), made.prompt_tokens, tools=tools)
+        prepared.image_keys = made.image_keys
+        prepared.inputs = made.inputs
         prepared.state = self.adapter.sampling_state(prepared, prepared.inputs)  # a bad guide: 400 here
         prepared.siblings = [self._sibling(prepared, i) for i in range(1, n)]
         self._check_fits(prepared)
         return prepared
+
+    def _make_inputs(self, messages: list[Message], params: GenerationParams, tools: Any) -> RequestInputs:
+        """Images decoded, prompt counted and encoded: in an input worker where there are some."""
+        if self.input_workers is not None:
+            return self.input_workers.make(messages, params, tools)
+        return make_inputs(self.adapter, messages, params, tools)
 
     def _check_n(self, n: Any) -> None:
         if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= self.settings.max_n:
@@ -302,7 +317,8 @@ class VLMEngine:
         return results  # type: ignore[return-value]
 
     def close(self, drain: bool = True) -> None:
-        """Stop the step loop (``finalize``, service shutdown)."""
+        """Stop the step loop (``finalize``, service shutdown), then the input workers."""
         if self.scheduler is not None:
             self.scheduler.close(drain)
             self.scheduler = None
+        self.close_input_workers()

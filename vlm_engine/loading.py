@@ -51,11 +51,16 @@ def check_source(settings: ModelSettings) -> None:
         )
 
 
+def source_kwargs(settings: ModelSettings) -> dict[str, Any]:
+    """Where a checkpoint's files come from: the ``from_pretrained`` arguments of a processor,
+    tokenizer or config (no weights)."""
+    return {"revision": settings.model_revision, "cache_dir": settings.hf_cache_dir}
+
+
 def from_pretrained_kwargs(settings: ModelSettings, device: str, trust_remote_code: bool = False) -> dict[str, Any]:
     """Keyword arguments shared by every ``from_pretrained`` call of the engine."""
     kwargs: dict[str, Any] = {
-        "revision": settings.model_revision,
-        "cache_dir": settings.hf_cache_dir,
+        **source_kwargs(settings),
         "dtype": resolve_dtype(settings, device),
     }
     if trust_remote_code:  # remote code picks its own attention; it may reject the argument

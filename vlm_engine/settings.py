@@ -47,6 +47,13 @@ class ModelSettings(BaseModel):
     cpu_threads: int | None = Field(
         None, ge=1, description="CPU: torch threads of the engine; default half the cores (the server keeps the rest)"
     )
+    prepare_workers: int | None = Field(
+        None,
+        ge=0,
+        le=64,
+        description="llava, kosmos2, qwen3-vl: processes that decode images and tokenize requests, off the "
+        "engine's GIL (0: threads of the engine's process); default 1 up to 4 cores, else cores/4 (at most 4)",
+    )
     attention_impl: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     max_new_tokens: int = Field(128, ge=1, description="default when a request sets none")
     max_tokens_cap: int = Field(1024, ge=1, description="largest max_tokens a request may ask")

@@ -47,8 +47,10 @@ class Recorder(Metrics):
 
 def make_engine(models_dir, model: str, metrics: Metrics | None = None, **env) -> VLMEngine:
     """An engine on a tiny checkpoint; eager unless ``COMPILE_STEP`` says (compiling takes
-    seconds per engine; ``test_compiled_step`` runs the compiled step)."""
-    settings = resolve_settings(model, env={"VLM_MODELS_DIR": str(models_dir), "COMPILE_STEP": "false", **env})
+    seconds per engine; ``test_compiled_step`` runs the compiled step), its inputs made on the
+    request's thread unless ``PREPARE_WORKERS`` says (``test_input_workers``, ``test_engine``)."""
+    defaults = {"COMPILE_STEP": "false", "PREPARE_WORKERS": "0"}
+    settings = resolve_settings(model, env={"VLM_MODELS_DIR": str(models_dir), **defaults, **env})
     return VLMEngine(settings, metrics=metrics)
 
 

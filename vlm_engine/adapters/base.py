@@ -82,6 +82,7 @@ class Adapter(ABC):
     image_tokens = 256  # rough prompt cost of an image, for the prefill budget
     grounding = False  # results carry ``entities`` (boxes or points)
     resumable = False  # a preempted sequence can be started again from its tokens so far
+    inputs_elsewhere = False  # its request inputs can be made in a worker process (``vlm_engine.preparing``)
     sampling_options = False  # takes seed, stop, penalties and logprobs
     kv: KVPool | None = None  # paged KV memory (None: the adapter keeps its own per row)
 
@@ -213,10 +214,29 @@ class GenerateAdapter(Adapter):
         with self._count_lock:
             return self.encode([prepared])
 
+    inputs_elsewhere = True
+
+    @abstractmethod
+    def load_processor(self) -> None:
+        """The tokenizer and processor alone: what making a request's inputs needs."""
+
+    @abstractmethod
+    def load_model(self) -> None:
+        """The weights (``self.model``), after ``load_processor``."""
+
+    def load(self) -> None:
+        self.load_inputs()
+        self.load_model()
+        self.after_load()
+
+    def load_inputs(self) -> None:
+        """``load_processor``, then a tokenizer of its own for counting prompt tokens."""
+        self.load_processor()
+        self._counter = copy.deepcopy(self.tokenizer)  # request threads never share the Rust object
+
     def after_load(self) -> None:
         from vlm_engine.kv.cache import ATTENTION
 
-        self._counter = copy.deepcopy(self.tokenizer)  # request threads never share the Rust object
         eos = self.model.generation_config.eos_token_id
         eos = eos if isinstance(eos, list) else [eos]
         self.eos = {e for e in eos if e is not None}

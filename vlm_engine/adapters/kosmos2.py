@@ -16,7 +16,7 @@ import re
 from typing import Any
 
 from vlm_engine.adapters.base import GenerateAdapter, Prepared
-from vlm_engine.loading import from_pretrained_kwargs
+from vlm_engine.loading import from_pretrained_kwargs, source_kwargs
 from vlm_engine.output import Result, StreamText
 
 FIELD = re.compile("<.*?>")  # what transformers removes from a Kosmos-2 caption
@@ -64,18 +64,19 @@ class Kosmos2Adapter(GenerateAdapter):
     requires_image = True
     grounding = True
 
-    def load(self) -> None:
-        from transformers import AutoProcessor, Kosmos2ForConditionalGeneration
+    def load_processor(self) -> None:
+        from transformers import AutoProcessor
 
-        kwargs = from_pretrained_kwargs(self.settings, self.device)
-        self.processor = AutoProcessor.from_pretrained(
-            self.settings.model_path, revision=kwargs["revision"], cache_dir=kwargs["cache_dir"]
-        )
+        self.processor = AutoProcessor.from_pretrained(self.settings.model_path, **source_kwargs(self.settings))
         self.tokenizer = self.processor.tokenizer
         self.tokenizer.padding_side = "left"
+
+    def load_model(self) -> None:
+        from transformers import Kosmos2ForConditionalGeneration
+
+        kwargs = from_pretrained_kwargs(self.settings, self.device)
         self.model = Kosmos2ForConditionalGeneration.from_pretrained(self.settings.model_path, **kwargs)
         self.padding_idx = self.model.text_model.model.embed_positions.padding_idx
-        self.after_load()
 
     def estimate_image_tokens(self) -> int:
         return self.model.config.latent_query_num

@@ -5,23 +5,24 @@ from __future__ import annotations
 from typing import Any
 
 from vlm_engine.adapters.base import GenerateAdapter, Prepared
-from vlm_engine.loading import from_pretrained_kwargs
+from vlm_engine.loading import from_pretrained_kwargs, source_kwargs
 
 
 class LlavaAdapter(GenerateAdapter):
     multi_image = True  # each image is a <image> in its turn (the processor expands each)
 
-    def load(self) -> None:
-        from transformers import AutoProcessor, LlavaForConditionalGeneration
+    def load_processor(self) -> None:
+        from transformers import AutoProcessor
 
-        kwargs = from_pretrained_kwargs(self.settings, self.device)
-        self.processor = AutoProcessor.from_pretrained(
-            self.settings.model_path, revision=kwargs["revision"], cache_dir=kwargs["cache_dir"]
-        )
+        self.processor = AutoProcessor.from_pretrained(self.settings.model_path, **source_kwargs(self.settings))
         self.tokenizer = self.processor.tokenizer
         self.tokenizer.padding_side = "left"
+
+    def load_model(self) -> None:
+        from transformers import LlavaForConditionalGeneration
+
+        kwargs = from_pretrained_kwargs(self.settings, self.device)
         self.model = LlavaForConditionalGeneration.from_pretrained(self.settings.model_path, **kwargs)
-        self.after_load()
 
     def estimate_image_tokens(self) -> int:
         vision = self.model.config.vision_config

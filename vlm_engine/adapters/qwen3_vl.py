@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from vlm_engine.adapters.base import GenerateAdapter, Prepared, Sequence
-from vlm_engine.loading import from_pretrained_kwargs
+from vlm_engine.loading import from_pretrained_kwargs, source_kwargs
 
 IMAGE_PAD = "<|image_pad|>"
 
@@ -40,18 +40,21 @@ class Qwen3VLAdapter(GenerateAdapter):
     tool_format = "hermes"  # tools in the system turn, calls in <tool_call> tags (vlm_engine.tools)
     position_rows = 4  # text, then M-RoPE's temporal, height and width
 
-    def load(self) -> None:
-        from transformers import AutoImageProcessor, AutoTokenizer, Qwen3VLForConditionalGeneration
+    def load_processor(self) -> None:
+        from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
 
-        kwargs = from_pretrained_kwargs(self.settings, self.device)
-        source = dict(revision=kwargs["revision"], cache_dir=kwargs["cache_dir"])
+        source = source_kwargs(self.settings)
         self.tokenizer = AutoTokenizer.from_pretrained(self.settings.model_path, **source)
         self.tokenizer.padding_side = "left"
         self.image_processor = AutoImageProcessor.from_pretrained(self.settings.model_path, **source)
         self._cap_image_tokens()
+        self.image_token_id = AutoConfig.from_pretrained(self.settings.model_path, **source).image_token_id
+
+    def load_model(self) -> None:
+        from transformers import Qwen3VLForConditionalGeneration
+
+        kwargs = from_pretrained_kwargs(self.settings, self.device)
         self.model = Qwen3VLForConditionalGeneration.from_pretrained(self.settings.model_path, **kwargs)
-        self.image_token_id = self.model.config.image_token_id
-        self.after_load()
 
     def _cap_image_tokens(self) -> None:
         """``MAX_IMAGE_TOKENS``: larger images are scaled down by the processor (its
