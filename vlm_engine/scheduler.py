@@ -755,9 +755,12 @@ class Scheduler:
     def _due(self, row: Row, now: float) -> bool:
         """A started row's held text goes out after ``stream_interval`` tokens and, when a
         gap is set, no sooner than ``stream_gap_ms`` after its last text, unless it was held
-        for ``MAX_HELD_STEPS`` steps."""
+        for ``MAX_HELD_STEPS`` steps. A request whose edge sends only the answer gets its text
+        every ``MAX_HELD_STEPS`` steps alone: those events are its edge's heartbeats."""
         if row.held < self.stream_interval:
             return False
+        if not row.prepared.streamed:
+            return row.held >= MAX_HELD_STEPS
         return now - row.sent_at >= self.stream_gap_s or row.held >= MAX_HELD_STEPS
 
     # -- row endings

@@ -82,6 +82,8 @@ class TritonPythonModel:
             self.outbox.put((sender, False, Event(error=exc)))
             return
         sender.answers = 1 + len(prepared.siblings)  # the request's final response comes with the last
+        for answer in (prepared, *prepared.siblings):
+            answer.streamed = values["streaming"]  # else its text events are only heartbeats
         try:
             emit = self._responder(sender, values["streaming"], values["heartbeat"])
             self.engine.submit(prepared, emit, reserved=True)

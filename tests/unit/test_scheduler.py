@@ -72,6 +72,26 @@ def never_ending(tiny_models_dir):
         engine.close()
 
 
+def test_an_answer_not_streamed_gets_text_every_max_held_steps_alone(tiny_models_dir):
+    """A request whose edge sends only the answer (``streamed=False``: the KServe face, whose
+    forwarder checks its client on each response) gets a text event once per MAX_HELD_STEPS
+    steps, not at every step even with no gap set; a streamed one beside it gets every token."""
+    engine = make_engine(tiny_models_dir, "llava", STREAM_GAP_MS="0", **NEVER_ENDING)
+    tokens = 4 * MAX_HELD_STEPS + 1
+    try:
+        quiet = prepare(engine, 0, tokens)
+        quiet.streamed = False
+        rows = [Request(engine, quiet), Request(engine, prepare(engine, 1, tokens))]
+        results = [row.result() for row in rows]
+    finally:
+        engine.close()
+    assert [r.output_tokens for r in results] == [tokens, tokens]
+    quiet_texts = [event_text for event_text in rows[0].texts[:-1] if event_text]
+    # the first token at once, then one per MAX_HELD_STEPS tokens; the last ones come with the result
+    assert len(quiet_texts) == 1 + (tokens - 1) // MAX_HELD_STEPS - 1, rows[0].texts
+    assert len([t for t in rows[1].texts if t]) > 4 * 4
+
+
 class Request:
     """One submitted request and its events, in arrival order."""
 

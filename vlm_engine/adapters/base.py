@@ -63,6 +63,7 @@ class Prepared:
     image_keys: list[str] = field(default_factory=list)  # content hash of each image: prefix and encoder caches
     tools: list[dict[str, Any]] | None = None  # tools the prompt lists (OpenAI's function objects)
     siblings: list[Prepared] = field(default_factory=list)  # answers 2..n of the same prompt (n > 1)
+    streamed: bool = True  # its edge sends text as it comes; else only the answer (and heartbeats)
 
     @property
     def images(self) -> list[Image.Image]:
