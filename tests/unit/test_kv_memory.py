@@ -3,6 +3,8 @@ preemption instead of failure, chunked prefill, rows that fail alone."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -325,3 +327,27 @@ def test_a_cpu_pool_takes_at_most_a_quarter_of_the_memory_available(monkeypatch)
     assert pool.budget_bytes(None, 0.9, "cpu", 64 * 2**30) == 2 * 2**30
     assert pool.budget_bytes(None, 0.9, "cpu", 2**30) == 2**30, "a default that fits is kept"
     assert pool.budget_bytes(40_000, 0.9, "cpu", 2**30) == 40_000 * 2**20, "KV_CACHE_MB beats the cap"
+
+
+def test_qwen3_vls_patch_embedding_as_a_product_equals_its_conv3d(tiny_models_dir):
+    """The engine computes Qwen3-VL's patch embedding as one matrix product; it equals the
+    checkpoint's ``Conv3d`` on real processor output (float rounding apart)."""
+    from vlm_engine.adapters.qwen3_vl import patch_embedding_as_product
+
+    engine = make_engine(tiny_models_dir, "qwen3-vl", WARMUP="false")
+    try:
+        embed = engine.adapter.model.model.visual.patch_embed
+        assert "forward" in vars(embed), "the engine's model computes the embedding as a product"
+        pixels = prepare(engine, 1, 4).inputs["pixel_values"]
+        with torch.inference_mode():
+            ours = embed(pixels)
+            conv = type(embed).forward(embed, pixels)  # the checkpoint's own Conv3d
+        assert ours.shape == conv.shape and ours.abs().max() > 0
+        torch.testing.assert_close(ours, conv, rtol=1e-5, atol=1e-5)
+        other = copy.deepcopy(embed)
+        torch.nn.init.normal_(other.proj.weight)
+        patch_embedding_as_product(other)
+        with torch.inference_mode():
+            assert not torch.allclose(other(pixels), ours), "the product reads the module's own weights"
+    finally:
+        engine.close()

@@ -35,6 +35,23 @@ class EncodedImages:
     deepstack_features: list[tuple[Any, ...]]
 
 
+def patch_embedding_as_product(embed: Any) -> None:
+    """The vision tower's patch embedding is a ``Conv3d`` whose kernel is its stride, over
+    inputs exactly one kernel large: one matrix product of each flattened patch with the
+    flattened kernel (as vLLM computes it). Measured on this machine for one image's 36
+    patches: 684 µs through ``Conv3d``, 99 µs as the product; equal to float rounding."""
+    import torch.nn.functional as F
+
+    proj = embed.proj
+
+    def forward(hidden_states: Any) -> Any:
+        weight = proj.weight  # read per call: ``model.to(device)`` replaces it after loading
+        flat = weight.reshape(weight.shape[0], -1)
+        return F.linear(hidden_states.reshape(-1, flat.shape[1]).to(weight.dtype), flat, proj.bias)
+
+    embed.forward = forward
+
+
 class Qwen3VLAdapter(GenerateAdapter):
     multi_image = True  # the chat template's image parts, each expanded to its own grid
     tool_format = "hermes"  # tools in the system turn, calls in <tool_call> tags (vlm_engine.tools)
@@ -55,6 +72,7 @@ class Qwen3VLAdapter(GenerateAdapter):
 
         kwargs = from_pretrained_kwargs(self.settings, self.device)
         self.model = Qwen3VLForConditionalGeneration.from_pretrained(self.settings.model_path, **kwargs)
+        patch_embedding_as_product(self.model.model.visual.patch_embed)
 
     def _cap_image_tokens(self) -> None:
         """``MAX_IMAGE_TOKENS``: larger images are scaled down by the processor (its
