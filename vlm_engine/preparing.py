@@ -38,7 +38,8 @@ from vlm_engine.images import content_key, decode_image
 from vlm_engine.settings import ModelSettings
 
 log = logging.getLogger("vlm_engine.preparing")
-BLANK = (224, 224)  # the gray image of text-only chats with a model that requires one
+BLANK = (224, 224)
+SOCKET_BUFFER = 8 * 2**20  # the gray image of text-only chats with a model that requires one
 
 
 @dataclass(frozen=True)
@@ -154,6 +155,9 @@ class Worker:
 
     def __init__(self, settings: ModelSettings):
         ours, theirs = socket.socketpair()
+        for end in (ours, theirs):  # an image's pixels (LLaVA: 1.4 MB) in one go, not 200 KB at a time
+            end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
+            end.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
         env = dict(os.environ)
         package_root = str(Path(__file__).resolve().parents[1])
         env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH", "")) if p)
