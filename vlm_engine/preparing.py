@@ -33,7 +33,7 @@ from typing import Any
 from PIL import Image
 
 from vlm_engine.chat import Message, prompt_message
-from vlm_engine.errors import EngineError, PromptTooLong
+from vlm_engine.errors import EngineError, ModelConfigError, PromptTooLong, ShuttingDown
 from vlm_engine.images import content_key, decode_image
 from vlm_engine.settings import ModelSettings
 
@@ -170,8 +170,11 @@ class Worker:
         )
         theirs.close()
         self.connection = Connection(ours.detach())
-        self.connection.send(settings)
         self.ready = False
+        try:
+            self.connection.send(settings)
+        except OSError:  # it has already exited: the first call says so
+            self.connection.close()
 
     def call(self, *args: Any) -> Any:
         try:
@@ -224,6 +227,12 @@ class InputWorkers:
                 worker.call(single_turn("Describe the image.", data.getvalue()), resolve_params(self.settings, 2), None)
             except InvalidRequest:  # limits set below a 16x16 image: the worker is up all the same
                 pass
+            except WorkerDied as exc:
+                raise ModelConfigError(
+                    f"{self.settings.name}: the input worker could not load the tokenizer and processor from "
+                    f"{self.settings.model_path} ({exc}; its error is in the log above); PREPARE_WORKERS=0 "
+                    "prepares requests in the engine's process instead"
+                ) from None
 
     def make(self, messages: list[Message], params: Any, tools: Any) -> RequestInputs:
         """``make_inputs`` in a worker; the arrays come back as tensors, the images as sizes. A
@@ -237,6 +246,8 @@ class InputWorkers:
             try:
                 made = worker.call(messages, params, tools)
             except WorkerDied as exc:
+                if self._closed:
+                    raise ShuttingDown(f"{self.settings.name} shut down while this request was prepared") from None
                 log.warning("%s: an input worker died (%s); starting another", self.settings.name, exc)
                 worker = self._replace(worker)
                 try:

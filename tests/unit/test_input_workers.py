@@ -107,3 +107,14 @@ def test_image_limits_hold_in_the_worker(tiny_models_dir):
             engine.prepare(single_turn("What is it?", png((1, 2, 3), (64, 48))), 4, 0.0)
     finally:
         engine.close()
+
+
+def test_a_worker_that_cannot_start_fails_the_load_with_what_to_do(tiny_models_dir, monkeypatch):
+    """A worker that exits before loading (here: an interpreter that is not Python) fails the
+    engine's load with a configuration error that names the way out, not a hang."""
+    from vlm_engine import preparing
+    from vlm_engine.errors import ModelConfigError
+
+    monkeypatch.setattr(preparing, "python_executable", lambda: "/bin/false")
+    with pytest.raises(ModelConfigError, match="PREPARE_WORKERS=0"):
+        make_engine(tiny_models_dir, "llava", PREPARE_WORKERS="1", WARMUP="false")
