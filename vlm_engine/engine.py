@@ -84,9 +84,12 @@ class VLMEngine:
             self.input_workers = InputWorkers(self.settings, workers)
         try:
             self._load_weights()
-        except BaseException:
-            self.close_input_workers()
+            self._finish_loading(start)
+        except BaseException:  # nothing started for it stays behind: workers, the step loop
+            self.close(drain=False)
             raise
+
+    def _finish_loading(self, start: float) -> None:
         self.load_seconds = time.perf_counter() - start
         log.info(
             "%s loaded from %s on %s in %.1fs", self.name, self.settings.model_path, self.device, self.load_seconds
@@ -218,8 +221,9 @@ class VLMEngine:
 
     def _make_inputs(self, messages: list[Message], params: GenerationParams, tools: Any) -> RequestInputs:
         """Images decoded, prompt counted and encoded: in an input worker where there are some."""
-        if self.input_workers is not None:
-            return self.input_workers.make(messages, params, tools)
+        workers = self.input_workers  # once: closing sets it to None
+        if workers is not None:
+            return workers.make(messages, params, tools)
         return make_inputs(self.adapter, messages, params, tools)
 
     def _check_n(self, n: Any) -> None:

@@ -25,6 +25,8 @@ import queue
 import socket
 import subprocess
 import sys
+import threading
+import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -38,8 +40,11 @@ from vlm_engine.images import content_key, decode_image
 from vlm_engine.settings import ModelSettings
 
 log = logging.getLogger("vlm_engine.preparing")
-BLANK = (224, 224)
-SOCKET_BUFFER = 8 * 2**20  # the gray image of text-only chats with a model that requires one
+BLANK = (224, 224)  # the gray image of text-only chats with a model that requires one
+SOCKET_BUFFER = 8 * 2**20  # the kernel caps it (4 MB here): an image's pixels in one go
+PYTHON_ENV = "VLM_PYTHON"  # the interpreter of the workers (Triton's launcher sets its own)
+CALL_TIMEOUT_S = 120.0  # a worker silent this long on one request is killed and replaced
+START_TIMEOUT_S = 600.0  # its first answer: the tokenizer and processor loaded
 
 
 @dataclass(frozen=True)
@@ -134,16 +139,22 @@ def serve(fd: int) -> None:
 
 
 def python_executable() -> str:
-    """The interpreter workers start with: this one, or, where this process is not a Python
-    executable (Triton's Python-backend stub embeds one), the one of its environment."""
-    name = os.path.basename(sys.executable or "")
-    if name.startswith("python"):
+    """The interpreter workers start with: ``VLM_PYTHON`` (Triton's launcher sets its own),
+    else this one, or, where this process is not a Python executable (Triton's Python-backend
+    stub embeds one), one of its environment's."""
+    if os.environ.get(PYTHON_ENV):
+        return os.environ[PYTHON_ENV]
+    if os.path.basename(sys.executable or "").startswith("python"):
         return sys.executable
-    for candidate in ("python3", "python"):
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    for candidate in (version, "python3", "python"):
         path = os.path.join(sys.exec_prefix, "bin", candidate)
         if os.access(path, os.X_OK):
             return path
-    raise EngineError(f"no Python executable for the input workers next to {sys.exec_prefix}: set PREPARE_WORKERS=0")
+    raise ModelConfigError(
+        f"no Python executable for the input workers in {sys.exec_prefix}/bin: set {PYTHON_ENV} to one, "
+        "or PREPARE_WORKERS=0"
+    )
 
 
 class WorkerDied(Exception):
@@ -155,7 +166,7 @@ class Worker:
 
     def __init__(self, settings: ModelSettings):
         ours, theirs = socket.socketpair()
-        for end in (ours, theirs):  # an image's pixels (LLaVA: 1.4 MB) in one go, not 200 KB at a time
+        for end in (ours, theirs):
             end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
             end.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
         env = dict(os.environ)
@@ -179,15 +190,21 @@ class Worker:
     def call(self, *args: Any) -> Any:
         try:
             if not self.ready:  # its first answer: the processor is loaded
-                self.connection.recv()
+                self._receive(START_TIMEOUT_S)
                 self.ready = True
             self.connection.send(args)
-            ok, value = self.connection.recv()
-        except (EOFError, OSError) as exc:
+            ok, value = self._receive(CALL_TIMEOUT_S)
+        except (EOFError, OSError, TypeError) as exc:  # TypeError: its connection closed meanwhile
             raise WorkerDied(f"exit code {self.process.poll()}") from exc
         if not ok:
             raise value
         return value
+
+    def _receive(self, timeout: float) -> Any:
+        if not self.connection.poll(timeout):
+            self.process.kill()
+            raise WorkerDied(f"no answer in {timeout:.0f} s; killed")
+        return self.connection.recv()
 
     def close(self) -> None:
         self.connection.close()  # the worker reads EOF and returns
@@ -205,11 +222,19 @@ class InputWorkers:
     def __init__(self, settings: ModelSettings, count: int):
         self.settings = settings
         self.count = count
-        self._workers = [Worker(settings) for _ in range(count)]  # they load while the weights load
+        self._lock = threading.Lock()
+        self._closed = False
         self._idle: queue.Queue[Worker] = queue.Queue()
+        self._workers: list[Worker] = []
+        try:
+            for _ in range(count):  # they load while the weights load
+                self._workers.append(Worker(settings))
+        except BaseException:
+            self.close()
+            raise
         for worker in self._workers:
             self._idle.put(worker)
-        self._closed = False
+        log.info("%s: %d input worker(s) started with %s", settings.name, count, python_executable())
 
     def warm_up(self) -> None:
         """Make one request's inputs (a 16x16 PNG) on every worker: waits for the processor to
@@ -239,15 +264,11 @@ class InputWorkers:
         worker that dies is replaced and the request tried once more."""
         import torch
 
-        if self._closed:
-            raise EngineError(f"{self.settings.name} is shutting down")
-        worker = self._idle.get()
+        worker = self._take()
         try:
             try:
                 made = worker.call(messages, params, tools)
             except WorkerDied as exc:
-                if self._closed:
-                    raise ShuttingDown(f"{self.settings.name} shut down while this request was prepared") from None
                 log.warning("%s: an input worker died (%s); starting another", self.settings.name, exc)
                 worker = self._replace(worker)
                 try:
@@ -259,26 +280,56 @@ class InputWorkers:
                         "the image may be too large for this machine's memory"
                     ) from None
         finally:
+            if self._closed:
+                worker.close()
             self._idle.put(worker)
         made.inputs = {name: torch.from_numpy(value) for name, value in made.inputs.items()}
         for message, decoded in zip(messages, made.decoded, strict=True):
             message.decoded = decoded
         return made
 
+    def _take(self) -> Worker:
+        """An idle worker (waiting for one), or ``ShuttingDown`` once closing."""
+        while True:
+            if self._closed:
+                raise ShuttingDown(f"{self.settings.name} is shutting down")
+            try:
+                return self._idle.get(timeout=0.5)
+            except queue.Empty:
+                continue
+
     def _replace(self, dead: Worker) -> Worker:
+        """A new worker in ``dead``'s place (none once closing: the request is refused)."""
         dead.close()
-        worker = Worker(self.settings)
-        self._workers[self._workers.index(dead)] = worker
-        return worker
+        with self._lock:
+            if self._closed:
+                raise ShuttingDown(f"{self.settings.name} shut down while this request was prepared")
+            worker = Worker(self.settings)
+            self._workers[self._workers.index(dead)] = worker
+            return worker
 
     def pids(self) -> list[int]:
         """The workers' process ids (tests, diagnostics)."""
         return [worker.process.pid for worker in self._workers]
 
-    def close(self) -> None:
-        self._closed = True
-        for worker in self._workers:
-            worker.close()
+    def close(self, wait_s: float = 10.0) -> None:
+        """Stop the workers: the idle ones at once; one still making a request's inputs is
+        waited for up to ``wait_s``, then killed (its request is refused as shutting down)."""
+        with self._lock:
+            self._closed = True
+            workers = list(self._workers)
+        deadline = time.monotonic() + wait_s
+        idle: list[Worker] = []
+        for _ in workers:
+            try:
+                idle.append(self._idle.get(timeout=max(0.0, deadline - time.monotonic())))
+            except queue.Empty:
+                break
+        for worker in workers:
+            if worker in idle:
+                worker.close()
+            else:  # its request's thread sees it die, closes it and refuses the request
+                worker.process.kill()
 
 
 def worker_count(settings: ModelSettings) -> int:

@@ -19,6 +19,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from vlm_engine.preparing import PYTHON_ENV
+
 ROOT = Path(__file__).resolve().parent.parent
 TRITON_HOME = Path(os.environ.get("TRITON_HOME", ROOT / ".triton"))
 
@@ -85,6 +87,7 @@ def environment(base: dict[str, str] | None = None) -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
     env.setdefault("HF_HUB_OFFLINE", "0")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env.setdefault(PYTHON_ENV, sys.executable)  # the stubs' input workers run this interpreter
     return env
 
 

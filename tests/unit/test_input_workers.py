@@ -118,3 +118,50 @@ def test_a_worker_that_cannot_start_fails_the_load_with_what_to_do(tiny_models_d
     monkeypatch.setattr(preparing, "python_executable", lambda: "/bin/false")
     with pytest.raises(ModelConfigError, match="PREPARE_WORKERS=0"):
         make_engine(tiny_models_dir, "llava", PREPARE_WORKERS="1", WARMUP="false")
+
+
+def test_a_worker_silent_past_its_timeout_is_killed_and_the_request_retried(tiny_models_dir, monkeypatch):
+    """A stopped worker never answers: after ``CALL_TIMEOUT_S`` it is killed and the request
+    is made on a new one (the timeout is 1,000 times what preparing this request takes)."""
+    from vlm_engine import preparing
+
+    monkeypatch.setattr(preparing, "CALL_TIMEOUT_S", 5.0)
+    engine = make_engine(tiny_models_dir, "llava", PREPARE_WORKERS="1", WARMUP="false")
+    try:
+        stuck = engine.input_workers.pids()[0]
+        os.kill(stuck, signal.SIGSTOP)
+        prepared = engine.prepare(conversation(), 4, 0.0)
+        assert engine.input_workers.pids() != [stuck]
+        assert prepared.inputs["pixel_values"].shape[0] == 1
+    finally:
+        engine.close()
+
+
+def test_closing_refuses_a_request_its_worker_still_holds(tiny_models_dir):
+    """Closing waits for a busy worker, then kills it: the request it held is refused as
+    shutting down (not a hang, not a new worker started after close)."""
+    import threading
+    import time
+
+    from vlm_engine.errors import ShuttingDown
+
+    engine = make_engine(tiny_models_dir, "llava", PREPARE_WORKERS="1", WARMUP="false")
+    workers = engine.input_workers
+    os.kill(workers.pids()[0], signal.SIGSTOP)  # it takes the request and never answers
+    outcome: list[BaseException] = []
+
+    def ask() -> None:
+        try:
+            engine.prepare(conversation(), 4, 0.0)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    asker = threading.Thread(target=ask)
+    asker.start()
+    while workers._idle.qsize():  # until the request holds the worker
+        time.sleep(0.01)
+    workers.close(wait_s=0.5)
+    asker.join()
+    assert len(outcome) == 1 and isinstance(outcome[0], ShuttingDown), outcome
+    assert all(worker.process.poll() is not None for worker in workers._workers)
+    engine.close()
