@@ -182,6 +182,7 @@ class Worker:
         theirs.close()
         self.connection = Connection(ours.detach())
         self.ready = False
+        self.call_timeout_s = CALL_TIMEOUT_S
         try:
             self.connection.send(settings)
         except OSError:  # it has already exited: the first call says so
@@ -193,7 +194,7 @@ class Worker:
                 self._receive(START_TIMEOUT_S)
                 self.ready = True
             self.connection.send(args)
-            ok, value = self._receive(CALL_TIMEOUT_S)
+            ok, value = self._receive(self.call_timeout_s)
         except (EOFError, OSError, TypeError) as exc:  # TypeError: its connection closed meanwhile
             raise WorkerDied(f"exit code {self.process.poll()}") from exc
         if not ok:

@@ -120,15 +120,13 @@ def test_a_worker_that_cannot_start_fails_the_load_with_what_to_do(tiny_models_d
         make_engine(tiny_models_dir, "llava", PREPARE_WORKERS="1", WARMUP="false")
 
 
-def test_a_worker_silent_past_its_timeout_is_killed_and_the_request_retried(tiny_models_dir, monkeypatch):
-    """A stopped worker never answers: after ``CALL_TIMEOUT_S`` it is killed and the request
-    is made on a new one (the timeout is 1,000 times what preparing this request takes)."""
-    from vlm_engine import preparing
-
-    monkeypatch.setattr(preparing, "CALL_TIMEOUT_S", 5.0)
+def test_a_worker_silent_past_its_timeout_is_killed_and_the_request_retried(tiny_models_dir):
+    """A stopped worker never answers: after its timeout it is killed and the request is made
+    on a new one (whose timeout is the default: no verdict here depends on the machine's speed)."""
     engine = make_engine(tiny_models_dir, "llava", PREPARE_WORKERS="1", WARMUP="false")
     try:
         stuck = engine.input_workers.pids()[0]
+        engine.input_workers._workers[0].call_timeout_s = 0.5  # stopped: it never answers in any time
         os.kill(stuck, signal.SIGSTOP)
         prepared = engine.prepare(conversation(), 4, 0.0)
         assert engine.input_workers.pids() != [stuck]

@@ -106,7 +106,8 @@ class Adapter(ABC):
         """Tokens of user text, for the prompt-length limit (called from request threads)."""
 
     def encode_row(self, prepared: Prepared) -> Any:
-        """Model inputs of one request, computed on the request's thread (not the step loop's)."""
+        """Model inputs of one request, made before it is queued (``vlm_engine.preparing``: on the
+        request's thread or in an input worker), never in the step loop."""
         return None
 
     def sampling_state(self, prepared: Prepared, inputs: Any) -> Any:
@@ -205,6 +206,7 @@ class GenerateAdapter(Adapter):
     sampling_options = True  # seed, stop, penalties, logprobs, guides
     grammars: Any = None  # ``guided.Grammars``, made on the first guided request
     position_rows = 1  # rows of a token's position (Qwen3-VL: text, then three of M-RoPE)
+    inputs_elsewhere = True  # its processor and tokenizer load without the weights (input workers)
     runner: Any = None  # ``runner.ModelRunner``, made with the KV pool
 
     @abstractmethod
@@ -214,8 +216,6 @@ class GenerateAdapter(Adapter):
     def encode_row(self, prepared: Prepared) -> dict[str, Any]:
         with self._count_lock:
             return self.encode([prepared])
-
-    inputs_elsewhere = True
 
     @abstractmethod
     def load_processor(self) -> None:
