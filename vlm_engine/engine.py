@@ -120,6 +120,7 @@ class VLMEngine:
             s.stream_gap_ms,
             s.row_trace_file,
             s.prefill_step_multiple,
+            s.prefill_gather_steps,
         )
         if self.input_workers is not None:
             waited = time.perf_counter()
@@ -152,8 +153,9 @@ class VLMEngine:
 
     def warmup(self) -> None:
         """One short generation so the first real request does not pay for lazy set-up; with
-        ``COMPILE_STEP``, then two rows at once, so that both of the compiled step's graphs
-        (one row, and any number of rows) are built before the model reports ready."""
+        ``COMPILE_STEP``, then two rows at once and two prompts without an image, so that
+        the compiled step's graphs (decode: one row, any number of rows; prompt chunks: with
+        and without image tokens) are built before the model reports ready."""
         started = time.perf_counter()
 
         def blank_request() -> Prepared:
@@ -166,6 +168,9 @@ class VLMEngine:
         runner = getattr(self.adapter, "runner", None)
         if runner is not None and runner.compiled is not None:
             self.generate([blank_request(), blank_request()])
+            if runner.compiled_chunks is not None:  # prompts without an image: Qwen3-VL's graph has no DeepStack
+                text = [Prepared(single_turn(f"Say {word}.", None), resolve_params(self.settings, 2)) for word in "ab"]
+                self.generate(text)
             log.info("%s: step compiled (torch.compile) in %.1f s", self.name, time.perf_counter() - started)
 
     def prepare(

@@ -18,6 +18,7 @@ runner owns the pool, the batch, the encoder cache and the step.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -54,15 +55,22 @@ class ModelRunner:
         self.batch = PersistentBatch(
             max_rows, pool.pages.pages_for(max_tokens) + 1, adapter.position_rows, pool.page_size, self.device
         )
-        # decode-only steps (the bulk) through torch.compile, dynamic in the rows, without guards
-        # on the modules and weights (they never change while it serves). Steps with prompt
-        # chunks stay eager: their shapes (tokens, kept logits, images) vary in ways that made
-        # inductor recompile while serving (seconds each), where decode steps need two graphs
+        # steps through torch.compile, dynamic in the rows and tokens, without guards on the
+        # modules and weights (they never change while it serves): decode-only steps (the
+        # bulk) as the whole model from token ids; steps carrying prompt chunks as the
+        # language model from embeddings made outside the graph (``adapters.embedded``),
+        # where the adapter has that module (else they run eager: HF's image placement by
+        # boolean mask made inductor recompile while serving, seconds each)
         options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
         self.compiled_steps = 0  # forwards that ran compiled
-        if compile_step:  # two graphs (one row; any number) per model in this process
+        self.compiled_chunk_steps = 0  # ... of them, steps that carried prompt chunks
+        self.compiled = self.compiled_chunks = None
+        if compile_step:  # a few graphs (one row or token; any number) per model in this process
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        self.compiled = torch.compile(adapter.forward_module(), dynamic=True, options=options) if compile_step else None
+            self.compiled = torch.compile(adapter.forward_module(), dynamic=True, options=options)
+            chunk_module = adapter.chunk_module()
+            if chunk_module is not None:
+                self.compiled_chunks = torch.compile(chunk_module, dynamic=True, options=options)
 
     # -- one step
 
@@ -74,19 +82,27 @@ class ModelRunner:
         self._encode_step_images(chunks)
         pieces = [piece for seq, start, end in chunks for piece in self._image_pieces(seq, start, end)]
         inputs, positions = self._inputs(rows, chunks, bool(pieces))
-        if pieces:
-            inputs.update(self.adapter.image_inputs(pieces))
+
+        def eager() -> dict[str, Any]:  # the model's own inputs, images placed by HF's code
+            return {**inputs, **self.adapter.image_inputs(pieces)} if pieces else inputs
+
+        # a step of one token, or with one image token, runs eager: a graph for it (sizes 0 and 1
+        # are specialised) would be one more compile while serving
+        embedded = bool(chunks) and self.compiled_chunks is not None and positions.shape[-1] > 1
+        embedded = embedded and sum(len(piece[0]) for piece in pieces) != 1
+        module = self.compiled_chunks if embedded else None if chunks else self.compiled
         step = pack(self.kv, decode, [(s.key, a, b) for s, a, b in chunks], self.device)
         done = [i for i, (seq, _, end) in enumerate(chunks) if end == seq.length]
         keep = list(range(len(rows))) + [step.chunks[i].end - 1 for i in done]
         last = [s.last for s in rows]
         with torch.inference_mode(), forward_over(self.kv, step):
             out = self._forward(
-                inputs,
+                self.adapter.embed_step(inputs, pieces, len(rows)) if embedded else eager(),
                 positions,
                 StepCache(step, 0 if pieces else 1),
                 torch.tensor(keep, dtype=torch.long, device=self.device),
-                compiled=not chunks,
+                module,
+                eager,
             )
             settings = self.batch.sampling[: len(rows)] if rows and not done else None  # decode rows alone
             outputs, chosen = self.choose(out.logits[0], [*rows, *(chunks[i][0] for i in done)], settings)
@@ -107,20 +123,36 @@ class ModelRunner:
             finished[i] = output
         return [by_row[s.key] for s in decodes], finished
 
-    def _forward(self, inputs: dict[str, Any], positions: Any, cache: StepCache, keep: Any, compiled: bool) -> Any:
-        if self.compiled is None or not compiled:
+    def _forward(
+        self, inputs: dict[str, Any], positions: Any, cache: StepCache, keep: Any, module: Any, eager: Callable
+    ) -> Any:
+        """The step's forward: through ``module`` (compiled) when given, else eager; ``eager()``:
+        the inputs of the eager forward, should the compiled one fail."""
+        if module is None:
             return self.adapter.forward(inputs, positions, cache, keep)
         config = self.adapter.text_config()
         config._attn_implementation = COMPILED_ATTENTION  # every attention of the graph is the op
+        if module is self.compiled_chunks:  # one graph for any count of finished prompts, one included
+            torch._dynamo.decorators.mark_unbacked(keep, 0)
         try:
-            out = self.adapter.forward(inputs, positions, cache, keep, module=self.compiled)
+            out = self.adapter.forward(inputs, positions, cache, keep, module=module)
         except torch._dynamo.exc.TorchDynamoException as exc:  # no compiler, an unsupported model: eager
-            log.warning("%s: the compiled step failed (%s); decode steps run eager", self.adapter.settings.name, exc)
-            self.compiled = None
-            return self.adapter.forward(inputs, positions, cache, keep)
+            chunks = module is self.compiled_chunks
+            log.warning(
+                "%s: the compiled step failed (%s); %s steps run eager",
+                self.adapter.settings.name,
+                exc,
+                "prompt" if chunks else "decode",
+            )
+            if chunks:
+                self.compiled_chunks = None
+            else:
+                self.compiled = None
+            return self.adapter.forward(eager(), positions, cache, keep)
         finally:
             config._attn_implementation = ATTENTION
         self.compiled_steps += 1
+        self.compiled_chunk_steps += module is self.compiled_chunks
         return out
 
     def choose(

@@ -11,8 +11,11 @@ One ``Scheduler`` per loaded model runs one thread, the step loop. Each turn of 
 3. **step**: one forward carries a token for every row that has its prompt in and prompt
    chunks of the others. The chunks are bounded by ``PREFILL_BUDGET`` and, while rows are
    decoding, by time: a step with chunks takes about ``step_multiple`` decode steps
-   (``Pace`` measures both online), so running streams keep their pace while a long prompt
-   comes in (a chunk may split an image: the adapter slices its encoder output). A row
+   (``Pace`` measures both online: a decode step, and a step's fixed and per-token cost of
+   carrying prompts), so running streams keep their pace while a long prompt comes in (a
+   chunk may split an image: the adapter slices its encoder output). Short new prompts wait
+   up to ``gather_steps`` steps so that several go in one step (each step that carries
+   prompts pays the fixed part: the vision encoder's call, the embeddings, sampling). A row
    whose prompt is complete sends its first text. Each decoding row gets a page when its last one is full; when none is
    free the newest rows are **preempted**: their pages are given back and they go back to
    the front of the queue, to be prefilled again with what they had generated (vLLM's
@@ -114,24 +117,52 @@ class Stats:
     rejected: int = 0
     preempted: int = 0  # rows sent back to the queue for lack of KV pages
     out_of_memory: int = 0  # OutOfMemoryErrors recovered from
+    gathered: int = 0  # steps new prompts waited for others to go with them (``gather_steps``), summed over rows
     turns: list[tuple[int, int]] = field(default_factory=list)  # recent (prefill tokens, decode rows) per turn
 
 
 @dataclass
 class Pace:
-    """Online estimates for the chunk budget: a decode-only step's time, and what a prompt
-    token adds to a step (moving averages)."""
+    """Online estimates for the chunk budget (moving averages): a decode-only step's time, and
+    what prompt tokens add to a step, fitted as a fixed part (a step carrying prompts calls the
+    vision encoder, embeds outside the graph, samples every row) plus a part per token.
+    Counting the fixed part per token would make a step with few prompt tokens look expensive
+    per token, shrink the next budget, and so on: prompts would trickle in a few tokens a step."""
 
     decode_s: float = 0.0
-    token_s: float = 0.0
+    fixed_s: float = 0.0  # what carrying any prompt tokens adds to a step
+    token_s: float = 0.0  # what each prompt token adds
+    _moments: tuple[float, float, float, float, float] = (0.0, 0.0, 0.0, 0.0, 0.0)
 
     def record(self, seconds: float, decodes: int, tokens: int) -> None:
         if not tokens:
             self.decode_s = _average(self.decode_s, seconds)
+            return
+        extra = max(seconds - (self.decode_s if decodes else 0.0), 0.0)
+        weight = 0.2 if self._moments[0] else 1.0
+        n, x, y, xx, xy = ((1 - weight) * m for m in self._moments)
+        self._moments = (
+            n + weight,
+            x + weight * tokens,
+            y + weight * extra,
+            xx + weight * tokens**2,
+            xy + weight * tokens * extra,
+        )
+        n, x, y, xx, xy = self._moments
+        mean_x, mean_y = x / n, y / n
+        spread = xx / n - mean_x**2
+        slope = (xy / n - mean_x * mean_y) / spread if spread > 1.0 else 0.0
+        if slope <= 0:  # one size of step seen so far (or noise): all of it per token
+            self.fixed_s, self.token_s = 0.0, mean_y / mean_x
         else:
-            extra = seconds - (self.decode_s if decodes else 0.0)
-            if extra > 0:
-                self.token_s = _average(self.token_s, extra / tokens)
+            self.token_s = slope
+            self.fixed_s = max(mean_y - slope * mean_x, 0.0)
+
+    def budget(self, spare_s: float) -> int:
+        """Prompt tokens that fit in ``spare_s`` beside the decode rows; at least as many as
+        make the fixed part worth paying (it is paid for one token as for many)."""
+        worth = self.fixed_s / self.token_s
+        return int(max((spare_s - self.fixed_s) / self.token_s, worth, MIN_CHUNK))
 
 
 def _average(old: float, new: float, weight: float = 0.2) -> float:
@@ -154,6 +185,8 @@ class Row:
     seq: Any = None  # the adapter's sequence while the row holds KV memory
     prompt: int = 0  # tokens its prefill takes (prompt, and answer so far after a preemption)
     prefilled: int = 0
+    chunked: bool = False  # a chunk of its prompt has run (since its last admission)
+    gathered: int = 0  # steps its first chunk waited for other prompts to go with it (``gather_steps``)
     gone: bool = False  # the client left (seen by the housekeeping thread)
     gone_seen: tuple[float, int] | None = None  # (monotonic time, tokens) when that was seen
     token_times: list[float] = field(default_factory=list)  # monotonic time of each token (tracing only)
@@ -218,6 +251,7 @@ class Scheduler:
         stream_gap_ms: float = 0.0,
         trace_path: str | None = None,
         step_multiple: float = 0.0,
+        gather_steps: int = 0,
     ):
         self.adapter = adapter
         self.name = name
@@ -232,6 +266,7 @@ class Scheduler:
         self.on_fatal = on_fatal
         self.trace_path = trace_path
         self.step_multiple = step_multiple
+        self.gather_steps = gather_steps
         self._pace = Pace()
         self.stats = Stats()
         self._waiting: deque[Row] = deque()
@@ -491,6 +526,7 @@ class Scheduler:
         if not self.kv.pages.admit(row.seq.key, hit, row.prompt):
             return False
         row.prefilled = row.seq.cached = len(hit) * self.kv.page_size
+        row.chunked, row.gathered = False, 0
         self._measure(self.metrics.prefix_cache, row.prompt, row.prefilled)
         return True
 
@@ -545,8 +581,7 @@ class Scheduler:
         budget = self.prefill_budget
         pace = self._pace
         if decoding and self.step_multiple > 0 and pace.decode_s > 0 and pace.token_s > 0:
-            spare = (self.step_multiple - 1) * pace.decode_s
-            budget = min(budget, max(int(spare / pace.token_s), MIN_CHUNK))
+            budget = min(budget, pace.budget((self.step_multiple - 1) * pace.decode_s))
         return budget
 
     def _step(self) -> tuple[int, int]:
@@ -561,9 +596,26 @@ class Scheduler:
             end = self.adapter.chunk_end(row.seq, row.prefilled, budget)
             items.append((row, row.prefilled, end))
             budget -= end - row.prefilled
+        if items and decoding and self._gathering([row for row, _, _ in items], budget):
+            items = []
         if not decoding and not items:
             return 0, 0
         return self._run(decoding, items)
+
+    def _gathering(self, rows: list[Row], budget_left: int) -> bool:
+        """Whether new prompts wait a step for others to go with them (``gather_steps``): a
+        step carrying prompts costs a fixed part (the vision encoder's call, the embeddings,
+        sampling every row) besides its tokens, so several prompts in one step cost much less
+        than one step each. They wait only while rows are decoding, none of them has begun,
+        their tokens leave room in the step's budget, and for ``gather_steps`` steps at most."""
+        if self.gather_steps <= 0 or budget_left <= 0 or any(row.chunked for row in rows):
+            return False
+        if max(row.gathered for row in rows) >= self.gather_steps:
+            return False
+        for row in rows:
+            row.gathered += 1
+        self.stats.gathered += len(rows)
+        return True
 
     def _run(self, decoding: list[Row], items: list[tuple[Row, int, int]]) -> tuple[int, int]:
         start = time.perf_counter()
@@ -585,6 +637,7 @@ class Scheduler:
         rows, results = list(decoding), list(outputs)
         for (row, _, end), output in zip(items, finished, strict=True):
             row.prefilled = end
+            row.chunked = True
             if output is not None:
                 rows.append(row)
                 results.append(output)

@@ -112,6 +112,13 @@ class ModelSettings(BaseModel):
         ge=0,
         description="a step carrying prompt chunks takes about this many decode steps (0: PREFILL_BUDGET alone)",
     )
+    prefill_gather_steps: int = Field(
+        4,
+        ge=0,
+        le=64,
+        description="while rows decode, a new prompt waits up to this many steps for others to be prefilled "
+        "in the same step (a step carrying prompts has a fixed cost); 0: each prompt at once",
+    )
     max_image_tokens: int = Field(
         4096, ge=4, le=16384, description="qwen3-vl: image tokens at most; larger images are scaled down"
     )

@@ -1,5 +1,6 @@
-"""The compiled decode step (``COMPILE_STEP``, torch.compile with inductor's C++ backend on
-CPU, float32) gives every token the eager step gives: rows joining and leaving at every
+"""The compiled step (``COMPILE_STEP``, torch.compile with inductor's C++ backend on CPU,
+float32: decode steps, and for LLaVA and Qwen3-VL steps carrying prompt chunks too) gives
+every token the eager step gives: rows joining and leaving at every
 step, a prompt that starts on cached pages (prefix hit), rows preempted for lack of pages and
 prefilled again. Moondream2 runs its own API, not the runner: it has no compiled step.
 
@@ -42,9 +43,12 @@ def answers(engine, requests: list) -> list[str]:
 def test_rows_joining_and_leaving_answer_as_the_eager_step_does(pair):
     compiled, eager = pair
     requests = [lambda e, i=i: prepare(e, i, 6 + 5 * i) for i in range(6)]
-    before = compiled.adapter.runner.compiled_steps
+    runner = compiled.adapter.runner
+    before, chunk_steps = runner.compiled_steps, runner.compiled_chunk_steps
     assert answers(compiled, requests) == answers(eager, requests)
-    assert compiled.adapter.runner.compiled_steps > before, "the compiled step ran"
+    assert runner.compiled_steps > before, "the compiled step ran"
+    if runner.compiled_chunks is not None:  # LLaVA, Qwen3-VL: prompt chunks from embeddings
+        assert runner.compiled_chunk_steps > chunk_steps, "steps carrying prompt chunks ran compiled"
     other_images = [
         lambda e, i=i: e.prepare(single_turn(PROMPTS[i], image_bytes((64, 64), "PNG", (9, 9, 9 * i))), 6 + 5 * i, 0.0)
         for i in range(6)
@@ -78,3 +82,18 @@ def test_preempted_rows_answer_as_the_eager_step_does(tiny_models_dir):
     finally:
         for engine in engines:
             engine.close()
+
+
+def test_serving_compiles_nothing_after_warm_up(pair):
+    """Warm-up builds every graph (decode: one row, several; prompt chunks: with and without
+    image tokens, one prompt finishing or several): requests of every shape then compile
+    nothing while serving, where a compile stalls every row for seconds."""
+    from torch._dynamo.utils import counters
+
+    compiled, _ = pair
+    graphs = counters["stats"]["unique_graphs"]
+    answers(compiled, [lambda e, i=i: prepare(e, i, 3 + 4 * i) for i in range(5)])  # images, one batch
+    answers(compiled, [lambda e, w=w: e.prepare(single_turn(f"Say {w}.", None), 4, 0.0) for w in "xyz"])
+    first = answers(compiled, [lambda e: e.prepare(turns(QUESTION), 6, 0.0)])[0]
+    answers(compiled, [lambda e: e.prepare(turns(QUESTION, first, "And its colour?"), 6, 0.0)])  # prefix hit
+    assert counters["stats"]["unique_graphs"] == graphs

@@ -359,6 +359,25 @@ class GenerateAdapter(Adapter):
         """The module a step calls (what ``COMPILE_STEP`` compiles)."""
         return self.model
 
+    def chunk_module(self) -> Any:
+        """The module that steps carrying prompt chunks run compiled, from embeddings made
+        outside the graph (``adapters.embedded``); None: those steps run eager."""
+        return None
+
+    def embed_step(self, inputs: dict[str, Any], pieces: list[tuple[Any, ...]], decodes: int) -> dict[str, Any]:
+        """``chunk_module``'s inputs for a step's flat ``inputs`` (``decodes`` rows first):
+        token embeddings, with the image rows of ``pieces`` at the chunks' image tokens."""
+        import torch
+
+        from vlm_engine.adapters.embedded import embed
+
+        if not pieces:
+            return {"inputs_embeds": embed(self.model, inputs, None, None)}
+        mask = self.image_mask({key: value[0] for key, value in inputs.items()})
+        mask[:decodes] = False  # a decode row's token is never an image's, whatever its id
+        rows = torch.cat([piece[0] for piece in pieces])
+        return {"inputs_embeds": embed(self.model, inputs, rows, mask), "image_index": mask.nonzero()[:, 0]}
+
     def forward(self, inputs: dict[str, Any], positions: Any, cache: Any, keep: Any, module: Any = None) -> Any:
         """One packed forward; ``keep``: the positions whose logits are needed; ``module``: the
         compiled ``forward_module`` when the runner has one."""

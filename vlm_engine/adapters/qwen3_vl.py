@@ -73,6 +73,24 @@ class Qwen3VLAdapter(GenerateAdapter):
         kwargs = from_pretrained_kwargs(self.settings, self.device)
         self.model = Qwen3VLForConditionalGeneration.from_pretrained(self.settings.model_path, **kwargs)
         patch_embedding_as_product(self.model.model.visual.patch_embed)
+        from vlm_engine.adapters.embedded import add_deepstack_by_index
+
+        add_deepstack_by_index(self.model.model.language_model)
+
+    def chunk_module(self) -> Any:
+        from vlm_engine.adapters.embedded import EmbeddedStep
+
+        return EmbeddedStep(self.model.model.language_model, self.model.lm_head)
+
+    def embed_step(self, inputs: dict[str, Any], pieces: list[tuple[Any, ...]], decodes: int) -> dict[str, Any]:
+        """DeepStack's features go in by index beside the embeddings (``adapters.embedded``)."""
+        import torch
+
+        out = super().embed_step(inputs, pieces, decodes)
+        if pieces:
+            layers = len(pieces[0]) - 1
+            out["deepstack"] = [torch.cat([piece[1 + layer] for piece in pieces]) for layer in range(layers)]
+        return out
 
     def _cap_image_tokens(self) -> None:
         """``MAX_IMAGE_TOKENS``: larger images are scaled down by the processor (its
