@@ -45,6 +45,7 @@ class ModelRunner:
         max_rows: int,
         max_tokens: int,
         compile_step: bool = False,
+        compile_chunks: bool = False,
     ):
         self.adapter = adapter
         self.kv = pool
@@ -57,10 +58,10 @@ class ModelRunner:
         )
         # steps through torch.compile, dynamic in the rows and tokens, without guards on the
         # modules and weights (they never change while it serves): decode-only steps (the
-        # bulk) as the whole model from token ids; steps carrying prompt chunks as the
-        # language model from embeddings made outside the graph (``adapters.embedded``),
-        # where the adapter has that module (else they run eager: HF's image placement by
-        # boolean mask made inductor recompile while serving, seconds each)
+        # bulk) as the whole model from token ids; with ``compile_chunks`` (``COMPILE_STEP=all``)
+        # steps carrying prompt chunks too, as the language model from embeddings made outside
+        # the graph (``adapters.embedded``), where the adapter has that module. Else those run
+        # eager: HF's image placement by boolean mask makes inductor recompile while serving
         options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
         self.compiled_steps = 0  # forwards that ran compiled
         self.compiled_chunk_steps = 0  # ... of them, steps that carried prompt chunks
@@ -68,7 +69,7 @@ class ModelRunner:
         if compile_step:  # a few graphs (one row or token; any number) per model in this process
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             self.compiled = torch.compile(adapter.forward_module(), dynamic=True, options=options)
-            chunk_module = adapter.chunk_module()
+            chunk_module = adapter.chunk_module() if compile_chunks else None
             if chunk_module is not None:
                 self.compiled_chunks = torch.compile(chunk_module, dynamic=True, options=options)
 

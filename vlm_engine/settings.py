@@ -99,10 +99,11 @@ class ModelSettings(BaseModel):
     paged_attention: Literal["auto", "gather"] = Field(
         "auto", description="auto: decode rows read KV pages in place where a kernel exists (CPU: built once); gather"
     )
-    compile_step: Literal["auto", "true", "false"] = Field(
+    compile_step: Literal["auto", "true", "all", "false"] = Field(
         "auto",
         description="decode steps run the model through torch.compile (inductor; compiled while warming up); "
-        "auto: on CPU yes, on CUDA not yet (measured by make gpu-check first)",
+        "all: steps carrying prompt chunks too (llava, qwen3-vl; 4-8 s more warm-up); "
+        "auto: on CPU decode steps, on CUDA not yet (measured by make gpu-check first)",
     )
     prefix_caching: bool = Field(
         True, description="share the KV pages of prompts that start the same way (by hash, images included)"

@@ -279,8 +279,10 @@ class GenerateAdapter(Adapter):
             time.perf_counter() - started,
         )
         on_cuda = str(self.device).startswith("cuda")
-        compile_step = s.compile_step == "true" or (s.compile_step == "auto" and not on_cuda)
-        self.runner = ModelRunner(self, self.kv, read_in_place, s.max_running, row_tokens, compile_step)
+        compile_step = s.compile_step in ("true", "all") or (s.compile_step == "auto" and not on_cuda)
+        self.runner = ModelRunner(
+            self, self.kv, read_in_place, s.max_running, row_tokens, compile_step, s.compile_step == "all"
+        )
 
     @property
     def read_in_place(self) -> bool:
