@@ -351,3 +351,26 @@ def test_qwen3_vls_patch_embedding_as_a_product_equals_its_conv3d(tiny_models_di
             assert not torch.allclose(other(pixels), ours), "the product reads the module's own weights"
     finally:
         engine.close()
+
+
+def test_qwen_positions_are_made_with_the_inputs_not_in_the_step_loop(tiny_models_dir):
+    """M-RoPE's index (a Python walk of the prompt) is made by ``encode_row``, where the
+    request's inputs are made; the step loop computes it only for a row without it."""
+    from vlm_engine.adapters.base import PROMPT_POSITIONS
+
+    engine = make_engine(tiny_models_dir, "qwen3-vl", WARMUP="false", IGNORE_EOS="true")
+    try:
+        made = [prepare(engine, i, 6) for i in range(3)]
+        bare = [prepare(engine, i, 6) for i in range(3)]
+        assert all(PROMPT_POSITIONS in p.inputs for p in made)
+        for prepared in bare:
+            del prepared.inputs[PROMPT_POSITIONS]
+        adapter, walks = engine.adapter, []
+        walk = adapter.sequence_positions
+        adapter.sequence_positions = lambda inputs: walks.append(1) or walk(inputs)
+        answers = [r.text for r in engine.generate(made)]
+        assert walks == [], "the loop did not walk the prompts"
+        assert [r.text for r in engine.generate(bare)] == answers
+        assert len(walks) == 3, "without them the loop walks each prompt, to the same answers"
+    finally:
+        engine.close()

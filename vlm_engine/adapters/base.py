@@ -72,6 +72,7 @@ class Prepared:
 
 
 SEQUENCE_KEYS = ("input_ids", "attention_mask", "image_embeds_position_mask", "mm_token_type_ids")
+PROMPT_POSITIONS = "prompt_positions"  # an adapter's positions of the prompt, made with its inputs (Qwen3-VL)
 
 
 class Adapter(ABC):
@@ -344,6 +345,10 @@ class GenerateAdapter(Adapter):
         length = int(inputs["input_ids"].shape[-1])
         return torch.arange(length), length, None
 
+    def positions_made(self, positions: Any) -> tuple[Any, int, int | None]:
+        """``sequence_positions``'s answer from the positions ``encode_row`` made (``PROMPT_POSITIONS``)."""
+        return positions, int(positions.shape[-1]), None
+
     def next_positions(self, seq: Sequence) -> list[int]:
         """The position of ``seq``'s next token (after its ``cached`` tokens), one per position row."""
         return [seq.next_position + seq.cached - seq.length]
@@ -393,17 +398,21 @@ class GenerateAdapter(Adapter):
 
         inputs = prepared.inputs if prepared.inputs is not None else self.encode_row(prepared)
         tokens = {k: v[0] for k, v in inputs.items() if k in SEQUENCE_KEYS and k != "attention_mask"}
-        images = {k: v for k, v in inputs.items() if k not in SEQUENCE_KEYS}
+        images = {k: v for k, v in inputs.items() if k not in SEQUENCE_KEYS and k != PROMPT_POSITIONS}
         runs = self.image_runs(tokens, prepared) if images else []
         if generated:  # resumed after a preemption: its answer so far is prompt now
             more = torch.tensor(generated, dtype=tokens["input_ids"].dtype)
             tokens = {
                 k: torch.cat([v, more if k == "input_ids" else v.new_zeros(len(more))]) for k, v in tokens.items()
             }
-        whole = {k: v[None] for k, v in tokens.items()}
-        whole["attention_mask"] = torch.ones_like(whole["input_ids"])
-        whole.update(images)
-        positions, following, mrope = self.sequence_positions(whole)
+        made = inputs.get(PROMPT_POSITIONS)
+        if made is not None and not generated:  # made with the inputs, off the step loop
+            positions, following, mrope = self.positions_made(made)
+        else:
+            whole = {k: v[None] for k, v in tokens.items()}
+            whole["attention_mask"] = torch.ones_like(whole["input_ids"])
+            whole.update(images)
+            positions, following, mrope = self.sequence_positions(whole)
         if prepared.state is None:
             prepared.state = self.sampling_state(prepared, inputs)
         seq = Sequence(

@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from vlm_engine.adapters.base import GenerateAdapter, Prepared, Sequence
+from vlm_engine.adapters.base import PROMPT_POSITIONS, GenerateAdapter, Prepared, Sequence
 from vlm_engine.loading import from_pretrained_kwargs, source_kwargs
 
 IMAGE_PAD = "<|image_pad|>"
@@ -65,7 +65,8 @@ class Qwen3VLAdapter(GenerateAdapter):
         self.tokenizer.padding_side = "left"
         self.image_processor = AutoImageProcessor.from_pretrained(self.settings.model_path, **source)
         self._cap_image_tokens()
-        self.image_token_id = AutoConfig.from_pretrained(self.settings.model_path, **source).image_token_id
+        self.model_config = AutoConfig.from_pretrained(self.settings.model_path, **source)
+        self.image_token_id = self.model_config.image_token_id
 
     def load_model(self) -> None:
         from transformers import Qwen3VLForConditionalGeneration
@@ -177,22 +178,46 @@ class Qwen3VLAdapter(GenerateAdapter):
             out += "<|placeholder|>" * next(counts) + piece
         return out.replace("<|placeholder|>", IMAGE_PAD)
 
+    def encode_row(self, prepared: Prepared) -> dict[str, Any]:
+        """The processor's inputs and the prompt's positions (``PROMPT_POSITIONS``): M-RoPE's
+        index walks the prompt in Python, which is better done here than in the step loop."""
+        inputs = super().encode_row(prepared)
+        inputs[PROMPT_POSITIONS] = self.sequence_positions(inputs)[0]
+        return inputs
+
     def sequence_positions(self, inputs: dict[str, Any]) -> tuple[Any, int, int | None]:
         import torch
 
         length = int(inputs["input_ids"].shape[-1])
         text = torch.arange(length)
         if "image_grid_thw" in inputs:
-            mrope, _ = self.model.model.get_rope_index(
-                inputs["input_ids"],
-                mm_token_type_ids=inputs["mm_token_type_ids"],
-                image_grid_thw=inputs["image_grid_thw"],
-                attention_mask=inputs["attention_mask"],
-            )
-            mrope = mrope[:, 0].to(text.device)
+            mrope = self._rope_index(inputs)[:, 0].to(text.device)
         else:
             mrope = text[None].expand(3, -1)
         return torch.cat([text[None], mrope]), length, int(mrope.max()) + 1 if length else 0
+
+    def positions_made(self, positions: Any) -> tuple[Any, int, int | None]:
+        length = int(positions.shape[-1])
+        return positions, length, int(positions[1:].max()) + 1 if length else 0
+
+    def _rope_index(self, inputs: dict[str, Any]) -> Any:
+        """HF's M-RoPE index (``Qwen3VLModel.get_rope_index``), without the model: it reads
+        only the config and a static helper, so an input worker (processor only) runs it too."""
+        from functools import partial
+        from types import SimpleNamespace
+
+        from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLModel
+
+        helper = partial(Qwen3VLModel.get_vision_position_ids, None)
+        owner = SimpleNamespace(config=self.model_config, get_vision_position_ids=helper)
+        positions, _ = Qwen3VLModel.get_rope_index(
+            owner,
+            inputs["input_ids"],
+            mm_token_type_ids=inputs["mm_token_type_ids"],
+            image_grid_thw=inputs["image_grid_thw"],
+            attention_mask=inputs["attention_mask"],
+        )
+        return positions
 
     def next_positions(self, seq: Sequence) -> list[int]:
         mrope = seq.next_mrope + seq.cached - seq.length
