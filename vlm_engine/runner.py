@@ -245,6 +245,15 @@ class ModelRunner:
                 pieces.append(tuple(part[low - first : high - first] for part in encoded))
         return pieces
 
+    def needs_encoder(self, seq: Sequence, start: int, end: int) -> bool:
+        """Whether tokens ``[start, end)`` of ``seq`` reach an image that neither the row holds
+        nor the encoder cache has (a step carrying them calls the vision encoder)."""
+        cache = self.encoder_cache
+        for index, (first, last, key) in enumerate(seq.image_runs or []):
+            if max(start, first) < min(end, last) and index not in seq.encoded and key not in cache:
+                return True
+        return False
+
     def _encode_step_images(self, chunks: list[Chunk]) -> None:
         """Every image the step's chunks reach that is neither held by its row nor in the
         encoder cache goes through the vision encoder in one batch (an image sent by several

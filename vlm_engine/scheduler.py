@@ -14,8 +14,8 @@ One ``Scheduler`` per loaded model runs one thread, the step loop. Each turn of 
    (``Pace`` measures both online: a decode step, and a step's fixed and per-token cost of
    carrying prompts), so running streams keep their pace while a long prompt comes in (a
    chunk may split an image: the adapter slices its encoder output). Short new prompts wait
-   up to ``gather_steps`` steps so that several go in one step (each step that carries
-   prompts pays the fixed part: the vision encoder's call, the embeddings, sampling). A row
+   up to ``gather_steps`` steps so that several go in one step, when each of them needs the
+   vision encoder (its call is a fixed cost, however many images it takes). A row
    whose prompt is complete sends its first text. Each decoding row gets a page when its last one is full; when none is
    free the newest rows are **preempted**: their pages are given back and they go back to
    the front of the queue, to be prefilled again with what they had generated (vLLM's
@@ -596,19 +596,24 @@ class Scheduler:
             end = self.adapter.chunk_end(row.seq, row.prefilled, budget)
             items.append((row, row.prefilled, end))
             budget -= end - row.prefilled
-        if items and decoding and self._gathering([row for row, _, _ in items], budget):
+        if items and decoding and self._gathering(items, budget):
             items = []
         if not decoding and not items:
             return 0, 0
         return self._run(decoding, items)
 
-    def _gathering(self, rows: list[Row], budget_left: int) -> bool:
+    def _gathering(self, items: list[tuple[Row, int, int]], budget_left: int) -> bool:
         """Whether new prompts wait a step for others to go with them (``gather_steps``): a
-        step carrying prompts costs a fixed part (the vision encoder's call, the embeddings,
-        sampling every row) besides its tokens, so several prompts in one step cost much less
-        than one step each. They wait only while rows are decoding, none of them has begun,
-        their tokens leave room in the step's budget, and for ``gather_steps`` steps at most."""
+        step whose prompts reach images not yet encoded pays the vision encoder's call, a
+        fixed part whatever the number of images, so several prompts in one step cost much
+        less than one step each. They wait only while rows are decoding, every one of them
+        needs the encoder (a prompt without, such as one whose image is cached, goes at once
+        and takes the others along), none has begun, their tokens leave room in the step's
+        budget, and for ``gather_steps`` steps at most."""
+        rows = [row for row, _, _ in items]
         if self.gather_steps <= 0 or budget_left <= 0 or any(row.chunked for row in rows):
+            return False
+        if not all(self.adapter.needs_encoder(row.seq, start, end) for row, start, end in items):
             return False
         if max(row.gathered for row in rows) >= self.gather_steps:
             return False

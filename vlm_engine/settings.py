@@ -117,8 +117,8 @@ class ModelSettings(BaseModel):
         4,
         ge=0,
         le=64,
-        description="while rows decode, a new prompt waits up to this many steps for others to be prefilled "
-        "in the same step (a step carrying prompts has a fixed cost); 0: each prompt at once",
+        description="while rows decode, a new prompt with an image not yet encoded waits up to this many steps "
+        "for others, so that one vision-encoder call takes them all; 0: each prompt at once",
     )
     max_image_tokens: int = Field(
         4096, ge=4, le=16384, description="qwen3-vl: image tokens at most; larger images are scaled down"

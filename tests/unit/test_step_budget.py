@@ -63,14 +63,30 @@ def gathering(tiny_models_dir):
 
 
 @pytest.mark.parametrize("steps", [3, 0])
-def test_a_new_prompt_waits_gather_steps_while_rows_decode(gathering, steps):
-    engine = gathering[steps]
-    expected = engine.generate([prepare(engine, 3, 5)])[0].text
+def test_a_new_prompt_with_a_new_image_waits_gather_steps_while_rows_decode(gathering, steps):
+    engine, other = gathering[steps], gathering[3 - steps]
+    expected = other.generate([prepare(other, 3, 5)])[0].text  # the same weights: the same answer
     long, gone = endless(engine, 0)
     long.first_text()
     before = engine.scheduler.stats.gathered
     assert Request(engine, prepare(engine, 3, 5)).result().text == expected
     assert engine.scheduler.stats.gathered - before == steps
+    gone.set()
+    assert long.result().finish_reason == "cancelled"
+
+
+def test_a_prompt_whose_image_is_encoded_already_does_not_wait(gathering):
+    """Its step would not call the vision encoder: there is no fixed part to share."""
+    engine = gathering[3]
+    long, gone = endless(engine, 0)
+    long.first_text()
+    stats = engine.scheduler.stats
+    before = stats.gathered
+    first = Request(engine, prepare(engine, 4, 5)).result().text
+    assert stats.gathered - before == 3, "a new image: it waited"
+    before = stats.gathered
+    assert Request(engine, prepare(engine, 4, 5)).result().text == first
+    assert stats.gathered == before, "its image cached (its pages, its encoding): it went at once"
     gone.set()
     assert long.result().finish_reason == "cancelled"
 

@@ -150,6 +150,10 @@ class Adapter(ABC):
         """KV pages (cached) that ``seq``'s prompt can start from; none for adapters without a pool."""
         return []
 
+    def needs_encoder(self, seq: Any, start: int, end: int) -> bool:
+        """Whether prompt tokens ``[start, end)`` reach an image the vision encoder has yet to encode."""
+        return False
+
     def lark_tag(self, text: str) -> str:
         """``text`` as a Lark literal (``GenerateAdapter``: the token that writes it, if any)."""
         return json.dumps(text)
@@ -484,6 +488,9 @@ class GenerateAdapter(Adapter):
         (not including) its last prompt token, whose logits it needs. A hit may end inside an
         image: the rest of its tokens take their slice of the (cached) encoder output."""
         return self.kv.pages.match(seq.hashes[: (seq.length - 1) // self.kv.page_size])
+
+    def needs_encoder(self, seq: Sequence, start: int, end: int) -> bool:
+        return self.runner.needs_encoder(seq, start, end)
 
     def prefill(self, items: list[tuple[Sequence, int, int]]) -> list[Any]:
         return self.step([], items)[1]
