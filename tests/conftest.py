@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -21,6 +22,17 @@ __all__ = ["free_ports", "image_bytes"]
 # Tests never reach a model hub: everything loads from local folders.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _interrupted(signum: int, frame: object) -> None:
+    """SIGTERM / SIGHUP end the run as Ctrl-C does: pytest unwinds and every fixture's
+    teardown stops the servers it started (by default the signal kills pytest at once and
+    leaves tritonservers, services and input workers running with no parent)."""
+    raise KeyboardInterrupt(f"stopped by signal {signum}")
+
+
+for _signal in (signal.SIGTERM, signal.SIGHUP):
+    signal.signal(_signal, _interrupted)
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "artifacts"
