@@ -575,7 +575,7 @@ class Scheduler:
     def _chunk_budget(self, decoding: int) -> int:
         """Prompt tokens this step may carry: ``PREFILL_BUDGET``, and with rows decoding, as
         many as keep the step within ``prefill_step_multiple`` decode steps (measured online:
-        the last decode-only step's time and the recent cost of a prompt token)."""
+        a decode-only step's time, and what prompts add to a step: a fixed part and per token)."""
         if self.policy != "inflight":
             return 1 << 62
         budget = self.prefill_budget

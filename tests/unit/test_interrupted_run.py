@@ -15,13 +15,15 @@ ROOT = Path(__file__).resolve().parents[2]
 
 CHILD_TEST = textwrap.dedent(
     """
-    import subprocess, sys, time
+    import subprocess
+    import sys
+    import time
     from pathlib import Path
 
     import pytest
 
     @pytest.fixture
-    def server(tmp_path_factory):
+    def server():
         process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
         yield process
         process.terminate()
