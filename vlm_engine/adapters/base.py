@@ -384,10 +384,15 @@ class GenerateAdapter(Adapter):
 
         if not pieces:
             return {"inputs_embeds": embed(self.model, inputs, None, None)}
-        mask = self.image_mask({key: value[0] for key, value in inputs.items()})
-        mask[:decodes] = False  # a decode row's token is never an image's, whatever its id
         rows = torch.cat([piece[0] for piece in pieces])
-        return {"inputs_embeds": embed(self.model, inputs, rows, mask), "image_index": mask.nonzero()[:, 0]}
+        return {"inputs_embeds": embed(self.model, inputs, rows, self.step_image_mask(inputs, decodes))}
+
+    def step_image_mask(self, inputs: dict[str, Any], decodes: int) -> Any:
+        """Which tokens of a step's flat ``inputs`` are image tokens (``decodes`` rows first:
+        a decode row's token is never an image's, whatever its id)."""
+        mask = self.image_mask({key: value[0] for key, value in inputs.items()})
+        mask[:decodes] = False
+        return mask
 
     def forward(self, inputs: dict[str, Any], positions: Any, cache: Any, keep: Any, module: Any = None) -> Any:
         """One packed forward; ``keep``: the positions whose logits are needed; ``module``: the

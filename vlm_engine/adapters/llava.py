@@ -29,11 +29,6 @@ class LlavaAdapter(GenerateAdapter):
 
         return EmbeddedStep(self.model.model.language_model, self.model.lm_head)
 
-    def embed_step(self, inputs: dict[str, Any], pieces: list[tuple[Any, ...]], decodes: int) -> dict[str, Any]:
-        out = super().embed_step(inputs, pieces, decodes)
-        out.pop("image_index", None)  # no DeepStack
-        return out
-
     def estimate_image_tokens(self) -> int:
         vision = self.model.config.vision_config
         return (vision.image_size // vision.patch_size) ** 2

@@ -89,6 +89,7 @@ class Qwen3VLAdapter(GenerateAdapter):
 
         out = super().embed_step(inputs, pieces, decodes)
         if pieces:
+            out["image_index"] = self.step_image_mask(inputs, decodes).nonzero()[:, 0]
             layers = len(pieces[0]) - 1
             out["deepstack"] = [torch.cat([piece[1 + layer] for piece in pieces]) for layer in range(layers)]
         return out
