@@ -51,10 +51,10 @@ class EmbeddedStep(torch.nn.Module):
 
 def embed(model: Any, inputs: dict[str, Any], image_rows: torch.Tensor | None, mask: Any) -> torch.Tensor:
     """The step's token embeddings ``[1, T, hidden]`` with ``image_rows`` (one per image
-    token, in order) at the tokens ``mask`` marks."""
+    token, in order) at the tokens ``mask`` (``[T]``) marks."""
     embeds = model.get_input_embeddings()(inputs["input_ids"])
     if image_rows is not None:
-        embeds[mask[None] if mask.dim() == 1 else mask] = image_rows.to(embeds.dtype)
+        embeds[mask[None]] = image_rows.to(embeds.dtype)
     return embeds
 
 
