@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks import neighbour
 from benchmarks.load import pct
 from vlm_engine.chat import single_turn
 from vlm_engine.engine import VLMEngine
@@ -252,6 +253,9 @@ def measure_kv(models_dir: Path, say=print) -> dict:
     say("KV: KServe infer through Triton against the bare model's generate, 16 and 64 rows")
     out["kserve_over_generate"] = kserve_against_generate(models_dir, ["llava", "qwen3-vl"], [16, 64])
     say(f"KV: {out['kserve_over_generate']}")
+    say("KV: a decode step alone and beside a busy neighbour core (what served work around the engine costs it)")
+    out["neighbour"] = neighbour.step_cost(models_dir)
+    say(f"KV: {out['neighbour']}")
     say("KV: bytes per join and leave, peak over live")
     out["join_leave"] = join_and_leave(models_dir)
     say(f"KV: {out['join_leave']}")
