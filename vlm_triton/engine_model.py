@@ -1,6 +1,8 @@
 """``<model>_stream``: the decoupled model that holds the weights and streams answers.
 
-One instance per device loads the engine, whose scheduler batches in flight. ``execute``
+One instance per device loads the engine, whose scheduler batches in flight: the native
+engine, or with ``ENGINE=vllm`` (llava, qwen3-vl) vLLM's behind the same verbs
+(``vlm_engine.vllm_engine``), in vLLM's own environment. ``execute``
 validates each request (a bad one gets its own error at once), hands the valid ones to the
 scheduler and returns without waiting, as Triton's vLLM backend does. Responses are built
 and sent by a sender thread, so the step loop never waits on Triton's IPC.
@@ -16,8 +18,10 @@ from concurrent.futures import ThreadPoolExecutor
 import triton_python_backend_utils as pb_utils
 
 from vlm_engine.engine import VLMEngine
+from vlm_engine.errors import ModelConfigError
 from vlm_engine.kserve import HEARTBEAT, prepare, read_inputs, stream_outputs
 from vlm_engine.scheduler import Event
+from vlm_engine.settings import ModelSettings, resolve_settings
 from vlm_triton.metrics import TritonMetrics
 from vlm_triton.outbox import Outbox
 from vlm_triton.placement import instance_device
@@ -27,6 +31,21 @@ from vlm_triton.tensors import (
     model_parameters,
     triton_error,
 )
+
+
+def engine_class(settings: ModelSettings) -> type:
+    """The native engine, or vLLM's (``ENGINE=vllm``: this stub runs in vLLM's environment)."""
+    if settings.engine == "native":
+        return VLMEngine
+    try:
+        from vlm_engine.vllm_engine import VllmEngine
+    except ImportError as exc:
+        raise ModelConfigError(
+            f"{settings.name}: ENGINE=vllm, but vLLM does not import in this model's environment ({exc}): start "
+            "tritonserver through vlm_triton.launch or vlm_triton.serve, which point the model at vLLM's "
+            "environment (EXECUTION_ENV_PATH), after `make vllm-env`"
+        ) from None
+    return VllmEngine
 
 
 def asks_heartbeat(request) -> bool:
@@ -43,16 +62,18 @@ class TritonPythonModel:
         parameters = model_parameters(args)
         name = parameters.pop("model")
         parameters.update(instance_device(args))
-        self.engine = VLMEngine.from_config(name, parameters, metrics=TritonMetrics(name), on_fatal=self._fatal)
+        settings = resolve_settings(name, parameters)
+        self.engine = engine_class(settings)(settings, metrics=TritonMetrics(name), on_fatal=self._fatal)
         self.with_entities = self.engine.adapter.grounding
         self.outbox = Outbox()
         self.preparing = ThreadPoolExecutor(int(parameters.get("preparing_threads", "4")), thread_name_prefix="prepare")
         self.sender_thread = threading.Thread(target=self._send_loop, name="responses", daemon=True)
         self.sender_thread.start()
+        scheduler = "vLLM's" if settings.engine == "vllm" else settings.scheduler
         pb_utils.Logger.log_info(
-            f"{args['model_name']}: {self.engine.name} loaded from {self.engine.settings.model_path} "
-            f"on {self.engine.device} in {self.engine.load_seconds:.1f}s; scheduler "
-            f"{self.engine.settings.scheduler}, up to {self.engine.settings.max_running} rows"
+            f"{args['model_name']}: {self.engine.name} ({settings.engine} engine) loaded from "
+            f"{settings.model_path} on {self.engine.device} in {self.engine.load_seconds:.1f}s; scheduler "
+            f"{scheduler}, up to {settings.max_running} rows"
         )
 
     @staticmethod

@@ -17,6 +17,7 @@ import sys
 import sysconfig
 import time
 import urllib.request
+from collections.abc import Mapping
 from pathlib import Path
 
 from vlm_engine.preparing import PYTHON_ENV
@@ -104,8 +105,14 @@ def command(
     address: str = os.environ.get("TRITON_ADDRESS", "127.0.0.1"),
     extra: list[str] | None = None,
     model_config: str = os.environ.get("TRITON_MODEL_CONFIG", ""),
+    env: Mapping[str, str] | None = None,
 ) -> list[str]:
-    """The tritonserver command line for this repository."""
+    """The tritonserver command line for this repository; models that ``env`` (default: this
+    process's) sets to ``ENGINE=vllm`` are served from a copy that runs them in vLLM's
+    environment (``vlm_triton.repository``)."""
+    from vlm_triton.repository import serving_repository
+
+    model_repository = serving_repository(model_repository, env)
     cmd = [
         str(binary()),
         f"--model-repository={model_repository}",
@@ -143,12 +150,12 @@ class TritonProcess:
     """A tritonserver child process: start, wait until ready (with progress), stop by PID."""
 
     def __init__(self, log_path: Path, env: dict[str, str] | None = None, **command_args):
-        self.cmd = command(**command_args)
+        self.env = environment(env)
+        self.cmd = command(**command_args, env=self.env)
         self.http_port = command_args.get("http_port", 8000)
         self.grpc_port = command_args.get("grpc_port", 8001)
         self.metrics_port = command_args.get("metrics_port", 8002)
         self.log_path = Path(log_path)
-        self.env = environment(env)
         self.process: subprocess.Popen | None = None
 
     @property

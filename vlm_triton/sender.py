@@ -4,7 +4,8 @@ Triton frees a request's response factory once its final response is sent, and a
 afterwards whether the request was cancelled crashes tritonserver (a segfault in
 ``TRITONBACKEND_ResponseFactoryIsCancelled``, seen under load when one thread polled for
 cancellation while another sent the final response). Both go through one lock here, and
-nothing is asked or sent after the final response.
+nothing is asked or sent after the final response; then Triton's sender is let go (freed at
+the interpreter's exit, after the stub's shared memory, it crashes the stub).
 """
 
 from __future__ import annotations
@@ -34,3 +35,5 @@ class Sender:
                 return
             self._closed = bool(flags & FINAL)
             self._sender.send(response, flags=flags)
+            if self._closed:  # let Triton's sender go now: one still held when the stub exits crashes it
+                self._sender = None

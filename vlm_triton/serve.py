@@ -259,12 +259,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", action="append", dest="models", help="load only these (default: all)")
     args, extra = parser.parse_known_args(argv)
     address = env.get("TRITON_ADDRESS", "127.0.0.1")
+    server_env = launch.environment()
     cmd = launch.command(
-        args.model_repository, args.http_port, args.grpc_port, args.metrics_port, args.models or ["*"], extra=extra
+        args.model_repository,
+        args.http_port,
+        args.grpc_port,
+        args.metrics_port,
+        args.models or ["*"],
+        extra=extra,
+        env=env,
     )
     print(" ".join(cmd), flush=True)
     kill_orphan_stubs()  # a previous server of this stack may have died with its stubs running
-    server = subprocess.Popen(cmd, env=launch.environment())
+    server = subprocess.Popen(cmd, env=server_env)
     stopping = threading.Event()
 
     drain_s = float(env.get("TRITON_DRAIN_S", 0))

@@ -83,6 +83,21 @@ def build_llava(out: Path) -> None:
         vision_feature_layer=-2,
     )
     _save(LlavaForConditionalGeneration(config), processor, out)
+    hub_key_layout(out / "model.safetensors")
+
+
+def hub_key_layout(weights: Path) -> None:
+    """The weights under llava-hf's key names, as the real checkpoint has them
+    (``vision_tower.vision_model.*``): transformers maps them back when it loads, and vLLM's
+    loader reads only these."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(weights))
+    renamed = {
+        "vision_tower.vision_model." + key.removeprefix("vision_tower.") if key.startswith("vision_tower.") else key: t
+        for key, t in tensors.items()
+    }
+    save_file(renamed, str(weights), metadata={"format": "pt"})
 
 
 def build_kosmos2(out: Path) -> None:
