@@ -67,13 +67,16 @@ def engine_arguments(settings: ModelSettings, adapter: Any, device: str) -> dict
         "revision": settings.model_revision,
         "download_dir": settings.hf_cache_dir,
         "dtype": dtype,
-        "max_model_len": min(length, model_positions(settings)),
+        # IGNORE_EOS (benchmarks, tests): every answer runs to max_tokens, past the checkpoint's positions
+        "max_model_len": length if settings.ignore_eos else min(length, model_positions(settings)),
         "max_num_seqs": settings.max_running,
         "limit_mm_per_prompt": {"image": adapter.max_images},
         "enable_prefix_caching": settings.prefix_caching,
         "structured_outputs_config": {"backend": "guidance"},  # llguidance, as the native engine's guides
         "disable_log_stats": True,
     }
+    if settings.compile_step == "false":  # COMPILE_STEP=false: no torch.compile (and no CUDA graphs)
+        arguments["enforce_eager"] = True
     if device.startswith("cuda"):
         arguments["gpu_memory_utilization"] = settings.gpu_memory_utilization
     processor = getattr(adapter, "image_processor", None)
@@ -163,6 +166,9 @@ class Answer:
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     task: asyncio.Task | None = None
     tokens: int = 0
+    submitted: float = field(default_factory=time.monotonic)
+    token_times: list[float] = field(default_factory=list)  # ROW_TRACE_FILE only
+    cancel_seen: dict[str, Any] | None = None  # when the engine saw the client leave
 
 
 class VllmEngine:
@@ -225,6 +231,8 @@ class VllmEngine:
         space = kv_space_gib(self.settings)
         if space is not None and not self.device.startswith("cuda"):
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(space)
+        if self.settings.ignore_eos:
+            os.environ["VLLM_ALLOW_LONG_MAX_MODEL_LEN"] = "1"
         arguments = engine_arguments(self.settings, self.adapter, self.device)
         log.info("%s: starting vLLM's engine: %s", self.name, arguments)
         return AsyncLLM.from_engine_args(AsyncEngineArgs(**arguments))
@@ -309,7 +317,9 @@ class VllmEngine:
             stream = self.llm.generate(self._prompt(prepared), self._sampling(prepared), answer.request_id)
             async for output in stream:
                 completion = output.outputs[0]
-                answer.tokens = len(completion.token_ids) + answer.tokens
+                answer.tokens += len(completion.token_ids)
+                if self.settings.row_trace_file:
+                    answer.token_times += [time.monotonic()] * len(completion.token_ids)
                 entries = self._logprob_entries(completion.logprobs, top) if asked_logprobs else []
                 logprobs += entries
                 pending += text.push(completion.text)
@@ -318,6 +328,7 @@ class VllmEngine:
                     finish = FINISH_REASONS.get(completion.finish_reason or "stop", "stop")
                     break
                 if prepared.cancelled():
+                    self._saw_cancel(answer)
                     await self.llm.abort(answer.request_id)
                     finish = "cancelled"
                     break
@@ -328,10 +339,10 @@ class VllmEngine:
         except asyncio.CancelledError:  # the client left (vLLM's generate aborts the request)
             finish = "cancelled"
         except Exception as exc:
-            self._finished(answer)
+            self._finished(answer, type(exc).__name__)
             answer.emit(Event(error=self._error(exc), index=answer.index))
             return
-        self._finished(answer)
+        self._finished(answer, finish)
         if self.metrics is not None:
             self.metrics.tokens(answer.tokens)
         result = Result(
@@ -344,9 +355,27 @@ class VllmEngine:
         rest = pending if finish != "cancelled" else ""  # what push returned and was not sent yet
         answer.emit(Event(rest, result, logprobs=pending_logprobs or None, index=answer.index))
 
-    def _finished(self, answer: Answer) -> None:
+    def _saw_cancel(self, answer: Answer) -> None:
+        if answer.cancel_seen is None:
+            answer.cancel_seen = {"time": time.monotonic(), "tokens": answer.tokens}
+
+    def _finished(self, answer: Answer, end: str) -> None:
         with self._lock:
             self._answers.pop(answer.request_id, None)
+        if self.settings.row_trace_file:  # as the native scheduler's trace (ROW_TRACE_FILE)
+            record = {
+                "model": self.name,
+                "index": answer.index,
+                "end": end,
+                "prompt_tokens": answer.prepared.prompt_tokens,
+                "tokens": answer.tokens,
+                "submitted": answer.submitted,
+                "ended": time.monotonic(),
+                "cancel_seen": answer.cancel_seen,
+                "token_times": answer.token_times,
+            }
+            with open(self.settings.row_trace_file, "a", encoding="utf-8") as trace:
+                trace.write(json.dumps(record) + "\n")
 
     def _error(self, exc: Exception) -> BaseException:
         """vLLM's refusal as the engine's error; a dead engine core is fatal (the model reloads)."""
@@ -396,7 +425,11 @@ class VllmEngine:
                 answers = list(self._answers.values())
             for answer in answers:
                 if answer.task is not None and not answer.task.done() and answer.prepared.cancelled():
+                    self._saw_cancel(answer)
                     answer.task.cancel()
+            if self.metrics is not None:
+                self.metrics.queue(len(answers), 0)  # vLLM's own split of running and waiting is its own
+                self.metrics.reported()
             if time.monotonic() - last_health >= HEALTH_CHECK_S:
                 last_health = time.monotonic()
                 if self.llm is not None and self.llm.errored:

@@ -76,6 +76,51 @@ def stub_processes(server_pid: int) -> dict[int, str]:
     return found
 
 
+def process_table() -> dict[int, tuple[int, str]]:
+    """Every live process: pid -> (parent pid, start time in clock ticks since boot)."""
+    table = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                if fields[0] not in ("Z", "X"):
+                    table[int(entry.name)] = (int(fields[1]), fields[19])
+            except (OSError, ValueError, IndexError):
+                pass
+    return table
+
+
+def descendants(pid: int, table: dict[int, tuple[int, str]]) -> set[tuple[int, str]]:
+    """``pid``'s children, theirs and so on, each as (pid, start time)."""
+    found: set[tuple[int, str]] = set()
+    parents = [pid]
+    while parents:
+        parent = parents.pop()
+        for child, (ppid, started) in table.items():
+            if ppid == parent and (child, started) not in found:
+                found.add((child, started))
+                parents.append(child)
+    return found
+
+
+def kill_left_behind(processes: set[tuple[int, str]]) -> list[int]:
+    """SIGKILL those of ``processes`` still alive: a dead stub's children (vLLM's engine core
+    and worker outlive a killed stub, and keep its memory). The start time must match, so a
+    pid the system gave to another process since is left alone."""
+    killed = []
+    table = process_table()
+    for pid, started in processes:
+        if table.get(pid, (0, None))[1] == started:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+            except OSError:
+                pass
+    if killed:
+        log.warning("killed %d process(es) a dead stub left behind: %s", len(killed), sorted(killed))
+    return killed
+
+
 def kill_orphan_stubs(mark: str | None = None) -> list[int]:
     """SIGKILL this stack's stubs whose tritonserver is gone (killed with it, they may live on
     and keep their memory), and remove their shared-memory regions. A stub is this stack's
@@ -97,7 +142,9 @@ def kill_orphan_stubs(mark: str | None = None) -> list[int]:
             server = Path("/proc") / args[5].decode()
             if server.exists() and b"tritonserver" in (server / "cmdline").read_bytes():
                 continue  # its server still runs
+            children = descendants(int(entry.name), process_table())  # vLLM's engine core, input workers
             os.kill(int(entry.name), signal.SIGKILL)
+            kill_left_behind(children)
         except (OSError, ValueError):
             continue
         killed.append(int(entry.name))
@@ -143,6 +190,7 @@ class Watchdog:
         self.models: dict[str, ModelWatch] = {}
         self.server_ready = False
         self.draining = False  # stopping: still serving, but no longer ready (callers move away)
+        self.trees: dict[int, set[tuple[int, str]]] = {}  # each live stub's descendants, last seen
         self._lock = threading.Lock()
 
     def loaded_models(self) -> list[str]:
@@ -159,6 +207,7 @@ class Watchdog:
         except OSError:
             self.server_ready, loaded = False, []
         stubs = stub_processes(self.server_pid)
+        self._track(stubs)
         for model in loaded:
             live = {pid for pid, name in stubs.items() if name == model}
             with self._lock:
@@ -178,6 +227,20 @@ class Watchdog:
                 watch.reason = f"stub process {', '.join(map(str, sorted(dead)))} died; reloading"
             log.warning("model %s: stub process %s died; reloading it", model, ", ".join(map(str, sorted(dead))))
             threading.Thread(target=self._reload, args=(model,), name=f"reload-{model}", daemon=True).start()
+
+    def _track(self, stubs: dict[int, str]) -> None:
+        """Note each live stub's descendants; kill those a stub that died left behind."""
+        table = process_table()
+        for stub in list(self.trees):
+            if stub not in stubs:
+                kill_left_behind(self.trees.pop(stub))
+        for stub in stubs:
+            self.trees[stub] = descendants(stub, table)
+
+    def kill_left_behind(self) -> None:
+        """tritonserver has exited: what its stubs started goes too."""
+        for stub in list(self.trees):
+            kill_left_behind(self.trees.pop(stub))
 
     def _reload(self, model: str) -> None:
         started = time.monotonic()
@@ -294,6 +357,7 @@ def main(argv: list[str] | None = None) -> int:
         watchdog.check()
         time.sleep(args.interval)
     kill_orphan_stubs()
+    watchdog.kill_left_behind()
     if stopping.is_set():
         return 0
     log.error("tritonserver exited with %s: leaving so that the supervisor starts it again", server.returncode)

@@ -35,7 +35,7 @@ parameters {{ key: "EXECUTION_ENV_PATH", value: {{ string_value: "{vllm_env.STUB
 """
 
 PROBE = textwrap.dedent(
-    '''
+    """
     import json
     import locale
 
@@ -61,7 +61,7 @@ PROBE = textwrap.dedent(
                 out = np.array([json.dumps(report).encode()], dtype=np.object_)
                 responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("report", out)]))
             return responses
-    '''
+    """
 )
 
 
