@@ -72,7 +72,8 @@ def engine_arguments(settings: ModelSettings, adapter: Any, device: str) -> dict
         "max_num_seqs": settings.max_running,
         "limit_mm_per_prompt": {"image": adapter.max_images},
         "enable_prefix_caching": settings.prefix_caching,
-        "structured_outputs_config": {"backend": "guidance"},  # llguidance, as the native engine's guides
+        # llguidance and compact JSON (no free whitespace), as the native engine's guides (vlm_engine.guided)
+        "structured_outputs_config": {"backend": "guidance", "disable_any_whitespace": True},
         "disable_log_stats": True,
     }
     if settings.compile_step == "false":  # COMPILE_STEP=false: no torch.compile (and no CUDA graphs)

@@ -1,0 +1,112 @@
+"""How ENGINE=vllm hands a request to vLLM (``vlm_engine.vllm_engine``): the parts that need no
+vLLM, checked here in the project's environment; vLLM itself runs in tests/e2e/test_vllm_engine.py."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from vlm_engine.adapters.base import Prepared
+from vlm_engine.chat import single_turn
+from vlm_engine.engine import VLMEngine
+from vlm_engine.errors import ModelConfigError
+from vlm_engine.params import resolve_guide, resolve_params
+from vlm_engine.settings import resolve_settings
+from vlm_engine.vllm_engine import VisibleText, engine_arguments, guide_arguments, sampling_arguments
+
+
+def front(name: str, tiny_models_dir, **env: str) -> VLMEngine:
+    settings = resolve_settings(name, env={"VLM_MODELS_DIR": str(tiny_models_dir), **env})
+    engine = VLMEngine(settings, load=False)
+    engine.adapter.load_inputs()
+    return engine
+
+
+def test_every_sampling_parameter_reaches_vllm():
+    sampling = {
+        "seed": 11,
+        "stop": ["x", "yz"],
+        "frequency_penalty": 0.5,
+        "presence_penalty": -0.25,
+        "repetition_penalty": 1.3,
+        "logprobs": True,
+        "top_logprobs": 3,
+    }
+    settings = resolve_settings("llava")
+    prepared = Prepared(single_turn("hi", None), resolve_params(settings, 7, 0.7, 0.9, sampling))
+    assert sampling_arguments(prepared, ignore_eos=True) == {
+        "max_tokens": 7,
+        "temperature": 0.7,
+        "top_p": 0.9,
+        "seed": 11,
+        "stop": ["x", "yz"],
+        "frequency_penalty": 0.5,
+        "presence_penalty": -0.25,
+        "repetition_penalty": 1.3,
+        "logprobs": 3,
+        "ignore_eos": True,
+        "skip_special_tokens": True,
+    }
+    plain = sampling_arguments(Prepared(single_turn("hi", None), resolve_params(settings, 5)), ignore_eos=False)
+    assert (plain["seed"], plain["stop"], plain["logprobs"], plain["ignore_eos"]) == (None, None, None, False)
+
+
+@pytest.mark.parametrize(
+    ("guide", "expected"),
+    [
+        ({"json_schema": {"type": "object"}}, {"json": {"type": "object"}}),
+        ({"json_object": True}, {"json_object": True}),
+        ({"regex": "[a-c]{2}"}, {"regex": "[a-c]{2}"}),
+        ({"choice": ["yes", "no"]}, {"choice": ["yes", "no"]}),
+    ],
+)
+def test_each_guide_becomes_vllms_structured_output(guide, expected):
+    assert guide_arguments(resolve_guide(guide)) == expected
+
+
+def test_text_is_sent_as_the_native_engine_sends_it():
+    text = VisibleText()
+    pieces = [text.push(delta) for delta in ["  ", " Hello", " ", "wor", "ld ", "\n"]]
+    assert pieces == ["", "Hello", "", " wor", "ld", ""]
+    assert "".join(pieces) == text.answer == "Hello world"
+
+
+def test_the_engine_arguments_follow_the_settings(tiny_models_dir):
+    llava = front("llava", tiny_models_dir, MAX_PROMPT_TOKENS="100", MAX_IMAGE_TOKENS="50", MAX_TOKENS_CAP="20")
+    arguments = engine_arguments(llava.settings, llava.adapter, "cpu")
+    assert arguments["model"] == str(tiny_models_dir / "llava") and arguments["dtype"] == "float32"
+    assert arguments["max_model_len"] == 100 + 4 * 50 + 20  # prompt + MAX_IMAGES images + answer
+    assert arguments["max_num_seqs"] == llava.settings.max_running
+    assert arguments["limit_mm_per_prompt"] == {"image": 4}
+    assert "enforce_eager" not in arguments and "mm_processor_kwargs" not in arguments
+    assert arguments["structured_outputs_config"] == {"backend": "guidance", "disable_any_whitespace": True}
+    long = front("llava", tiny_models_dir, MAX_TOKENS_CAP="100000", COMPILE_STEP="false")
+    assert engine_arguments(long.settings, long.adapter, "cpu")["max_model_len"] == 4096  # the checkpoint's positions
+    assert engine_arguments(long.settings, long.adapter, "cpu")["enforce_eager"] is True
+    past = front("llava", tiny_models_dir, MAX_TOKENS_CAP="100000", IGNORE_EOS="true")
+    assert engine_arguments(past.settings, past.adapter, "cpu")["max_model_len"] > 100000
+
+
+def test_qwen3_vl_images_get_the_same_token_cap_in_vllm(tiny_models_dir):
+    qwen = front("qwen3-vl", tiny_models_dir, MAX_IMAGE_TOKENS="64")
+    size = engine_arguments(qwen.settings, qwen.adapter, "cpu")["mm_processor_kwargs"]["size"]
+    patch = qwen.adapter.image_processor.patch_size * qwen.adapter.image_processor.merge_size
+    assert size["longest_edge"] == 64 * patch**2
+
+
+def test_native_quantization_is_refused(tiny_models_dir):
+    engine = front("llava", tiny_models_dir)
+    settings = engine.settings.model_copy(update={"quantization_type": "int8"})
+    with pytest.raises(ModelConfigError, match="QUANTIZATION_TYPE=int8 is the native engine's"):
+        engine_arguments(settings, engine.adapter, "cpu")
+
+
+def test_a_request_is_checked_and_decoded_without_model_inputs(tiny_models_dir, png):
+    engine = front("qwen3-vl", tiny_models_dir)
+    prepared = engine.prepare(single_turn("What is it?", png), max_tokens=4, encode=False, n=2, sampling={"seed": 3})
+    assert prepared.inputs is None and prepared.state is None
+    assert [image.size for image in prepared.images] == [(160, 120)]
+    assert "<|image_pad|>" in engine.adapter.prompt(prepared)
+    assert [s.params.sampling.seed for s in prepared.siblings] == [4]
+    assert json.dumps(prepared.prompt_tokens) and prepared.prompt_tokens > 0
