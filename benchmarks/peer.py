@@ -19,6 +19,7 @@ import asyncio
 import itertools
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -261,14 +262,18 @@ async def compare_gaps(sides: list[Side], model: str, rounds: int) -> dict:
     return out
 
 
-def summarize(raw: dict, ours: str = "this stack", peer: str = "vLLM") -> dict:
-    """Medians over rounds, and ours ÷ vLLM per round (then their median)."""
+def summarize(raw: dict, sides: list[str], peer: str = "vLLM") -> dict:
+    """Medians over rounds, and each side ÷ ``peer`` per round (then their median)."""
     figures: dict = {"ratios": {}}
-    for key, values in raw[ours].items():
-        if key.startswith(("distinct_", "shared_")):
-            ratios = [a / b for a, b in zip(values, raw[peer][key], strict=True) if b]
-            figures["ratios"][key] = round(statistics.median(ratios), 3) if ratios else None
-    for side in (ours, peer):
+    for side in sides:
+        if side == peer:
+            continue
+        ratios_of_side = figures["ratios"].setdefault(side, {})
+        for key, values in raw[side].items():
+            if key.startswith(("distinct_", "shared_")):
+                ratios = [a / b for a, b in zip(values, raw[peer][key], strict=True) if b]
+                ratios_of_side[key] = round(statistics.median(ratios), 3) if ratios else None
+    for side in sides:
         s = raw[side]
         turns = s["five_turns_ttft_ms"]
         figures[side] = {
@@ -285,24 +290,74 @@ def summarize(raw: dict, ours: str = "this stack", peer: str = "vLLM") -> dict:
 
 
 class Stack:
-    """This project's local stack (nginx, service, Triton) serving LLaVA and Qwen3-VL."""
+    """This project's local stack (nginx, service, Triton) serving LLaVA and Qwen3-VL, on the
+    native engine or on vLLM's (``ENGINE=vllm``, with vLLM's KV cache the size the peer gets)."""
 
-    def __init__(self, models_dir: Path, run_dir: Path, stream_gap_ms: int | None = None) -> None:
+    def __init__(self, models_dir: Path, run_dir: Path, stream_gap_ms: int | None = None, engine: str = "native"):
         env = {**ephemeral_stack_env(run_dir, models_dir), "VLM_STACK_MODE": "local", "HF_HUB_OFFLINE": "1"}
         env |= {"SERVED_MODELS": ",".join(MODELS), "LLAVA_IGNORE_EOS": "true", "QWEN3_VL_IGNORE_EOS": "true"}
+        env |= {"ENGINE": engine, "VLLM_NO_USAGE_STATS": "1"}
+        if engine == "vllm":
+            env |= {"LLAVA_KV_CACHE_MB": str(PEER_KV_GIB * 1024), "QWEN3_VL_KV_CACHE_MB": str(PEER_KV_GIB * 1024)}
         if stream_gap_ms is not None:
             env["STREAM_GAP_MS"] = str(stream_gap_ms)
         self.env = env
+        self.run_dir = run_dir
         self.base = f"http://127.0.0.1:{StackConfig.from_env(env).nginx_port}"
+        self.up_s = 0.0
 
     def __enter__(self) -> Stack:
+        started = time.monotonic()
         up = subprocess.run(["./triton_start.sh", "up"], cwd=ROOT, env=self.env, capture_output=True, text=True)
         if up.returncode != 0:
             raise SystemExit(f"the stack did not start:\n{up.stdout[-3000:]}\n{up.stderr[-3000:]}")
+        self.up_s = time.monotonic() - started
         return self
 
     def __exit__(self, *_) -> None:
         subprocess.run(["./triton_start.sh", "down"], cwd=ROOT, env=self.env, capture_output=True, text=True)
+
+    def footprint(self) -> dict:
+        """Per stream model: its load time (from Triton's log) and the memory of its stub and
+        everything the stub started (vLLM: its engine core and worker; native: input workers)."""
+        from vlm_stack.supervisor import Supervisor
+        from vlm_triton.serve import children, descendants, process_table, stub_processes
+
+        log = (self.run_dir / "logs" / "triton.log").read_text(errors="replace")
+        [server] = [
+            p
+            for p in children(Supervisor(self.run_dir).pid("triton"))
+            if b"tritonserver" in Path(f"/proc/{p}/cmdline").read_bytes()
+        ]
+        table = process_table()
+        out = {}
+        for stub, name in stub_processes(server).items():
+            model = name.removesuffix("_stream")
+            if model not in MODELS or name == model:
+                continue
+            pids = {stub} | {pid for pid, _ in descendants(stub, table)}
+            loaded = re.search(rf"{re.escape(name)}: {re.escape(model)} \((\w+) engine\) loaded .* in ([0-9.]+)s", log)
+            out[model] = {
+                "engine": loaded[1] if loaded else None,
+                "load_s": float(loaded[2]) if loaded else None,
+                "rss_mb": round(sum(rss_kib(pid) for pid in pids) / 1024),
+                "processes": len(pids),
+            }
+        return out
+
+
+def rss_kib(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+NATIVE, IN_STACK, PEER = "this stack", "this stack, ENGINE=vllm", "vLLM"
+PEER_KV_GIB = 2  # vLLM's KV cache on both vLLM sides (VLLM_CPU_KVCACHE_SPACE, KV_CACHE_MB)
 
 
 def run(
@@ -313,23 +368,31 @@ def run(
     if python is None:
         log(f"vLLM is not available, the peer part is skipped: {state}")
         return {"skipped": state}
-    result: dict = {"vllm": vllm_env.VLLM, "tokens": TOKENS, "rounds": rounds, "models": {}}
-    ours_name, peer_name = "this stack", "vLLM"
+    if vllm_env.problem(vllm_env.STUB) is not None:
+        vllm_env.ensure(log)  # the ENGINE=vllm stack's stub environment
+    result: dict = {"vllm": vllm_env.VLLM, "tokens": TOKENS, "rounds": rounds, "models": {}, "stacks": {}}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         for gap, phase in ((None, "load"), (0, "gaps")):
-            with Stack(models_dir, work / f"stack-{phase}", gap) as stack:
+            native = Stack(models_dir, work / f"stack-{phase}", gap)
+            in_stack = Stack(models_dir, work / f"stack-vllm-{phase}", gap, engine="vllm")
+            with native, in_stack:
+                if phase == "load":
+                    for name, stack in ((NATIVE, native), (IN_STACK, in_stack)):
+                        result["stacks"][name] = {"up_s": round(stack.up_s, 1), "models": stack.footprint()}
+                        log(f"{name}: up in {stack.up_s:.0f} s; {result['stacks'][name]['models']}")
                 for model in MODELS:
                     checkpoint, extra = peer_checkpoint(models_dir, model, work)
                     server = VllmServer(python, checkpoint, model, extra, work / f"vllm-{model}.log")
                     try:
                         started = server.wait_ready()
                         log(f"{model}: vLLM ready in {started:.0f} s ({phase})")
-                        sides = [Side(ours_name, stack.base), Side(peer_name, server.base, {"ignore_eos": True})]
+                        sides = [Side(NATIVE, native.base), Side(IN_STACK, in_stack.base)]
+                        sides.append(Side(PEER, server.base, {"ignore_eos": True}))
                         entry = result["models"].setdefault(model, {"vllm_start_s": round(started, 1)})
                         if phase == "load":
                             raw = asyncio.run(compare(sides, model, rounds, concurrencies, log))
-                            entry.update(summarize(raw, ours_name, peer_name))
+                            entry.update(summarize(raw, [side.name for side in sides], PEER))
                         else:
                             log(f"{model}: a streamed chat's gaps while 16 clients send long prompts (STREAM_GAP_MS=0)")
                             gaps = asyncio.run(compare_gaps(sides, model, rounds))
@@ -347,29 +410,40 @@ def markdown(peer: dict) -> list[str]:
     if "skipped" in peer:
         return ["## vLLM beside us", "", f"Not measured: {peer['skipped']}", ""]
     lines = [
-        "## vLLM beside us (peer)",
+        "## vLLM beside us (peer), and vLLM as this stack's engine",
         "",
-        f"{peer['vllm']}, float32 on both sides, {peer['tokens']} tokens an answer (EOS ignored), OpenAI chat "
-        f"with an image, medians of {peer['rounds']} interleaved rounds. Random weights: gibberish text.",
+        f"{peer['vllm']}, float32 everywhere, {peer['tokens']} tokens an answer (EOS ignored), OpenAI chat "
+        f"with an image through each side's own HTTP front, medians of {peer['rounds']} interleaved rounds. "
+        "Native: this stack, its own engine; ENGINE=vllm: this stack (nginx, service, Triton) with vLLM's "
+        "AsyncLLM as the engine; vLLM: vLLM's own OpenAI server. Random weights: gibberish text.",
         "",
-        "| model | measure | this stack | vLLM | ours ÷ vLLM |",
-        "|---|---|---|---|---|",
+        "| model | measure | native | ENGINE=vllm | vLLM | native ÷ vLLM | ENGINE=vllm ÷ vLLM |",
+        "|---|---|---|---|---|---|---|",
     ]
     for model, m in peer["models"].items():
-        ours, theirs = m["this stack"], m["vLLM"]
-        for key, ratio in m["ratios"].items():
+        native, in_stack, theirs = m[NATIVE], m[IN_STACK], m[PEER]
+        for key in m["ratios"][NATIVE]:
+            what = key.replace("_c", " images, c=")
             lines.append(
-                f"| {model} | tokens/s, {key.replace('_c', ' images, c=')} | {ours[key]} | {theirs[key]} | {ratio} |"
+                f"| {model} | tokens/s, {what} | {native[key]} | {in_stack[key]} | {theirs[key]} | "
+                f"{m['ratios'][NATIVE][key]} | {m['ratios'][IN_STACK][key]} |"
             )
-        lines.append(f"| {model} | TTFT idle, ms (p50) | {ours['ttft_idle_ms']} | {theirs['ttft_idle_ms']} | |")
-        turns = (ours["turn5_over_turn1"], theirs["turn5_over_turn1"])
-        lines.append(f"| {model} | 5-turn chat TTFT, turn 5 ÷ turn 1 | {turns[0]} | {turns[1]} | |")
+        ttft = (native["ttft_idle_ms"], in_stack["ttft_idle_ms"], theirs["ttft_idle_ms"])
+        lines.append(f"| {model} | TTFT idle, ms (p50) | {ttft[0]} | {ttft[1]} | {ttft[2]} | | |")
+        turns = (native["turn5_over_turn1"], in_stack["turn5_over_turn1"], theirs["turn5_over_turn1"])
+        lines.append(f"| {model} | 5-turn chat TTFT, turn 5 ÷ turn 1 | {turns[0]} | {turns[1]} | {turns[2]} | | |")
         gaps = m.get("gaps_while_long_prompts_join")
         if gaps:
-            lines.append(
-                f"| {model} | stream gap p50 / p99 ms while long prompts join | {gaps['this stack']['p50_ms']} / "
-                f"{gaps['this stack']['p99_ms']} | {gaps['vLLM']['p50_ms']} / {gaps['vLLM']['p99_ms']} | |"
-            )
+            cells = " | ".join(f"{gaps[side]['p50_ms']} / {gaps[side]['p99_ms']}" for side in (NATIVE, IN_STACK, PEER))
+            lines.append(f"| {model} | stream gap p50 / p99 ms while long prompts join | {cells} | | |")
+    stacks = peer.get("stacks", {})
+    if stacks:
+        lines += ["", "| stack | up (s) | model | engine | load (s) | RSS of its processes (MB) | processes |"]
+        lines.append("|---|---|---|---|---|---|---|")
+        for name, stack in stacks.items():
+            for model, f in stack["models"].items():
+                cells = (name, stack["up_s"], model, f["engine"], f["load_s"], f["rss_mb"], f["processes"])
+                lines.append("| " + " | ".join(map(str, cells)) + " |")
     return [*lines, ""]
 
 

