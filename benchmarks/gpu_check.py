@@ -15,7 +15,11 @@ engine's own code. Then, in-process, in bf16 on CUDA:
 - the KV budget chosen (GPU_MEMORY_UTILIZATION) and the device's peak memory;
 - a preemption under a forced small budget (KV_CACHE_TOKENS): the rows still finish, and agree
   with the same rows run with room;
-- greedy agreement of batched rows with the same rows run one at a time.
+- greedy agreement of batched rows with the same rows run one at a time;
+- vLLM's engine (``--vllm``, default on CUDA) on the same checkpoint with its own random
+  weights, the same rows, prompts and answer lengths: tokens/s beside ours
+  (``benchmarks/vllm_rows.py``, in vLLM's venv from ``make vllm-env`` or an interpreter that
+  has vLLM; where there is none it says so and the rest runs).
 
 bf16 kernels pick different reduction orders for different batch sizes, so on a GPU rows
 agree with a tolerance (reported, never asserted); on CPU in float32 they must agree exactly.
@@ -28,9 +32,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
+import os
 import shutil
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -420,6 +427,42 @@ def preemption(
         e.close()
 
 
+def vllm_python() -> tuple[str | None, str]:
+    """A python with vLLM: vLLM's venv (``make vllm-env``), else this one if it has vLLM."""
+    from vlm_triton import vllm_env
+
+    if vllm_env.problem(vllm_env.PACKAGES) is None:
+        return str(vllm_env.python(vllm_env.PACKAGES)), f"{vllm_env.VLLM} (make vllm-env)"
+    if importlib.util.find_spec("vllm") is not None:
+        return sys.executable, "this interpreter's vllm"
+    return None, "no vLLM here: run `make vllm-env` (or use an interpreter that has vllm)"
+
+
+def vllm_side(folder: Path, e: VLMEngine, args: argparse.Namespace, side: int, say) -> dict:
+    """vLLM's engine on the same checkpoint, rows and answer lengths: tokens/s beside ours."""
+    python, where = vllm_python()
+    if python is None:
+        return {"skipped": where}
+    prompts = [e.adapter.prompt(p) for p in requests(e, 4, 1, side)]  # the engine's own prompt text
+    longest = max(e.adapter.prefill_cost(p) for p in requests(e, 4, 1, side)) + args.max_tokens
+    job = {
+        "model": str(folder.resolve()),
+        "dtype": args.dtype,
+        "rows": args.rows,
+        "max_tokens": args.max_tokens,
+        "prompts": prompts,
+        "side": side,
+        "max_model_len": max(1024, longest),
+    }
+    say(f"vLLM ({where}): {args.rows} rows x {args.max_tokens} tokens")
+    env = {**os.environ, "VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1"}
+    script = Path(__file__).with_name("vllm_rows.py")
+    done = subprocess.run([python, str(script), json.dumps(job)], capture_output=True, text=True, env=env, timeout=3600)
+    if done.returncode != 0:
+        return {"failed": done.stderr[-2000:]}
+    return {"vllm": where, **json.loads(done.stdout.strip().splitlines()[-1])}
+
+
 def check_model(model: str, args: argparse.Namespace, say) -> dict:
     device, dtype = args.device, args.dtype
     side = (REAL[model] if args.scale == "real" else SCALES[args.scale][model])["image_size"]
@@ -458,6 +501,9 @@ def check_model(model: str, args: argparse.Namespace, say) -> dict:
         batched = run_ids(e, same)
         single = [run_ids(e, [p])[0] for p in requests(e, n, args.max_tokens, side)]
         out["greedy_agreement"] = agreement(batched, single)
+        if args.vllm:
+            out["vllm"] = vllm_side(folder, e, args, side, say)
+            say(f"{model}: vLLM {out['vllm']}")
         if device.startswith("cuda"):
             out["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
             out["device_memory_gib"] = round(torch.cuda.mem_get_info()[1] / 2**30, 2)
@@ -495,7 +541,14 @@ def main(argv: list[str] | None = None) -> int:
         default="auto",
         help="COMPILE_STEP of the engine (auto: on for CPU, off on CUDA until measured here)",
     )
+    parser.add_argument(
+        "--vllm",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also vLLM's engine on the same checkpoints (default: on CUDA; needs make vllm-env or vllm here)",
+    )
     args = parser.parse_args(argv)
+    args.vllm = args.device.startswith("cuda") if args.vllm is None else args.vllm
     args.scale = args.scale or ("real" if args.device.startswith("cuda") else "tiny")
     args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     started = time.perf_counter()

