@@ -438,29 +438,38 @@ def vllm_python() -> tuple[str | None, str]:
     return None, "no vLLM here: run `make vllm-env` (or use an interpreter that has vllm)"
 
 
-def vllm_side(folder: Path, e: VLMEngine, args: argparse.Namespace, side: int, say) -> dict:
-    """vLLM's engine on the same checkpoint, rows and answer lengths: tokens/s beside ours."""
-    python, where = vllm_python()
-    if python is None:
-        return {"skipped": where}
-    prompts = [e.adapter.prompt(p) for p in requests(e, 4, 1, side)]  # the engine's own prompt text
-    longest = max(e.adapter.prefill_cost(p) for p in requests(e, 4, 1, side)) + args.max_tokens
-    job = {
+def vllm_job(folder: Path, e: VLMEngine, args: argparse.Namespace, side: int) -> dict:
+    """What vLLM's side runs: the same checkpoint, rows, answer lengths and prompt text."""
+    made = requests(e, 4, 1, side)
+    return {
         "model": str(folder.resolve()),
         "dtype": args.dtype,
         "rows": args.rows,
         "max_tokens": args.max_tokens,
-        "prompts": prompts,
+        "prompts": [e.adapter.prompt(p) for p in made],  # the engine's own prompt text
         "side": side,
-        "max_model_len": max(1024, longest),
+        "max_model_len": max(1024, max(e.adapter.prefill_cost(p) for p in made) + args.max_tokens),
+        "cuda": args.device.startswith("cuda"),
     }
+
+
+def vllm_side(folder: Path, job: dict, args: argparse.Namespace, say) -> dict:
+    """vLLM's engine on the same checkpoint (after ours has let the device go): tokens/s beside ours."""
+    python, where = vllm_python()
+    if python is None:
+        return {"skipped": where}
     say(f"vLLM ({where}): {args.rows} rows x {args.max_tokens} tokens")
-    env = {**os.environ, "VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1"}
+    # the machine's variables only: nothing of this process's set-up (threads, paths) leaks into vLLM's
+    env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR")}
+    env |= {"VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1"}
     script = Path(__file__).with_name("vllm_rows.py")
     done = subprocess.run([python, str(script), json.dumps(job)], capture_output=True, text=True, env=env, timeout=3600)
-    if done.returncode != 0:
-        return {"failed": done.stderr[-2000:]}
-    return {"vllm": where, **json.loads(done.stdout.strip().splitlines()[-1])}
+    log = args.work / f"vllm-{folder.name}.log"
+    log.write_text(done.stdout + done.stderr)
+    figures = [line for line in done.stdout.splitlines() if line.startswith('{"load_s"')]
+    if not figures:  # (vLLM's own exit can fail after the figures are out: they count)
+        return {"failed": f"vLLM exited with {done.returncode} and no figures; its log: {log}"}
+    return {"vllm": where, **json.loads(figures[-1])}
 
 
 def check_model(model: str, args: argparse.Namespace, say) -> dict:
@@ -501,9 +510,7 @@ def check_model(model: str, args: argparse.Namespace, say) -> dict:
         batched = run_ids(e, same)
         single = [run_ids(e, [p])[0] for p in requests(e, n, args.max_tokens, side)]
         out["greedy_agreement"] = agreement(batched, single)
-        if args.vllm:
-            out["vllm"] = vllm_side(folder, e, args, side, say)
-            say(f"{model}: vLLM {out['vllm']}")
+        job = vllm_job(folder, e, args, side) if args.vllm else None
         if device.startswith("cuda"):
             out["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
             out["device_memory_gib"] = round(torch.cuda.mem_get_info()[1] / 2**30, 2)
@@ -517,6 +524,9 @@ def check_model(model: str, args: argparse.Namespace, say) -> dict:
     say(f"{model}: {out['preemption']}")
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
+    if job is not None:
+        out["vllm"] = vllm_side(folder, job, args, say)
+        say(f"{model}: vLLM {out['vllm']}")
     return out
 
 

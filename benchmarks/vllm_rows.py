@@ -2,7 +2,7 @@
 
 Run with a python that has vLLM (vLLM's venv, ``make vllm-env``), never the project's:
 ``python vllm_rows.py '<json>'`` with ``{"model": <folder>, "dtype", "rows": [..], "max_tokens",
-"prompts": [<text in the model's format>, ...], "side": <image side>, "max_model_len"}``. The
+"prompts": [<text in the model's format>, ...], "side": <image side>, "max_model_len", "cuda"}``. The
 weights are vLLM's own random ones (``load_format="dummy"``), like the native engine's in
 gpu_check.py. Prints one JSON line: tokens/s per row count (answers run to max_tokens).
 """
@@ -27,6 +27,9 @@ def main() -> None:
         max_num_seqs=max(job["rows"]),
         max_model_len=job["max_model_len"],
         limit_mm_per_prompt={"image": 1},
+        # CUDA: vLLM's share of the device; CPU: a KV size (vLLM's default share of the machine's
+        # memory is refused while other processes hold some)
+        **({"gpu_memory_utilization": 0.85} if job["cuda"] else {"kv_cache_memory_bytes": 2**30}),
     )
     load_s = time.perf_counter() - started
     prompts = job["prompts"]
@@ -48,7 +51,7 @@ def main() -> None:
         wall = time.perf_counter() - start
         tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
         figures.append({"rows": rows, "output_tokens": tokens, "tok_s": round(tokens / wall, 1)})
-    print(json.dumps({"load_s": round(load_s, 1), "throughput": figures}))
+    print(json.dumps({"load_s": round(load_s, 1), "throughput": figures}), flush=True)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import math
 import os
 import threading
 import time
@@ -49,6 +48,7 @@ log = logging.getLogger("vlm_engine.vllm")
 # at 64 rows), and how often it reports metrics and looks at the engine core's health.
 CANCEL_CHECK_S = 0.1
 REPORT_S = 1.0
+CPU_KV_CACHE_MB = 4096  # vLLM's KV cache on CPU when KV_CACHE_MB is unset (vLLM's own former default)
 SHUTDOWN_S = 3.0  # vLLM's engine core and worker stop within this, or are killed (Triton waits 10 s)
 FINISH_REASONS = {"stop": "stop", "length": "length", "abort": "cancelled"}
 
@@ -86,6 +86,8 @@ def engine_arguments(settings: ModelSettings, adapter: Any, device: str) -> dict
         arguments["enforce_eager"] = True
     if device.startswith("cuda"):
         arguments["gpu_memory_utilization"] = settings.gpu_memory_utilization
+    else:  # a size, not vLLM's default share of the machine's memory (refused when others use it)
+        arguments["kv_cache_memory_bytes"] = (settings.kv_cache_mb or CPU_KV_CACHE_MB) * 2**20
     processor = getattr(adapter, "image_processor", None)
     if settings.architecture == "qwen3_vl" and processor is not None:
         size = processor.size  # MAX_IMAGE_TOKENS: the adapter's cap, so both engines see the same image tokens
@@ -104,11 +106,6 @@ def model_positions(settings: ModelSettings) -> int:
     config = AutoConfig.from_pretrained(settings.model_path, **source_kwargs(settings))
     text = getattr(config, "text_config", config)
     return int(getattr(text, "max_position_embeddings", 4096))
-
-
-def kv_space_gib(settings: ModelSettings) -> int | None:
-    """vLLM's CPU KV cache (``VLLM_CPU_KVCACHE_SPACE``, GiB) from ``KV_CACHE_MB``, if set."""
-    return None if settings.kv_cache_mb is None else max(1, math.ceil(settings.kv_cache_mb / 1024))
 
 
 def guide_arguments(guide: Guide) -> dict[str, Any]:
@@ -137,7 +134,8 @@ def sampling_arguments(prepared: Prepared, ignore_eos: bool) -> dict[str, Any]:
         "presence_penalty": sampling.presence_penalty,
         "repetition_penalty": sampling.repetition_penalty,
         "logprobs": sampling.top_logprobs if sampling.logprobs else None,
-        "ignore_eos": ignore_eos,
+        # IGNORE_EOS (benchmarks, tests) leaves a guided answer alone: its grammar says where it ends
+        "ignore_eos": ignore_eos and sampling.guide is None,
         "skip_special_tokens": True,
     }
 
@@ -239,9 +237,6 @@ class VllmEngine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         if not self.device.startswith("cuda"):
-            space = kv_space_gib(self.settings)
-            if space is not None:
-                os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(space)
             # CPU_THREADS threads, not pinned: vLLM would pin its compute to every core but one
             # and leave that one to Triton, the service and nginx (VLLM_CPU_OMP_THREADS_BIND wins)
             os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
@@ -432,7 +427,7 @@ class VllmEngine:
     def _housekeeping(self) -> None:
         """Off the asyncio loop: clients that left (their answers are cancelled, which aborts
         them in vLLM), metrics, and a dead engine core (noticed while idle too)."""
-        last_report = 0.0
+        last_report, last_reported = 0.0, (-1, 0)
         while not self._stop.wait(CANCEL_CHECK_S):
             with self._lock:
                 answers = list(self._answers.values())
@@ -444,11 +439,14 @@ class VllmEngine:
             if time.monotonic() - last_report < REPORT_S:
                 continue
             last_report = time.monotonic()
-            if self.metrics is not None:
+            reported = (len(answers), self._tokens)
+            if self.metrics is not None and (reported != (0, 0) or last_reported != (0, 0)):
+                # an idle engine makes no IPC calls: a stub killed mid-call can take Triton down
                 tokens, self._tokens = self._tokens, 0
                 self.metrics.tokens(tokens)
                 self.metrics.queue(len(answers), 0)  # vLLM's own split of running and waiting is its own
                 self.metrics.reported()
+            last_reported = reported
             llm = self.llm
             if llm is not None and llm.errored:
                 self._fatal(llm.dead_error)

@@ -48,6 +48,8 @@ def test_every_sampling_parameter_reaches_vllm():
         "ignore_eos": True,
         "skip_special_tokens": True,
     }
+    guided = Prepared(single_turn("hi", None), resolve_params(settings, 5, sampling={"guide": {"regex": "a+"}}))
+    assert sampling_arguments(guided, ignore_eos=True)["ignore_eos"] is False  # the grammar ends it
     plain = sampling_arguments(Prepared(single_turn("hi", None), resolve_params(settings, 5)), ignore_eos=False)
     assert (plain["seed"], plain["stop"], plain["logprobs"], plain["ignore_eos"]) == (None, None, None, False)
 
@@ -81,6 +83,9 @@ def test_the_engine_arguments_follow_the_settings(tiny_models_dir):
     assert arguments["limit_mm_per_prompt"] == {"image": 4}
     assert "enforce_eager" not in arguments and "mm_processor_kwargs" not in arguments
     assert arguments["structured_outputs_config"] == {"backend": "guidance", "disable_any_whitespace": True}
+    assert arguments["kv_cache_memory_bytes"] == 4096 * 2**20 and "gpu_memory_utilization" not in arguments
+    sized = front("llava", tiny_models_dir, KV_CACHE_MB="512")
+    assert engine_arguments(sized.settings, sized.adapter, "cpu")["kv_cache_memory_bytes"] == 512 * 2**20
     long = front("llava", tiny_models_dir, MAX_TOKENS_CAP="100000", COMPILE_STEP="false")
     assert engine_arguments(long.settings, long.adapter, "cpu")["max_model_len"] == 4096  # the checkpoint's positions
     assert engine_arguments(long.settings, long.adapter, "cpu")["enforce_eager"] is True
