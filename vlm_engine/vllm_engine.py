@@ -22,7 +22,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,7 +40,7 @@ from vlm_engine.loading import cpu_threads
 from vlm_engine.output import Result
 from vlm_engine.params import Guide
 from vlm_engine.scheduler import Event, Metrics
-from vlm_engine.settings import ModelSettings, resolve_settings
+from vlm_engine.settings import ModelSettings
 
 log = logging.getLogger("vlm_engine.vllm")
 # How often a housekeeping thread asks every answer's client whether it left (an IPC call to
@@ -214,16 +214,6 @@ class VllmEngine:
         self._housekeeper.start()
         self.load_seconds = time.perf_counter() - started
         log.info("%s: vLLM's engine ready in %.1f s", self.name, self.load_seconds)
-
-    @classmethod
-    def from_config(
-        cls,
-        name: str,
-        parameters: Mapping[str, str] | None = None,
-        metrics: Metrics | None = None,
-        on_fatal: Callable[[BaseException], None] | None = None,
-    ) -> VllmEngine:
-        return cls(resolve_settings(name, parameters), metrics=metrics, on_fatal=on_fatal)
 
     @property
     def name(self) -> str:
