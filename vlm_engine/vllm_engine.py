@@ -49,7 +49,7 @@ log = logging.getLogger("vlm_engine.vllm")
 CANCEL_CHECK_S = 0.1
 REPORT_S = 1.0
 CPU_KV_CACHE_MB = 4096  # vLLM's KV cache on CPU when KV_CACHE_MB is unset (vLLM's own former default)
-SHUTDOWN_S = 3.0  # vLLM's engine core and worker stop within this, or are killed (Triton waits 10 s)
+SHUTDOWN_S = 3.0  # vLLM's engine process stops within this, or is killed (Triton waits 10 s)
 FINISH_REASONS = {"stop": "stop", "length": "length", "abort": "cancelled"}
 
 

@@ -31,6 +31,8 @@ from tests.fastapi_app.test_web_page import CHROMIUM, FLAGS, page_with_image
 from tests.integration.helpers import GREEDY, GrpcStream, inputs, stream_http, text_of
 from tests.unit.test_structured_output import SCHEMA
 from tests.unit.test_tools import SCHEMAS, TOOLS
+from vlm_engine.loading import cpu_threads
+from vlm_engine.settings import resolve_settings
 from vlm_stack.procs import ephemeral_stack_env
 from vlm_stack.supervisor import Supervisor
 from vlm_triton import vllm_env
@@ -251,6 +253,9 @@ def test_greedy_answers_equal_vllms_own_offline_answers(vllm_stack, tiny_models_
         for model in VLLM_MODELS
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    # the served engine's threads (CPU_THREADS, unpinned), so that float sums add up in the same order
+    threads = cpu_threads(resolve_settings("llava", env={}))
+    env |= {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": str(threads)}
     script = Path(__file__).with_name("vllm_offline.py")
     done = subprocess.run(
         [str(vllm_env.python(vllm_env.PACKAGES)), str(script), json.dumps(jobs)],
@@ -277,8 +282,9 @@ def test_a_client_that_leaves_frees_its_vllm_request(vllm_stack, png, trace):
     [row] = trace.wait(seen)
     assert row["end"] == "cancelled", row["end"]
     assert row["tokens"] < LONG and row["cancel_seen"] is not None
-    after_seen = sum(1 for at in row["token_times"] if at > row["cancel_seen"]["time"])
-    assert after_seen <= 1, f"{after_seen} tokens after the engine saw the client leave (one step may be running)"
+    # outputs, not tokens: vLLM merges the steps a busy loop has not read yet into one output
+    after_seen = len({at for at in row["token_times"] if at > row["cancel_seen"]["time"]})
+    assert after_seen <= 1, f"{after_seen} outputs after the engine saw the client leave (one may be under way)"
 
 
 def test_a_dead_engine_core_and_a_killed_stub_are_healed_and_leave_nothing(vllm_stack, png):
@@ -313,7 +319,8 @@ def test_a_dead_engine_core_and_a_killed_stub_are_healed_and_leave_nothing(vllm_
     assert answer.strip()
     log = (RUN_DIR / "logs" / "triton.log").read_bytes()[log_from:].decode(errors="replace")
     assert "qwen3-vl: vLLM's engine core is dead" in log  # the stub noticed, and exited
-    assert f"model llava_stream: stub process {killed_stub} died" in log  # the watchdog noticed
+    # the watchdog noticed the stub die, unless tritonserver aborted first (see below)
+    assert f"model llava_stream: stub process {killed_stub} died" in log or "tritonserver exited with" in log
     # Both models come back by a reload; once in four runs here, tritonserver itself aborted as
     # the stubs died (a boost::interprocess lock_exception in its Python backend) and the
     # supervisor restarted it: healed all the same, and nothing was left behind either way.
