@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -14,10 +15,58 @@ import httpx
 
 from vlm_stack.config import PORT_NAMES, ROOT
 
+EPHEMERAL_RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+LOWEST_CHOSEN_PORT = 20000
+_handed_out: set[int] = set()
+
+
+def ephemeral_range() -> tuple[int, int]:
+    """The ports the kernel hands to ``bind(0)`` and outgoing connections (Linux's default
+    where the file cannot be read)."""
+    try:
+        low, high = (int(part) for part in EPHEMERAL_RANGE_FILE.read_text().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def _bindable(port: int) -> bool:
+    """Nothing listens on ``port`` on any address (bound on every address, so a listener on
+    127.0.0.1 or 0.0.0.0 both count)."""
+    with socket.socket() as sock:
+        try:
+            sock.bind(("", port))
+        except OSError:
+            return False
+    return True
+
 
 def free_ports(count: int) -> list[int]:
-    """``count`` distinct free ports on 127.0.0.1: every socket stays bound until all are
-    chosen, so the kernel cannot hand out one port twice (two services on one port)."""
+    """``count`` distinct free ports, chosen below the kernel's ephemeral range.
+
+    A port from ``bind(0)`` lies in the ephemeral range, where the kernel may give it to any
+    process's next ``bind(0)`` or outgoing connection before the service we chose it for binds
+    it (seen: vLLM's engine core took nginx's chosen port while Triton loaded). Ports below the
+    range are never handed out by the kernel; this process never hands one out twice, and a
+    random start keeps two processes choosing at once apart."""
+    low, _ = ephemeral_range()
+    if low - LOWEST_CHOSEN_PORT < 4 * count:  # an unusual range: fall back on the kernel
+        return _kernel_ports(count)
+    span = low - LOWEST_CHOSEN_PORT
+    start = random.randrange(span)
+    found: list[int] = []
+    for offset in range(span):
+        port = LOWEST_CHOSEN_PORT + (start + offset) % span
+        if port not in _handed_out and _bindable(port):
+            found.append(port)
+            _handed_out.add(port)
+            if len(found) == count:
+                return found
+    raise RuntimeError(f"no {count} free ports between {LOWEST_CHOSEN_PORT} and {low}")
+
+
+def _kernel_ports(count: int) -> list[int]:
+    """``count`` distinct ports from the kernel: all stay bound until all are chosen."""
     sockets = [socket.socket() for _ in range(count)]
     try:
         for sock in sockets:

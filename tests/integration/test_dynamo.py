@@ -39,19 +39,9 @@ REPOSITORY = sorted(p.parent.name for p in (ROOT / "triton_models").glob("*/conf
 
 def low_free_ports(count: int) -> list[int]:
     """Free ports below 32768: Dynamo 1.6.1 reads ``DYN_SYSTEM_PORT`` as a signed 16-bit number."""
-    import random
-    import socket
-
     found: list[int] = []
     while len(found) < count:
-        port = random.randint(20000, 32000)
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        if port not in found:
-            found.append(port)
+        found += [port for port in free_ports(count) if port < 32768][: count - len(found)]
     return found
 
 

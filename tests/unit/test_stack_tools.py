@@ -106,9 +106,37 @@ def test_free_ports_are_distinct_and_free():
     from vlm_stack.local import port_in_use
     from vlm_stack.procs import free_ports
 
-    ports = free_ports(200)  # one bind(0) at a time hands the same port out again now and then
-    assert len(set(ports)) == 200
+    ports = free_ports(200) + free_ports(200)  # this process never hands a port out twice
+    assert len(set(ports)) == 400
     assert not any(port_in_use(port) for port in ports[:20])
+
+
+def test_free_ports_lie_below_the_kernels_ephemeral_range():
+    """A port the kernel hands to another process's bind(0) or connection is never chosen
+    (CI: vLLM's engine core took nginx's port while Triton loaded)."""
+    from vlm_stack.procs import LOWEST_CHOSEN_PORT, ephemeral_range, free_ports
+
+    low, _ = ephemeral_range()
+    assert all(LOWEST_CHOSEN_PORT <= port < low for port in free_ports(50))
+
+
+def test_a_port_something_listens_on_is_not_chosen(monkeypatch):
+    import socket
+
+    from vlm_stack import procs
+
+    monkeypatch.setattr(procs, "_handed_out", set())
+    (port,) = procs.free_ports(1)
+    start = port - procs.LOWEST_CHOSEN_PORT
+    monkeypatch.setattr(procs.random, "randrange", lambda span: start)
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", port))
+        listener.listen()
+        procs._handed_out.clear()
+        (chosen,) = procs.free_ports(1)
+    assert chosen != port
+    procs._handed_out.clear()
+    assert procs.free_ports(1) == [port]  # the same start, the listener gone: the port again
 
 
 def test_two_services_on_one_port_are_refused_before_anything_starts(tmp_path):
