@@ -10,8 +10,10 @@ import hmac
 import json
 from pathlib import Path
 
+from fastapi_app.error_shapes import error_body
+
 PROTECTED = ("/v1/", "/api/", "/v2/models/")  # the last: the service's own KServe face (local backend)
-MESSAGE = "missing or wrong API key: send the header 'Authorization: Bearer <key>'"
+MESSAGE = "missing or wrong API key: send the header 'Authorization: Bearer <key>' (or 'x-api-key: <key>')"
 
 
 def load_keys(inline: str, file: Path | None) -> tuple[str, ...]:
@@ -25,27 +27,32 @@ def load_keys(inline: str, file: Path | None) -> tuple[str, ...]:
     return tuple(keys)
 
 
-def authorized(keys: tuple[str, ...], header: bytes | str | None) -> bool:
-    """True when keys are off, or ``header`` is ``Bearer <one of keys>``."""
+def authorized(keys: tuple[str, ...], header: bytes | str | None, api_key: bytes | str | None = None) -> bool:
+    """True when keys are off, or ``header`` is ``Bearer <one of keys>``, or ``api_key`` (the
+    ``x-api-key`` header Anthropic's clients send) is one of keys."""
     if not keys:
         return True
     if isinstance(header, bytes):
         header = header.decode("latin-1")
+    if isinstance(api_key, bytes):
+        api_key = api_key.decode("latin-1")
     scheme, _, token = (header or "").partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        return False
-    token = token.strip().encode()
-    return any(hmac.compare_digest(token, key.encode()) for key in keys)  # every key, in constant time
+    if scheme.lower() == "bearer" and token.strip():
+        return _known(keys, token.strip())
+    return bool(api_key and api_key.strip()) and _known(keys, api_key.strip())
+
+
+def _known(keys: tuple[str, ...], token: str) -> bool:
+    data = token.encode()
+    return any(hmac.compare_digest(data, key.encode()) for key in keys)  # every key, in constant time
 
 
 def unauthorized_body(path: str) -> bytes:
     if path.startswith("/v2/"):
         return json.dumps({"error": MESSAGE}).encode()  # Triton's error body
-    if path.startswith("/v1/"):
-        error = {"message": MESSAGE, "type": "invalid_request_error", "param": None, "code": "invalid_api_key"}
-        body = {"error": error}
-    else:
-        body = {"detail": MESSAGE, "code": "invalid_api_key"}
+    body = error_body(path, 401, "invalid_api_key", MESSAGE)
+    if "error" in body and "param" in body["error"]:  # OpenAI's: an auth failure is an invalid request
+        body["error"]["type"] = "invalid_request_error"
     return json.dumps(body).encode()
 
 
@@ -58,7 +65,8 @@ class ApiKeys:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or not self.keys or not scope["path"].startswith(PROTECTED):
             return await self.app(scope, receive, send)
-        if authorized(self.keys, dict(scope["headers"]).get(b"authorization")):
+        headers = dict(scope["headers"])
+        if authorized(self.keys, headers.get(b"authorization"), headers.get(b"x-api-key")):
             return await self.app(scope, receive, send)
         data = unauthorized_body(scope["path"])
         headers = [

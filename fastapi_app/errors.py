@@ -1,4 +1,4 @@
-"""One error shape per API: the OpenAI error body under /v1, ``{"detail", "code"}`` elsewhere."""
+"""Exception handlers: every error in the shape of the API its path belongs to (``error_shapes``)."""
 
 from __future__ import annotations
 
@@ -8,18 +8,14 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 from starlette.routing import Match
 
+from fastapi_app.error_shapes import error_body
 from vlm_engine.errors import EngineError
 
 RETRY_AFTER_S = 1
-OPENAI_TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 413: "invalid_request_error"}
 
 
 def error_response(request: Request, status: int, code: str, message: str, param: str | None = None) -> JSONResponse:
-    if request.url.path.startswith("/v1/"):
-        kind = OPENAI_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
-        body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
-    else:
-        body = {"detail": message, "code": code}
+    body = error_body(request.url.path, status, code, message, param)
     # overloaded, shutting down, Triton restarting: a client may try again shortly
     headers = {"Retry-After": str(RETRY_AFTER_S)} if status in (429, 503) else None
     return JSONResponse(body, status_code=status, headers=headers)

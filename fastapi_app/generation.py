@@ -25,10 +25,10 @@ def check_model(settings: Settings, model: str | None) -> str:
     return model
 
 
-def check_max_tokens(settings: Settings, max_tokens: int | None) -> None:
+def check_max_tokens(settings: Settings, max_tokens: int | None, name: str = "max_tokens") -> None:
     """The API's range (the OpenAPI maximum); a model's own smaller limit answers 413 later."""
     if max_tokens is not None and max_tokens > settings.max_tokens_cap:
-        raise InvalidParameter(f"max_tokens must be between 1 and {settings.max_tokens_cap}, got {max_tokens}")
+        raise InvalidParameter(f"{name} must be between 1 and {settings.max_tokens_cap}, got {max_tokens}")
 
 
 def with_defaults(settings: Settings, request: GenerationRequest) -> GenerationRequest:

@@ -14,7 +14,18 @@ from fastapi_app.backends import make_backend
 from fastapi_app.generation import Admission
 from fastapi_app.history import HistoryStore
 from fastapi_app.middleware import BodyLimit, RequestMetrics
-from fastapi_app.routes import chat, health, kserve, openai_api, web
+from fastapi_app.response_store import ResponseStore
+from fastapi_app.routes import (
+    anthropic_api,
+    chat,
+    completions_api,
+    health,
+    kserve,
+    models_api,
+    openai_api,
+    responses_api,
+    web,
+)
 from fastapi_app.settings import Settings
 
 log = logging.getLogger("fastapi_app")
@@ -26,6 +37,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         app.state.history = HistoryStore(settings.history_db, settings.max_history, settings.history_busy_timeout_s)
+        app.state.responses = ResponseStore(
+            settings.history_db,
+            max(settings.max_history, 1),
+            settings.max_stored_responses,
+            settings.history_busy_timeout_s,
+        )
         await app.state.backend.start()
         log.info("serving %s through the %s backend", ", ".join(settings.models), app.state.backend.name)
         try:
@@ -33,6 +50,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             await app.state.backend.close()
             app.state.history.close()
+            app.state.responses.close()
 
     app = FastAPI(
         title="vlm-serve",
@@ -45,7 +63,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.admission = Admission(settings.max_inflight_per_model)
     errors.install(app)
     openapi.install(app)
-    routers = (openai_api.router, chat.router, health.router, web.router)
+    routers = (
+        openai_api.router,
+        responses_api.router,
+        anthropic_api.router,
+        models_api.router,
+        completions_api.router,
+        chat.router,
+        health.router,
+        web.router,
+    )
     if settings.inference_backend == "local":  # KServe v2 answered here; with Triton, nginx sends /v2 to Triton
         routers += (kserve.router,)
     for router in routers:

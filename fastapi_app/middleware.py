@@ -6,6 +6,7 @@ import json
 import time
 
 from fastapi_app import metrics
+from fastapi_app.error_shapes import error_body
 
 
 class BodyLimit:
@@ -37,11 +38,7 @@ class BodyLimit:
 
     async def _too_large(self, scope, send):
         message = f"request body is over the limit of {self.max_bytes} bytes (MAX_BODY_BYTES); send a smaller image"
-        if scope["path"].startswith("/v1/"):
-            body = {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": "too_large"}}
-        else:
-            body = {"detail": message, "code": "too_large"}
-        data = json.dumps(body).encode()
+        data = json.dumps(error_body(scope["path"], 413, "too_large", message)).encode()
         await send(
             {
                 "type": "http.response.start",

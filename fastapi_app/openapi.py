@@ -23,7 +23,10 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
+from fastapi_app import openapi_protocols
+from fastapi_app.error_shapes import api_of
 from fastapi_app.schemas import (
+    LOGIT_BIAS,
     MESSAGE_SCHEMAS,
     NAMED_TOOL,
     RESPONSE_SCHEMAS,
@@ -94,7 +97,7 @@ def _one_image(models: list[str]) -> dict[str, Any]:
 
 
 def _error(path: str, status: str) -> dict[str, Any]:
-    name = "OpenAIError" if path.startswith("/v1/") else "APIError"
+    name = {"anthropic": "AnthropicError", "openai": "OpenAIError", "rest": "APIError"}[api_of(path)]
     content = {"application/json": {"schema": {"$ref": f"#/components/schemas/{name}"}}}
     response: dict[str, Any] = {"description": ERRORS[status], "content": content}
     if status in ("429", "503"):
@@ -155,6 +158,7 @@ UNSUPPORTED_BY_MOONDREAM2 = (  # and n above 1
     "guided_json",
     "guided_regex",
     "guided_choice",
+    "logit_bias",
 )
 
 
@@ -169,6 +173,7 @@ NEUTRAL = {
     "repetition_penalty": 1,
     "logprobs": False,
     "stop": [],
+    "logit_bias": {},
 }
 
 
@@ -192,6 +197,8 @@ def _requests(schema: dict[str, Any], settings: Settings) -> None:
     for name in ("max_tokens", "max_completion_tokens"):
         _with_maximum(completion[name], settings.max_tokens_cap)
     _with_maximum(completion["n"], settings.max_n)
+    # logit_bias: ids every served checkpoint has, biases in [-100, 100] (fastapi_app.schemas.LOGIT_BIAS)
+    completion["logit_bias"] = {**LOGIT_BIAS, **_doc(completion["logit_bias"])}
     # top_logprobs (any number) only with logprobs: true, as OpenAI has it (dependentSchemas, not
     # if/then: schemathesis can generate from the document only while its rules stay few)
     components["ChatCompletionRequest"]["dependentSchemas"] = {
@@ -272,6 +279,7 @@ def document(app: FastAPI) -> dict[str, Any]:
         components.pop(name, None)
     _requests(schema, app.state.settings)
     _responses(schema)
+    openapi_protocols.add(schema, app.state.settings)
     if app.state.api_keys:
         _security(schema)
     for path, operations in schema["paths"].items():

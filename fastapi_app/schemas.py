@@ -116,6 +116,28 @@ USER_WITH_TEXT = obj(
 )
 WITH_IMAGE = obj(["content"], content={"type": "array", "contains": ref("ImagePart")})
 
+# logit_bias. The document's promise is that a request it allows is never a 400, but whether a
+# token id is in the vocabulary depends on the checkpoint a model was loaded from, which the
+# service cannot know (Triton loads it; the tests serve tiny ones). So the document allows the
+# ids every checkpoint served here has: 0 to 255. The real ones have 32,064 (LLaVA-1.5), 65,037
+# (Kosmos-2) and 151,936 (Qwen3-VL) (moondream2 takes no logit_bias); the tiny ones
+# (vlm_engine/tiny) have 791 and 797 (byte-level BPE, whose vocabulary starts from the 256 bytes,
+# whatever the corpus) and 1,393 (Kosmos-2's unigram). Larger ids are taken up to the model's
+# own vocabulary (the engine checks each id: VLMEngine.prepare); the document just does not
+# promise them. Keys are written as the service reads them: decimal, no sign, no leading zero.
+TOKEN_ID_BELOW_256 = r"^(?:[0-9]|[1-9][0-9]|1[0-9]{2}|2[0-4][0-9]|25[0-5])$"
+LOGIT_BIAS = {
+    "anyOf": [
+        {
+            "type": "object",
+            "propertyNames": {"pattern": TOKEN_ID_BELOW_256},
+            "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100},
+            "maxProperties": 1024,
+        },
+        {"type": "null"},
+    ],
+}
+
 
 STRING, NUMBER = {"type": "string"}, {"type": "number"}
 COUNT = {"type": "integer", "minimum": 0}

@@ -48,6 +48,10 @@ class Settings(BaseSettings):
     max_history: int = Field(10, ge=0, description="turns kept per session")
     history_db: Path = Path("data/history.sqlite3")
     history_busy_timeout_s: float = Field(10.0, gt=0, description="how long a write waits for a locked database")
+    store_responses: bool = Field(
+        True, description="keep Responses API answers (store: true) for GET and previous_response_id"
+    )
+    max_stored_responses: int = Field(10_000, ge=1, description="stored responses kept; the oldest go first")
     max_body_bytes: int = Field(25 * 1024 * 1024, ge=1024, description="larger bodies get 413")
     api_keys: str = Field("", description="comma-separated API keys; set (or API_KEYS_FILE) turns auth on")
     api_keys_file: Path | None = Field(None, description="a file of API keys, one per line")

@@ -18,7 +18,7 @@ from vlm_engine.chat import Message, has_text, single_turn
 from vlm_engine.errors import InvalidParameter, InvalidRequest, ModelConfigError, ShuttingDown, TooLarge
 from vlm_engine.loading import check_source, cpu_threads, load_error, resolve_device
 from vlm_engine.output import Result
-from vlm_engine.params import GenerationParams, Sampling, resolve_params
+from vlm_engine.params import GenerationParams, Sampling, check_logit_bias, resolve_params
 from vlm_engine.preparing import InputWorkers, RequestInputs, blank_image, make_inputs, worker_count
 from vlm_engine.scheduler import Event, Metrics, Scheduler
 from vlm_engine.settings import ModelSettings, resolve_settings
@@ -61,6 +61,7 @@ class VLMEngine:
         self.scheduler: Scheduler | None = None
         self.input_workers: InputWorkers | None = None
         self.load_seconds = 0.0
+        self._vocab_size: int | None = None
         if load:
             self.load()
 
@@ -193,11 +194,15 @@ class VLMEngine:
         parallel_tool_calls: bool = True,
         n: int = 1,
         encode: bool = True,
+        raw: bool = False,
+        count_only: bool = False,
     ) -> Prepared:
         """Validate one request; raises an ``InvalidRequest`` subclass saying what to fix
         (or ``Overloaded`` first, without decoding anything, when the queue is full).
         ``encode=False``: images decoded and every limit checked, but no model inputs made
-        (vLLM's engine makes its own: ``vlm_engine.vllm_engine``)."""
+        (vLLM's engine makes its own: ``vlm_engine.vllm_engine``). ``raw``: the one user
+        message's text is the whole prompt (``/v1/completions``). ``count_only``: ``submit``
+        answers with the prompt's length at once (``/v1/messages/count_tokens``)."""
         if self.scheduler is not None and not reserved:
             self.scheduler.check_capacity()
         if not any(m.role == "user" for m in messages):
@@ -207,11 +212,16 @@ class VLMEngine:
         if any(m.images for m in messages if m.role != "user"):
             raise InvalidRequest("images go in user messages only")
         params = resolve_params(self.settings, max_tokens, temperature, top_p, sampling)
+        if raw:
+            self._check_raw(messages, tools)
+            params = replace(params, raw_prompt=True)
         if params.sampling != Sampling() and not self.adapter.sampling_options:
             asked = [k for k, v in vars(params.sampling).items() if v != getattr(Sampling(), k)]
             raise InvalidParameter(
                 f"{self.name} does not support {', '.join(asked)}: send only max_tokens, temperature and top_p"
             )
+        if params.sampling.logit_bias:
+            check_logit_bias(params.sampling, self.vocab_size(), self.name)
         self._check_n(n)
         params, tools = self._tools(messages, params, tools, tool_choice, parallel_tool_calls)
         count = sum(len(m.images) for m in messages)
@@ -232,11 +242,22 @@ class VLMEngine:
         prepared.image_keys = made.image_keys
         prepared.inputs = made.inputs
         if encode:
-            prepared.state = self.adapter.sampling_state(prepared, prepared.inputs)  # a bad guide: 400 here
-        prepared.siblings = [self._sibling(prepared, i, encode) for i in range(1, n)]
+            prepared.state = self._sampling_state(prepared)  # a bad guide: 400 here
+        prepared.count_only = count_only
         if encode:
+            prepared.input_tokens = self.adapter.prefill_cost(prepared)
+        prepared.siblings = [self._sibling(prepared, i, encode) for i in range(1, n)]
+        if encode and not count_only:
             self._check_fits(prepared)
         return prepared
+
+    def _check_raw(self, messages: list[Message], tools: Any) -> None:
+        if not self.adapter.raw_prompts:
+            raise InvalidParameter(
+                f"{self.name} does not take raw prompts (completions): its own code writes the prompt"
+            )
+        if len(messages) != 1 or messages[0].role != "user" or messages[0].images or tools is not None:
+            raise InvalidRequest("a raw prompt is one user message of text: no images, turns or tools")
 
     def _make_inputs(self, messages: list[Message], params: GenerationParams, tools: Any) -> RequestInputs:
         """Images decoded, prompt counted and encoded: in an input worker where there are some."""
@@ -259,8 +280,36 @@ class VLMEngine:
             params = replace(params, sampling=replace(params.sampling, seed=params.sampling.seed + index))
         sibling = replace(prepared, params=params, state=None, siblings=[])
         if encode:
-            sibling.state = self.adapter.sampling_state(sibling, sibling.inputs)
+            sibling.state = self._sampling_state(sibling)
         return sibling
+
+    def _sampling_state(self, prepared: Prepared) -> Any:
+        """The adapter's sampling state for ``prepared``; a row with a ``logit_bias`` and nothing
+        else gets one too, where the sampler keeps its bias on the device (built once, not at
+        every step)."""
+        from vlm_engine.sampling import RowState
+
+        state = self.adapter.sampling_state(prepared, prepared.inputs)
+        if state is None and prepared.params.sampling.logit_bias:
+            state = RowState(prepared.params.sampling, (), self.device)
+        return state
+
+    def vocab_size(self) -> int:
+        """The model's vocabulary size as its scores have it (the text model's ``vocab_size``):
+        the bound of ``logit_bias``'s ids. Read from the checkpoint's config where the weights are
+        not loaded here (ENGINE=vllm's front, which vLLM checks against the same number)."""
+        if self._vocab_size is None:
+            if getattr(self.adapter, "model", None) is not None:
+                config = self.adapter.text_config()
+            else:
+                from transformers import AutoConfig
+
+                from vlm_engine.loading import source_kwargs
+
+                config = AutoConfig.from_pretrained(self.settings.model_path, **source_kwargs(self.settings))
+                config = getattr(config, "text_config", None) or config
+            self._vocab_size = int(config.vocab_size)
+        return self._vocab_size
 
     def _tools(
         self, messages: list[Message], params: GenerationParams, tools: Any, tool_choice: Any, parallel: Any
@@ -307,6 +356,11 @@ class VLMEngine:
         """Hand one prepared request to the scheduler; ``emit`` gets its events (loop thread)."""
         if self.scheduler is None:
             raise ShuttingDown(f"{self.name} is not serving")
+        if prepared.count_only:  # nothing to generate: its length is known
+            if reserved:
+                self.scheduler.unreserve()
+            emit(Event(result=Result("", 0, "stop", prompt_tokens=prepared.input_tokens)))
+            return
         self.scheduler.submit(prepared, emit, reserved)
 
     def reserve(self) -> None:

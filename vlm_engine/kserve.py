@@ -70,8 +70,8 @@ def read_inputs(arrays: Mapping[str, np.ndarray]) -> dict[str, Any]:
 
 def sampling_parameters(text: str | None) -> dict | None:
     """The optional ``sampling_parameters`` input: a JSON object (seed, stop, penalties,
-    logprobs, top_logprobs, guide; and ``TOOL_KEYS``), as Triton's vLLM backend takes its
-    sampling parameters."""
+    logprobs, top_logprobs, guide, logit_bias with token ids as string keys; and ``TOOL_KEYS``),
+    as Triton's vLLM backend takes its sampling parameters."""
     if text is None or not text.strip():
         return None
     try:
@@ -106,6 +106,10 @@ def prepare(engine, values: Mapping[str, Any], cancelled: Callable[[], bool], re
         messages = single_turn(values["prompt"], values["image"])
     sampling = sampling_parameters(values["sampling"]) or {}
     tools = {k: sampling.pop(k) for k in TOOL_KEYS if k in sampling}  # they shape the prompt
+    raw, count_only = sampling.pop("raw_prompt", False), sampling.pop("count_only", False)
+    for name, value in (("raw_prompt", raw), ("count_only", count_only)):
+        if not isinstance(value, bool):
+            raise InvalidRequest(f"sampling_parameters.{name} must be true or false, got {value!r}")
     return engine.prepare(
         messages,
         max_tokens=values["max_tokens"],
@@ -114,6 +118,8 @@ def prepare(engine, values: Mapping[str, Any], cancelled: Callable[[], bool], re
         cancelled=cancelled,
         reserved=reserved,
         sampling=sampling or None,
+        raw=raw,
+        count_only=count_only,
         **tools,
     )
 
@@ -154,6 +160,8 @@ def stream_outputs(event, streaming: bool, several: bool, grounding: bool) -> li
         ("output_tokens", one(result.output_tokens)),
         ("finish_reason", text_array(result.finish_reason)),
     ]
+    if result.stop_sequence is not None:
+        outputs.append(("stop_sequence", text_array(result.stop_sequence)))
     if result.logprobs is not None:
         logprobs = (event.logprobs or []) if streaming else result.logprobs
         outputs.append(("logprobs", text_array(json.dumps(logprobs or []))))

@@ -29,8 +29,9 @@ class Result:
     output_tokens: int
     finish_reason: str  # "stop" | "length" | "cancelled"
     entities: list[dict[str, Any]] | None = None
-    prompt_tokens: int = 0  # text tokens of the conversation (image tokens not counted)
+    prompt_tokens: int = 0  # the prompt the model read: template and image tokens included
     logprobs: list[dict[str, Any]] | None = None  # per output token, OpenAI's shape (when asked)
+    stop_sequence: str | None = None  # the stop string that ended the answer (finish_reason "stop")
 
 
 @dataclass
@@ -147,6 +148,7 @@ class TokenDecoder(RowDecoder):
             return self.text.flush(result.text), result
         hit = first_stop(result.text, self.stops, 0)
         if hit is not None:
+            result.stop_sequence = next(s for s in self.stops if result.text.startswith(s, hit))
             result.text = result.text[:hit].rstrip()
         return result.text[len(self.shown) :], result
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,9 +15,15 @@ from vlm_engine.settings import ModelSettings
 MAX_STOP = 4
 MAX_STOP_CHARS = 200
 MAX_TOP_LOGPROBS = 20
+MAX_TOP_K = 1000
 MAX_GUIDE_CHARS = 65536  # a schema's JSON text, a regex, all choices together
 MAX_CHOICES = 256
 GUIDE_KINDS = ("json_schema", "json_object", "regex", "choice")
+MAX_LOGIT_BIAS = 1024  # token ids per request (vLLM's GPU sampler takes as many)
+LOGIT_BIAS_LIMIT = 100.0  # OpenAI's range: -100 bans a token, +100 all but forces it
+# a token id as JSON object keys carry it: decimal, no sign, no leading zero (so no two keys
+# name one token), at most 18 digits (past every vocabulary; int() of it is cheap)
+TOKEN_ID_KEY = re.compile(r"(?:0|[1-9][0-9]{0,17})", re.ASCII)
 
 
 @dataclass(frozen=True)
@@ -77,6 +84,11 @@ class Sampling:
     logprobs: bool = False
     top_logprobs: int = 0
     guide: Guide | None = None  # structured output
+    # OpenAI's logit_bias: (token id, bias) pairs by id, each added to that token's score before
+    # penalties, guide and temperature (a tuple: the options stay immutable and hashable); the
+    # ids are checked against the model's vocabulary where it is known (``VLMEngine.prepare``)
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    top_k: int = 0  # sampled rows: only the k likeliest tokens (0: all), before temperature and top-p
 
     @property
     def penalised(self) -> bool:
@@ -89,6 +101,7 @@ class GenerationParams:
     temperature: float
     top_p: float
     sampling: Sampling = field(default_factory=Sampling)
+    raw_prompt: bool = False  # the user message's text is the whole prompt: no chat template
 
     @property
     def greedy(self) -> bool:
@@ -163,7 +176,73 @@ def resolve_sampling(values: Mapping[str, Any]) -> Sampling:
     guide = values.get("guide")
     if guide is not None and not isinstance(guide, Guide):
         guide = resolve_guide(guide)
-    return Sampling(seed, stop, logprobs=logprobs, top_logprobs=top, guide=guide, **penalties)
+    bias = resolve_logit_bias(values.get("logit_bias"))
+    top_k = values.get("top_k", 0)
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 0 <= top_k <= MAX_TOP_K:
+        raise InvalidParameter(f"top_k must be an integer from 0 (all tokens) to {MAX_TOP_K}, got {top_k!r}")
+    return Sampling(
+        seed, stop, logprobs=logprobs, top_logprobs=top, guide=guide, logit_bias=bias, top_k=top_k, **penalties
+    )
+
+
+def resolve_logit_bias(value: Any) -> tuple[tuple[int, float], ...]:
+    """OpenAI's ``logit_bias`` as ``Sampling`` keeps it: ``{"50": -100, ...}`` (JSON keys are
+    strings; int keys are taken too) -> ``((50, -100.0), ...)`` sorted by id. Each key is a token
+    id, each bias a finite number in [-100, 100], at most ``MAX_LOGIT_BIAS`` of them; whether
+    an id is in the model's vocabulary is ``check_logit_bias``'s (it needs the model)."""
+    if value is None:
+        return ()
+    if not isinstance(value, Mapping):
+        raise InvalidParameter(
+            f'logit_bias must be an object of token ids to biases (e.g. {{"50": -100}}), got {type(value).__name__}'
+        )
+    if len(value) > MAX_LOGIT_BIAS:
+        raise InvalidParameter(f"logit_bias takes at most {MAX_LOGIT_BIAS} token ids, got {len(value)}")
+    biases: dict[int, float] = {}
+    for key, bias in value.items():
+        if isinstance(key, str) and TOKEN_ID_KEY.fullmatch(key):
+            token = int(key)
+        elif isinstance(key, int) and not isinstance(key, bool) and key >= 0:
+            token = key
+        else:
+            raise InvalidParameter(
+                f'logit_bias keys must be token ids, integers from 0 written in decimal (e.g. "50"), got {_shown(key)}'
+            )
+        if token in biases:
+            raise InvalidParameter(f"logit_bias names token {token} twice")
+        if (
+            isinstance(bias, bool)
+            or not isinstance(bias, (int, float))
+            or not math.isfinite(bias)
+            or not -LOGIT_BIAS_LIMIT <= bias <= LOGIT_BIAS_LIMIT
+        ):
+            raise InvalidParameter(
+                f"logit_bias[{_shown(key)}] must be a number from -{LOGIT_BIAS_LIMIT:g} to {LOGIT_BIAS_LIMIT:g}, "
+                f"got {_shown(bias)}"
+            )
+        biases[token] = float(bias)
+    return tuple(sorted(biases.items()))
+
+
+def check_logit_bias(sampling: Sampling, vocab_size: int, model: str) -> None:
+    """Every ``logit_bias`` id is a row of the model's scores (0 to ``vocab_size`` - 1: the text
+    model's ``vocab_size``, the width of its scores, as vLLM checks it)."""
+    outside = [token for token, _ in sampling.logit_bias if token >= vocab_size]
+    if outside:
+        shown = ", ".join(map(str, outside[:5])) + (f" and {len(outside) - 5} more" if len(outside) > 5 else "")
+        raise InvalidParameter(
+            f"logit_bias has token id(s) outside {model}'s vocabulary: {shown} "
+            f"(vocabulary size {vocab_size}: ids 0 to {vocab_size - 1})"
+        )
+
+
+def _shown(value: Any) -> str:
+    """``value`` in an error message, as JSON writes it where it can, at most 40 characters."""
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _number(name: str, value: Any) -> None:

@@ -2,8 +2,11 @@
 
 Each row brings its own settings (``GenerationParams``) and, when it needs one, its own
 ``RowState``: a generator for a ``seed``, the counts of the tokens it has produced for the
-penalties, the grammar matcher of a structured answer. The state lives with the request, so
-it outlives a preemption.
+penalties, the grammar matcher of a structured answer, its ``logit_bias`` on the device. The
+state lives with the request, so it outlives a preemption.
+
+A row's scores go through, in order: its ``logit_bias`` (added), its penalties, its guide's
+mask, then greedy choice or temperature and top-p (vLLM's order: biases before penalties).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ class RowState:
             self.generator.manual_seed(sampling.seed % 2**64)
         self.counts: torch.Tensor | None = None  # [vocab] tokens produced so far
         self.seen: torch.Tensor | None = None  # [vocab] tokens in the prompt or produced
+        self.bias: tuple[torch.Tensor, torch.Tensor] | None = None  # logit_bias's ids and values (``bias_of``)
 
     def counted(self, vocab: int, device) -> None:
         """Its counts exist (made on its first penalised step: the prompt's tokens are seen)."""
@@ -48,6 +52,39 @@ class RowState:
         if self.counts is not None:
             self.counts[token] += 1
             self.seen[token] = True
+
+
+def bias_of(sampling: Sampling, state: RowState | None, vocab: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A row's ``logit_bias`` as device tensors: token ids (long) and biases (float32); kept in
+    its state, so they are made once per request rather than at every step. Ids past the
+    scores' width are left out: ``VLMEngine.prepare`` refuses them, and a row that skipped it (a
+    request built by hand) must not index past the scores (on CUDA a device-side assert, fatal
+    to every row)."""
+    if state is not None and state.bias is not None:
+        return state.bias
+    pairs = [(token, bias) for token, bias in sampling.logit_bias if token < vocab]
+    ids = torch.tensor([token for token, _ in pairs], dtype=torch.long, device=device)
+    values = torch.tensor([bias for _, bias in pairs], dtype=torch.float32, device=device)
+    if state is not None:
+        state.bias = (ids, values)
+    return ids, values
+
+
+def add_bias(
+    logits: torch.Tensor, rows: list[int], params: Sequence[GenerationParams], states: Sequence[RowState | None]
+) -> None:
+    """Each of ``rows``' ``logit_bias`` added to its scores in ``logits`` ``[rows, vocab]``
+    (float32), in place: one sparse ``index_put_`` for all of them (an ``index_add_`` for one)."""
+    vocab, device = logits.shape[-1], logits.device
+    biases = [bias_of(params[i].sampling, states[i], vocab, device) for i in rows]
+    if len(rows) == 1:
+        ids, values = biases[0]
+        logits[rows[0]].index_add_(0, ids, values)
+        return
+    at = torch.repeat_interleave(torch.tensor(rows), torch.tensor([len(ids) for ids, _ in biases])).to(device)
+    ids = torch.cat([ids for ids, _ in biases])
+    values = torch.cat([values for _, values in biases])
+    logits.index_put_((at, ids), values, accumulate=True)
 
 
 def penalise(logits: torch.Tensor, rows: list[int], states: Sequence[RowState | None]) -> torch.Tensor:
@@ -109,8 +146,9 @@ def choose(
 ) -> Choice:
     """One token per row of ``logits`` ``[rows, vocab]``, each with its own settings.
 
-    Greedy rows take the argmax of their own (penalised, grammar-masked) logits, so sampled
-    neighbours never change them. Sampled rows use temperature then nucleus (top-p) filtering; a seeded row
+    Greedy rows take the argmax of their own (biased, penalised, grammar-masked) logits, so
+    sampled neighbours never change them: a ``logit_bias`` of -100 bans a token for them too,
+    +100 all but forces it. Sampled rows use top-k, temperature, then nucleus (top-p) filtering; a seeded row
     draws from its own generator. A row whose scores are unusable gets token 0 and ``usable``
     False; the other rows are unaffected. ``settings`` ``[rows, 2]`` (temperature, top_p on
     the device: the persistent batch's) spares building them from ``params``.
@@ -118,8 +156,13 @@ def choose(
     states = states or [None] * len(params)
     logits = logits.float()
     usable = ~(torch.isnan(logits).any(-1) | (logits == torch.inf).any(-1) | (logits == -torch.inf).all(-1))
-    logits = torch.where(usable[:, None], logits, torch.zeros_like(logits))
-    raw = logits
+    logits = torch.where(usable[:, None], logits, torch.zeros_like(logits))  # a new tensor: the model's stays
+    raw = logits  # logprobs are the model's own, before biases and penalties (vLLM's raw logprobs)
+    biased = [i for i, p in enumerate(params) if p.sampling.logit_bias]
+    if biased:
+        if any(p.sampling.logprobs for p in params):
+            logits = logits.clone()  # ``raw`` is read for them
+        add_bias(logits, biased, params, states)
     penalised = [i for i, s in enumerate(states) if s is not None and s.sampling.penalised]
     if penalised:
         logits = penalise(logits, penalised, states)
@@ -130,7 +173,7 @@ def choose(
         allowed = allowed_tokens(
             [states[i].matcher for i in guided], states[guided[0]].mask_vocab, logits.shape[-1], logits.device
         )
-        if not penalised:
+        if not penalised and not biased:
             logits = logits.clone()
         at = torch.tensor(guided, device=logits.device)
         logits[at] = logits[at].masked_fill(~allowed, -torch.inf)
@@ -145,6 +188,9 @@ def choose(
         temperature, top_p = settings[index].unbind(-1)
         temperature = temperature.clamp(min=torch.finfo(torch.float32).tiny)  # 1e-300 is 0 in float32
         rows = logits[index]
+        top_k = [params[i].sampling.top_k for i in sampled]
+        if any(top_k):
+            rows = keep_top_k(rows, top_k)
         # shifted so the largest is 0: a tiny temperature gives 0 and -inf (argmax), not inf/inf
         probs = torch.softmax((rows - rows.max(dim=-1, keepdim=True).values) / temperature[:, None], dim=-1)
         order = None
@@ -197,6 +243,18 @@ def choose(
                 if error is not None:
                     errors[i] = error
     return Choice(chosen, host[0], [bool(u) and i not in errors for i, u in enumerate(host[1])], logprobs, errors)
+
+
+def keep_top_k(rows: torch.Tensor, top_k: list[int]) -> torch.Tensor:
+    """Each row's ``k`` likeliest tokens kept, the rest at -inf (``k`` 0: all kept; ties at
+    the k-th score stay too)."""
+    widest = min(max(top_k), rows.shape[-1])
+    kth = rows.topk(widest, dim=-1).values
+    at = torch.tensor([min(k, widest) - 1 if k else 0 for k in top_k], device=rows.device)
+    threshold = kth.gather(-1, at[:, None])
+    off = torch.tensor([k == 0 for k in top_k], device=rows.device)
+    threshold = torch.where(off[:, None], torch.full_like(threshold, -torch.inf), threshold)
+    return rows.masked_fill(rows < threshold, -torch.inf)
 
 
 def choose_tokens(logits: torch.Tensor, params: Sequence[GenerationParams], generator=None) -> list[int]:

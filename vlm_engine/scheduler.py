@@ -829,7 +829,7 @@ class Scheduler:
         except Exception as exc:
             self._fail(row, exc)
             return
-        result.prompt_tokens = row.prepared.prompt_tokens
+        result.prompt_tokens = prompt_length(row.prepared)
         row.done = True
         self._free(row)  # its pages come back before its client hears it ended
         self._send(row, Event(pending + rest, result, logprobs=row.pending_logprobs or None))
@@ -839,7 +839,10 @@ class Scheduler:
         if row.decoder is not None:  # preempted after it had started
             self._finish(row, "cancelled", row.pending)
             return
-        self._send(row, Event(result=Result("", 0, "cancelled", prompt_tokens=row.prepared.prompt_tokens)))
+        self._send(
+            row,
+            Event(result=Result("", 0, "cancelled", prompt_tokens=prompt_length(row.prepared))),
+        )
 
     def _fail(self, row: Row, exc: BaseException) -> None:
         row.done = True
@@ -902,3 +905,8 @@ class Scheduler:
         each report is an IPC call)."""
         with self._measures_lock:
             self._measures.append((record, args))
+
+
+def prompt_length(prepared) -> int:
+    """The prompt's tokens as usage counts them: all the model read, image tokens included."""
+    return prepared.input_tokens or prepared.prompt_tokens

@@ -124,16 +124,22 @@ def guide_arguments(guide: Guide) -> dict[str, Any]:
 def sampling_arguments(prepared: Prepared, ignore_eos: bool) -> dict[str, Any]:
     """``SamplingParams`` fields for one answer (``guide`` apart: ``guide_arguments``)."""
     params, sampling = prepared.params, prepared.params.sampling
+    if prepared.count_only:  # vLLM tokenizes the prompt: one token, then its length is known
+        return {"max_tokens": 1, "temperature": 0.0, "ignore_eos": True}
     return {
         "max_tokens": params.max_tokens,
         "temperature": params.temperature,
         "top_p": params.top_p,
+        "top_k": sampling.top_k or 0,  # 0: every token (vLLM's default)
         "seed": sampling.seed,
         "stop": list(sampling.stop) or None,
         "frequency_penalty": sampling.frequency_penalty,
         "presence_penalty": sampling.presence_penalty,
         "repetition_penalty": sampling.repetition_penalty,
         "logprobs": sampling.top_logprobs if sampling.logprobs else None,
+        # int ids, checked by the native engine first (``VLMEngine.prepare``: ids in the vocabulary,
+        # biases in [-100, 100], at most 1024), so vLLM's own checks never see one it would refuse
+        "logit_bias": dict(sampling.logit_bias) or None,
         # IGNORE_EOS (benchmarks, tests) leaves a guided answer alone: its grammar says where it ends
         "ignore_eos": ignore_eos and sampling.guide is None,
         "skip_special_tokens": True,
@@ -294,7 +300,7 @@ class VllmEngine:
         answer.task = self.loop.create_task(self._run(answer))
 
     def _prompt(self, prepared: Prepared) -> dict[str, Any]:
-        prompt: dict[str, Any] = {"prompt": self.adapter.prompt(prepared)}
+        prompt: dict[str, Any] = {"prompt": self.adapter.prompt_text(prepared)}
         images = prepared.images
         if images:
             prompt["multi_modal_data"] = {"image": images if len(images) > 1 else images[0]}
@@ -306,7 +312,7 @@ class VllmEngine:
 
         arguments = sampling_arguments(prepared, self.settings.ignore_eos)
         guide = prepared.params.sampling.guide
-        if guide is not None:
+        if guide is not None and not prepared.count_only:
             arguments["structured_outputs"] = StructuredOutputsParams(**guide_arguments(guide))
         return SamplingParams(output_kind=RequestOutputKind.DELTA, **arguments)
 
@@ -316,10 +322,16 @@ class VllmEngine:
         logprobs: list[dict] = []
         pending, pending_logprobs, last_sent = "", [], 0.0
         gap = self.settings.stream_gap_ms / 1000
-        finish = "stop"
+        finish, stop_sequence, prompt_tokens = "stop", None, prepared.prompt_tokens
         try:
             stream = self.llm.generate(self._prompt(prepared), self._sampling(prepared), answer.request_id)
             async for output in stream:
+                if output.prompt_token_ids:  # the whole prompt, image tokens included (usage)
+                    prompt_tokens = len(output.prompt_token_ids)
+                if prepared.count_only:
+                    if output.finished:
+                        break
+                    continue
                 completion = output.outputs[0]
                 answer.tokens += len(completion.token_ids)
                 if self.settings.row_trace_file:
@@ -330,6 +342,8 @@ class VllmEngine:
                 pending_logprobs += entries
                 if output.finished:
                     finish = FINISH_REASONS.get(completion.finish_reason or "stop", "stop")
+                    if finish == "stop" and isinstance(completion.stop_reason, str):
+                        stop_sequence = completion.stop_reason  # a stop string (an int: a stop token)
                     break
                 now = time.monotonic()
                 if (pending or pending_logprobs) and (last_sent == 0.0 or now - last_sent >= gap):
@@ -347,8 +361,9 @@ class VllmEngine:
             text.answer,
             answer.tokens,
             finish,
-            prompt_tokens=prepared.prompt_tokens,
+            prompt_tokens=prompt_tokens,
             logprobs=logprobs if asked_logprobs else None,
+            stop_sequence=stop_sequence,
         )
         rest = pending if finish != "cancelled" else ""  # what push returned and was not sent yet
         answer.emit(Event(rest, result, logprobs=pending_logprobs or None, index=answer.index))

@@ -4,7 +4,8 @@ Request: ``text_input`` = JSON list of OpenAI-style messages (string content, or
 and ``image_url`` parts with ``data:`` URLs); request ``parameters``: ``model`` (one of the
 four, default qwen3-vl), ``streaming`` (default true), ``max_tokens``, ``temperature``,
 ``top_p``, and ``seed``, ``stop``, ``frequency_penalty``, ``presence_penalty``,
-``repetition_penalty`` (checked by the stream model). Each ``text_output`` is a JSON string:
+``repetition_penalty``, ``guide`` and ``logit_bias`` (JSON objects as text), checked by the
+stream model. Each ``text_output`` is a JSON string:
 ``{"type":"chunk","content":...}`` pieces
 then ``{"type":"complete"}``; with ``streaming: false`` one
 ``{"type":"complete","content":<whole answer>}``; on failure ``{"type":"error","content":...}``.
@@ -25,6 +26,7 @@ from vlm_triton.sender import FINAL, Sender
 
 DEFAULT_MODEL = "qwen3-vl"
 SAMPLING = ("seed", "stop", "frequency_penalty", "presence_penalty", "repetition_penalty")
+OBJECTS = {"guide": '{"choice": ["yes", "no"]}', "logit_bias": '{"50": -100}'}  # structured output; token biases
 NUMERIC = {"max_tokens": (np.int32, int), "temperature": (np.float32, float), "top_p": (np.float32, float)}
 
 
@@ -67,13 +69,15 @@ def _request_inputs(request) -> tuple[str, bool, dict[str, np.ndarray]]:
                 raise BadChat(f"parameters.{name} must be a {'integer' if kind is int else 'number'}, got {value!r}")
             arrays[name] = np.array([[value]], dtype=dtype)
     sampling = {k: params[k] for k in SAMPLING if k in params}
-    if "guide" in params:  # structured output: a JSON object as text, e.g. {"regex": "[0-9]+"}
-        try:
-            sampling["guide"] = json.loads(params["guide"]) if isinstance(params["guide"], str) else None
-        except json.JSONDecodeError as exc:
-            raise BadChat(f"parameters.guide must be a JSON object as text: {exc}") from None
-        if not isinstance(sampling["guide"], dict):
-            raise BadChat('parameters.guide must be a JSON object as text, e.g. "{"choice": ["yes", "no"]}"')
+    # JSON objects as text (a request parameter is a string, number or boolean)
+    for name, example in OBJECTS.items():
+        if name in params:
+            try:
+                sampling[name] = json.loads(params[name]) if isinstance(params[name], str) else None
+            except json.JSONDecodeError as exc:
+                raise BadChat(f"parameters.{name} must be a JSON object as text: {exc}") from None
+            if not isinstance(sampling[name], dict):
+                raise BadChat(f'parameters.{name} must be a JSON object as text, e.g. "{example}"')
     if sampling:
         arrays["sampling_parameters"] = one_string(json.dumps(sampling), True)
     return model, streaming, arrays

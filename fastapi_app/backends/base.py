@@ -17,9 +17,11 @@ class GenerationRequest:
     temperature: float | None = None
     top_p: float | None = None
     stream: bool = True  # False: the backend may deliver the whole answer at once
-    sampling: dict[str, Any] | None = None  # seed, stop, penalties, logprobs (vlm_engine.params.Sampling)
+    sampling: dict[str, Any] | None = None  # seed, stop, penalties, logprobs, guide, logit_bias (params.Sampling)
     tools: dict[str, Any] | None = None  # tools, tool_choice, parallel_tool_calls (VLMEngine.prepare)
     n: int = 1  # answers to the prompt: the stream carries n Finals, items tagged with ``index``
+    raw: bool = False  # the one user message's text is the whole prompt, no chat template (completions)
+    count_only: bool = False  # one Final with the prompt's length, nothing generated (count_tokens)
 
 
 class Delta(str):
@@ -45,6 +47,7 @@ class Final:
     entities: list[dict[str, Any]] | None = field(default=None)
     logprobs: list[dict[str, Any]] | None = field(default=None)  # every output token's (when asked)
     index: int = 0  # which answer (n > 1)
+    stop_sequence: str | None = None  # the stop string that ended the answer, if one did
 
 
 class Backend(Protocol):

@@ -62,6 +62,8 @@ class LocalBackend:
             sampling=request.sampling,
             **(request.tools or {}),
             n=request.n,
+            raw=request.raw,
+            count_only=request.count_only,
         )
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Event] = asyncio.Queue()
@@ -77,7 +79,14 @@ class LocalBackend:
                 if event.result is not None:
                     r = event.result
                     yield Final(
-                        r.text, r.prompt_tokens, r.output_tokens, r.finish_reason, r.entities, r.logprobs, event.index
+                        r.text,
+                        r.prompt_tokens,
+                        r.output_tokens,
+                        r.finish_reason,
+                        r.entities,
+                        r.logprobs,
+                        event.index,
+                        r.stop_sequence,
                     )
                     finals += 1
                     if finals == request.n:

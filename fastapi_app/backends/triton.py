@@ -123,6 +123,10 @@ class TritonBackend:
         sampling = {**(request.sampling or {}), **(request.tools or {})}  # the stream model splits them again
         if request.n != 1:
             sampling["n"] = request.n
+        if request.raw:
+            sampling["raw_prompt"] = True
+        if request.count_only:
+            sampling["count_only"] = True
         if sampling:
             add("sampling_parameters", np.array([[json.dumps(sampling).encode()]], dtype=np.object_), "BYTES")
         return tensors
@@ -209,6 +213,9 @@ class TritonBackend:
                     entities = None
                     if "entities" in names:
                         entities = json.loads(result.as_numpy("entities").reshape(-1)[0])
+                    stop = None
+                    if "stop_sequence" in names:
+                        stop = result.as_numpy("stop_sequence").reshape(-1)[0].decode("utf-8")
                     yield Final(
                         "".join(text[index]),
                         int(result.as_numpy("prompt_tokens").reshape(-1)[0]),
@@ -217,6 +224,7 @@ class TritonBackend:
                         entities,
                         logprobs[index],
                         index,
+                        stop,
                     )
                     finals += 1
                     if finals == request.n:

@@ -31,7 +31,7 @@ async def ready(request: Request):
 @router.get("/auth/check", include_in_schema=False)
 async def auth_check(request: Request):
     """For nginx's ``auth_request`` in front of Triton: 204 with a valid key (or keys off), else 401."""
-    if authorized(request.app.state.api_keys, request.headers.get("authorization")):
+    if authorized(request.app.state.api_keys, request.headers.get("authorization"), request.headers.get("x-api-key")):
         return Response(status_code=204)
     return Response(unauthorized_body("/v1/"), status_code=401, media_type="application/json")
 

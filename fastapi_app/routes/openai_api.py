@@ -26,6 +26,7 @@ from fastapi_app.generation import (
 from fastapi_app.remote_images import fetch_as_data_url
 from vlm_engine.chat import parse_openai_messages
 from vlm_engine.errors import EngineError, InvalidParameter
+from vlm_engine.params import MAX_LOGIT_BIAS, resolve_logit_bias
 from vlm_engine.tools import ToolCall, held_back, parse_tool_calls
 
 router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"])
@@ -59,7 +60,6 @@ class ResponseFormat(BaseModel):
 
 
 UNSUPPORTED = {
-    "logit_bias": "token biases are not applied; use guided_choice or response_format to constrain the answer",
     "functions": "the legacy functions API is not served; send tools",
     "function_call": "the legacy functions API is not served; send tool_choice",
     "audio": "answers are text only",
@@ -100,6 +100,17 @@ class ChatCompletionRequest(BaseModel):
     )
     logprobs: bool | None = Field(None, description="each output token's log-probability")
     top_logprobs: integer(ge=0, le=20) | None = Field(None, description="alternatives per token; needs logprobs")
+    logit_bias: dict[str, float] | None = Field(
+        None,
+        max_length=MAX_LOGIT_BIAS,
+        description=(
+            'token id (as a string, e.g. "50") -> a bias from -100 to 100 added to that token\'s score, '
+            "honoured per row (this request's answers alone, whatever shares their batch), before penalties "
+            "and temperature: -100 bans the token, 100 all but forces it (greedy answers too). Ids 0 to 255 "
+            "are in every served model's vocabulary (the OpenAPI document lists those); larger ones are taken "
+            "up to the model's own vocabulary size, past it a 400"
+        ),
+    )
     stream_options: StreamOptions | None = None
     response_format: ResponseFormat | None = None
     guided_json: dict[str, Any] | None = Field(None, description="extension (vLLM): a JSON schema for the answer")
@@ -179,6 +190,7 @@ class ChatCompletionRequest(BaseModel):
     def sampling(self) -> dict[str, Any] | None:
         if self.top_logprobs is not None and self.logprobs is not True:
             raise InvalidParameter("top_logprobs needs logprobs set to true")
+        resolve_logit_bias(self.logit_bias)  # a bad key or bias: 400 here, before a backend is asked
         values = {
             "seed": self.seed,
             "stop": [self.stop] if isinstance(self.stop, str) else self.stop,
@@ -188,6 +200,7 @@ class ChatCompletionRequest(BaseModel):
             "logprobs": self.logprobs,
             "top_logprobs": self.top_logprobs,
             "guide": self.guide(),
+            "logit_bias": self.logit_bias or None,  # JSON's string keys: the engine makes them ids
         }
         values = {k: v for k, v in values.items() if v is not None}
         return values or None

@@ -90,10 +90,48 @@ def test_moondream2_refuses_what_it_cannot_honour(any_api, png):
     assert ask(any_api, png, model="moondream2", **neutral).choices[0].finish_reason in ("stop", "length")
 
 
+def test_a_logit_bias_of_100_makes_every_token_that_token(any_api, png, tiny_models_dir):
+    from transformers import AutoTokenizer
+
+    (x,) = AutoTokenizer.from_pretrained(tiny_models_dir / "llava").encode("x", add_special_tokens=False)
+    assert "x" not in ask(any_api, png, max_tokens=6).choices[0].message.content
+    forced = ask(any_api, png, max_tokens=6, logit_bias={str(x): 100}, logprobs=True)
+    assert forced.choices[0].message.content == "x" * 6
+    assert [entry.token for entry in forced.choices[0].logprobs.content] == ["x"] * 6
+    chunks = ask(any_api, png, max_tokens=6, logit_bias={str(x): 100}, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "x" * 6
+    sampled = ask(any_api, png, max_tokens=6, logit_bias={str(x): 100, "5": -100}, temperature=1.0, seed=1)
+    assert sampled.choices[0].message.content == "x" * 6  # sampled answers too
+
+
+@pytest.mark.parametrize(
+    ("logit_bias", "says"),
+    [
+        ({"50": 150}, 'logit_bias[\\"50\\"] must be a number from -100 to 100, got 150'),
+        ({"50": -100.5}, "must be a number from -100 to 100, got -100.5"),
+        ({"abc": 1}, 'logit_bias keys must be token ids, integers from 0 written in decimal (e.g. \\"50\\")'),
+        ({"-3": 1}, "logit_bias keys must be token ids"),
+        ({"50": "high"}, "logit_bias.50"),
+        ({"100000": 1}, "logit_bias has token id(s) outside llava's vocabulary: 100000 (vocabulary size 791"),
+        ({str(i): 1 for i in range(1025)}, "logit_bias: Dictionary should have at most 1024 items"),
+    ],
+)
+def test_bad_logit_biases_are_a_400_that_says_why(any_api, png, logit_bias, says):
+    with pytest.raises(openai.BadRequestError) as caught:
+        ask(any_api, png, logit_bias=logit_bias)
+    assert says in json.dumps(caught.value.body)
+
+
+def test_moondream2_refuses_a_logit_bias_but_takes_an_empty_one(any_api, png):
+    with pytest.raises(openai.BadRequestError) as caught:
+        ask(any_api, png, model="moondream2", logit_bias={"5": 1})
+    assert "moondream2 does not support logit_bias" in json.dumps(caught.value.body)
+    assert ask(any_api, png, model="moondream2", logit_bias={}, max_tokens=2).choices[0].finish_reason
+
+
 @pytest.mark.parametrize(
     ("extra", "says"),
     [
-        ({"logit_bias": {"50": 10}}, "logit_bias is not supported here"),
         ({"functions": [{"name": "f"}]}, "functions is not supported here: the legacy functions API"),
         ({"modalities": ["text", "audio"]}, "modalities is not supported here"),
         ({"colour": "blue"}, "unrecognized request argument supplied: colour"),

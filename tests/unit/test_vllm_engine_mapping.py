@@ -10,7 +10,7 @@ import pytest
 from vlm_engine.adapters.base import Prepared
 from vlm_engine.chat import single_turn
 from vlm_engine.engine import VLMEngine
-from vlm_engine.errors import ModelConfigError
+from vlm_engine.errors import InvalidParameter, ModelConfigError
 from vlm_engine.params import resolve_guide, resolve_params
 from vlm_engine.settings import resolve_settings
 from vlm_engine.vllm_engine import VisibleText, engine_arguments, guide_arguments, sampling_arguments
@@ -32,6 +32,7 @@ def test_every_sampling_parameter_reaches_vllm():
         "repetition_penalty": 1.3,
         "logprobs": True,
         "top_logprobs": 3,
+        "logit_bias": {"50": -100, "7": 2.5},
     }
     settings = resolve_settings("llava")
     prepared = Prepared(single_turn("hi", None), resolve_params(settings, 7, 0.7, 0.9, sampling))
@@ -45,6 +46,7 @@ def test_every_sampling_parameter_reaches_vllm():
         "presence_penalty": -0.25,
         "repetition_penalty": 1.3,
         "logprobs": 3,
+        "logit_bias": {7: 2.5, 50: -100.0},  # int ids, as vLLM's SamplingParams keeps them
         "ignore_eos": True,
         "skip_special_tokens": True,
     }
@@ -52,6 +54,26 @@ def test_every_sampling_parameter_reaches_vllm():
     assert sampling_arguments(guided, ignore_eos=True)["ignore_eos"] is False  # the grammar ends it
     plain = sampling_arguments(Prepared(single_turn("hi", None), resolve_params(settings, 5)), ignore_eos=False)
     assert (plain["seed"], plain["stop"], plain["logprobs"], plain["ignore_eos"]) == (None, None, None, False)
+    assert plain["logit_bias"] is None
+
+
+def test_vllms_front_refuses_the_logit_bias_the_native_engine_refuses(tiny_models_dir, png):
+    """The front has no weights: the vocabulary's size comes from the checkpoint's config, the
+    number vLLM checks against (its model config's text ``vocab_size``), with the native message."""
+    engine = front("llava", tiny_models_dir)
+    size = engine.vocab_size()
+    assert size == json.loads((tiny_models_dir / "llava" / "config.json").read_text())["text_config"]["vocab_size"]
+    ask = {"max_tokens": 4, "encode": False}
+    prepared = engine.prepare(single_turn("hi", png), sampling={"logit_bias": {str(size - 1): 100}}, **ask)
+    assert sampling_arguments(prepared, ignore_eos=False)["logit_bias"] == {size - 1: 100.0}
+    for bias, says in (
+        ({str(size): 1}, f"outside llava's vocabulary: {size} (vocabulary size {size}: ids 0 to {size - 1})"),
+        ({"50": 150}, 'logit_bias["50"] must be a number from -100 to 100, got 150'),
+        ({"x": 1}, 'logit_bias keys must be token ids, integers from 0 written in decimal (e.g. "50"), got "x"'),
+    ):
+        with pytest.raises(InvalidParameter) as caught:
+            engine.prepare(single_turn("hi", png), sampling={"logit_bias": bias}, **ask)
+        assert says in str(caught.value)
 
 
 @pytest.mark.parametrize(

@@ -64,6 +64,8 @@ class Prepared:
     tools: list[dict[str, Any]] | None = None  # tools the prompt lists (OpenAI's function objects)
     siblings: list[Prepared] = field(default_factory=list)  # answers 2..n of the same prompt (n > 1)
     streamed: bool = True  # its edge sends text as it comes; else only the answer (and heartbeats)
+    input_tokens: int = 0  # the whole prompt the model reads (template, image tokens): usage's count
+    count_only: bool = False  # answer with the prompt's length, generate nothing (count_tokens)
 
     @property
     def images(self) -> list[Image.Image]:
@@ -114,6 +116,19 @@ class Adapter(ABC):
     def sampling_state(self, prepared: Prepared, inputs: Any) -> Any:
         """Per-request sampling state (``sampling.RowState``), for adapters that take options."""
         return None
+
+    raw_prompts = True  # takes a prompt as written (``/v1/completions``): ``prompt_text``
+
+    def prompt_text(self, prepared: Prepared) -> str:
+        """The text the model reads: the chat template's (``prompt``), or the user's text as it
+        is for a raw prompt (``GenerationParams.raw_prompt``)."""
+        if prepared.params.raw_prompt:
+            return prepared.messages[-1].text
+        return self.prompt(prepared)
+
+    def prompt(self, prepared: Prepared) -> str:
+        """The conversation in the model's chat format."""
+        raise NotImplementedError
 
     def prefill_cost(self, prepared: Prepared) -> int:
         """Tokens a prefill of ``prepared`` processes, about (the prefill budget's unit)."""

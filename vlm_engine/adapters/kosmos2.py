@@ -89,7 +89,7 @@ class Kosmos2Adapter(GenerateAdapter):
     def encode(self, group: list[Prepared]) -> dict[str, Any]:
         return dict(
             self.processor(
-                text=[self.prompt(p) for p in group],
+                text=[self.prompt_text(p) for p in group],
                 images=[p.image for p in group],
                 padding=True,
                 return_tensors="pt",

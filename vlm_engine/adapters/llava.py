@@ -66,7 +66,7 @@ class LlavaAdapter(GenerateAdapter):
         return dict(
             self.processor(
                 images=images or None,
-                text=[self.prompt(p) for p in group],
+                text=[self.prompt_text(p) for p in group],
                 padding=True,
                 return_tensors="pt",
             )

@@ -180,6 +180,7 @@ def restore_tables(inner: Any) -> None:
 class Moondream2Adapter(Adapter):
     image_tokens = 730
     grounding = True
+    raw_prompts = False  # its own query code writes the prompt
 
     def load(self) -> None:
         from transformers import AutoConfig

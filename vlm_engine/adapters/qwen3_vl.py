@@ -158,7 +158,7 @@ class Qwen3VLAdapter(GenerateAdapter):
         )
 
     def encode(self, group: list[Prepared]) -> dict[str, Any]:
-        texts = [self.prompt(p) for p in group]
+        texts = [self.prompt_text(p) for p in group]
         images = [image for p in group for image in p.images]
         extra: dict[str, Any] = {}
         if images:

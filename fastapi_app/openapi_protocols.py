@@ -1,0 +1,412 @@
+"""The OpenAPI document's parts for the Responses, Anthropic Messages and completions routes:
+request shapes as the translation rooms accept them (so a request the document accepts is
+never a 400, and one it refuses is), the success bodies, and each route's error shape.
+
+The same rules as chat completions (``fastapi_app.openapi``): a user turn with text, images
+only in user turns and counted per model, no tools for models without a tool format, no
+per-row sampling options for moondream2."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from fastapi_app.schemas import IMAGE_DATA_URL, TEXT, obj, ref
+from fastapi_app.settings import Settings
+from vlm_engine.chat import DETAILS
+from vlm_engine.settings import MODELS, MULTI_IMAGE, TOOL_FORMAT
+from vlm_engine.tools import NAME_PATTERN as TOOL_NAME
+
+NULL = {"type": "null"}
+STRING, COUNT = {"type": "string"}, {"type": "integer", "minimum": 0}
+IMAGE_MEDIA_TYPES = ["image/png", "image/jpeg", "image/webp", "image/gif"]
+
+
+def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"anyOf": [schema, NULL]}
+
+
+def _model_rule(models: list[str], then: dict[str, Any]) -> dict[str, Any]:
+    return {"if": {"properties": {"model": {"enum": models}}, "required": ["model"]}, "then": then}
+
+
+def _choice_needs_tools(field: str = "tool_choice") -> dict[str, Any]:
+    return {
+        "if": {"properties": {field: {"not": {"anyOf": [NULL, {"const": "none"}]}}}, "required": [field]},
+        "then": {"properties": {"tools": {"type": "array"}}, "required": ["tools"]},
+    }
+
+
+# -- Responses ------------------------------------------------------------------------------------
+R_INPUT_TEXT = obj(["type", "text"], type={"const": "input_text"}, text=STRING)
+R_INPUT_IMAGE = obj(
+    ["type", "image_url"], type={"const": "input_image"}, image_url=IMAGE_DATA_URL, detail={"enum": list(DETAILS)}
+)
+R_OUTPUT_TEXT = obj(["type", "text"], type={"const": "output_text"}, text=STRING)
+RESPONSES_SCHEMAS: dict[str, Any] = {
+    "ResponseInputText": R_INPUT_TEXT,
+    "ResponseInputImage": R_INPUT_IMAGE,
+    "ResponseUserMessage": obj(
+        ["role", "content"],
+        type={"const": "message"},
+        role={"const": "user"},
+        content={
+            "anyOf": [
+                STRING,
+                {"type": "array", "items": {"anyOf": [ref("ResponseInputText"), ref("ResponseInputImage")]}},
+            ]
+        },
+    ),
+    "ResponseOtherMessage": obj(
+        ["role", "content"],
+        type={"const": "message"},
+        role={"enum": ["system", "developer", "assistant"]},
+        content={"anyOf": [STRING, {"type": "array", "items": {"anyOf": [R_INPUT_TEXT, R_OUTPUT_TEXT]}}]},
+    ),
+    "ResponseFunctionCall": obj(
+        ["type", "call_id", "name", "arguments"],
+        type={"const": "function_call"},
+        call_id=STRING,
+        name=STRING,
+        arguments={"type": "string", "description": "JSON text"},
+    ),
+    "ResponseFunctionCallOutput": obj(
+        ["type", "call_id", "output"], type={"const": "function_call_output"}, call_id=STRING, output=STRING
+    ),
+    "ResponseTool": obj(
+        ["type", "name"],
+        type={"const": "function"},
+        name={"type": "string", "pattern": TOOL_NAME},
+        description=STRING,
+        parameters={"type": "object", "description": "a JSON schema of the arguments"},
+        strict={"anyOf": [{"type": "boolean"}, NULL]},
+    ),
+}
+R_USER_WITH_TEXT = obj(
+    ["role", "content"],
+    role={"const": "user"},
+    content={
+        "anyOf": [TEXT, {"type": "array", "contains": obj(["type", "text"], type={"const": "input_text"}, text=TEXT)}]
+    },
+)
+R_WITH_IMAGE = obj(["content"], content={"type": "array", "contains": ref("ResponseInputImage")})
+R_TOOL_ITEM = obj(["type"], type={"enum": ["function_call", "function_call_output"]})
+
+
+def _responses_request(component: dict[str, Any], settings: Settings, no_tools: list[str], single: list[str]) -> None:
+    properties = component["properties"]
+    properties["model"]["enum"] = settings.models
+    items = {
+        "anyOf": [
+            ref("ResponseUserMessage"),
+            ref("ResponseOtherMessage"),
+            ref("ResponseFunctionCall"),
+            ref("ResponseFunctionCallOutput"),
+        ]
+    }
+    images = {"contains": R_WITH_IMAGE, "minContains": 0, "maxContains": settings.max_images}
+    properties["input"] = {
+        "anyOf": [
+            TEXT,
+            {"type": "array", "minItems": 1, "items": items, "allOf": [{"contains": R_USER_WITH_TEXT}, images]},
+        ],
+        "description": "a string, or items: messages (input_text, input_image parts), function calls and "
+        "their outputs; a user message with text among them",
+    }
+    _cap(properties["max_output_tokens"], settings.max_tokens_cap)
+    properties["tools"] = _nullable({"type": "array", "minItems": 1, "maxItems": 128, "items": ref("ResponseTool")})
+    properties["tool_choice"] = _nullable(
+        {
+            "anyOf": [
+                {"enum": ["none", "auto", "required"]},
+                obj(["type", "name"], type={"const": "function"}, name=STRING),
+            ]
+        }
+    )
+    rules = [_choice_needs_tools()]
+    moondream = [m for m in settings.models if m == "moondream2"]
+    if moondream:
+        unset = {name: NULL for name in ("seed", "stop", "frequency_penalty", "presence_penalty")}
+        text_only = {
+            "anyOf": [NULL, {"properties": {"format": {"anyOf": [NULL, {"properties": {"type": {"const": "text"}}}]}}}]
+        }
+        rules.append(_model_rule(moondream, {"properties": {**unset, "text": text_only}}))
+    if no_tools:
+        no_tool_items = {"anyOf": [{"type": "string"}, {"type": "array", "items": {"not": R_TOOL_ITEM}}]}
+        then = {
+            "properties": {"tools": NULL, "tool_choice": {"anyOf": [NULL, {"const": "none"}]}, "input": no_tool_items}
+        }
+        rules.append(_model_rule(no_tools, then))
+    if single:
+        one = {
+            "anyOf": [
+                {"type": "string"},
+                {
+                    "type": "array",
+                    "contains": R_WITH_IMAGE,
+                    "minContains": 0,
+                    "maxContains": 1,
+                    "items": {
+                        "properties": {
+                            "content": {
+                                "anyOf": [
+                                    {"type": "string"},
+                                    {
+                                        "type": "array",
+                                        "contains": ref("ResponseInputImage"),
+                                        "minContains": 0,
+                                        "maxContains": 1,
+                                    },
+                                ]
+                            }
+                        }
+                    },
+                },
+            ]
+        }
+        rules.append(_model_rule(single, {"properties": {"input": one}}))
+    component["allOf"] = rules
+    component["properties"]["text"] = _nullable(ref("TextOptions"))
+
+
+# -- Anthropic Messages ---------------------------------------------------------------------------
+A_TEXT = obj(["type", "text"], type={"const": "text"}, text=STRING, cache_control={"type": "object"})
+A_IMAGE = obj(
+    ["type", "source"],
+    type={"const": "image"},
+    source=obj(
+        ["type", "media_type", "data"],
+        type={"const": "base64"},
+        media_type={"enum": IMAGE_MEDIA_TYPES},
+        data={"type": "string", "format": "image-base64"},
+    ),
+)
+ANTHROPIC_SCHEMAS: dict[str, Any] = {
+    "AnthropicTextBlock": A_TEXT,
+    "AnthropicImageBlock": A_IMAGE,
+    "AnthropicToolResultBlock": obj(
+        ["type", "tool_use_id"],
+        type={"const": "tool_result"},
+        tool_use_id=STRING,
+        content={"anyOf": [STRING, {"type": "array", "items": ref("AnthropicTextBlock")}]},
+        is_error={"type": "boolean"},
+    ),
+    "AnthropicToolUseBlock": obj(
+        ["type", "id", "name", "input"], type={"const": "tool_use"}, id=STRING, name=STRING, input={"type": "object"}
+    ),
+    "AnthropicUserTurn": {
+        **obj(
+            ["role", "content"],
+            role={"const": "user"},
+            content={
+                "anyOf": [
+                    STRING,
+                    {
+                        "type": "array",
+                        "items": {
+                            "anyOf": [
+                                ref("AnthropicTextBlock"),
+                                ref("AnthropicImageBlock"),
+                                ref("AnthropicToolResultBlock"),
+                            ]
+                        },
+                    },
+                ]
+            },
+        ),
+        "additionalProperties": False,
+    },
+    "AnthropicAssistantTurn": {
+        **obj(
+            ["role", "content"],
+            role={"const": "assistant"},
+            content={
+                "anyOf": [
+                    STRING,
+                    {"type": "array", "items": {"anyOf": [ref("AnthropicTextBlock"), ref("AnthropicToolUseBlock")]}},
+                ]
+            },
+        ),
+        "additionalProperties": False,
+    },
+    "AnthropicTool": obj(
+        ["name", "input_schema"],
+        name={"type": "string", "pattern": TOOL_NAME},
+        description=STRING,
+        input_schema={"type": "object", "description": "a JSON schema of the input"},
+    ),
+}
+A_USER_WITH_TEXT = obj(
+    ["role", "content"],
+    role={"const": "user"},
+    content={"anyOf": [TEXT, {"type": "array", "contains": obj(["type", "text"], type={"const": "text"}, text=TEXT)}]},
+)
+A_WITH_IMAGE = obj(["content"], content={"type": "array", "contains": ref("AnthropicImageBlock")})
+A_TOOL_BLOCK = obj(["type"], type={"enum": ["tool_use", "tool_result"]})
+A_TOOL_CHOICE = {
+    "anyOf": [
+        {**obj(["type"], type={"enum": ["auto", "any", "none"]}, disable_parallel_tool_use={"type": "boolean"})},
+        obj(["type", "name"], type={"const": "tool"}, name=STRING, disable_parallel_tool_use={"type": "boolean"}),
+    ]
+}
+
+
+def _anthropic_request(component: dict[str, Any], settings: Settings, no_tools: list[str], single: list[str]) -> None:
+    properties = component["properties"]
+    properties["model"]["enum"] = settings.models
+    images = {"contains": A_WITH_IMAGE, "minContains": 0, "maxContains": settings.max_images}
+    properties["messages"] = {
+        "type": "array",
+        "minItems": 1,
+        "items": {"anyOf": [ref("AnthropicUserTurn"), ref("AnthropicAssistantTurn")]},
+        "allOf": [{"contains": A_USER_WITH_TEXT}, images],
+        "description": "user and assistant turns; a user turn with text among them; images (base64) in user turns",
+    }
+    properties["system"] = _nullable({"anyOf": [STRING, {"type": "array", "items": ref("AnthropicTextBlock")}]})
+    properties["tools"] = _nullable({"type": "array", "minItems": 1, "maxItems": 128, "items": ref("AnthropicTool")})
+    properties["tool_choice"] = _nullable(A_TOOL_CHOICE)
+    rules = [_choice_needs_tools()]
+    if "max_tokens" in properties:
+        _cap(properties["max_tokens"], settings.max_tokens_cap)
+        if "moondream2" in settings.models:
+            unset = {"stop_sequences": NULL, "top_k": NULL}
+            output = {"anyOf": [NULL, {"properties": {"format": NULL}}]}
+            rules.append(_model_rule(["moondream2"], {"properties": {**unset, "output_config": output}}))
+    if no_tools:
+        no_tool_turns = {
+            "items": {"properties": {"content": {"anyOf": [STRING, {"type": "array", "items": {"not": A_TOOL_BLOCK}}]}}}
+        }
+        then = {
+            "properties": {
+                "tools": NULL,
+                "tool_choice": {"anyOf": [NULL, {"properties": {"type": {"const": "none"}}}]},
+                "messages": no_tool_turns,
+            }
+        }
+        rules.append(_model_rule(no_tools, then))
+    if single:
+        one = {
+            "contains": A_WITH_IMAGE,
+            "minContains": 0,
+            "maxContains": 1,
+            "items": {
+                "properties": {
+                    "content": {
+                        "anyOf": [
+                            STRING,
+                            {
+                                "type": "array",
+                                "contains": ref("AnthropicImageBlock"),
+                                "minContains": 0,
+                                "maxContains": 1,
+                            },
+                        ]
+                    }
+                }
+            },
+        }
+        rules.append(_model_rule(single, {"properties": {"messages": one}}))
+    component["allOf"] = rules
+
+
+# -- success bodies -------------------------------------------------------------------------------
+R_USAGE = obj(
+    ["input_tokens", "output_tokens", "total_tokens"], input_tokens=COUNT, output_tokens=COUNT, total_tokens=COUNT
+)
+BODIES: dict[str, Any] = {
+    "Response": obj(
+        ["id", "object", "created_at", "status", "model", "output", "store"],
+        id=STRING,
+        object={"const": "response"},
+        created_at={"type": "integer"},
+        status={"enum": ["completed", "incomplete"]},
+        model=STRING,
+        output={"type": "array", "items": {"type": "object", "required": ["type"]}},
+        store={"type": "boolean"},
+        previous_response_id=_nullable(STRING),
+        usage=_nullable(R_USAGE),
+    ),
+    "ResponseDeleted": obj(["id", "deleted"], id=STRING, object={"const": "response"}, deleted={"const": True}),
+    "ResponseInputItems": obj(
+        ["object", "data", "has_more"],
+        object={"const": "list"},
+        data={"type": "array", "items": {"type": "object", "required": ["type", "id"]}},
+        first_id=_nullable(STRING),
+        last_id=_nullable(STRING),
+        has_more={"type": "boolean"},
+    ),
+    "AnthropicMessage": obj(
+        ["id", "type", "role", "model", "content", "stop_reason", "usage"],
+        id=STRING,
+        type={"const": "message"},
+        role={"const": "assistant"},
+        model=STRING,
+        content={"type": "array", "items": {"type": "object", "required": ["type"]}},
+        stop_reason={"enum": ["end_turn", "max_tokens", "stop_sequence", "tool_use"]},
+        stop_sequence=_nullable(STRING),
+        usage=obj(["input_tokens", "output_tokens"], input_tokens=COUNT, output_tokens=COUNT),
+    ),
+    "AnthropicTokenCount": obj(["input_tokens"], input_tokens=COUNT),
+    "AnthropicError": obj(
+        ["type", "error"],
+        type={"const": "error"},
+        error=obj(["type", "message"], type=STRING, message=STRING),
+    ),
+    "Model": obj(["id", "object"], id=STRING, object={"const": "model"}, ready={"type": "boolean"}),
+}
+SUCCESS = {
+    ("/v1/responses", "post"): "Response",
+    ("/v1/responses/{response_id}", "get"): "Response",
+    ("/v1/responses/{response_id}", "delete"): "ResponseDeleted",
+    ("/v1/responses/{response_id}/input_items", "get"): "ResponseInputItems",
+    ("/v1/messages", "post"): "AnthropicMessage",
+    ("/v1/messages/count_tokens", "post"): "AnthropicTokenCount",
+    ("/v1/models/{model_id}", "get"): "Model",
+}
+STREAMED = ("/v1/responses", "/v1/messages")
+SSE = {
+    "type": "object",
+    "required": ["data"],
+    "properties": {"event": STRING, "data": {"type": "string", "description": "a JSON event with its type"}},
+    "description": "with stream: true, server-sent events (the protocol's event names)",
+}
+
+
+def _cap(field: dict[str, Any], maximum: int) -> None:
+    for branch in field.get("anyOf", [field]):
+        if branch.get("type") == "integer":
+            branch["maximum"] = maximum
+
+
+def add(schema: dict[str, Any], settings: Settings) -> None:
+    """Fill in the new routes' request rules and success bodies in ``schema`` (in place)."""
+    components = schema["components"]["schemas"]
+    components.update(copy.deepcopy(RESPONSES_SCHEMAS) | copy.deepcopy(ANTHROPIC_SCHEMAS) | copy.deepcopy(BODIES))
+    no_tools = [m for m in settings.models if MODELS[m][0] not in TOOL_FORMAT]
+    single = [m for m in settings.models if MODELS[m][0] not in MULTI_IMAGE]
+    if "ResponsesRequest" in components:
+        _responses_request(components["ResponsesRequest"], settings, no_tools, single)
+        text_format = components["TextFormat"]
+        text_format["allOf"] = [
+            {
+                "if": {"properties": {"type": {"const": "json_schema"}}, "required": ["type"]},
+                "then": {"required": ["schema"], "properties": {"schema": {"type": "object"}}},
+            }
+        ]
+    for name in ("MessagesRequest", "CountTokensRequest"):
+        if name in components:
+            _anthropic_request(components[name], settings, no_tools, single)
+    paths = schema["paths"]
+    for (path, method), name in SUCCESS.items():
+        if path in paths:
+            paths[path][method]["responses"]["200"]["content"] = {"application/json": {"schema": ref(name)}}
+    for path in STREAMED:
+        if path in paths:
+            paths[path]["post"]["responses"]["200"]["content"]["text/event-stream"] = {"schema": SSE}
+    if "/v1/responses" in paths:
+        stored = {"response_id": "$response.body#/id"}
+        paths["/v1/responses"]["post"]["responses"]["200"]["links"] = {
+            "GetResponse": {"operationId": "retrieve_response", "parameters": stored},
+            "ListInputItems": {"operationId": "list_input_items", "parameters": stored},
+            "DeleteResponse": {"operationId": "delete_response", "parameters": stored},
+        }
