@@ -26,6 +26,26 @@ $(TRITON): scripts/install_triton.sh
 
 install: $(INSTALLED) $(TRITON) $(if $(VLLM),$(VLLM_ENV))  ## install the engine, test tools and tritonserver (nvidia-pytriton wheel); VLLM=1: vLLM's environment too
 
+# `make notebook`: JupyterLab (pyproject's notebook extra, left out of `make install`) on NOTEBOOK.
+# Its root is the repository (given a file, Jupyter's default is the file's folder); it takes
+# NOTEBOOK_PORT or fails (no other port); as root Jupyter needs --allow-root.
+NOTEBOOK ?= notebooks/triton_inference.ipynb
+NOTEBOOK_HOST ?= 127.0.0.1
+NOTEBOOK_PORT ?= 8888
+NOTEBOOK_ARGS ?=
+NOTEBOOK_INSTALLED := .cache/notebook.stamp
+NOTEBOOK_ROOT = $(if $(filter 0,$(shell id -u)),--allow-root)
+
+$(NOTEBOOK_INSTALLED): pyproject.toml $(INSTALLED)
+	$(PIP) install --quiet -e ".[notebook]"
+	@touch $@
+
+.PHONY: notebook
+notebook: $(NOTEBOOK_INSTALLED)  ## JupyterLab (installed once) on notebooks/triton_inference.ipynb, http://127.0.0.1:8888 (NOTEBOOK_PORT, NOTEBOOK_ARGS="--no-browser"); after make demo
+	@$(PYTHON) -c 'import os, urllib.request as u; u.build_opener(u.ProxyHandler({})).open(os.environ.get("VLM_GATEWAY", "http://localhost").rstrip("/") + "/health/ready", timeout=5)' 2>/dev/null \
+	  || echo "make notebook: no stack is ready at $${VLM_GATEWAY:-http://localhost} (VLM_GATEWAY): run make demo first (or make up); the notebook opens anyway"
+	$(PYTHON) -m jupyterlab $(NOTEBOOK) --ip=$(NOTEBOOK_HOST) --port=$(NOTEBOOK_PORT) --ServerApp.root_dir=. --ServerApp.port_retries=0 $(NOTEBOOK_ROOT) $(NOTEBOOK_ARGS)
+
 $(VLLM_ENV): vlm_triton/vllm_env.py $(INSTALLED)
 	$(PYTHON) -m vlm_triton.vllm_env
 	@touch $@

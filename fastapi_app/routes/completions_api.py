@@ -24,6 +24,7 @@ from fastapi_app.generation import check_max_tokens, check_model, first_item, ge
 from fastapi_app.routes.openai_api import StreamOptions
 from vlm_engine.chat import Message
 from vlm_engine.errors import EngineError, InvalidParameter
+from vlm_engine.params import MAX_LOGIT_BIAS, resolve_logit_bias
 
 router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"])
 
@@ -56,6 +57,9 @@ class CompletionRequest(BaseModel):
     seed: integer(ge=-(2**53), le=2**53) | None = None
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = Field(
+        None, max_length=MAX_LOGIT_BIAS, description="as in chat completions: token id -> bias, honoured per row"
+    )
     user: str | None = Field(None, description="accepted; not used")
 
     @model_validator(mode="before")
@@ -81,6 +85,7 @@ class CompletionRequest(BaseModel):
             "stop": [self.stop] if isinstance(self.stop, str) else self.stop,
             "frequency_penalty": self.frequency_penalty,
             "presence_penalty": self.presence_penalty,
+            "logit_bias": resolve_logit_bias(self.logit_bias) and self.logit_bias,  # a bad one: 400 here
             "logprobs": True if self.logprobs is not None else None,
             "top_logprobs": self.logprobs or None,
         }
