@@ -55,6 +55,9 @@ ERRORS = {
 
 
 GENERAL = [status for status in ERRORS if status != "409"]
+# /api/chat's JSON image: padded standard base64 (what base64.b64decode(validate=True) takes),
+# optionally after a data: URL's header; its bytes must also be an image (the custom format)
+BASE64_IMAGE = r"^(data:[^,]*,)?([A-Za-z0-9+/]{4})*([A-Za-z0-9+/]{4}|[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)$"
 
 
 def _messages_schema(max_images: int) -> dict[str, Any]:
@@ -122,7 +125,7 @@ def _chat_request_body(settings: Settings) -> dict[str, Any]:
     properties = schema["properties"]
     properties["model"] = {"anyOf": [{"enum": settings.models}, {"type": "null"}], **_doc(properties["model"])}
     properties["image"] = {
-        "anyOf": [{"type": "string", "format": "image-base64"}, {"type": "null"}],
+        "anyOf": [{"type": "string", "format": "image-base64", "pattern": BASE64_IMAGE}, {"type": "null"}],
         **_doc(properties["image"]),
     }
     _with_maximum(properties["max_tokens"], settings.max_tokens_cap)

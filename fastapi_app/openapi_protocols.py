@@ -84,12 +84,15 @@ RESPONSES_SCHEMAS: dict[str, Any] = {
 }
 R_USER_WITH_TEXT = obj(
     ["role", "content"],
+    type={"const": "message"},
     role={"const": "user"},
     content={
         "anyOf": [TEXT, {"type": "array", "contains": obj(["type", "text"], type={"const": "input_text"}, text=TEXT)}]
     },
 )
-R_WITH_IMAGE = obj(["content"], content={"type": "array", "contains": ref("ResponseInputImage")})
+R_WITH_IMAGE = obj(
+    ["content"], type={"const": "message"}, content={"type": "array", "contains": ref("ResponseInputImage")}
+)
 R_TOOL_ITEM = obj(["type"], type={"enum": ["function_call", "function_call_output"]})
 
 
@@ -170,7 +173,7 @@ def _responses_request(component: dict[str, Any], settings: Settings, no_tools: 
 
 
 # -- Anthropic Messages ---------------------------------------------------------------------------
-A_TEXT = obj(["type", "text"], type={"const": "text"}, text=STRING, cache_control={"type": "object"})
+A_TEXT = obj(["type", "text"], type={"const": "text"}, text=STRING, cache_control={"description": "accepted; not used"})
 A_IMAGE = obj(
     ["type", "source"],
     type={"const": "image"},
@@ -309,6 +312,31 @@ def _anthropic_request(component: dict[str, Any], settings: Settings, no_tools: 
     component["allOf"] = rules
 
 
+# -- completions ----------------------------------------------------------------------------------
+def _completion_request(component: dict[str, Any], settings: Settings) -> None:
+    from fastapi_app.schemas import LOGIT_BIAS
+
+    properties = component["properties"]
+    properties["model"]["enum"] = [m for m in settings.models if MODELS[m][0] != "moondream2"]
+    properties["model"]["description"] = "a served model but moondream2 (its own code writes its prompts)"
+    text = {**TEXT, "minLength": 1}
+    properties["prompt"] = {
+        "anyOf": [text, {"type": "array", "minItems": 1, "maxItems": 16, "items": text}],
+        "description": properties["prompt"].get("description", ""),
+    }
+    _cap(properties["max_tokens"], settings.max_tokens_cap)
+    for branch in properties["n"].get("anyOf", [properties["n"]]):
+        if branch.get("type") == "integer":
+            branch["maximum"] = settings.max_n
+    properties["logit_bias"] = {**LOGIT_BIAS, "description": properties["logit_bias"].get("description", "")}
+    component["allOf"] = [  # echo with logprobs: the prompt's logprobs are not computed (a 400)
+        {
+            "if": {"properties": {"echo": {"const": True}}, "required": ["echo"]},
+            "then": {"properties": {"logprobs": NULL}},
+        }
+    ]
+
+
 # -- success bodies -------------------------------------------------------------------------------
 R_USAGE = obj(
     ["input_tokens", "output_tokens", "total_tokens"], input_tokens=COUNT, output_tokens=COUNT, total_tokens=COUNT
@@ -353,6 +381,25 @@ BODIES: dict[str, Any] = {
         error=obj(["type", "message"], type=STRING, message=STRING),
     ),
     "Model": obj(["id", "object"], id=STRING, object={"const": "model"}, ready={"type": "boolean"}),
+    "Completion": obj(
+        ["id", "object", "created", "model", "choices", "usage"],
+        id=STRING,
+        object={"const": "text_completion"},
+        created={"type": "integer"},
+        model=STRING,
+        choices={
+            "type": "array",
+            "minItems": 1,
+            "items": obj(
+                ["index", "text", "finish_reason"],
+                index=COUNT,
+                text=STRING,
+                finish_reason={"enum": ["stop", "length"]},
+                logprobs=_nullable({"type": "object"}),
+            ),
+        },
+        usage=obj(["prompt_tokens", "completion_tokens"], prompt_tokens=COUNT, completion_tokens=COUNT),
+    ),
 }
 SUCCESS = {
     ("/v1/responses", "post"): "Response",
@@ -362,8 +409,9 @@ SUCCESS = {
     ("/v1/messages", "post"): "AnthropicMessage",
     ("/v1/messages/count_tokens", "post"): "AnthropicTokenCount",
     ("/v1/models/{model_id}", "get"): "Model",
+    ("/v1/completions", "post"): "Completion",
 }
-STREAMED = ("/v1/responses", "/v1/messages")
+STREAMED = ("/v1/responses", "/v1/messages", "/v1/completions")
 SSE = {
     "type": "object",
     "required": ["data"],
@@ -393,6 +441,8 @@ def add(schema: dict[str, Any], settings: Settings) -> None:
                 "then": {"required": ["schema"], "properties": {"schema": {"type": "object"}}},
             }
         ]
+    if "CompletionRequest" in components:
+        _completion_request(components["CompletionRequest"], settings)
     for name in ("MessagesRequest", "CountTokensRequest"):
         if name in components:
             _anthropic_request(components[name], settings, no_tools, single)
@@ -403,10 +453,5 @@ def add(schema: dict[str, Any], settings: Settings) -> None:
     for path in STREAMED:
         if path in paths:
             paths[path]["post"]["responses"]["200"]["content"]["text/event-stream"] = {"schema": SSE}
-    if "/v1/responses" in paths:
-        stored = {"response_id": "$response.body#/id"}
-        paths["/v1/responses"]["post"]["responses"]["200"]["links"] = {
-            "GetResponse": {"operationId": "retrieve_response", "parameters": stored},
-            "ListInputItems": {"operationId": "list_input_items", "parameters": stored},
-            "DeleteResponse": {"operationId": "delete_response", "parameters": stored},
-        }
+    # no links from POST /v1/responses to its GET and DELETE: a response made with store: false
+    # is not kept (a 404 later), which a link would promise it is

@@ -80,12 +80,13 @@ class CompletionRequest(BaseModel):
         return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
 
     def sampling(self) -> dict[str, Any] | None:
+        resolve_logit_bias(self.logit_bias)  # a bad key or bias: 400 here, before a backend is asked
         values = {
             "seed": self.seed,
             "stop": [self.stop] if isinstance(self.stop, str) else self.stop,
             "frequency_penalty": self.frequency_penalty,
             "presence_penalty": self.presence_penalty,
-            "logit_bias": resolve_logit_bias(self.logit_bias) and self.logit_bias,  # a bad one: 400 here
+            "logit_bias": self.logit_bias or None,
             "logprobs": True if self.logprobs is not None else None,
             "top_logprobs": self.logprobs or None,
         }

@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import anthropic
 import httpx
 import openai
 import pytest
@@ -69,6 +70,18 @@ def test_v1_and_api_need_the_key(keyed, headers):
     assert reply.json()["error"]["code"] == "invalid_api_key"
     chat = httpx.post(keyed.url + "/api/chat", json={"prompt": "hi", "model": "llava"}, headers=headers, timeout=10)
     assert chat.status_code == 401 and chat.json()["code"] == "invalid_api_key"
+
+
+def test_the_anthropic_sdk_with_x_api_key(keyed):
+    """Anthropic's clients send ``x-api-key``; a wrong one is Anthropic's authentication_error."""
+    turn = [{"role": "user", "content": "Hello?"}]
+    with pytest.raises(anthropic.AuthenticationError) as refused:
+        anthropic.Anthropic(base_url=keyed.url, api_key="wrong", max_retries=0).messages.create(
+            model="llava", max_tokens=3, messages=turn
+        )
+    assert refused.value.body["error"]["type"] == "authentication_error"
+    client = anthropic.Anthropic(base_url=keyed.url, api_key=KEY, max_retries=0, timeout=60)
+    assert client.messages.create(model="llava", max_tokens=3, messages=turn).content[0].text
 
 
 def test_the_openai_sdk_with_and_without_the_key(keyed):
@@ -152,14 +165,23 @@ def test_the_key_is_in_no_log(keyed):
 def test_past_the_per_client_limits_a_json_429_with_retry_after(keyed):
     time.sleep(4)  # the bucket refills (5/s)
 
+    paths = ["/v1/models", "/api/sessions/none", "/v1/messages/batches"]  # OpenAI's, REST's, Anthropic's
+
     async def burst() -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=keyed.url, headers=dict(AUTH), timeout=30) as client:
-            return await asyncio.gather(*(client.get("/v1/models") for _ in range(60)))
+            return await asyncio.gather(*(client.get(paths[i % 3]) for i in range(90)))
 
     replies = asyncio.run(burst())
     limited = [r for r in replies if r.status_code == 429]
     assert limited and any(r.status_code == 200 for r in replies)
-    assert all(r.headers["retry-after"] == "1" and r.json()["error"]["code"] == "rate_limited" for r in limited)
+    assert all(r.headers["retry-after"] == "1" for r in limited)
+    shapes = {
+        "/v1/models": lambda body: body["error"]["code"] == "rate_limited",
+        "/api/sessions/none": lambda body: body["code"] == "rate_limited" and "detail" in body,
+        "/v1/messages/batches": lambda body: body["error"]["type"] == "rate_limit_error" and body["type"] == "error",
+    }
+    assert {r.request.url.path for r in limited} == set(paths)  # 90 at once past a burst of 20
+    assert all(shapes[r.request.url.path](r.json()) for r in limited)
     assert httpx.get(keyed.url + "/health/ready", timeout=10).status_code == 200  # health is never limited
     time.sleep(4)
 

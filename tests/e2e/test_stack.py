@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import http.client
 import json
+import socket
 import time
 
 import httpx
@@ -174,12 +175,49 @@ def test_prometheus_scrapes_every_target_and_sees_every_model(stack, png):
         ("TRACE", "/api/sessions/abc", "GET, DELETE"),
         ("PUT", "/v1/models", "GET"),  # the service's own 405
         ("DELETE", "/v1/chat/completions", "POST"),
+        ("TRACE", "/v1/messages", "POST"),
+        ("TRACE", "/v1/responses/resp_1", "GET, DELETE"),
+        ("PUT", "/v1/responses/resp_1", "GET, DELETE"),  # the service's own
+        ("GET", "/v1/completions", "POST"),
     ],
 )
 def test_unsupported_methods_get_405_with_allow(stack, method, path, allow):
     reply = httpx.request(method, stack.url + path, timeout=10)
     assert reply.status_code == 405, reply.text
     assert reply.headers["allow"] == allow
+    assert_shape(path, reply.json())
+
+
+def assert_shape(path: str, body: dict) -> None:
+    """The error body of the API ``path`` belongs to (fastapi_app/error_shapes.py)."""
+    if path.startswith("/v1/messages"):
+        assert body["type"] == "error" and set(body["error"]) == {"type", "message"}, body
+    elif path.startswith("/v1/"):
+        assert set(body["error"]) == {"message", "type", "param", "code"}, body
+    elif path.startswith("/api/"):
+        assert set(body) == {"detail", "code"}, body
+    else:
+        assert isinstance(body["error"], str), body
+
+
+@pytest.mark.parametrize(
+    "path", ["/v1/messages", "/v1/responses", "/v1/completions", "/api/chat", "/v2/models/llava/infer"]
+)
+def test_a_body_over_the_gateway_limit_is_a_413_in_the_paths_shape(stack, path):
+    """nginx refuses on the announced length, before reading the body (raw socket: no client
+    sends 26 MB here)."""
+    host, port = stack.url.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(
+            f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {10**9}\r\nConnection: close\r\n\r\n".encode()
+        )
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.split(b" ")[1] == b"413", head
+    assert_shape(path, json.loads(body))
 
 
 @pytest.mark.parametrize(
@@ -188,6 +226,7 @@ def test_unsupported_methods_get_405_with_allow(stack, method, path, allow):
         ("DELETE", "/api/sessions/%00%C2%85", "api"),  # schemathesis' stateful phase sent this
         ("GET", "/v1/models%2", "openai"),  # a broken %-escape
         ("GET", "/v2/models/%00/ready", "kserve"),
+        ("POST", "/v1/messages/%00", "anthropic"),
     ],
 )
 def test_a_path_nginx_cannot_parse_gets_json_not_html(stack, method, path, shape):
@@ -201,7 +240,9 @@ def test_a_path_nginx_cannot_parse_gets_json_not_html(stack, method, path, shape
     finally:
         connection.close()
     assert (status, kind) == (400, "application/json")
-    if shape == "api":
+    if shape == "anthropic":
+        assert body["type"] == "error" and body["error"]["type"] == "invalid_request_error"
+    elif shape == "api":
         assert body["code"] == "bad_request" and "NUL" in body["detail"]
     elif shape == "openai":
         assert body["error"]["code"] == "bad_request" and body["error"]["type"] == "invalid_request_error"
@@ -218,5 +259,6 @@ def test_openapi_declares_every_error_with_its_schema(stack):
             if path.startswith(("/v1/", "/api/")):
                 assert {"400", "401", "404", "413", "429", "503"} <= statuses, (path, statuses)
                 body = operation["responses"]["400"]["content"]["application/json"]["schema"]["$ref"]
-                assert body.endswith("OpenAIError" if path.startswith("/v1/") else "APIError")
+                kind = "AnthropicError" if path.startswith("/v1/messages") else "OpenAIError"
+                assert body.endswith(kind if path.startswith("/v1/") else "APIError")
     assert "503" in document["paths"]["/health/ready"]["get"]["responses"]
