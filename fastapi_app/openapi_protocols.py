@@ -446,6 +446,8 @@ def add(schema: dict[str, Any], settings: Settings) -> None:
     for name in ("MessagesRequest", "CountTokensRequest"):
         if name in components:
             _anthropic_request(components[name], settings, no_tools, single)
+    if "OutputConfig" in components:  # effort: not served (a 400 for any value)
+        components["OutputConfig"]["properties"]["effort"] = {**NULL, "description": "not served: one effort"}
     paths = schema["paths"]
     for (path, method), name in SUCCESS.items():
         if path in paths:

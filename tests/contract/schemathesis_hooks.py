@@ -64,25 +64,38 @@ def _guides_compile(body: dict) -> bool:
     response_format = body.get("response_format")
     if isinstance(response_format, dict) and isinstance(response_format.get("json_schema"), dict):
         schemas.append(response_format["json_schema"].get("schema"))
+    for outer, inner in (("text", "format"), ("output_config", "format")):  # Responses', Anthropic's
+        options = body.get(outer)
+        if isinstance(options, dict) and isinstance(options.get(inner), dict):
+            schemas.append(options[inner].get("schema"))
     return all(_compiles(schema) for schema in schemas if isinstance(schema, dict))
+
+
+def _named_tool(body: dict) -> tuple[str | None, set]:
+    """The function ``tool_choice`` names, and the tools' names, in chat's, Responses' or
+    Anthropic's shape (``None``: it names none)."""
+    choice, tools = body.get("tool_choice"), body.get("tools")
+    if not isinstance(choice, dict) or not isinstance(tools, list):
+        return None, set()
+    function = choice.get("function")
+    name = function.get("name") if isinstance(function, dict) else choice.get("name")
+    names = set()
+    for tool in tools:
+        if isinstance(tool, dict):
+            inner = tool.get("function")
+            names.add(inner.get("name") if isinstance(inner, dict) else tool.get("name"))
+    return (name if isinstance(name, str) else None), names
 
 
 @schemathesis.hook
 def filter_body(context, body) -> bool:
-    """Leave out chat completions that break the two rules of the request a JSON schema cannot
-    state (each a 400, tested elsewhere): a ``tool_choice`` naming a function that is not among
-    the ``tools`` (tests/fastapi_app/test_openai_tools.py), and a JSON schema llguidance cannot
-    compile (``_compiles``)."""
-    if isinstance(body, dict) and not _guides_compile(body):
+    """Leave out requests that break the two rules a JSON schema cannot state (each a 400,
+    tested elsewhere): a ``tool_choice`` naming a function that is not among the ``tools``
+    (tests/fastapi_app/test_openai_tools.py), and a JSON schema llguidance cannot compile
+    (``_compiles``); in chat's, Responses' and Anthropic's shapes alike."""
+    if not isinstance(body, dict):
+        return True
+    if not _guides_compile(body):
         return False
-    if not isinstance(body, dict) or not isinstance(body.get("tool_choice"), dict):
-        return True
-    function = body["tool_choice"].get("function")
-    name = function.get("name") if isinstance(function, dict) else None
-    tools = body.get("tools")
-    if not isinstance(name, str) or not isinstance(tools, list):
-        return True
-    names = {
-        t.get("function", {}).get("name") for t in tools if isinstance(t, dict) and isinstance(t.get("function"), dict)
-    }
-    return name in names
+    name, names = _named_tool(body)
+    return name is None or name in names

@@ -16,6 +16,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import anthropic
 import httpx
 import jsonschema
 import openai
@@ -25,8 +26,10 @@ import tritonclient.http as httpclient
 from playwright.sync_api import expect, sync_playwright
 
 from tests.conftest import ARTIFACTS, HANG_S, LONG, Stack, Trace, _docker_daemon_here, _run
+from tests.fastapi_app.test_anthropic_api import image_turn
 from tests.fastapi_app.test_openai_api import vision_messages
 from tests.fastapi_app.test_openai_tools import MESSAGES as TOOL_MESSAGES
+from tests.fastapi_app.test_responses_api import image_input
 from tests.fastapi_app.test_web_page import CHROMIUM, FLAGS, page_with_image
 from tests.integration.helpers import GREEDY, GrpcStream, inputs, stream_http, text_of
 from tests.unit.test_structured_output import SCHEMA
@@ -212,6 +215,41 @@ def test_a_required_tool_call_comes_back_as_tool_calls(vllm_stack):
     assert choice.finish_reason == "tool_calls" and choice.message.content is None
     (call,) = choice.message.tool_calls
     jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
+
+
+def test_the_responses_anthropic_and_completions_apis_answer_from_vllm(vllm_stack, png, tiny_models_dir):
+    """Issue 26's rooms on vLLM's engine: a stored conversation continued with its image, the
+    whole prompt counted (vLLM's own count) and named stop sequences, top_k, raw prompts and
+    logit_bias."""
+    from transformers import AutoTokenizer
+
+    client = sdk(vllm_stack)
+    first = client.responses.create(model="llava", input=image_input(png), max_output_tokens=6, temperature=0.0)
+    second = client.responses.create(
+        model="llava", input="And now?", previous_response_id=first.id, max_output_tokens=6, temperature=0.0
+    )
+    assert second.usage.input_tokens >= first.usage.input_tokens + first.usage.output_tokens
+    messages = anthropic.Anthropic(base_url=vllm_stack.url, api_key="unused", max_retries=0, timeout=120).messages
+    turn, greedy = image_turn(png), {"temperature": 0.0}
+    made = messages.create(model="llava", max_tokens=16, messages=turn, extra_body=greedy)
+    assert messages.count_tokens(model="llava", messages=turn).input_tokens == made.usage.input_tokens
+    text = made.content[0].text
+    stop = text.split()[1]
+    cut = messages.create(model="llava", max_tokens=16, messages=turn, stop_sequences=[stop], extra_body=greedy)
+    assert (cut.stop_reason, cut.stop_sequence) == ("stop_sequence", stop)
+    assert cut.content[0].text == text[: text.index(stop)].rstrip()
+    top_1 = messages.create(model="llava", max_tokens=16, messages=turn, extra_body={"temperature": 1.0, "top_k": 1})
+    assert top_1.content[0].text == text
+    (x,) = AutoTokenizer.from_pretrained(tiny_models_dir / "llava").encode("x", add_special_tokens=False)
+    raw = client.completions.create(model="llava", prompt="Once upon a time", max_tokens=4, temperature=0.0)
+    as_chat = client.chat.completions.create(
+        model="llava", messages=[{"role": "user", "content": "Once upon a time"}], max_tokens=4, temperature=0.0
+    )
+    assert raw.usage.prompt_tokens < as_chat.usage.prompt_tokens  # no chat template around it
+    forced = client.completions.create(
+        model="llava", prompt="Once upon a time", max_tokens=4, temperature=0.0, logit_bias={str(x): 100}
+    )
+    assert forced.choices[0].text == "xxxx"
 
 
 def test_a_parameter_out_of_range_is_refused_as_by_the_native_engine(vllm_stack, png):
