@@ -268,7 +268,15 @@ def _anthropic_request(component: dict[str, Any], settings: Settings, no_tools: 
     properties["system"] = _nullable({"anyOf": [STRING, {"type": "array", "items": ref("AnthropicTextBlock")}]})
     properties["tools"] = _nullable({"type": "array", "minItems": 1, "maxItems": 128, "items": ref("AnthropicTool")})
     properties["tool_choice"] = _nullable(A_TOOL_CHOICE)
-    rules = [_choice_needs_tools()]
+    rules = [  # a tool_choice other than {"type": "none"} needs tools
+        {
+            "if": {
+                "properties": {"tool_choice": {"type": "object", "properties": {"type": {"not": {"const": "none"}}}}},
+                "required": ["tool_choice"],
+            },
+            "then": {"properties": {"tools": {"type": "array"}}, "required": ["tools"]},
+        }
+    ]
     if "max_tokens" in properties:
         _cap(properties["max_tokens"], settings.max_tokens_cap)
         if "moondream2" in settings.models:
