@@ -39,8 +39,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.history = HistoryStore(settings.history_db, settings.max_history, settings.history_busy_timeout_s)
         app.state.responses = ResponseStore(
             settings.history_db,
-            max(settings.max_history, 1),
             settings.max_stored_responses,
+            settings.max_stored_responses_mb * 2**20,
             settings.history_busy_timeout_s,
         )
         await app.state.backend.start()

@@ -55,9 +55,6 @@ ERRORS = {
 
 
 GENERAL = [status for status in ERRORS if status != "409"]
-# /api/chat's JSON image: padded standard base64 (what base64.b64decode(validate=True) takes),
-# optionally after a data: URL's header; its bytes must also be an image (the custom format)
-BASE64_IMAGE = r"^(data:[^,]*,)?([A-Za-z0-9+/]{4})*([A-Za-z0-9+/]{4}|[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)$"
 
 
 def _messages_schema(max_images: int) -> dict[str, Any]:
@@ -125,7 +122,18 @@ def _chat_request_body(settings: Settings) -> dict[str, Any]:
     properties = schema["properties"]
     properties["model"] = {"anyOf": [{"enum": settings.models}, {"type": "null"}], **_doc(properties["model"])}
     properties["image"] = {
-        "anyOf": [{"type": "string", "format": "image-base64", "pattern": BASE64_IMAGE}, {"type": "null"}],
+        "anyOf": [
+            {
+                "type": "string",
+                "format": "image-base64",
+                "contentEncoding": "base64",
+                "contentMediaType": "image/*",
+                "description": "an image file (PNG, JPEG, WebP, GIF, BMP) in padded standard base64, or a "
+                "data:image/...;base64, URL of one",
+            },
+            {"const": "", "description": "no image"},
+            {"type": "null"},
+        ],
         **_doc(properties["image"]),
     }
     _with_maximum(properties["max_tokens"], settings.max_tokens_cap)

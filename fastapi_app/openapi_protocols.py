@@ -39,8 +39,12 @@ def _choice_needs_tools(field: str = "tool_choice") -> dict[str, Any]:
 
 # -- Responses ------------------------------------------------------------------------------------
 R_INPUT_TEXT = obj(["type", "text"], type={"const": "input_text"}, text=STRING)
+R_INPUT_IMAGE_DETAILS = [*DETAILS, "original"]
 R_INPUT_IMAGE = obj(
-    ["type", "image_url"], type={"const": "input_image"}, image_url=IMAGE_DATA_URL, detail={"enum": list(DETAILS)}
+    ["type", "image_url"],
+    type={"const": "input_image"},
+    image_url=IMAGE_DATA_URL,
+    detail={"enum": R_INPUT_IMAGE_DETAILS},
 )
 R_OUTPUT_TEXT = obj(["type", "text"], type={"const": "output_text"}, text=STRING)
 RESPONSES_SCHEMAS: dict[str, Any] = {
@@ -170,6 +174,8 @@ def _responses_request(component: dict[str, Any], settings: Settings, no_tools: 
         rules.append(_model_rule(single, {"properties": {"input": one}}))
     component["allOf"] = rules
     component["properties"]["text"] = _nullable(ref("TextOptions"))
+    properties["reasoning"] = _nullable({"type": "object", "additionalProperties": NULL})
+    properties["background"] = {"anyOf": [NULL, {"const": False}], "description": "only false"}
 
 
 # -- Anthropic Messages ---------------------------------------------------------------------------
@@ -234,6 +240,7 @@ ANTHROPIC_SCHEMAS: dict[str, Any] = {
     },
     "AnthropicTool": obj(
         ["name", "input_schema"],
+        type={"const": "custom"},
         name={"type": "string", "pattern": TOOL_NAME},
         description=STRING,
         input_schema={"type": "object", "description": "a JSON schema of the input"},
@@ -268,6 +275,7 @@ def _anthropic_request(component: dict[str, Any], settings: Settings, no_tools: 
     properties["system"] = _nullable({"anyOf": [STRING, {"type": "array", "items": ref("AnthropicTextBlock")}]})
     properties["tools"] = _nullable({"type": "array", "minItems": 1, "maxItems": 128, "items": ref("AnthropicTool")})
     properties["tool_choice"] = _nullable(A_TOOL_CHOICE)
+    properties["thinking"] = _nullable({**obj(["type"], type={"const": "disabled"}), "additionalProperties": False})
     rules = [  # a tool_choice other than {"type": "none"} needs tools
         {
             "if": {

@@ -52,6 +52,10 @@ class Settings(BaseSettings):
         True, description="keep Responses API answers (store: true) for GET and previous_response_id"
     )
     max_stored_responses: int = Field(10_000, ge=1, description="stored responses kept; the oldest go first")
+    max_stored_responses_mb: int = Field(1024, ge=1, description="their size in all (images inline); oldest go first")
+    max_response_chain: int = Field(
+        64, ge=1, description="responses a previous_response_id conversation reaches back (more: truncation auto)"
+    )
     max_body_bytes: int = Field(25 * 1024 * 1024, ge=1024, description="larger bodies get 413")
     api_keys: str = Field("", description="comma-separated API keys; set (or API_KEYS_FILE) turns auth on")
     api_keys_file: Path | None = Field(None, description="a file of API keys, one per line")

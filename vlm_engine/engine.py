@@ -242,7 +242,8 @@ class VLMEngine:
         prepared.image_keys = made.image_keys
         prepared.inputs = made.inputs
         if encode:
-            prepared.state = self._sampling_state(prepared)  # a bad guide: 400 here
+            if not count_only:  # nothing is sampled: no guide to compile
+                prepared.state = self._sampling_state(prepared)  # a bad guide: 400 here
         prepared.count_only = count_only
         if encode:
             prepared.input_tokens = self.adapter.prefill_cost(prepared)

@@ -108,6 +108,7 @@ class TokenDecoder(RowDecoder):
         self.stops = params.sampling.stop if params is not None else ()
         self.longest = max((len(s) for s in self.stops), default=0)
         self.shown = ""  # text released so far (stop strings only)
+        self.stopped: tuple[int, str] | None = None  # where in the text a stop string began, and which
         self.logprobs: list[dict[str, Any]] | None = [] if params is not None and params.sampling.logprobs else None
 
     @property
@@ -133,6 +134,7 @@ class TokenDecoder(RowDecoder):
         full = self.text.sent + self.text.held  # everything decoded so far, leading spaces dropped
         hit = first_stop(full, self.stops, max(0, len(self.shown) - self.longest + 1))
         if hit is not None:
+            self.stopped = (hit, next(s for s in self.stops if full.startswith(s, hit)))
             release = full[len(self.shown) : hit].rstrip()
             self.shown += release
             return RowStep(release, stop=True, logprobs=entries)
@@ -146,9 +148,14 @@ class TokenDecoder(RowDecoder):
         result.logprobs = self.logprobs
         if not self.stops:
             return self.text.flush(result.text), result
-        hit = first_stop(result.text, self.stops, 0)
+        # where streaming found it (the final text is stripped: a stop string ending in
+        # whitespace, "\n" say, is not in it any more), else where the final text has one
+        hit, result.stop_sequence = self.stopped or (None, None)
+        if hit is None:
+            hit = first_stop(result.text, self.stops, 0)
+            if hit is not None:
+                result.stop_sequence = next(s for s in self.stops if result.text.startswith(s, hit))
         if hit is not None:
-            result.stop_sequence = next(s for s in self.stops if result.text.startswith(s, hit))
             result.text = result.text[:hit].rstrip()
         return result.text[len(self.shown) :], result
 

@@ -72,6 +72,8 @@ def resolve_tools(
         parameters = function.get("parameters", {})
         if not isinstance(parameters, Mapping):
             raise InvalidParameter(f"tools[{i}].function.parameters must be a JSON schema object")
+        if not isinstance(function.get("strict"), bool | None):
+            raise InvalidParameter(f"tools[{i}].function.strict must be true, false or null")
         names.append(name)
     choice = "auto" if tool_choice is None else tool_choice
     if choice in ("auto", "none"):

@@ -8,6 +8,7 @@ back as Anthropic's content blocks and events. Errors are in Anthropic's shape
 from __future__ import annotations
 
 import json
+import logging
 import uuid
 from typing import Annotated, Any, Literal
 
@@ -25,6 +26,7 @@ from vlm_engine.errors import EngineError, InvalidParameter, InvalidRequest
 from vlm_engine.tools import ToolCall, parse_tool_calls
 
 router = APIRouter(prefix="/v1", tags=["Anthropic-compatible"])
+log = logging.getLogger("fastapi_app.anthropic")
 
 StopSequence = Annotated[str, Field(min_length=1, max_length=200)]
 REFUSED = {
@@ -67,19 +69,28 @@ class _Conversation(BaseModel):
         None, min_length=1, max_length=128, description="qwen3-vl: {name, description, input_schema}"
     )
     tool_choice: dict[str, Any] | None = Field(None, description='{"type": "auto" | "any" | "tool" | "none"}')
+    thinking: dict[str, Any] | None = Field(None, description='only {"type": "disabled"}: no hidden thinking here')
+    output_config: OutputConfig | None = Field(None, description="format: a JSON schema the answer matches")
+    cache_control: dict[str, Any] | None = Field(None, description="accepted; prefixes are cached automatically")
+    speed: str | None = Field(None, description="accepted; one speed")
+    user_profile_id: str | None = Field(None, description="accepted; not used")
+    workspace_id: str | None = Field(None, description="accepted; not used")
 
     @model_validator(mode="before")
     @classmethod
     def _refuse_what_cannot_be_honoured(cls, values: Any) -> Any:
         if isinstance(values, dict):
             for name, why in REFUSED.items():
-                if values.get(name) is not None:
+                value = values.get(name)
+                if value is not None and not (name == "thinking" and value == {"type": "disabled"}):
                     raise InvalidParameter(f"{name} is not supported here: {why}")
         return values
 
 
 class CountTokensRequest(_Conversation):
     """``/v1/messages/count_tokens``: the conversation only."""
+
+    output_format: dict[str, Any] | None = Field(None, description="accepted; the count does not depend on it")
 
 
 class MessagesRequest(_Conversation):
@@ -91,15 +102,10 @@ class MessagesRequest(_Conversation):
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: integer(ge=1, le=1000) | None = Field(None, description="sample from the k likeliest tokens")
     stream: bool = False
-    output_config: OutputConfig | None = Field(None, description="format: a JSON schema the answer matches")
     metadata: dict[str, Any] | None = Field(None, description="accepted; not stored")
     service_tier: str | None = Field(None, description="accepted; one tier")
-    cache_control: dict[str, Any] | None = Field(None, description="accepted; prefixes are cached automatically")
-    speed: str | None = Field(None, description="accepted; one speed")
     inference_geo: str | None = Field(None, description="accepted; served where it runs")
     diagnostics: dict[str, Any] | None = Field(None, description="accepted; not used")
-    user_profile_id: str | None = Field(None, description="accepted; not used")
-    workspace_id: str | None = Field(None, description="accepted; not used")
 
 
 def _text_of(blocks: Any, where: str) -> str:
@@ -190,6 +196,11 @@ def _tools(body: _Conversation) -> dict[str, Any] | None:
     if body.tools is not None:
         tools = []
         for i, tool in enumerate(body.tools):
+            if tool.get("type") not in (None, "custom"):
+                raise InvalidParameter(
+                    f"tools[{i}]: server tools ({tool.get('type')!r}) are not served here; send client tools "
+                    "{name, description, input_schema}"
+                )
             if not isinstance(tool.get("name"), str) or not isinstance(tool.get("input_schema", {}), dict):
                 raise InvalidRequest(f"tools[{i}] must be {{name, description, input_schema}} (a client tool)")
             function = {"name": tool["name"], "parameters": tool.get("input_schema", {"type": "object"})}
@@ -236,7 +247,7 @@ def _tool_use(call: ToolCall) -> dict[str, Any]:
         arguments = {}
     return {
         "type": "tool_use",
-        "id": call.id,
+        "id": "toolu_" + call.id.removeprefix("call_"),  # Anthropic's prefix; the id is only echoed back
         "name": call.name,
         "input": arguments if isinstance(arguments, dict) else {},
     }
@@ -351,6 +362,9 @@ async def _events(message_id: str, model: str, first, stream, with_tools: bool):
         yield _event("message_stop")
     except EngineError as exc:  # mid-stream: the status line is already sent
         yield _event("error", error=error_body("/v1/messages", exc.status, exc.code, exc.message)["error"])
+    except Exception:  # a bug here: the client still hears that the answer broke off
+        log.exception("the Anthropic stream %s failed", message_id)
+        yield _event("error", error={"type": "api_error", "message": "internal error: the answer broke off"})
 
 
 @router.post("/messages/count_tokens", operation_id="count_message_tokens")
@@ -359,5 +373,6 @@ async def count_tokens(body: CountTokensRequest, request: Request):
     request and answers without generating (``count_only``)."""
     generation = await _generation(body, request, stream=False)
     generation.count_only = True
-    final = await unless_gone(request, _final(generate(request.app.state.backend, generation)))
+    counted = generate(request.app.state.backend, generation, request.app.state.admission)
+    final = await unless_gone(request, _final(counted))
     return {"input_tokens": final.prompt_tokens}

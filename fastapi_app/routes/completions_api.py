@@ -150,7 +150,7 @@ async def completions(body: CompletionRequest, request: Request):
     if body.n > settings.max_n:
         raise InvalidParameter(f"n must be an integer from 1 to {settings.max_n} (MAX_N), got {body.n}")
     prompts = body.prompts
-    streams = []
+    started = []
     for prompt in prompts:
         generation = GenerationRequest(
             model,
@@ -163,9 +163,16 @@ async def completions(body: CompletionRequest, request: Request):
             n=body.n,
             raw=True,
         )
-        stream = generate(request.app.state.backend, with_defaults(settings, generation), request.app.state.admission)
-        first, stream = await unless_gone(request, first_item(stream))  # errors before any 200
-        streams.append(_prepended(first, stream))
+        started.append(
+            generate(request.app.state.backend, with_defaults(settings, generation), request.app.state.admission)
+        )
+    try:  # every prompt at once; errors before any 200
+        firsts = await unless_gone(request, asyncio.gather(*(first_item(stream) for stream in started)))
+    except BaseException:
+        for stream in started:
+            await stream.aclose()  # the other prompts' rows are freed now
+        raise
+    streams = [_prepended(first, stream) for first, stream in firsts]
     completion_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     merged = _merged(streams)
     n = body.n

@@ -10,6 +10,7 @@ SDK's event sequence. Responses are stored (``store``, default true) in the hist
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 from typing import Annotated, Any, Literal
@@ -17,6 +18,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from sse_starlette.sse import EventSourceResponse
+from starlette.concurrency import run_in_threadpool
 
 from fastapi_app.backends.base import Final, GenerationRequest
 from fastapi_app.error_shapes import error_body
@@ -29,6 +31,7 @@ from vlm_engine.errors import EngineError, InvalidParameter, InvalidRequest, Not
 from vlm_engine.tools import ToolCall, parse_tool_calls
 
 router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"])
+log = logging.getLogger("fastapi_app.responses")
 
 StopString = Annotated[str, Field(min_length=1, max_length=200)]
 REFUSED = {
@@ -39,6 +42,13 @@ REFUSED = {
     "top_logprobs": "log-probabilities are served by /v1/chat/completions (logprobs)",
     "max_tool_calls": "calls are bounded by parallel_tool_calls here",
 }
+
+
+IMAGE_DETAILS = (*DETAILS, "original")  # the Responses API's; the models see the whole image anyway
+
+
+def _chat_detail(detail: str) -> str:
+    return detail if detail in DETAILS else "auto"
 
 
 def _new_id(prefix: str) -> str:
@@ -100,13 +110,19 @@ class ResponsesRequest(BaseModel):
     prompt_cache_key: str | None = Field(None, description="accepted; not used")
     safety_identifier: str | None = Field(None, description="accepted; not used")
     stream_options: dict[str, Any] | None = Field(None, description="accepted; not used")
+    reasoning: dict[str, Any] | None = Field(
+        None, description="only when it asks for nothing ({}): no hidden reasoning"
+    )
+    background: bool | None = Field(None, description="only false: responses run in the foreground")
 
     @model_validator(mode="before")
     @classmethod
     def _refuse_what_cannot_be_honoured(cls, values: Any) -> Any:
         if isinstance(values, dict):
             for name, why in REFUSED.items():
-                if values.get(name) not in (None, False):
+                value = values.get(name)
+                unset = isinstance(value, dict) and not any(v is not None for v in value.values())  # reasoning: {}
+                if value not in (None, False) and not unset:
                     raise InvalidParameter(f"{name} is not supported here: {why}")
         return values
 
@@ -171,8 +187,8 @@ def _parts(content: Any, role: str, where: str) -> list[dict[str, Any]]:
             url, detail = part.get("image_url"), part.get("detail", "auto")
             if not isinstance(url, str):
                 raise InvalidRequest(f"{where}.content[{j}]: input_image needs image_url (file_id is not served)")
-            if detail not in DETAILS:
-                raise InvalidRequest(f"{where}.content[{j}].detail must be one of {DETAILS}")
+            if detail not in IMAGE_DETAILS:
+                raise InvalidRequest(f"{where}.content[{j}].detail must be one of {IMAGE_DETAILS}")
             parts.append({"type": "input_image", "image_url": url, "detail": detail})
         else:
             raise InvalidRequest(
@@ -204,9 +220,14 @@ def normalized_items(value: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
         elif kind == "function_call_output" and isinstance(item.get("call_id"), str):
             output = item.get("output")
             if isinstance(output, list):
-                output = "\n".join(p.get("text", "") for p in output if isinstance(p, dict))
+                if not all(
+                    isinstance(p, dict) and p.get("type") == "input_text" and isinstance(p.get("text"), str)
+                    for p in output
+                ):
+                    raise InvalidRequest(f"{where}.output must be a string or input_text parts (images are not served)")
+                output = "\n".join(p["text"] for p in output)
             if not isinstance(output, str):
-                raise InvalidRequest(f"{where}.output must be a string")
+                raise InvalidRequest(f"{where}.output must be a string or input_text parts")
             items.append(
                 {"type": "function_call_output", "id": _new_id("fco"), "call_id": item["call_id"], "output": output}
             )
@@ -242,7 +263,7 @@ def to_chat_messages(instructions: str | None, items: list[dict[str, Any]]) -> l
         if item["type"] == "message":
             role = "system" if item["role"] == "developer" else item["role"]
             content = [
-                {"type": "image_url", "image_url": {"url": p["image_url"], "detail": p["detail"]}}
+                {"type": "image_url", "image_url": {"url": p["image_url"], "detail": _chat_detail(p["detail"])}}
                 if p["type"] == "input_image"
                 else {"type": "text", "text": p["text"]}
                 for p in item["content"]
@@ -344,9 +365,17 @@ async def create_response(body: ResponsesRequest, request: Request):
     await _inline_images(items, settings)
     history: list[dict[str, Any]] = []
     if body.previous_response_id is not None:
-        chain = store.chain(body.previous_response_id) if settings.store_responses else None
-        if chain is None:
+        found = None
+        if settings.store_responses:
+            found = await run_in_threadpool(store.chain, body.previous_response_id, settings.max_response_chain)
+        if found is None:
             raise NotFound(f"previous response {body.previous_response_id!r} not found (is it stored? store: true)")
+        chain, longer = found
+        if longer and body.truncation != "auto":
+            raise InvalidRequest(
+                f"the conversation before this response is longer than {settings.max_response_chain} responses "
+                "(MAX_RESPONSE_CHAIN): send truncation: auto to leave out the oldest, or start a new conversation"
+            )
         for stored in chain:
             history += stored.input_items + stored.response["output"]
     generation = GenerationRequest(
@@ -366,15 +395,15 @@ async def create_response(body: ResponsesRequest, request: Request):
     response_id, created = _new_id("resp"), int(time.time())
     keep = body.store and settings.store_responses
 
-    def finish(final: Final, output: list[dict[str, Any]]) -> dict[str, Any]:
+    async def finish(final: Final, output: list[dict[str, Any]]) -> dict[str, Any]:
         response = response_object(body, response_id, created, model, keep, output, final)
         if keep:
-            store.add(response, items)
+            await run_in_threadpool(store.add, response, items)
         return response
 
     if not body.stream:
         final = first if isinstance(first, Final) else await unless_gone(request, _final(stream))
-        return finish(final, output_items(final, with_tools))
+        return await finish(final, output_items(final, with_tools))
     start = response_object(body, response_id, created, model, keep, [], None)
     events = _events(start, first, stream, with_tools, finish)
     return EventSourceResponse(events, ping=15, headers={"X-Accel-Buffering": "no"})
@@ -457,16 +486,21 @@ async def _events(start: dict[str, Any], first, stream, with_tools: bool, finish
             )
             yield event("response.output_item.done", output_index=index, item=item)
             output.append(item)
-        response = finish(final, output)
+        response = await finish(final, output)
         kind = "response.incomplete" if response["status"] == "incomplete" else "response.completed"
         yield event(kind, response=response)
     except EngineError as exc:  # mid-stream: the status line is already sent
         error = error_body("/v1/responses", exc.status, exc.code, exc.message)["error"]
         yield event("error", code=exc.code, message=exc.message, param=error["param"])
+    except Exception:  # a bug here: the client still hears that the answer broke off
+        log.exception("the Responses stream %s failed", start["id"])
+        yield event("error", code="internal_error", message="internal error: the answer broke off", param=None)
 
 
-def _stored(request: Request, response_id: str):
-    stored = request.app.state.responses.get(response_id) if request.app.state.settings.store_responses else None
+async def _stored(request: Request, response_id: str):
+    stored = None
+    if request.app.state.settings.store_responses:
+        stored = await run_in_threadpool(request.app.state.responses.get, response_id)
     if stored is None:
         raise NotFound(f"response {response_id!r} not found")
     return stored
@@ -474,13 +508,13 @@ def _stored(request: Request, response_id: str):
 
 @router.get("/responses/{response_id}", operation_id="retrieve_response")
 async def retrieve_response(response_id: str, request: Request):
-    return _stored(request, response_id).response
+    return (await _stored(request, response_id)).response
 
 
 @router.delete("/responses/{response_id}", operation_id="delete_response")
 async def delete_response(response_id: str, request: Request):
-    _stored(request, response_id)
-    request.app.state.responses.delete(response_id)
+    await _stored(request, response_id)
+    await run_in_threadpool(request.app.state.responses.delete, response_id)
     return {"id": response_id, "object": "response", "deleted": True}
 
 
@@ -492,7 +526,7 @@ async def list_input_items(
     order: Literal["asc", "desc"] = "desc",
     after: str | None = None,
 ):
-    items = list(_stored(request, response_id).input_items)
+    items = list((await _stored(request, response_id)).input_items)
     if order == "desc":
         items.reverse()
     if after is not None:

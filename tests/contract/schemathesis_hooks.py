@@ -68,7 +68,20 @@ def _guides_compile(body: dict) -> bool:
         options = body.get(outer)
         if isinstance(options, dict) and isinstance(options.get(inner), dict):
             schemas.append(options[inner].get("schema"))
+    if _constrains_tools(body.get("tool_choice")) and isinstance(body.get("tools"), list):
+        for tool in body["tools"]:  # their parameters become the answer's grammar
+            if isinstance(tool, dict):
+                function = tool.get("function") if isinstance(tool.get("function"), dict) else tool
+                schemas.append(function.get("parameters", function.get("input_schema")))
     return all(_compiles(schema) for schema in schemas if isinstance(schema, dict))
+
+
+def _constrains_tools(choice: object) -> bool:
+    """A tool_choice that makes the answer a call (chat's "required" or a named function,
+    Anthropic's "any" or "tool"): the tools' schemas are compiled then."""
+    if choice == "required":
+        return True
+    return isinstance(choice, dict) and choice.get("type") in ("function", "any", "tool")
 
 
 def _named_tool(body: dict) -> tuple[str | None, set]:

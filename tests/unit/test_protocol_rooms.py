@@ -87,15 +87,85 @@ def test_a_continued_response_sends_the_whole_conversation_with_its_image(client
     assert second["previous_response_id"] == first["id"] and second["status"] == "completed"
 
 
-def test_a_chain_is_read_back_up_to_max_history_responses(client):
-    http, backend = client(max_history=2)
+def test_a_chain_longer_than_max_response_chain_needs_truncation_auto(client):
+    http, backend = client(max_response_chain=2)
     with http:
         previous = None
-        for turn in range(4):
+        for turn in range(3):
             body = {"model": "qwen3-vl", "input": f"turn {turn}", "previous_response_id": previous}
             previous = http.post("/v1/responses", json={k: v for k, v in body.items() if v is not None}).json()["id"]
+        longer = {"model": "qwen3-vl", "input": "turn 3", "previous_response_id": previous}
+        refused = http.post("/v1/responses", json=longer)
+        cut = http.post("/v1/responses", json={**longer, "truncation": "auto"})
+    assert refused.status_code == 400 and "MAX_RESPONSE_CHAIN" in refused.json()["error"]["message"]
+    assert cut.status_code == 200
     last = [m.text for m in backend.seen[-1].messages if m.role == "user"]
     assert last == ["turn 1", "turn 2", "turn 3"]  # two stored responses back, then this turn
+
+
+def test_the_stored_responses_are_bounded_in_bytes(tmp_path):
+    from fastapi_app.response_store import ResponseStore
+
+    store = ResponseStore(tmp_path / "h.sqlite3", max_rows=100, max_bytes=2500)
+    for i in range(6):
+        store.add({"id": f"r{i}", "created_at": i, "output": []}, [{"text": "x" * 900}])
+    kept = [i for i in range(6) if store.get(f"r{i}") is not None]
+    assert kept == [4, 5]  # about 1 kB each: the newest that fit in 2.5 kB
+    store.close()
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "says"),
+    [
+        ("/v1/messages", {"tools": [{"type": "web_search_20250305", "name": "web_search"}]}, "server tools"),
+        ("/v1/messages", {"thinking": {"type": "enabled", "budget_tokens": 1024}}, "thinking"),
+        ("/v1/responses", {"reasoning": {"effort": "high"}}, "reasoning"),
+        (
+            "/v1/responses",
+            {"input": [{"type": "function_call_output", "call_id": "c", "output": [{"type": "input_image"}]}]},
+            "images are not served",
+        ),
+    ],
+)
+def test_what_cannot_be_honoured_is_refused(client, path, body, says):
+    http, _ = client()
+    base = {"model": "qwen3-vl", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]}
+    if path == "/v1/responses":
+        base = {"model": "qwen3-vl", "input": "hi"}
+    with http:
+        reply = http.post(path, json={**base, **body})
+    assert reply.status_code == 400 and says in reply.text
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/messages", {"thinking": {"type": "disabled"}}),
+        ("/v1/responses", {"reasoning": {}}),
+        ("/v1/responses", {"background": False}),
+        (
+            "/v1/responses",
+            {
+                "input": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "input_text", "text": "hi"},
+                            {"type": "input_image", "image_url": DATA_URL, "detail": "original"},
+                        ],
+                    }
+                ]
+            },
+        ),
+    ],
+)
+def test_what_asks_for_nothing_is_accepted(client, path, body):
+    http, _ = client()
+    base = {"model": "qwen3-vl", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]}
+    if path == "/v1/responses":
+        base = {"model": "qwen3-vl", "input": "hi"}
+    with http:
+        assert http.post(path, json={**base, **body}).status_code == 200
 
 
 def test_with_store_responses_off_nothing_is_kept_and_continuing_is_a_404(client):
@@ -242,3 +312,22 @@ def test_count_tokens_asks_the_engine_to_count_only(client):
             "/v1/messages/count_tokens", json={"model": "llava", "messages": [{"role": "user", "content": "one two"}]}
         )
     assert reply.json() == {"input_tokens": 2} and backend.seen[0].count_only is True
+
+
+def test_a_table_from_before_sizes_were_kept_gets_them(tmp_path):
+    import sqlite3
+
+    from fastapi_app.response_store import ResponseStore
+
+    old = sqlite3.connect(tmp_path / "h.sqlite3")
+    old.execute(
+        "CREATE TABLE responses (seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE, previous_id TEXT, "
+        "input_items TEXT NOT NULL, response TEXT NOT NULL, created_at REAL NOT NULL)"
+    )
+    old.execute("INSERT INTO responses (id, input_items, response, created_at) VALUES ('r0', '[]', '{}', 0)")
+    old.commit()
+    old.close()
+    store = ResponseStore(tmp_path / "h.sqlite3", max_rows=10, max_bytes=10**6)
+    store.add({"id": "r1", "created_at": 1, "output": []}, [])
+    assert store.get("r0") is not None and store.get("r1") is not None
+    store.close()

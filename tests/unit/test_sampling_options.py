@@ -53,6 +53,32 @@ def test_a_stop_string_ends_the_answer_before_it(engines, model):
     result = request.result()  # also: streamed chunks join to the answer
     assert result.text == cut and result.finish_reason == "stop"
     assert result.output_tokens < 40
+    assert result.stop_sequence == stop  # named (Anthropic's stop_sequence)
+    assert alone(engine, 2, 40).stop_sequence is None
+
+
+@pytest.mark.parametrize("model", ["llava", "qwen3-vl"])
+def test_a_stop_string_that_ends_in_whitespace_is_named_and_leaks_nothing(engines, model):
+    """The final text is stripped, so "word " is no longer in it: the stop found while
+    streaming is the one reported, where it was found."""
+    engine = engines[model]
+    full = alone(engine, 2, 40).text
+    at = full.find(" ", len(full) // 3)
+    assert at > 0, f"the test needs an answer with a space: {full!r}"
+    start = full.rfind(" ", 0, at) + 1
+    stop = full[start : at + 1]  # a word and the space after it
+    result = Request(engine, prepare(engine, 2, 40, sampling={"stop": [stop]})).result()
+    assert result.stop_sequence == stop and result.finish_reason == "stop"
+    assert result.text == full[: full.index(stop)].rstrip()
+
+
+@pytest.mark.parametrize("model", ["llava", "qwen3-vl"])
+def test_top_k_1_samples_the_greedy_answer_and_top_k_leaves_others_alone(engines, model):
+    engine = engines[model]
+    greedy = alone(engine, 1, 16).text
+    assert alone(engine, 1, 16, 1.0, top_k=1, seed=3).text == greedy
+    assert alone(engine, 1, 16, 1.0, seed=3).text != greedy  # sampling without it differs here
+    assert alone(engine, 1, 16, 1.0, top_k=0, seed=3).text == alone(engine, 1, 16, 1.0, seed=3).text
 
 
 def test_penalties_change_a_repetitive_greedy_answer(engines):

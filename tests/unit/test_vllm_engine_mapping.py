@@ -33,6 +33,7 @@ def test_every_sampling_parameter_reaches_vllm():
         "logprobs": True,
         "top_logprobs": 3,
         "logit_bias": {"50": -100, "7": 2.5},
+        "top_k": 40,
     }
     settings = resolve_settings("llava")
     prepared = Prepared(single_turn("hi", None), resolve_params(settings, 7, 0.7, 0.9, sampling))
@@ -40,6 +41,7 @@ def test_every_sampling_parameter_reaches_vllm():
         "max_tokens": 7,
         "temperature": 0.7,
         "top_p": 0.9,
+        "top_k": 40,
         "seed": 11,
         "stop": ["x", "yz"],
         "frequency_penalty": 0.5,
