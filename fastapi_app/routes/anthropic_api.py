@@ -201,9 +201,9 @@ def _tools(body: _Conversation) -> dict[str, Any] | None:
                     f"tools[{i}]: server tools ({tool.get('type')!r}) are not served here; send client tools "
                     "{name, description, input_schema}"
                 )
-            if not isinstance(tool.get("name"), str) or not isinstance(tool.get("input_schema", {}), dict):
+            if not isinstance(tool.get("name"), str) or not isinstance(tool.get("input_schema"), dict):
                 raise InvalidRequest(f"tools[{i}] must be {{name, description, input_schema}} (a client tool)")
-            function = {"name": tool["name"], "parameters": tool.get("input_schema", {"type": "object"})}
+            function = {"name": tool["name"], "parameters": tool["input_schema"]}
             if isinstance(tool.get("description"), str):
                 function["description"] = tool["description"]
             tools.append({"type": "function", "function": function})

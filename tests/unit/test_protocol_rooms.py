@@ -119,6 +119,7 @@ def test_the_stored_responses_are_bounded_in_bytes(tmp_path):
     [
         ("/v1/messages", {"tools": [{"type": "web_search_20250305", "name": "web_search"}]}, "server tools"),
         ("/v1/messages", {"thinking": {"type": "enabled", "budget_tokens": 1024}}, "thinking"),
+        ("/v1/messages", {"tools": [{"name": "zoom"}]}, "input_schema"),
         ("/v1/responses", {"reasoning": {"effort": "high"}}, "reasoning"),
         (
             "/v1/responses",
