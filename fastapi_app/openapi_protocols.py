@@ -30,6 +30,18 @@ def _model_rule(models: list[str], then: dict[str, Any]) -> dict[str, Any]:
     return {"if": {"properties": {"model": {"enum": models}}, "required": ["model"]}, "then": then}
 
 
+def _one_image(turn_with_image: dict[str, Any], image_part: dict[str, Any]) -> dict[str, Any]:
+    """A conversation (array of turns) with at most one image in all: kosmos2 and moondream2."""
+    one_part = {"type": "array", "contains": image_part, "minContains": 0, "maxContains": 1}
+    return {
+        "type": "array",
+        "contains": turn_with_image,
+        "minContains": 0,
+        "maxContains": 1,
+        "items": {"properties": {"content": {"anyOf": [STRING, one_part]}}},
+    }
+
+
 def _choice_needs_tools(field: str = "tool_choice") -> dict[str, Any]:
     return {
         "if": {"properties": {field: {"not": {"anyOf": [NULL, {"const": "none"}]}}}, "required": [field]},
@@ -145,32 +157,7 @@ def _responses_request(component: dict[str, Any], settings: Settings, no_tools: 
         }
         rules.append(_model_rule(no_tools, then))
     if single:
-        one = {
-            "anyOf": [
-                {"type": "string"},
-                {
-                    "type": "array",
-                    "contains": R_WITH_IMAGE,
-                    "minContains": 0,
-                    "maxContains": 1,
-                    "items": {
-                        "properties": {
-                            "content": {
-                                "anyOf": [
-                                    {"type": "string"},
-                                    {
-                                        "type": "array",
-                                        "contains": ref("ResponseInputImage"),
-                                        "minContains": 0,
-                                        "maxContains": 1,
-                                    },
-                                ]
-                            }
-                        }
-                    },
-                },
-            ]
-        }
+        one = {"anyOf": [{"type": "string"}, _one_image(R_WITH_IMAGE, ref("ResponseInputImage"))]}
         rules.append(_model_rule(single, {"properties": {"input": one}}))
     component["allOf"] = rules
     component["properties"]["text"] = _nullable(ref("TextOptions"))
@@ -304,26 +291,7 @@ def _anthropic_request(component: dict[str, Any], settings: Settings, no_tools: 
         }
         rules.append(_model_rule(no_tools, then))
     if single:
-        one = {
-            "contains": A_WITH_IMAGE,
-            "minContains": 0,
-            "maxContains": 1,
-            "items": {
-                "properties": {
-                    "content": {
-                        "anyOf": [
-                            STRING,
-                            {
-                                "type": "array",
-                                "contains": ref("AnthropicImageBlock"),
-                                "minContains": 0,
-                                "maxContains": 1,
-                            },
-                        ]
-                    }
-                }
-            },
-        }
+        one = _one_image(A_WITH_IMAGE, ref("AnthropicImageBlock"))
         rules.append(_model_rule(single, {"properties": {"messages": one}}))
     component["allOf"] = rules
 

@@ -434,15 +434,22 @@ async def _events(start: dict[str, Any], first, stream, with_tools: bool, finish
     part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
     hold = ToolCallHold() if with_tools else None
     text, opened = "", False
+
+    def opened_message() -> list[dict[str, str]]:
+        """The message item and its text part, announced before their first text."""
+        return [
+            event("response.output_item.added", output_index=0, item=message),
+            event("response.content_part.added", **where, part=part),
+        ]
+
     try:
         item = first
         while not isinstance(item, Final):
             piece = hold.push(item) if hold is not None else str(item)
             if piece:
-                if not opened:
-                    yield event("response.output_item.added", output_index=0, item=message)
-                    yield event("response.content_part.added", **where, part=part)
-                    opened = True
+                for opening in [] if opened else opened_message():
+                    yield opening
+                opened = True
                 text += piece
                 yield event("response.output_text.delta", **where, delta=piece, logprobs=[])
             item = await anext(stream)
@@ -450,17 +457,15 @@ async def _events(start: dict[str, Any], first, stream, with_tools: bool, finish
         if hold is not None:
             tail, calls = hold.finish()
             if tail:
-                if not opened:
-                    yield event("response.output_item.added", output_index=0, item=message)
-                    yield event("response.content_part.added", **where, part=part)
-                    opened = True
+                for opening in [] if opened else opened_message():
+                    yield opening
+                opened = True
                 text += tail
                 yield event("response.output_text.delta", **where, delta=tail, logprobs=[])
         output: list[dict[str, Any]] = []
         if opened or not calls:
-            if not opened:
-                yield event("response.output_item.added", output_index=0, item=message)
-                yield event("response.content_part.added", **where, part=part)
+            for opening in [] if opened else opened_message():
+                yield opening
             done_part = {**part, "text": text}
             yield event("response.output_text.done", **where, text=text, logprobs=[])
             yield event("response.content_part.done", **where, part=done_part)
