@@ -46,7 +46,9 @@ class Settings(BaseSettings):
         4, ge=1, le=64, description="images per request for llava and qwen3-vl (the OpenAPI limit); match the models'"
     )
     max_history: int = Field(10, ge=0, description="turns kept per session")
-    history_db: Path = Path("data/history.sqlite3")
+    history_db: Path = Field(
+        Path(".run/data/history.sqlite3"), description="runtime data, git-ignored (the local stack's own file)"
+    )
     history_busy_timeout_s: float = Field(10.0, gt=0, description="how long a write waits for a locked database")
     store_responses: bool = Field(
         True, description="keep Responses API answers (store: true) for GET and previous_response_id"

@@ -452,6 +452,9 @@ class LocalStack:
             for model, ready in self.model_states().items():
                 ok &= ready
                 print(f"  model {model:10} {'ready' if ready else 'NOT ready'}")
+        if not any(self.pid(name) for name in {s.name for s in configured} | set(self.supervisor.programs())):
+            print("the stack is not running: make demo (tiny checkpoints, no downloads) or make up (real weights)")
+            return True  # stopped is a state, not a failure; a half-running stack still fails
         return ok
 
     def logs_tail(self, lines: int = 40) -> None:

@@ -15,7 +15,7 @@ router = APIRouter(include_in_schema=False)
 PICKER = '<select id="model" aria-label="model"></select>'
 
 
-@router.get("/")
+@router.api_route("/", methods=["GET", "HEAD"])  # HEAD: load balancers and curl -I
 async def index(request: Request):
     """The page with the served models already in its picker (the script marks those not ready
     when ``/v1/models`` answers), so it is never empty, even while that request is slow."""

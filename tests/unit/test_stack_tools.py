@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -220,3 +222,20 @@ def test_dynamo_adds_its_frontend_and_a_worker_per_triton_replica(tmp_path):
     assert not any(s.name.startswith("dynamo") for s in LocalStack(StackConfig.from_env({})).services())
     with pytest.raises(SystemExit, match="file or etcd"):
         StackConfig.from_env({"DYNAMO": "1", "DYN_DISCOVERY_BACKEND": "nats"}).dynamo_env()
+
+
+def test_the_default_history_file_is_runtime_data_git_ignores():
+    """Running the service must not change a tracked file (issue 27, point 7)."""
+    from fastapi_app.settings import Settings
+
+    path = Settings.model_fields["history_db"].default
+    tracked = subprocess.run(["git", "ls-files", "--error-unmatch", str(path)], cwd=ROOT, capture_output=True)
+    ignored = subprocess.run(["git", "check-ignore", "-q", str(path)], cwd=ROOT)
+    assert tracked.returncode != 0 and ignored.returncode == 0, f"{path} is tracked or not ignored"
+
+
+def test_make_status_of_a_stopped_stack_exits_0_and_says_how_to_start_it(tmp_path):
+    env = {**os.environ, "STACK_RUN_DIR": str(tmp_path / "run"), "VLM_STACK_MODE": "local", "PYTHON": sys.executable}
+    status = subprocess.run(["make", "-s", "status"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert status.returncode == 0, status.stdout + status.stderr
+    assert "stopped" in status.stdout and "make demo" in status.stdout
