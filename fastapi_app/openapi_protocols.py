@@ -166,6 +166,12 @@ def _responses_request(component: dict[str, Any], settings: Settings, no_tools: 
 
 
 # -- Anthropic Messages ---------------------------------------------------------------------------
+def _turn(role: str, *blocks: str) -> dict[str, Any]:
+    """An Anthropic turn of ``role``: a string, or a list of these blocks; nothing else in it."""
+    content = {"anyOf": [STRING, {"type": "array", "items": {"anyOf": [ref(block) for block in blocks]}}]}
+    return {**obj(["role", "content"], role={"const": role}, content=content), "additionalProperties": False}
+
+
 A_TEXT = obj(["type", "text"], type={"const": "text"}, text=STRING, cache_control={"description": "accepted; not used"})
 A_IMAGE = obj(
     ["type", "source"],
@@ -190,41 +196,8 @@ ANTHROPIC_SCHEMAS: dict[str, Any] = {
     "AnthropicToolUseBlock": obj(
         ["type", "id", "name", "input"], type={"const": "tool_use"}, id=STRING, name=STRING, input={"type": "object"}
     ),
-    "AnthropicUserTurn": {
-        **obj(
-            ["role", "content"],
-            role={"const": "user"},
-            content={
-                "anyOf": [
-                    STRING,
-                    {
-                        "type": "array",
-                        "items": {
-                            "anyOf": [
-                                ref("AnthropicTextBlock"),
-                                ref("AnthropicImageBlock"),
-                                ref("AnthropicToolResultBlock"),
-                            ]
-                        },
-                    },
-                ]
-            },
-        ),
-        "additionalProperties": False,
-    },
-    "AnthropicAssistantTurn": {
-        **obj(
-            ["role", "content"],
-            role={"const": "assistant"},
-            content={
-                "anyOf": [
-                    STRING,
-                    {"type": "array", "items": {"anyOf": [ref("AnthropicTextBlock"), ref("AnthropicToolUseBlock")]}},
-                ]
-            },
-        ),
-        "additionalProperties": False,
-    },
+    "AnthropicUserTurn": _turn("user", "AnthropicTextBlock", "AnthropicImageBlock", "AnthropicToolResultBlock"),
+    "AnthropicAssistantTurn": _turn("assistant", "AnthropicTextBlock", "AnthropicToolUseBlock"),
     "AnthropicTool": obj(
         ["name", "input_schema"],
         type={"const": "custom"},
