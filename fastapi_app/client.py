@@ -16,6 +16,10 @@ import numpy as np
 class Answer:
     text: str
     seconds: float
+    entities: list[dict] | None = None  # Kosmos-2's grounded phrases, moondream2's detections
+
+
+GROUNDING = ("kosmos2", "moondream2")  # their faces answer entities too
 
 
 class VLMClient:
@@ -37,6 +41,7 @@ class VLMClient:
 
             self._client = module.InferenceServerClient(address)
         self._module = module
+        self.last_entities: list[dict] | None = None
 
     def _inputs(self, image: bytes | str | Path | None, prompt: str, max_tokens, temperature, top_p) -> list:
         if isinstance(image, (str, Path)):
@@ -59,18 +64,32 @@ class VLMClient:
         return tensors
 
     def infer(self, model: str, image, prompt: str, max_tokens=None, temperature=None, top_p=None) -> str:
-        """The whole answer (KServe ``infer`` on ``model``)."""
-        result = self._client.infer(model, self._inputs(image, prompt, max_tokens, temperature, top_p))
-        return result.as_numpy("generated_text").reshape(-1)[0].decode()
+        """The whole answer (KServe ``infer`` on ``model``; without an image, on ``<model>_stream``,
+        whose image is optional: the ``<model>`` face takes a prompt and an image)."""
+        return self._answer(model, image, prompt, max_tokens, temperature, top_p)[0]
 
     def chat(self, model: str, image, prompt: str, **params) -> Answer:
-        """The answer and the seconds it took."""
+        """The answer, the seconds it took, and the entities of the models that ground."""
         start = time.perf_counter()
-        text = self.infer(model, image, prompt, **params)
-        return Answer(text, time.perf_counter() - start)
+        text, entities = self._answer(model, image, prompt, **params)
+        return Answer(text, time.perf_counter() - start, entities)
+
+    def _answer(self, model: str, image, prompt: str, max_tokens=None, temperature=None, top_p=None):
+        if image is None:
+            chunks = self._stream_grpc_or_http(model, None, prompt, max_tokens, temperature, top_p)
+            return "".join(chunks), (self.last_entities if model in GROUNDING else None)
+        result = self._client.infer(model, self._inputs(image, prompt, max_tokens, temperature, top_p))
+        text = result.as_numpy("generated_text").reshape(-1)[0].decode()
+        entities = result.as_numpy("entities") if model in GROUNDING else None
+        return text, (json.loads(entities.reshape(-1)[0]) if entities is not None else None)
 
     def stream(self, model: str, image, prompt: str, max_tokens=None, temperature=None, top_p=None) -> Iterator[str]:
-        """Text chunks as they are generated (``<model>_stream``)."""
+        """Text chunks as they are generated (``<model>_stream``); afterwards ``last_entities``
+        holds the entities of the models that ground."""
+        return self._stream_grpc_or_http(model, image, prompt, max_tokens, temperature, top_p)
+
+    def _stream_grpc_or_http(self, model, image, prompt, max_tokens, temperature, top_p) -> Iterator[str]:
+        self.last_entities = None
         if self.protocol == "grpc":
             yield from self._stream_grpc(model, self._inputs(image, prompt, max_tokens, temperature, top_p))
             return
@@ -91,6 +110,8 @@ class VLMClient:
                     event = json.loads(line[6:])
                     if "error" in event:
                         raise RuntimeError(event["error"])
+                    if isinstance(event.get("entities"), str):
+                        self.last_entities = json.loads(event["entities"])
                     if event.get("generated_text"):
                         yield event["generated_text"]
 
@@ -104,6 +125,8 @@ class VLMClient:
                 if error is not None:
                     raise RuntimeError(error.message())
                 response = result.get_response()
+                if any(o.name == "entities" for o in response.outputs):
+                    self.last_entities = json.loads(result.as_numpy("entities").reshape(-1)[0])
                 if any(o.name == "generated_text" for o in response.outputs):
                     text = result.as_numpy("generated_text").reshape(-1)[0].decode()
                     if text:

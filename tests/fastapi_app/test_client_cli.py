@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -40,3 +41,28 @@ def test_cli_ask(triton, tmp_path, jpeg):
         [*base, "--image", str(tmp_path / "nope.jpg"), "hi"], cwd=ROOT, capture_output=True, text=True, timeout=120
     )
     assert missing.returncode == 1 and missing.stderr.startswith("error:") and "nope.jpg" in missing.stderr
+
+
+@pytest.mark.parametrize("scheme", ["http", "grpc"])
+def test_cli_without_an_image_with_entities_and_streamed_with_its_timing(triton, tmp_path, png, scheme):
+    """Issue 27, point 3: --image is optional (the text goes to <model>_stream, whose image is
+    optional), Kosmos-2's entities are printed, and --stream keeps the timing line."""
+    url = f"http://{triton.http_url}" if scheme == "http" else f"grpc://{triton.grpc_url}"
+    image = tmp_path / "photo.png"
+    image.write_bytes(png)
+
+    def ask(*args: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "fastapi_app", "ask", "--url", url, "--max-tokens", "6", *args]
+        return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+    plain = ask("--model", "llava", "hi")
+    assert plain.returncode == 0 and plain.stdout.strip(), plain.stderr
+    assert "(llava, " in plain.stderr and "entities" not in plain.stdout
+    grounded = ask("--model", "kosmos2", "--image", str(image), "An image of")
+    assert grounded.returncode == 0, grounded.stderr
+    (line,) = [line for line in grounded.stdout.splitlines() if line.startswith("entities: ")]
+    assert isinstance(json.loads(line.removeprefix("entities: ")), list)
+    streamed = ask("--model", "kosmos2", "--image", str(image), "--stream", "An image of")
+    assert streamed.returncode == 0 and "(kosmos2, " in streamed.stderr, streamed.stderr
+    assert streamed.stdout.splitlines()[0] == grounded.stdout.splitlines()[0]  # greedy: the same answer
+    assert any(line.startswith("entities: ") for line in streamed.stdout.splitlines())
