@@ -79,14 +79,14 @@ swarm-down:  ## remove the Swarm stack
 status:  ## each service and model, ready or not
 	PYTHON=$(PYTHON) ./triton_start.sh status
 
-logs:  ## the last lines of every service's log
-	PYTHON=$(PYTHON) ./triton_start.sh logs
+logs:  ## the last lines of every service's log, the service's first; FOLLOW=1: follow them all (Ctrl-C stops)
+	PYTHON=$(PYTHON) ./triton_start.sh logs $(if $(filter 1 yes true,$(FOLLOW)),--follow)
 
 triton: install  ## only tritonserver, in the foreground (real weights; VLM_MODELS_DIR for others)
 	$(PYTHON) -m vlm_triton.launch
 
 api: install  ## run the FastAPI service on :8080 (Triton backend; INFERENCE_BACKEND=local for in-process)
-	$(PYTHON) -m uvicorn --factory fastapi_app.main:create_app --host 127.0.0.1 --port 8080
+	$(PYTHON) -m uvicorn --factory fastapi_app.main:create_app --host 127.0.0.1 --port 8080 --no-access-log --log-config vlm_stack/uvicorn_logging.json
 
 loadtest: install  ## locust through nginx (HOST, USERS, SPAWN_RATE, DURATION, PROFILE, MODELS, MAX_TOKENS, WEIGHTS, SLO_*)
 	$(PYTHON) -m loadtests.run

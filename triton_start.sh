@@ -1,13 +1,22 @@
 #!/usr/bin/env bash
 # Bring the whole stack up, the way this machine allows: Docker Compose with the GPU file on
 # an NVIDIA host, the CPU file without a GPU, local processes without Docker.
-#   ./triton_start.sh [up|down|status|logs]      (default: up)
+#   ./triton_start.sh [up|down|status|logs [-f|--follow]]      (default: up)
 # Environment: NGINX_PORT (80), VLM_MODELS_DIR (empty: real weights), VLM_STACK_MODE (force),
 # TRITON_REPLICAS (Triton servers; GPU hosts: one per GPU by default), TRITON_GPUS (0,1,...),
 # VLM_SYSTEM_PACKAGES=skip (local mode: start without the system packages that are missing).
 set -euo pipefail
 cd "$(dirname "$0")"
 command=${1:-up}
+follow=()  # logs -f: follow every log (Compose: docker compose logs -f; local: python -m vlm_stack logs --follow)
+if [ "$command" = logs ]; then
+  for arg in "${@:2}"; do
+    case "$arg" in
+      -f|--follow) follow=(--follow) ;;
+      *) echo "usage: $0 logs [-f|--follow]" >&2; exit 2 ;;
+    esac
+  done
+fi
 mode=$(./scripts/detect.sh)
 PYTHON=${PYTHON:-python3}
 compose_file=docker-compose-cpu.yml
@@ -23,7 +32,7 @@ if [ "$mode" = local ]; then
   if [ "$command" = up ] && [ "${VLM_SYSTEM_PACKAGES:-}" != skip ]; then
     ./scripts/system_packages.sh || exit $?
   fi
-  exec "$PYTHON" -m vlm_stack "$command"
+  exec "$PYTHON" -m vlm_stack "$command" ${follow[@]+"${follow[@]}"}
 fi
 # Compose mounts ./.models at /models: a checkpoint folder under it is passed by its container
 # path; `make up` (nothing set) means real weights from the HF cache volume.
@@ -65,6 +74,6 @@ case "$command" in
       echo "vlm-serve is up: http://localhost$([ "${NGINX_PORT:-80}" != 80 ] && echo ":${NGINX_PORT}")/" ;;
   down) "${compose[@]}" down --remove-orphans ;;
   status) "${compose[@]}" ps ;;
-  logs) "${compose[@]}" logs --tail=100 ;;
-  *) echo "usage: $0 [up|down|status|logs]" >&2; exit 2 ;;
+  logs) "${compose[@]}" logs --tail=100 ${follow[@]+-f} ;;
+  *) echo "usage: $0 [up|down|status|logs [-f]]" >&2; exit 2 ;;
 esac

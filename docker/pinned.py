@@ -37,6 +37,7 @@ GROUPS = {
         "uvicorn",
         "sse-starlette",
         "python-multipart",
+        "fastapi-offline",  # /docs and /redoc assets, served offline
         "httpx",
         "prometheus-client",
         "tritonclient[grpc]",

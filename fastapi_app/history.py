@@ -27,11 +27,15 @@ CREATE TABLE IF NOT EXISTS turns (
     prompt TEXT NOT NULL,
     response TEXT NOT NULL,
     had_image INTEGER NOT NULL DEFAULT 0,
-    created_at REAL NOT NULL
+    created_at REAL NOT NULL,
+    seconds REAL,
+    completion_tokens INTEGER
 );
 CREATE INDEX IF NOT EXISTS turns_session ON turns (session_id, id);
 CREATE TABLE IF NOT EXISTS deleted_sessions (session_id TEXT PRIMARY KEY, deleted_at REAL NOT NULL);
 """
+# columns added since the first release: a file made before them gets them on open (NULL in old turns)
+ADDED_COLUMNS = {"seconds": "REAL", "completion_tokens": "INTEGER"}
 
 
 @dataclass
@@ -41,6 +45,8 @@ class Turn:
     response: str
     had_image: bool
     created_at: float
+    seconds: float | None = None  # how long the answer took (None in turns kept before it was recorded)
+    completion_tokens: int | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -57,6 +63,10 @@ class HistoryStore:
             raise RuntimeError(f"history database {path} cannot use WAL mode (got {mode!r})")
         self._db.execute("PRAGMA synchronous = FULL")
         self._db.executescript(SCHEMA)
+        present = {row[1] for row in self._db.execute("PRAGMA table_info(turns)")}
+        for column, kind in ADDED_COLUMNS.items():
+            if column not in present:
+                self._db.execute(f"ALTER TABLE turns ADD COLUMN {column} {kind}")
         self._lock = threading.Lock()
 
     def pragma(self, name: str):
@@ -67,10 +77,11 @@ class HistoryStore:
     def turns(self, session_id: str) -> list[Turn]:
         with self._lock:
             rows = self._db.execute(
-                "SELECT model, prompt, response, had_image, created_at FROM turns WHERE session_id = ? ORDER BY id",
+                "SELECT model, prompt, response, had_image, created_at, seconds, completion_tokens "
+                "FROM turns WHERE session_id = ? ORDER BY id",
                 (session_id,),
             ).fetchall()
-        return [Turn(m, p, r, bool(i), c) for m, p, r, i, c in rows]
+        return [Turn(m, p, r, bool(i), c, s, n) for m, p, r, i, c, s, n in rows]
 
     def check_open(self, session_id: str) -> None:
         """``SessionDeleted`` for an id that was deleted."""
@@ -81,13 +92,22 @@ class HistoryStore:
         if self._db.execute("SELECT 1 FROM deleted_sessions WHERE session_id = ?", (session_id,)).fetchone():
             raise SessionDeleted(f"session {session_id!r} was deleted; start another (a new session_id)")
 
-    def add(self, session_id: str, model: str, prompt: str, response: str, had_image: bool) -> None:
+    def add(
+        self,
+        session_id: str,
+        model: str,
+        prompt: str,
+        response: str,
+        had_image: bool,
+        seconds: float | None = None,
+        completion_tokens: int | None = None,
+    ) -> None:
         with self._lock, self._db:
             self._check_open(session_id)
             self._db.execute(
-                "INSERT INTO turns (session_id, model, prompt, response, had_image, created_at) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                (session_id, model, prompt, response, int(had_image), time.time()),
+                "INSERT INTO turns (session_id, model, prompt, response, had_image, created_at, seconds, "
+                "completion_tokens) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (session_id, model, prompt, response, int(had_image), time.time(), seconds, completion_tokens),
             )
             self._db.execute(
                 "DELETE FROM turns WHERE session_id = ? AND id NOT IN "

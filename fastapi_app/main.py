@@ -17,6 +17,7 @@ from fastapi_app.middleware import BodyLimit, RequestMetrics
 from fastapi_app.response_store import ResponseStore
 from fastapi_app.routes import (
     anthropic_api,
+    api_docs,
     chat,
     completions_api,
     health,
@@ -57,6 +58,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description="Vision-language chat over Triton: OpenAI-compatible API, REST chat with history.",
         version="0.1.0",
         lifespan=lifespan,
+        docs_url=None,  # served offline by routes/api_docs.py (FastAPI's pages load from a CDN)
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.backend = make_backend(settings)
@@ -72,12 +75,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         chat.router,
         health.router,
         web.router,
+        api_docs.router,
     )
     if settings.inference_backend == "local":  # KServe v2 answered here; with Triton, nginx sends /v2 to Triton
         routers += (kserve.router,)
     for router in routers:
         app.include_router(router)
     app.state.routes = [route for router in routers for route in router.routes]  # for 405's Allow
+    app.mount(api_docs.ASSETS_URL, StaticFiles(directory=api_docs.ASSETS), name="api-docs")  # before /static
     app.mount("/static", StaticFiles(directory=web.STATIC), name="static")
     keys = settings.keys
     app.state.api_keys = keys

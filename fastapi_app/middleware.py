@@ -1,8 +1,9 @@
-"""ASGI middleware: body size limit (413) and per-route request metrics."""
+"""ASGI middleware: body size limit (413), per-route request metrics and a log line per request."""
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 
 from fastapi_app import metrics
@@ -53,8 +54,28 @@ class _TooLarge(Exception):
     pass
 
 
+# One line per request: ``POST /v1/chat/completions 200 812.4ms id=<X-Request-ID>``. The
+# probes and Prometheus' scrapes are logged at DEBUG (they come every few seconds). The stack
+# starts uvicorn without its own access log and with vlm_stack/uvicorn_logging.json, which
+# shows this logger's INFO lines.
+access_log = logging.getLogger("fastapi_app.access")
+QUIET_PATHS = frozenset({"/health", "/health/ready", "/metrics", "/favicon.ico"})
+
+
+def log_request(scope, status: int, seconds: float) -> None:
+    level = logging.DEBUG if scope["path"] in QUIET_PATHS else logging.INFO
+    if not access_log.isEnabledFor(level):
+        return
+    # the path as sent (percent-encoded: a %0A cannot start a line of its own)
+    raw = scope.get("raw_path")
+    path = raw.decode("latin-1") if raw else scope["path"].encode("unicode_escape").decode("ascii")
+    request_id = next((v for k, v in scope.get("headers", ()) if k == b"x-request-id"), b"")
+    suffix = f" id={request_id[:128].decode('latin-1')}" if request_id else ""
+    access_log.log(level, "%s %s %d %.1fms%s", scope["method"], path, status, seconds * 1000, suffix)
+
+
 class RequestMetrics:
-    """Requests by route template and status, latency, in-flight."""
+    """Requests by route template and status, latency, in-flight; a log line for each."""
 
     def __init__(self, app):
         self.app = app
@@ -78,7 +99,9 @@ class RequestMetrics:
         finally:
             metrics.IN_FLIGHT.labels(label).dec()
             metrics.REQUESTS.labels(label, scope["method"], str(status["code"])).inc()
-            metrics.REQUEST_SECONDS.labels(label).observe(time.perf_counter() - start)
+            elapsed = time.perf_counter() - start
+            metrics.REQUEST_SECONDS.labels(label).observe(elapsed)
+            log_request(scope, status["code"], elapsed)
 
 
 def _template(scope) -> str:

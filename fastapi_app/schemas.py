@@ -175,6 +175,8 @@ TURN = obj(
     response=STRING,
     had_image={"type": "boolean"},
     created_at=NUMBER,
+    seconds={"anyOf": [NUMBER, {"type": "null"}], "description": "how long the answer took; null in older turns"},
+    completion_tokens={"anyOf": [COUNT, {"type": "null"}], "description": "the answer's tokens; null in older turns"},
 )
 RESPONSE_SCHEMAS: dict[str, Any] = {
     "ChatCompletion": obj(

@@ -7,8 +7,10 @@
 
 Writes into ``RESULTS_DIR`` (default ``loadtests/results/<timestamp>/``): ``report.html``
 (locust's report), ``locust_stats.csv``, ``locust_stats_history.csv``, ``locust_failures.csv``,
-``locust_exceptions.csv``, ``summary.md``, ``summary.json``, ``samples.json`` (every sample)
-and ``locust.log`` / ``locust-console.txt``. Prints the summary.
+``locust_exceptions.csv``, ``summary.md`` (every table), ``summary.json``, ``samples.json``
+(every sample) and ``locust.log`` / ``locust-console.txt``. Prints how long it runs first, and
+at the end the figures read first (per model and in total: requests/s, TTFT p50/p95, output
+tokens/s, failures) in 80 columns, then the path of summary.md on the last line.
 
 Exit status: 0 when every configured SLO holds; 1 when one is broken (each named, measured
 against its threshold); 2 when the run itself failed (bad settings, locust crashed, no
@@ -28,7 +30,7 @@ import time
 from pathlib import Path
 
 from loadtests.config import PROFILES, ConfigError, Settings
-from loadtests.summary import SLO_NAMES, check_slos, markdown, slo_thresholds, summarise
+from loadtests.summary import SLO_NAMES, brief, check_slos, markdown, slo_thresholds, summarise
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -165,9 +167,10 @@ def run_headless(settings: Settings, env: dict[str, str], verbose: bool) -> int:
             str(results / "locust.log"),
         ],
     )
+    print(start_line(settings, seconds), flush=True)
     print(
-        f"[loadtest] {settings.profile} profile, {settings.users} users (+{settings.spawn_rate}/s) for {seconds}s "
-        f"against {settings.host}, models {', '.join(settings.models)}, max_tokens {settings.max_tokens}",
+        f"[loadtest] {settings.profile} profile, +{settings.spawn_rate:g} users/s, max_tokens {settings.max_tokens}, "
+        f"models {', '.join(settings.models)}",
         flush=True,
     )
     print(f"[loadtest] results in {results}", flush=True)
@@ -200,7 +203,20 @@ def run_headless(settings: Settings, env: dict[str, str], verbose: bool) -> int:
         print(f"[loadtest] locust failed (exit {returncode}); see {console}\n{tail}", file=sys.stderr)
         return 2
 
-    samples = json.loads(samples_path.read_text())
+    return finish(results, json.loads(samples_path.read_text()), env, settings.host, command, interrupted)
+
+
+def start_line(settings: Settings, seconds: int) -> str:
+    """What a person wants to know before waiting: how long, how many users, against what."""
+    minutes = f" ({seconds / 60:.3g} min)" if seconds >= 120 else ""
+    who = f"{settings.users} users against {settings.host}"
+    return f"[loadtest] running {seconds} s{minutes} with {who}; Ctrl-C stops early"
+
+
+def finish(results: Path, samples: dict, env: dict[str, str], host: str, command: list[str], interrupted: bool) -> int:
+    """The summary of a run's samples: summary.md (every table) and summary.json written,
+    the brief block printed (per model and in total, 80 columns), the SLOs judged; the
+    last line printed names summary.md. Returns the exit status."""
     summary = summarise(samples)
     thresholds = slo_thresholds(env)
     violations = check_slos(summary, thresholds)
@@ -212,32 +228,39 @@ def run_headless(settings: Settings, env: dict[str, str], verbose: bool) -> int:
         "passed": not violations,
     }
     summary["exceptions"] = exceptions
-    text = markdown(summary, violations, thresholds)
-    (results / "summary.md").write_text(text)
+    (results / "summary.md").write_text(markdown(summary, violations, thresholds))
     (results / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(text)
-    if (results / "report.html").exists():
-        print(f"[loadtest] HTML report: {results / 'report.html'}")
+    print()
+    print("\n".join(brief(summary)), flush=True)
+
+    def problem(message: str) -> None:
+        print(f"[loadtest] {message}", file=sys.stderr, flush=True)
+
+    code = 0
     if exceptions:
         for row in exceptions:
-            print(f"[loadtest] the user code raised {row['count']} x {row['message']}", file=sys.stderr)
-        return 2
-    if summary["total"]["requests"] == 0:
-        print("[loadtest] no request was made: is the host up?", file=sys.stderr)
-        return 2
-    if summary["total"]["failures"] == summary["total"]["requests"]:
-        print(f"[loadtest] every request failed: is {settings.host} the gateway, and is the stack up?", file=sys.stderr)
-    if interrupted:
-        print("[loadtest] the run was interrupted: the summary covers the time until then", file=sys.stderr)
-        return 130
-    if violations:
-        for violation in violations:
-            print(f"[loadtest] {violation.message}", file=sys.stderr)
-        print(f"[loadtest] FAILED: {len(violations)} SLO violation(s)", file=sys.stderr)
-        return 1
-    if thresholds:
-        print("[loadtest] SLOs met: " + ", ".join(f"{k}={v:g}" for k, v in thresholds.items()))
-    return 0
+            problem(f"the user code raised {row['count']} x {row['message']}")
+        code = 2
+    elif summary["total"]["requests"] == 0:
+        problem("no request was made: is the host up?")
+        code = 2
+    else:
+        if summary["total"]["failures"] == summary["total"]["requests"]:
+            problem(f"every request failed: is {host} the gateway, and is the stack up?")
+        if interrupted:
+            problem("the run was interrupted: the summary covers the time until then")
+            code = 130
+        elif violations:
+            for violation in violations:
+                problem(violation.message)
+            problem(f"FAILED: {len(violations)} SLO violation(s)")
+            code = 1
+        elif thresholds:
+            print("[loadtest] SLOs met: " + ", ".join(f"{k}={v:g}" for k, v in thresholds.items()), flush=True)
+    if (results / "report.html").exists():
+        print(f"[loadtest] locust's report: {results / 'report.html'}")
+    print(f"[loadtest] every table (per endpoint and model, p99, ITL): {results / 'summary.md'}", flush=True)
+    return code
 
 
 def run_ui(settings: Settings, env: dict[str, str], web_host: str, web_port: str) -> int:

@@ -85,7 +85,8 @@ def _row(entries: list[dict], elapsed_s: float) -> dict:
 
 
 def summarise(samples: dict) -> dict:
-    """``samples``: the locustfile's JSON. Returns ``{"run", "total", "endpoints", "rows"}``."""
+    """``samples``: the locustfile's JSON. Returns ``{"run", "total", "endpoints", "models", "rows"}``
+    (``models``: one row per model over every endpoint)."""
     elapsed = float(samples.get("elapsed_s") or 0.0)
     entries = samples.get("entries", [])
     keys = sorted({(e["endpoint"], e["model"]) for e in entries if e["type"] not in MEASUREMENT_TYPES})
@@ -97,9 +98,19 @@ def summarise(samples: dict) -> dict:
     for endpoint in sorted({k[0] for k in keys}):
         chosen = [e for e in entries if e["endpoint"] == endpoint]
         endpoints.append({"endpoint": endpoint, "model": "all", **_row(chosen, elapsed)})
+    models = []
+    for model in dict.fromkeys(k[1] for k in sorted(keys, key=lambda k: _model_order(k[1], samples))):
+        chosen = [e for e in entries if e["model"] == model]
+        models.append({"endpoint": "all", "model": model, **_row(chosen, elapsed)})
     total = {"endpoint": "all", "model": "all", **_row(entries, elapsed)}
     run = {**samples.get("settings", {}), "elapsed_s": round(elapsed, 2), "started": samples.get("started")}
-    return {"run": run, "total": total, "endpoints": endpoints, "rows": rows}
+    return {"run": run, "total": total, "endpoints": endpoints, "models": models, "rows": rows}
+
+
+def _model_order(model: str, samples: dict) -> tuple[int, str]:
+    """The run's own order of its models (MODELS), then any other by name."""
+    named = list(samples.get("settings", {}).get("models") or [])
+    return (named.index(model), "") if model in named else (len(named), model)
 
 
 # SLOs -------------------------------------------------------------------------------------
@@ -231,6 +242,52 @@ def _table(rows: list[dict]) -> list[str]:
     return lines
 
 
+# The terminal ---------------------------------------------------------------------------
+# What a person reads first, per model and in total, in 80 columns: the full tables are in
+# summary.md. Each column has its own fixed decimals.
+BRIEF_COLUMNS = (  # title, width, field, format
+    ("req/s", 9, "rps", "{:.2f}"),
+    ("TTFT p50 ms", 13, "ttft_p50_ms", "{:.0f}"),
+    ("TTFT p95 ms", 13, "ttft_p95_ms", "{:.0f}"),
+    ("tok/s", 10, "output_tokens_per_s", "{:.1f}"),
+)
+ERRORS_WIDTH = 15
+BRIEF_WIDTH = 80
+MODEL_WIDTH = 16
+
+
+def _errors(row: dict) -> str:
+    if not row.get("requests"):
+        return "-"
+    return f"{row['failures']} ({100 * row['failures'] / row['requests']:.1f}%)"
+
+
+def brief(summary: dict) -> list[str]:
+    """The few figures a person reads first: per model and in total, requests/s, time to
+    first token p50/p95, output tokens/s and failed requests (count and share), each column
+    with fixed decimals, in at most 80 columns ("-": not measured, e.g. TTFT of KServe infer)."""
+    rows = [*summary.get("models", []), summary["total"]]
+    width = min(MODEL_WIDTH, max(len("model"), *(len(str(r["model"])) for r in rows)))
+    run = summary.get("run", {})
+
+    def cells(name: str, values: list[str], errors: str) -> str:
+        name = name if len(name) <= width else name[: width - 1] + "~"
+        line = f"{name:<{width}}" + "".join(f"{v:>{w}}" for v, (_, w, _, _) in zip(values, BRIEF_COLUMNS, strict=True))
+        return f"{line}{errors:>{ERRORS_WIDTH}}"
+
+    total = summary["total"]
+    lines = [
+        f"{total['requests']} requests in {run.get('elapsed_s', 0):.1f} s"
+        + (f", {total['failures']} failed" if total["failures"] else ", none failed"),
+        cells("model", [title for title, _, _, _ in BRIEF_COLUMNS], "errors"),
+    ]
+    for row in rows:
+        name = "total" if row is total else str(row["model"])
+        values = ["-" if row.get(field) is None else fmt.format(row[field]) for _, _, field, fmt in BRIEF_COLUMNS]
+        lines.append(cells(name, values, _errors(row)))
+    return [line[:BRIEF_WIDTH] for line in lines]
+
+
 def markdown(summary: dict, violations: list[Violation], thresholds: dict[str, float]) -> str:
     run = summary["run"]
     lines = [
@@ -247,6 +304,10 @@ def markdown(summary: dict, violations: list[Violation], thresholds: dict[str, f
         "## Per endpoint",
         "",
         *_table([*summary["endpoints"], summary["total"]]),
+        "",
+        "## Per model",
+        "",
+        *_table([*summary.get("models", []), summary["total"]]),
         "",
         "## Per endpoint and model",
         "",

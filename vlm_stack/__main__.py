@@ -13,7 +13,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vlm_stack", description=__doc__)
     parser.add_argument("command", choices=["up", "down", "status", "logs"])
     parser.add_argument("--timeout", type=float, default=900, help="seconds to wait for each service")
+    parser.add_argument("--follow", "-f", action="store_true", help="logs: follow every log until Ctrl-C")
+    parser.add_argument("--lines", "-n", type=int, default=None, help="logs: lines of each log (40; following: 10)")
     args = parser.parse_args(argv)
+    if args.command != "logs" and (args.follow or args.lines is not None):
+        parser.error("--follow and --lines go with logs")
     stack = LocalStack(StackConfig.from_env())
     if args.command == "up":
         try:
@@ -26,7 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "status":
         return 0 if stack.status() else 1
     else:
-        stack.logs_tail()
+        if args.follow:
+            return stack.logs_tail(10 if args.lines is None else args.lines, follow=True)
+        return stack.logs_tail(40 if args.lines is None else args.lines)
     return 0
 
 

@@ -27,10 +27,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from vlm_stack import logs as stack_logs
 from vlm_stack.config import ROOT, StackConfig
 from vlm_stack.procs import uvicorn_command
 from vlm_stack.render import render
-from vlm_stack.supervisor import BACKOFF, FATAL, Program, Supervisor
+from vlm_stack.supervisor import BACKOFF, FATAL, Program, Supervisor, new_credentials
 from vlm_stack.supervisor import render as supervisord_conf
 from vlm_triton import launch
 
@@ -319,7 +320,11 @@ class LocalStack:
             )
             for s in self.services()
         ]
-        (self.run / "supervisord.conf").write_text(supervisord_conf(self.run, programs, ROOT))
+        supervisor = self.supervisor
+        # a running supervisord keeps the password it started with (``up`` again reloads the
+        # config into it); a new one gets a new password
+        auth = (supervisor.credentials() if supervisor.running() else None) or new_credentials()
+        supervisor.write_config(supervisord_conf(self.run, programs, ROOT, auth))
 
     def start(self, service: Service) -> None:
         if self.pid(service.name):
@@ -457,10 +462,13 @@ class LocalStack:
             return True  # stopped is a state, not a failure; a half-running stack still fails
         return ok
 
-    def logs_tail(self, lines: int = 40) -> None:
-        for path in sorted(self.logs.glob("*.log")):
-            print(f"==> {path} <==")
-            print("\n".join(path.read_text(errors="replace").splitlines()[-lines:]))
+    def logs_tail(self, lines: int = 40, follow: bool = False) -> int:
+        """Every log's last lines, the service's first (vlm_stack/logs.py); ``follow``: then
+        what each gains, prefixed with its service, until Ctrl-C."""
+        if follow:
+            return stack_logs.follow(self.logs, lines)
+        stack_logs.print_tail(self.logs, lines)
+        return 0
 
     def print_urls(self) -> None:
         c = self.c

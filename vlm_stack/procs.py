@@ -103,8 +103,13 @@ def ephemeral_stack_env(run_dir: Path, models_dir: Path) -> dict[str, str]:
     }
 
 
+UVICORN_LOGGING = ROOT / "vlm_stack" / "uvicorn_logging.json"
+
+
 def uvicorn_command(port: int, host: str = "127.0.0.1") -> list[str]:
-    """The FastAPI service, the way every launcher starts it."""
+    """The FastAPI service, the way every launcher starts it: uvicorn's access log off (the
+    service logs a line per request itself, fastapi_app/middleware.py; health probes and
+    scrapes left out), timestamps on every line (vlm_stack/uvicorn_logging.json)."""
     return [
         sys.executable,
         "-m",
@@ -116,6 +121,8 @@ def uvicorn_command(port: int, host: str = "127.0.0.1") -> list[str]:
         "--port",
         str(port),
         "--no-access-log",
+        "--log-config",
+        str(UVICORN_LOGGING),
     ]
 
 

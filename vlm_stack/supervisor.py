@@ -1,8 +1,17 @@
 """supervisord for the local stack: it starts every service, restarts any that dies (with
-back-off and a line in ``supervisord.log``), and answers over XML-RPC on a unix socket."""
+back-off and a line in ``supervisord.log``), and answers over XML-RPC on a unix socket.
+
+The socket asks for a username and password, generated when supervisord starts and kept in
+the rendered config (mode 0600), which ``Supervisor`` and ``supervisorctl -c`` read; as root
+the config names ``user=root``. Without either, supervisord logs a CRIT line for each on
+every start (supervisor/options.py, supervisor/http.py), which reads like a failure.
+"""
 
 from __future__ import annotations
 
+import configparser
+import os
+import secrets
 import subprocess
 import sys
 import time
@@ -33,24 +42,35 @@ def _argument(value: str) -> str:
     return value if value and not any(c in value for c in " \t'\"\\;") else '"' + value.replace('"', '\\"') + '"'
 
 
-def render(run_dir: Path, programs: list[Program], cwd: Path) -> str:
+def new_credentials() -> tuple[str, str]:
+    """A username and password for supervisord's socket (plain text in the 0600 config)."""
+    return "vlm", secrets.token_hex(16)
+
+
+def render(run_dir: Path, programs: list[Program], cwd: Path, auth: tuple[str, str] | None = None) -> str:
+    """supervisord's config; ``auth``: the socket's (username, password), None: none asked."""
     logs = run_dir / "logs"
+    credentials = [f"username={auth[0]}", f"password={auth[1]}"] if auth else []
     lines = [
         "[supervisord]",
         f"logfile={logs / 'supervisord.log'}",
         f"pidfile={run_dir / 'pids' / 'supervisord.pid'}",
         f"childlogdir={logs}",
         "loglevel=info",
+        # as root: say so (without user=, supervisord logs "CRIT Supervisor is running as root")
+        *(["user=root"] if os.getuid() == 0 else []),
         "",
         "[unix_http_server]",
         f"file={run_dir / 'supervisor.sock'}",
         "chmod=0700",
+        *credentials,
         "",
         "[rpcinterface:supervisor]",
         "supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface",
         "",
         "[supervisorctl]",
         f"serverurl=unix://{run_dir / 'supervisor.sock'}",
+        *credentials,
     ]
     for program in programs:
         lines += [
@@ -87,10 +107,29 @@ class Supervisor:
         self.socket = run_dir / "supervisor.sock"
         self.pidfile = run_dir / "pids" / "supervisord.pid"
 
+    def credentials(self) -> tuple[str, str] | None:
+        """The socket's (username, password) from the rendered config; None: none asked."""
+        parser = configparser.RawConfigParser()
+        try:
+            parser.read_string(self.config.read_text())
+        except (OSError, configparser.Error):
+            return None
+        username = parser.get("unix_http_server", "username", fallback=None)
+        return (username, parser.get("unix_http_server", "password", fallback="")) if username else None
+
+    def write_config(self, text: str) -> None:
+        """The rendered config, readable by this user only (it holds the socket's password)."""
+        self.config.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.config, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)  # an older file keeps its mode otherwise
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+
     def rpc(self):
         from supervisor.xmlrpc import SupervisorTransport
 
-        transport = SupervisorTransport(None, None, f"unix://{self.socket}")
+        username, password = self.credentials() or (None, None)
+        transport = SupervisorTransport(username, password, f"unix://{self.socket}")
         return xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport).supervisor
 
     def running(self) -> bool:
@@ -98,7 +137,7 @@ class Supervisor:
             return False
         try:
             return self.rpc().getState()["statename"] == "RUNNING"
-        except (OSError, xmlrpc.client.Fault):
+        except (OSError, xmlrpc.client.Error):  # Error: a Fault, or 401 (another config's password)
             return False
 
     def start(self, env: dict[str, str], cwd: Path) -> None:

@@ -122,13 +122,16 @@ async def chat(request: Request):
     first, stream = await unless_gone(request, first_item(generation_stream))
 
     async def answer(final: Final) -> dict[str, Any]:
+        seconds = round(time.perf_counter() - started, 4)
         # committed before the answer leaves: an answered turn is never lost
-        await run_in_threadpool(store.add, body.session_id, model, body.prompt, final.text, image is not None)
+        await run_in_threadpool(
+            store.add, body.session_id, model, body.prompt, final.text, image is not None, seconds, final.output_tokens
+        )
         result = {
             "session_id": body.session_id,
             "model": model,
             "response": final.text,
-            "seconds": round(time.perf_counter() - started, 4),
+            "seconds": seconds,
             "finish_reason": final.finish_reason,
             "usage": {"prompt_tokens": final.prompt_tokens, "completion_tokens": final.output_tokens},
         }

@@ -8,6 +8,8 @@ from pathlib import Path
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse
 
+from fastapi_app.page_security import security_headers
+
 STATIC = Path(__file__).resolve().parent.parent / "static"
 router = APIRouter(include_in_schema=False)
 
@@ -25,4 +27,4 @@ async def index(request: Request):
         for m in settings.models
     )
     page = (STATIC / "index.html").read_text().replace(PICKER, PICKER.replace("></select>", f">{options}</select>"))
-    return HTMLResponse(page)
+    return HTMLResponse(page, headers=security_headers())

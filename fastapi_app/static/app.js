@@ -2,12 +2,13 @@
 "use strict";
 const $ = (id) => document.getElementById(id);
 let image = null;
-let sessionId = localStorage.getItem("vlm-session") || newSessionId();
+// The chat's id: kept in this browser once a turn was answered (the server then has the
+// session), so a first visit asks for no history that cannot exist.
+let sessionId = localStorage.getItem("vlm-session");
 
-function newSessionId() {
-  const id = (crypto.randomUUID ? crypto.randomUUID() : String(Date.now()) + Math.random()).replace(/-/g, "");
-  localStorage.setItem("vlm-session", id);
-  return id;
+function session() {
+  if (!sessionId) sessionId = (crypto.randomUUID ? crypto.randomUUID() : String(Date.now()) + Math.random()).replace(/-/g, "");
+  return sessionId;
 }
 
 // API keys: when the server answers 401, the page asks for a key once and keeps it in
@@ -51,6 +52,43 @@ function addEntry(role, text) {
   return li;
 }
 
+// "model · seconds · tokens" under an answer (turns kept before these were recorded have none)
+function addMeta(answer, model, seconds, tokens) {
+  const meta = document.createElement("span");
+  meta.className = "meta";
+  const parts = [model];
+  if (seconds != null) parts.push(`${Number(seconds).toFixed(2)} s`);
+  if (tokens != null) parts.push(`${tokens} tokens`);
+  meta.textContent = parts.join(" · ");
+  answer.appendChild(meta);
+}
+
+// While no text has come: a waiting line with the model and the seconds spent.
+function showWaiting(answer, model) {
+  const started = performance.now();
+  answer.classList.add("pending");
+  const status = document.createElement("span");
+  status.className = "status";
+  const tick = () => { status.textContent = `waiting for ${model}… ${Math.floor((performance.now() - started) / 1000)} s`; };
+  tick();
+  answer.appendChild(status);
+  const timer = setInterval(tick, 1000);
+  return () => {
+    clearInterval(timer);
+    if (answer.classList.contains("pending")) { answer.classList.remove("pending"); status.remove(); }
+  };
+}
+
+function showFailed(answer, message) {
+  answer.classList.add("failed");
+  answer.textContent = message;
+  answer.setAttribute("role", "alert");
+}
+
+function showHints() {
+  for (const hint of document.querySelectorAll(".hint[data-model]")) hint.hidden = hint.dataset.model !== $("model").value;
+}
+
 async function loadModels() {
   try {
     const reply = await call("/v1/models");
@@ -64,12 +102,14 @@ async function loadModels() {
     const saved = localStorage.getItem("vlm-model");
     if (saved && data.some((m) => m.id === saved)) $("model").value = saved;
     else if (data.some((m) => m.id === chosen)) $("model").value = chosen;
+    showHints();
   } catch (err) {
     showError(`Could not list the models: ${err}`);
   }
 }
 
 async function loadHistory() {
+  if (!sessionId) return;  // nothing answered in this browser yet
   let reply;
   try {
     reply = await call(`/api/sessions/${sessionId}`);
@@ -79,7 +119,7 @@ async function loadHistory() {
   if (!reply.ok) return;
   for (const turn of (await reply.json()).turns) {
     addEntry("user", turn.prompt + (turn.had_image ? "  [image]" : ""));
-    addEntry("assistant", turn.response);
+    addMeta(addEntry("assistant", turn.response), turn.model, turn.seconds, turn.completion_tokens);
   }
 }
 
@@ -143,11 +183,14 @@ async function ask(event) {
   if (!prompt) { showError("Type a prompt first."); return; }
   showError("");
   $("send").disabled = true;
+  $("send").textContent = "Answering…";
+  const model = $("model").value;
   addEntry("user", prompt + (image ? "  [image]" : ""));
   const answer = addEntry("assistant", "");
+  const stopWaiting = showWaiting(answer, model);
   const form = new FormData();
-  form.append("session_id", sessionId);
-  form.append("model", $("model").value);
+  form.append("session_id", session());
+  form.append("model", model);
   form.append("prompt", prompt);
   form.append("stream", "true");
   if (image) form.append("image", image);
@@ -157,14 +200,14 @@ async function ask(event) {
     if (!reply.ok) throw new Error(await errorText(reply));
     await readEvents(reply, (event) => {
       if (event.type === "chunk") {
+        stopWaiting();
         answer.textContent += event.content;
         $("log").scrollTop = $("log").scrollHeight;
       } else if (event.type === "done") {
+        stopWaiting();
         answer.textContent = event.response;
-        const meta = document.createElement("span");
-        meta.className = "meta";
-        meta.textContent = `${event.model} · ${event.seconds.toFixed(2)} s · ${event.usage.completion_tokens} tokens`;
-        answer.appendChild(meta);
+        addMeta(answer, event.model, event.seconds, event.usage.completion_tokens);
+        localStorage.setItem("vlm-session", sessionId);  // the server has the session now
         if (event.entities && event.entities.length && image) drawBoxes(event.entities);
       } else if (event.type === "error") {
         throw new Error(event.message);
@@ -172,10 +215,11 @@ async function ask(event) {
     });
     $("prompt").value = "";
   } catch (err) {
-    answer.remove();
-    showError(String(err.message || err));
+    stopWaiting();
+    showFailed(answer, String(err.message || err));  // in place of the answer; the prompt stays to retry
   } finally {
     $("send").disabled = false;
+    $("send").textContent = "Send";
   }
 }
 
@@ -206,13 +250,18 @@ $("clear-image").addEventListener("click", () => {
   image = null; $("preview-wrap").hidden = true; $("clear-image").hidden = true; $("file").value = "";
 });
 $("new-chat").addEventListener("click", async () => {
-  await call(`/api/sessions/${sessionId}`, { method: "DELETE" }).catch(() => {});
-  sessionId = newSessionId();
+  if (localStorage.getItem("vlm-session")) {  // only a session the server has
+    await call(`/api/sessions/${sessionId}`, { method: "DELETE" }).catch(() => {});
+    localStorage.removeItem("vlm-session");
+  }
+  sessionId = null;
   $("log").innerHTML = "";
   showError("");
 });
+$("model").addEventListener("change", showHints);
 $("ask").addEventListener("submit", ask);
 $("key-form").addEventListener("submit", useKey);
 $("prompt").addEventListener("keydown", (e) => { if (e.key === "Enter" && !e.shiftKey) ask(e); });
+showHints();
 loadModels();
 loadHistory();

@@ -116,3 +116,25 @@ def test_kill_9_in_the_middle_of_the_load_loses_no_answered_turn(triton, tmp_pat
             assert len(stored) <= len(mine) + 1  # at most the turn in flight was stored unanswered
     finally:
         restarted.stop()
+
+
+def test_a_history_file_from_before_the_answer_figures_gets_them(tmp_path):
+    """Turns keep how long their answer took and its tokens (the page shows them after a
+    reload); a file made before these columns is migrated on open and its old turns say None."""
+    path = tmp_path / "old.sqlite3"
+    old = sqlite3.connect(path)
+    old.executescript(
+        "CREATE TABLE turns (id INTEGER PRIMARY KEY AUTOINCREMENT, session_id TEXT NOT NULL,"
+        " model TEXT NOT NULL, prompt TEXT NOT NULL, response TEXT NOT NULL,"
+        " had_image INTEGER NOT NULL DEFAULT 0, created_at REAL NOT NULL);"
+        "INSERT INTO turns (session_id, model, prompt, response, had_image, created_at)"
+        " VALUES ('s', 'llava', 'hi', 'hello', 0, 1.0);"
+    )
+    old.commit()
+    old.close()
+    store = HistoryStore(path, max_turns=5)
+    store.add("s", "llava", "again", "answer", True, 0.25, 7)
+    before, after = store.turns("s")
+    assert (before.seconds, before.completion_tokens) == (None, None)
+    assert (after.seconds, after.completion_tokens, after.had_image) == (0.25, 7, True)
+    store.close()

@@ -19,7 +19,7 @@ from PIL import Image
 
 from loadtests import payloads, run
 from loadtests.config import ConfigError, Settings, parse_duration, parse_weights, weighted_schedule
-from loadtests.summary import check_slos, slo_thresholds, summarise
+from loadtests.summary import brief, check_slos, slo_thresholds, summarise
 from tests.conftest import ARTIFACTS, ROOT
 
 MAIN_ENDPOINTS = {"kserve-infer", "openai-stream", "rest-chat"}
@@ -67,7 +67,7 @@ def mixed_run(gateway, tmp_path_factory):
     return proc, results
 
 
-def test_mixed_profile_run_writes_reports_and_meets_its_slos(mixed_run):
+def test_mixed_profile_run_writes_reports_and_meets_its_slos(mixed_run, gateway):
     proc, results = mixed_run
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for name in ("report.html", "locust_stats.csv", "locust_failures.csv", "summary.md", "summary.json"):
@@ -77,8 +77,14 @@ def test_mixed_profile_run_writes_reports_and_meets_its_slos(mixed_run):
     summary = json.loads((results / "summary.json").read_text())
     assert summary["slo"]["passed"] is True and summary["slo"]["violations"] == []
     assert set(summary["slo"]["thresholds"]) == {"SLO_P95_MS", "SLO_TTFT_P95_MS", "SLO_ERROR_RATIO", "SLO_MIN_RPS"}
-    # the summary is printed, and is the markdown file's text
-    assert "## Per endpoint" in proc.stdout and (results / "summary.md").read_text() in proc.stdout
+    # how long it runs comes first; the brief block is printed, every table is in summary.md
+    # (not printed), whose path is the last line
+    lines = proc.stdout.splitlines()
+    host = Settings.from_env({"HOST": gateway}).host
+    assert lines[0] == f"[loadtest] running 5 s with 3 users against {host}; Ctrl-C stops early"
+    assert "\n".join(brief(summary)) in proc.stdout and "| endpoint |" not in proc.stdout
+    assert lines[-1].endswith(str(results / "summary.md"))
+    assert "## Per endpoint and model" in (results / "summary.md").read_text()
 
 
 def test_mixed_profile_run_has_no_failures(mixed_run):
@@ -234,3 +240,77 @@ def test_slo_thresholds_come_from_the_environment_with_an_error_ratio_default():
     assert slo_thresholds({"SLO_ERROR_RATIO": "off", "SLO_MIN_RPS": "5"}) == {"SLO_MIN_RPS": 5.0}
     with pytest.raises(ConfigError):
         slo_thresholds({"SLO_P95_MS": "-1"})
+
+
+def _four_model_run() -> dict:
+    """Samples as a mixed run of the four models writes them (fixed, not random)."""
+    models = ["moondream2", "kosmos2", "llava", "qwen3-vl"]
+    entries = []
+    for i, model in enumerate(models):
+        slow = 1 + i  # each model its own figures
+        entries += [
+            _entry("POST", "kserve-infer", model, [40.0 * slow + ms for ms in range(300)], failures=i),
+            _entry("POST", "openai-stream", model, [300.0 * slow + ms for ms in range(250)], tokens=250 * 32),
+            _entry("TTFT", "openai-stream", model, [25.0 * slow + ms / 3 for ms in range(250)]),
+            _entry("ITL", "openai-stream", model, [2.0 * slow + ms / 100 for ms in range(2000)]),
+            _entry("POST", "rest-chat", model, [280.0 * slow + ms for ms in range(200)], tokens=200 * 29),
+            _entry("DELETE", "rest-chat-reset", model, [3.0 + ms / 10 for ms in range(60)]),
+        ]
+    settings = {"host": "http://localhost", "users": 16, "duration_s": 60, "models": models, "profile": "mixed"}
+    return {"elapsed_s": 60.37, "entries": entries, "settings": settings}
+
+
+def test_the_terminal_gets_the_figures_read_first_in_80_columns_and_the_file_every_table(tmp_path, capsys):
+    samples = _four_model_run()
+    code = run.finish(tmp_path, samples, {}, "http://localhost", [sys.executable, "-m", "locust"], False)
+    out = capsys.readouterr().out
+    assert code == 0
+    lines = out.splitlines()
+    block = [line for line in lines if line and not line.startswith("[loadtest]")]
+    assert all(len(line) <= 80 for line in block), "\n".join(line for line in block if len(line) > 80)
+    assert len(block) == 2 + 4 + 1  # a heading line, the column titles, four models, the total
+    assert "| endpoint |" not in out  # the wide table stays in the file
+
+    # the figures printed are the summary's, with each column's decimals
+    summary = summarise(samples)
+    rows = {row["model"]: row for row in summary["models"]} | {"total": summary["total"]}
+    assert block[0] == f"{summary['total']['requests']} requests in 60.4 s, 6 failed"
+    for line in block[2:]:
+        name, rps, ttft_p50, ttft_p95, tokens, failures, share = line.split()
+        row = rows.pop(name)
+        assert rps == f"{row['rps']:.2f}" and float(rps) == pytest.approx(row["requests"] / 60.37, abs=0.005)
+        assert (ttft_p50, ttft_p95) == (f"{row['ttft_p50_ms']:.0f}", f"{row['ttft_p95_ms']:.0f}")
+        assert tokens == f"{row['output_tokens_per_s']:.1f}"
+        assert int(failures) == row["failures"] and share == f"({100 * row['failures'] / row['requests']:.1f}%)"
+    assert rows == {} and block[-1].startswith("total ")
+    assert [line.split()[0] for line in block[2:-1]] == samples["settings"]["models"]  # the run's order
+
+    # every table in summary.md, whose path is the last line printed
+    assert lines[-1].endswith(str(tmp_path / "summary.md"))
+    text = (tmp_path / "summary.md").read_text()
+    for heading in ("## Per endpoint", "## Per model", "## Per endpoint and model"):
+        assert heading in text
+    assert "| p99 ms |" in text and "| ITL p95 ms |" in text and "| openai-stream | qwen3-vl |" in text
+    assert json.loads((tmp_path / "summary.json").read_text())["models"] == summary["models"]
+
+
+def test_the_terminal_block_marks_what_was_not_measured_and_stays_narrow_with_long_names(tmp_path, capsys):
+    long_name = "a-model-with-a-very-long-name-indeed"
+    samples = {
+        "elapsed_s": 2.0,
+        "entries": [_entry("POST", "kserve-infer", long_name, [10.0] * 99999, failures=12345)],
+    }
+    lines = brief(summarise(samples))
+    assert all(len(line) <= 80 for line in lines), lines
+    name, _rps, ttft_p50, ttft_p95, tokens, *errors = lines[2].split()
+    assert name.endswith("~") and long_name.startswith(name[:-1])  # cut, and says so
+    assert (ttft_p50, ttft_p95, tokens) == ("-", "-", "-")  # KServe infer: no tokens, no TTFT
+    assert errors == ["12345", "(11.0%)"]
+
+
+def test_a_run_says_first_how_long_it_runs_and_how_to_stop_it():
+    settings = Settings.from_env({"HOST": "127.0.0.1:8088", "USERS": "8"})
+    assert run.start_line(settings, 60) == (
+        "[loadtest] running 60 s with 8 users against http://127.0.0.1:8088; Ctrl-C stops early"
+    )
+    assert run.start_line(settings, 600).startswith("[loadtest] running 600 s (10 min) with 8 users")
