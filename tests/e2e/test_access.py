@@ -21,6 +21,7 @@ import tritonclient.http as httpclient
 from playwright.sync_api import expect, sync_playwright
 from tritonclient.utils import InferenceServerException
 
+from fastapi_app.page_security import PAGE_CSP
 from tests.conftest import ARTIFACTS, ROOT
 from tests.fastapi_app.test_web_page import CHROMIUM, FLAGS
 from tests.integration.helpers import GREEDY, inputs, text_of
@@ -136,6 +137,25 @@ def test_with_the_service_down_nothing_passes_the_key_check(keyed):
     while httpx.get(keyed.url + "/health/ready", timeout=10).status_code != 200:
         assert time.monotonic() < deadline, "the service did not come back"
         time.sleep(0.5)
+
+
+def test_the_api_docs_come_through_nginx_offline_under_the_page_policy(keyed):
+    """/docs keeps the page's policy behind nginx (the same string as the service's) and its
+    Swagger UI renders every operation from the stack's own files."""
+    docs, page = httpx.get(keyed.url + "/docs", timeout=10), httpx.get(keyed.url + "/", timeout=10)
+    assert docs.headers["content-security-policy"] == page.headers["content-security-policy"] == PAGE_CSP
+    assert docs.headers["x-frame-options"] == "DENY"
+    document = httpx.get(keyed.url + "/openapi.json", timeout=10).json()
+    count = sum(1 for item in document["paths"].values() for method in item if method != "parameters")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        page = browser.new_page()
+        errors = []
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.goto(keyed.url + "/docs")
+        expect(page.locator(".opblock")).to_have_count(count, timeout=30_000)
+        browser.close()
+    assert errors == []
 
 
 def test_the_page_asks_for_the_key(keyed):
