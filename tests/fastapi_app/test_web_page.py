@@ -10,7 +10,7 @@ import pytest
 from playwright.sync_api import expect, sync_playwright
 
 from fastapi_app.page_security import PAGE_CSP
-from tests.conftest import ARTIFACTS, HANG_S, LONG
+from tests.conftest import ARTIFACTS, HANG_S, LONG, ROOT
 from tests.fastapi_app.conftest import ApiProcess, api_env
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -148,6 +148,7 @@ def test_first_load_shows_the_models_and_no_broken_image(api, browser):
 
 
 MODELS = ("moondream2", "kosmos2", "llava", "qwen3-vl")
+SAMPLE = ROOT / "docs/images/sample.jpg"  # the README's picture: the screenshots show it
 
 
 def screenshot(page, name: str) -> None:
@@ -162,10 +163,10 @@ def answered(page, model: str):
 
 
 @pytest.mark.parametrize("model", MODELS)
-def test_the_answer_shows_progress_while_waiting(api, browser, tmp_path, png, model):
+def test_the_answer_shows_progress_while_waiting(api, browser, tmp_path, model):
     """The request is held back by the browser, so the waiting state is seen whatever the
     machine's speed; released, the answer replaces it."""
-    page = page_with_image(api, browser, tmp_path / "photo.png", png, model)
+    page = page_with_image(api, browser, tmp_path / "sample.jpg", SAMPLE.read_bytes(), model)
     held = []
     page.route("**/api/chat", lambda route: held.append(route))
     page.fill("#prompt", "What is in this image?")
@@ -185,10 +186,10 @@ def test_the_answer_shows_progress_while_waiting(api, browser, tmp_path, png, mo
     page.close()
 
 
-def test_kosmos2_draws_a_box_for_the_documented_prompt(api, browser, tmp_path, png):
+def test_kosmos2_draws_a_box_for_the_documented_prompt(api, browser, tmp_path):
     """The prompt the page's Kosmos-2 hint gives: the tiny checkpoint was taught a grounded
     caption for it, so its boxes go through the real model, extraction, stream and canvas."""
-    page = page_with_image(api, browser, tmp_path / "photo.png", png, "kosmos2")
+    page = page_with_image(api, browser, tmp_path / "sample.jpg", SAMPLE.read_bytes(), "kosmos2")
     hint = page.locator('.hint[data-model="kosmos2"]')
     expect(hint).to_be_visible()
     prompt = hint.locator("code").inner_text()
