@@ -34,6 +34,18 @@ def browser():
         chromium.close()
 
 
+def assert_painted(page) -> None:
+    """Something was drawn on the image: the canvas over it has painted pixels."""
+    painted = page.evaluate("""() => {
+        const canvas = document.getElementById('boxes');
+        const pixels = canvas.getContext('2d').getImageData(0, 0, canvas.width, canvas.height).data;
+        let count = 0;
+        for (let i = 3; i < pixels.length; i += 4) if (pixels[i] > 0) count++;
+        return count;
+    }""")
+    assert painted > 20, f"the canvas holds {painted} painted pixels"
+
+
 def page_with_image(api, browser, path, data: bytes, model: str, options: int = 4):
     """The page, with ``model`` chosen (of ``options`` served) and ``data`` uploaded as an image."""
     path.write_bytes(data)
@@ -99,14 +111,7 @@ def test_moondream2_detect_and_point_are_drawn_on_the_image(api, browser, tmp_pa
     expect(answer).to_contain_text(shape if shape == "points" else "box")
     drawn = int(page.locator("#boxes").get_attribute("data-drawn"))
     assert drawn >= 1, "nothing was drawn"
-    painted = page.evaluate("""() => {
-        const canvas = document.getElementById('boxes');
-        const pixels = canvas.getContext('2d').getImageData(0, 0, canvas.width, canvas.height).data;
-        let count = 0;
-        for (let i = 3; i < pixels.length; i += 4) if (pixels[i] > 0) count++;
-        return count;
-    }""")
-    assert painted > 20, f"the canvas holds {painted} painted pixels"
+    assert_painted(page)
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / f"web-page-moondream2-{shape}.png"), full_page=True)
     page.close()
@@ -198,14 +203,7 @@ def test_kosmos2_draws_a_box_for_the_documented_prompt(api, browser, tmp_path):
     answered(page, "kosmos2")
     expect(page.locator("#boxes")).not_to_have_attribute("data-drawn", "0")
     assert int(page.locator("#boxes").get_attribute("data-drawn")) >= 1
-    painted = page.evaluate("""() => {
-        const canvas = document.getElementById('boxes');
-        const pixels = canvas.getContext('2d').getImageData(0, 0, canvas.width, canvas.height).data;
-        let count = 0;
-        for (let i = 3; i < pixels.length; i += 4) if (pixels[i] > 0) count++;
-        return count;
-    }""")
-    assert painted > 20, f"the canvas holds {painted} painted pixels"
+    assert_painted(page)
     screenshot(page, "page-kosmos2-boxes")
     page.close()
 
