@@ -56,7 +56,7 @@ class _TooLarge(Exception):
 
 # One line per request: ``POST /v1/chat/completions 200 812.4ms id=<X-Request-ID>``. The
 # probes and Prometheus' scrapes are logged at DEBUG (they come every few seconds). The stack
-# starts uvicorn without its own access log and with vlm_stack/uvicorn_logging.json, which
+# starts uvicorn without its own access log and with fastapi_app/logging.json, which
 # shows this logger's INFO lines.
 access_log = logging.getLogger("fastapi_app.access")
 QUIET_PATHS = frozenset({"/health", "/health/ready", "/metrics", "/favicon.ico"})

@@ -103,13 +103,13 @@ def ephemeral_stack_env(run_dir: Path, models_dir: Path) -> dict[str, str]:
     }
 
 
-UVICORN_LOGGING = ROOT / "vlm_stack" / "uvicorn_logging.json"
+UVICORN_LOGGING = ROOT / "fastapi_app" / "logging.json"
 
 
 def uvicorn_command(port: int, host: str = "127.0.0.1") -> list[str]:
     """The FastAPI service, the way every launcher starts it: uvicorn's access log off (the
     service logs a line per request itself, fastapi_app/middleware.py; health probes and
-    scrapes left out), timestamps on every line (vlm_stack/uvicorn_logging.json)."""
+    scrapes left out), timestamps on every line (fastapi_app/logging.json)."""
     return [
         sys.executable,
         "-m",
