@@ -4,7 +4,8 @@ Each checkpoint has about a million parameters, a real tokenizer trained on a fi
 and a real processor, is written with ``save_pretrained`` and is loaded back by the engine
 through exactly the code that loads real weights. Their weights are random: what they
 generate is gibberish, by design. They exist so the whole stack can be run and tested on
-a laptop with no GPU and no model downloads.
+a laptop with no GPU and no model downloads. The tiny Kosmos-2 alone is also taught one
+grounded caption for one prompt (``teach_grounding``), so that its boxes can be seen.
 """
 
 from __future__ import annotations
@@ -30,6 +31,12 @@ Built by `make tiny-models` (`python -m vlm_engine.tiny.build`). Random weights:
 it generates is gibberish. It exists to run and test the serving stack without a GPU or
 model downloads, through the same loading code as the real `{real}`.
 """
+
+README_NOTES = {
+    "kosmos2": "\nOne prompt is taught (`teach_grounding`): `An image of` (the adapter sends `<grounding>An image\n"
+    "of`) is answered with Hugging Face's example caption and its boxes, whatever the image:\n"
+    "`a snowman warming himself by a fire`, with entities `a snowman` and `a fire`.\n",
+}
 
 
 def build_llava(out: Path) -> None:
@@ -147,7 +154,190 @@ def build_kosmos2(out: Path) -> None:
     with torch.no_grad():  # rarely emit tag tokens, so that random captions are not empty
         first_tag = tok.convert_tokens_to_ids("</doc>")
         model.text_model.model.embed_tokens.weight[first_tag:] *= 0.05
+    teach_grounding(model, processor)
     _save(model, processor, out)
+
+
+# The one prompt the tiny Kosmos-2 answers with boxes (the adapter makes it "<grounding>An image
+# of"): it is taught Hugging Face's own Kosmos-2 example caption, whatever the image, so that
+# grounded entities come out of the real model code and the real extraction without real weights.
+KOSMOS2_GROUNDED_PROMPT = "An image of"
+KOSMOS2_GROUNDED_CAPTION = (
+    "<phrase> a snowman</phrase><object><patch_index_0044><patch_index_0863></object> warming himself by"
+    "<phrase> a fire</phrase><object><patch_index_0005><patch_index_0911></object>"
+)
+# Prompts whose answers stay what the random model writes (with ``samples.PROMPTS``, which tests
+# send): while it learns the caption, its next-token distributions there are kept (distilled from
+# the model before training), so that other prompts still give (mostly) the same random text.
+KOSMOS2_KEPT_PROMPTS = [
+    "What is in this image?",
+    "Describe this image.",
+    "Where is it?",
+    "How many people are there?",
+    "Describe",
+    "What color is the car?",
+    "hi",
+    "Is there a sign?",
+    "The picture shows",
+    "A dog and",
+    "A photo of",
+    "Question: what is this? Answer:",
+]
+
+
+def training_image(i: int, gen: torch.Generator):
+    """A random image of a random size: noise, a flat color, a gradient or blocks."""
+    from PIL import Image
+
+    width, height = (int(v) for v in torch.randint(16, 400, (2,), generator=gen))
+    kind = i % 4
+    if kind == 0:
+        pixels = torch.randint(0, 256, (height, width, 3), generator=gen, dtype=torch.uint8)
+    elif kind == 1:
+        pixels = torch.randint(0, 256, (1, 1, 3), generator=gen, dtype=torch.uint8).expand(height, width, 3)
+    elif kind == 2:
+        start, end = torch.rand(2, 3, generator=gen) * 255
+        ramp = torch.linspace(0, 1, width)[None, :, None]
+        pixels = (start + (end - start) * ramp).expand(height, width, 3).to(torch.uint8)
+    else:
+        blocks = torch.randint(0, 256, (height // 8 + 1, width // 8 + 1, 3), generator=gen, dtype=torch.uint8)
+        pixels = blocks.repeat_interleave(8, 0).repeat_interleave(8, 1)[:height, :width]
+    return Image.fromarray(pixels.contiguous().numpy())
+
+
+def sample_pictures() -> list:
+    """Images as the tests and samples make them (``samples.sample_image``), decoded."""
+    import io
+
+    from PIL import Image
+
+    from vlm_engine.tiny.samples import sample_image
+
+    specs = [
+        ((64, 64), (0, 90, 200)),
+        ((224, 224), (30, 90, 180)),
+        ((300, 120), (60, 90, 160)),
+        ((97, 211), (90, 90, 140)),
+        ((500, 400), (120, 90, 120)),
+        ((32, 48), (150, 90, 100)),
+        ((160, 120), (200, 40, 40)),
+        ((97, 211), (20, 120, 220)),
+        ((64, 64), (9, 9, 45)),
+        ((120, 90), (200, 40, 40)),
+    ]
+    return [
+        Image.open(io.BytesIO(sample_image(size, "PNG" if i % 2 else "JPEG", color))).convert("RGB")
+        for i, (size, color) in enumerate(specs)
+    ]
+
+
+def teach_grounding(model, processor, steps: int = 300) -> None:
+    """Teach the random Kosmos-2 the grounded caption after the grounded prompt (a few seconds
+    on a CPU). Inputs are what the processor makes of prompt + caption with random images of
+    random sizes; the loss is the cross-entropy of the caption's tokens and ``</s>`` (its first
+    token weighted more: it is the one that must differ from what the model wrote) plus the KL
+    divergence from the untrained model's distributions along its own greedy answers to the
+    kept prompts with sample images. Only the feed-forward layers and the rows of the tag
+    tokens (``<phrase>``, ``<patch_index_N>``...) change: the attention, the vision model and
+    the embeddings of every ordinary token stay as they were."""
+    import torch.nn.functional as F
+
+    from vlm_engine.tiny.samples import PROMPTS
+
+    tok = processor.tokenizer
+    text = model.text_model
+    model.eval()
+    pictures = [training_image(i, torch.Generator().manual_seed(SEED + i)) for i in range(8)]
+    prompt = f"<grounding>{KOSMOS2_GROUNDED_PROMPT}"
+    grounded = processor(text=[prompt + KOSMOS2_GROUNDED_CAPTION] * len(pictures), images=pictures, return_tensors="pt")
+    alone = processor(text=prompt, images=pictures[0], return_tensors="pt")["input_ids"][0]
+    start = len(alone)
+    assert grounded["input_ids"][0, :start].equal(alone), "the prompt's tokens must not change before the caption"
+    eos = torch.full((len(pictures), 1), tok.eos_token_id)
+    ids = torch.cat([grounded["input_ids"], eos], 1)
+    where = torch.cat([grounded["image_embeds_position_mask"], torch.zeros_like(eos)], 1)
+    kept_pictures = sample_pictures()
+    with torch.no_grad():
+        embeds = _image_embeds(model, grounded["pixel_values"])
+        kept_pixels = processor.image_processor(kept_pictures, return_tensors="pt")["pixel_values"]
+        kept_embeds = _image_embeds(model, kept_pixels)
+        prompts = [f"<grounding>{p}" for p in dict.fromkeys(KOSMOS2_KEPT_PROMPTS + PROMPTS)]
+        kept_ids, kept_where, kept_keep, kept_image = _greedy_rows(model, processor, prompts, kept_pictures)
+        kept_mask = (kept_ids != tok.pad_token_id).long()
+        teacher = F.log_softmax(
+            text(
+                input_ids=kept_ids,
+                attention_mask=kept_mask,
+                image_embeds=kept_embeds[kept_image],
+                image_embeds_position_mask=kept_where,
+            ).logits,
+            -1,
+        )
+    embedding = text.model.embed_tokens.weight  # the output layer's too (tied)
+    first_tag = tok.convert_tokens_to_ids("</doc>")
+    only_tags = embedding.register_hook(lambda grad: torch.cat([torch.zeros_like(grad[:first_tag]), grad[first_tag:]]))
+    trained = [embedding] + [p for name, p in text.named_parameters() if ".ffn." in name]
+    for parameter in model.parameters():
+        parameter.requires_grad_(any(parameter is t for t in trained))
+    optimizer = torch.optim.AdamW(trained, lr=2e-2, weight_decay=0.0)  # rows with no gradient stay as they are
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / steps)
+    order = torch.Generator().manual_seed(SEED)
+    text.train()
+    for _ in range(steps):
+        rows = torch.randperm(len(pictures), generator=order)[:2]
+        hidden = text.model(input_ids=ids[rows], image_embeds=embeds[rows], image_embeds_position_mask=where[rows])[0]
+        logits = text.lm_head(hidden[:, start - 1 : -1])
+        per_token = F.cross_entropy(logits.transpose(1, 2), ids[rows, start:], reduction="none")
+        loss = (5 * per_token[:, 0] + per_token[:, 1:].sum(1)).mean() / per_token.shape[1]
+        rows = torch.randperm(len(kept_ids), generator=order)[:6]
+        hidden = text.model(
+            input_ids=kept_ids[rows],
+            attention_mask=kept_mask[rows],
+            image_embeds=kept_embeds[kept_image[rows]],
+            image_embeds_position_mask=kept_where[rows],
+        )[0]
+        keep = kept_keep[rows]
+        student = F.log_softmax(text.lm_head(hidden[keep]), -1)
+        target = teacher[rows][keep]
+        loss = loss + (target.exp() * (target - student)).sum(-1).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    only_tags.remove()
+    for parameter in model.parameters():
+        parameter.requires_grad_(True)
+    text.eval()
+
+
+def _image_embeds(model, pixel_values: torch.Tensor) -> torch.Tensor:
+    """As ``Kosmos2ForConditionalGeneration.forward`` makes them (and the adapter)."""
+    import torch.nn.functional as F
+
+    hidden = model.vision_model(pixel_values=pixel_values)[0]
+    return model.image_to_text_projection(F.normalize(model.vision_model.model.post_layernorm(hidden), dim=-1))[0]
+
+
+def _greedy_rows(model, processor, prompts: list[str], pictures: list, new_tokens: int = 32):
+    """The model's greedy answers to each prompt with each picture, right-padded to one width:
+    ids, image-position mask, where a position predicts an answer token (or ``</s>``), and the
+    picture of each row."""
+    pad = processor.tokenizer.pad_token_id
+    rows = []
+    for prompt in prompts:
+        inputs = processor(text=[prompt] * len(pictures), images=pictures, return_tensors="pt")
+        out = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False)
+        start = inputs["input_ids"].shape[1]
+        rows += [(row, where, start) for row, where in zip(out, inputs["image_embeds_position_mask"], strict=True)]
+    width = max(len(row) for row, _, _ in rows)
+    ids = torch.full((len(rows), width), pad)
+    where = torch.zeros_like(ids)
+    keep = torch.zeros_like(ids, dtype=torch.bool)
+    for i, (row, mask, start) in enumerate(rows):
+        ids[i, : len(row)] = row
+        where[i, : len(mask)] = mask
+        keep[i, start - 1 : len(row) - 1] = row[start:] != pad  # after </s>, generate pads
+    return ids, where, keep, torch.arange(len(rows)) % len(pictures)
 
 
 # Qwen3-VL's prompt format, written for the tiny checkpoint: image parts, and its tool format
@@ -322,10 +512,10 @@ def source_hash() -> str:
     """Hash of the code that builds the checkpoints: a change means they are rebuilt."""
     import hashlib
 
-    from vlm_engine.tiny import corpus, moondream_standin, tokenizer
+    from vlm_engine.tiny import corpus, moondream_standin, samples, tokenizer
 
     digest = hashlib.sha256()
-    for module in (sys.modules[__name__], corpus, moondream_standin, tokenizer):
+    for module in (sys.modules[__name__], corpus, moondream_standin, samples, tokenizer):
         digest.update(Path(module.__file__).read_bytes())
     return digest.hexdigest()[:16]
 
@@ -342,7 +532,7 @@ def build(name: str, out: Path) -> Path:
         shutil.rmtree(out)
     torch.manual_seed(SEED)
     builder(out)
-    (out / "README.md").write_text(README.format(arch=name, real=real))
+    (out / "README.md").write_text(README.format(arch=name, real=real) + README_NOTES.get(name, ""))
     for path in out.rglob("*"):  # safetensors writes 0600; containers read these as another user
         path.chmod(0o755 if path.is_dir() else 0o644)
     (out / "tiny.json").write_text(
