@@ -66,7 +66,11 @@ class HistoryStore:
         present = {row[1] for row in self._db.execute("PRAGMA table_info(turns)")}
         for column, kind in ADDED_COLUMNS.items():
             if column not in present:
-                self._db.execute(f"ALTER TABLE turns ADD COLUMN {column} {kind}")
+                try:
+                    self._db.execute(f"ALTER TABLE turns ADD COLUMN {column} {kind}")
+                except sqlite3.OperationalError as exc:  # another process added it meanwhile
+                    if "duplicate column" not in str(exc):
+                        raise
         self._lock = threading.Lock()
 
     def pragma(self, name: str):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 
 from fastapi_app import metrics
@@ -60,6 +61,7 @@ class _TooLarge(Exception):
 # shows this logger's INFO lines.
 access_log = logging.getLogger("fastapi_app.access")
 QUIET_PATHS = frozenset({"/health", "/health/ready", "/metrics", "/favicon.ico"})
+NOT_PRINTABLE = re.compile(rb"[^\x21-\x7e]")
 
 
 def log_request(scope, status: int, seconds: float) -> None:
@@ -70,7 +72,8 @@ def log_request(scope, status: int, seconds: float) -> None:
     raw = scope.get("raw_path")
     path = raw.decode("latin-1") if raw else scope["path"].encode("unicode_escape").decode("ascii")
     request_id = next((v for k, v in scope.get("headers", ()) if k == b"x-request-id"), b"")
-    suffix = f" id={request_id[:128].decode('latin-1')}" if request_id else ""
+    request_id = NOT_PRINTABLE.sub(b"", request_id[:128])  # a caller's bytes make no line of their own
+    suffix = f" id={request_id.decode('ascii')}" if request_id else ""
     access_log.log(level, "%s %s %d %.1fms%s", scope["method"], path, status, seconds * 1000, suffix)
 
 

@@ -31,7 +31,7 @@ from vlm_stack import logs as stack_logs
 from vlm_stack.config import ROOT, StackConfig
 from vlm_stack.procs import uvicorn_command
 from vlm_stack.render import render
-from vlm_stack.supervisor import BACKOFF, FATAL, Program, Supervisor, new_credentials
+from vlm_stack.supervisor import BACKOFF, FATAL, PasswordRefused, Program, Supervisor, new_credentials
 from vlm_stack.supervisor import render as supervisord_conf
 from vlm_triton import launch
 
@@ -432,7 +432,11 @@ class LocalStack:
     def down(self) -> None:
         # what supervisord runs, not what these settings name: a stack started with other
         # settings (DYNAMO=1, more replicas) stops whole, and says so
-        names = self.supervisor.programs()
+        try:
+            names = self.supervisor.programs()
+        except PasswordRefused as refused:  # stopped all the same, through its pid file
+            say(str(refused))
+            names = []
         self.supervisor.shutdown()
         for path in self.pids.glob("*.pid") if self.pids.exists() else []:
             path.unlink()

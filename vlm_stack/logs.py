@@ -38,6 +38,11 @@ def log_files(folder: Path) -> list[Path]:
     return sorted(folder.glob("*.log"), key=order_key) if folder.is_dir() else []
 
 
+def printable(text: str) -> str:
+    """``text`` with every character a terminal would not print as itself replaced by ``?``."""
+    return "".join(c if c.isprintable() else "?" for c in text)
+
+
 def short_access_line(line: str) -> str:
     """nginx's JSON access line (``log_format vlm_json``) as ``time method path status
     request-time request-id`` (the order of the service's own lines); any other line as it is."""
@@ -51,14 +56,14 @@ def short_access_line(line: str) -> str:
     if not isinstance(entry, dict) or "status" not in entry:
         return line
     when = str(entry.get("time", "")).replace("T", " ")[:19]  # 2024-05-01T12:00:03+00:00
-    path = str(entry.get("uri", ""))
+    path = printable(str(entry.get("uri", "")).partition("?")[0])  # no query string, as the service's lines
     if len(path) > MAX_PATH:
         path = path[: MAX_PATH - 1] + "…"
     seconds = entry.get("request_time")  # seconds, to the millisecond
     took = f"{seconds * 1000:.0f}ms" if isinstance(seconds, int | float) else "-"
     fields = [when, str(entry.get("method", "-")), path, str(entry.get("status", "-")), took]
     if entry.get("request_id"):
-        fields.append(f"id={entry['request_id']}")
+        fields.append(f"id={printable(str(entry['request_id']))}")
     return " ".join(fields)
 
 
@@ -69,8 +74,14 @@ def readable(path: Path, line: str) -> str:
 
 def tail(path: Path, lines: int) -> list[str]:
     """The last ``lines`` lines of ``path``, made readable."""
-    text = path.read_text(errors="replace")
-    return [readable(path, line) for line in text.splitlines()[-lines:]] if lines > 0 else []
+    return last_lines(path, path.read_bytes(), lines)
+
+
+def last_lines(path: Path, data: bytes, lines: int) -> list[str]:
+    """The last ``lines`` whole lines of ``data`` (a log's bytes), made readable. Lines end at
+    ``\n`` only: ``str.splitlines`` would also cut at characters a client can put in a log."""
+    text = data.decode(errors="replace").removesuffix("\n")
+    return [readable(path, line) for line in text.split("\n")[-lines:]] if lines > 0 and text else []
 
 
 def print_tail(folder: Path, lines: int = 40, out=None) -> None:
@@ -90,7 +101,7 @@ def print_tail(folder: Path, lines: int = 40, out=None) -> None:
 class _Position:
     offset: int
     inode: int
-    partial: str = ""
+    partial: bytes = b""
 
 
 class Follower:
@@ -116,10 +127,12 @@ class Follower:
         shown = []
         for path in files:
             try:
-                stat = path.stat()
-                shown += [self.prefix(path) + line for line in tail(path, self.lines)]
+                with path.open("rb") as handle:  # the size and the text from one handle: no line twice
+                    stat = os.fstat(handle.fileno())
+                    data = handle.read(stat.st_size)
             except OSError:
                 continue
+            shown += [self.prefix(path) + line for line in last_lines(path, data, self.lines)]
             self.positions[path] = _Position(stat.st_size, stat.st_ino)
         return shown
 
@@ -143,9 +156,9 @@ class Follower:
             except OSError:
                 continue
             position.offset += len(data)
-            text = position.partial + data.decode(errors="replace")
-            *complete, position.partial = text.split("\n")
-            shown += [self.prefix(path) + readable(path, line) for line in complete]
+            *complete, position.partial = (position.partial + data).split(b"\n")  # a character split
+            # between two reads is whole again before it is decoded
+            shown += [self.prefix(path) + readable(path, line.decode(errors="replace")) for line in complete]
         return shown
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import configparser
 import os
 import secrets
+import signal
 import subprocess
 import sys
 import time
@@ -98,6 +99,10 @@ def render(run_dir: Path, programs: list[Program], cwd: Path, auth: tuple[str, s
     return "\n".join(lines) + "\n"
 
 
+class PasswordRefused(SystemExit):
+    """supervisord answered 401: the config on disk is not the one it started with."""
+
+
 class Supervisor:
     """The stack's supervisord: started once by ``up``, shut down by ``down``."""
 
@@ -118,12 +123,15 @@ class Supervisor:
         return (username, parser.get("unix_http_server", "password", fallback="")) if username else None
 
     def write_config(self, text: str) -> None:
-        """The rendered config, readable by this user only (it holds the socket's password)."""
+        """The rendered config, readable by this user only (it holds the socket's password),
+        written whole: a reader never sees it half written."""
         self.config.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.config, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        os.fchmod(fd, 0o600)  # an older file keeps its mode otherwise
+        fresh = self.config.with_name(f".{self.config.name}.{os.getpid()}")
+        fd = os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)  # a file left over keeps its mode otherwise
         with os.fdopen(fd, "w") as handle:
             handle.write(text)
+        os.replace(fresh, self.config)
 
     def rpc(self):
         from supervisor.xmlrpc import SupervisorTransport
@@ -137,7 +145,14 @@ class Supervisor:
             return False
         try:
             return self.rpc().getState()["statename"] == "RUNNING"
-        except (OSError, xmlrpc.client.Error):  # Error: a Fault, or 401 (another config's password)
+        except xmlrpc.client.ProtocolError as exc:
+            if exc.errcode == 401:
+                raise PasswordRefused(
+                    f"supervisord on {self.socket} refused the password in {self.config} (another `up` "
+                    "rewrote it meanwhile?); `make down` stops it by its pid file"
+                ) from exc
+            return False
+        except (OSError, xmlrpc.client.Error):
             return False
 
     def start(self, env: dict[str, str], cwd: Path) -> None:
@@ -184,11 +199,28 @@ class Supervisor:
 
     def shutdown(self, timeout_s: float = 90) -> None:
         """Stop every program (each within its stop timeout), then supervisord itself."""
-        if not self.running():
+        try:
+            up = self.running()
+        except PasswordRefused:  # ours (its pid file) but not answering this config: SIGTERM stops it all
+            self._terminate_by_pidfile(timeout_s)
+            return
+        if not up:
             self.pidfile.unlink(missing_ok=True)
             return
         self.rpc().stopAllProcesses(True)
         self.rpc().shutdown()
+        deadline = time.monotonic() + timeout_s
+        while self.socket.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        self.pidfile.unlink(missing_ok=True)
+
+    def _terminate_by_pidfile(self, timeout_s: float) -> None:
+        """SIGTERM to the supervisord of this run folder's pid file (it stops its programs first)."""
+        try:
+            pid = int(self.pidfile.read_text().strip())
+            os.kill(pid, signal.SIGTERM)
+        except (OSError, ValueError):
+            return
         deadline = time.monotonic() + timeout_s
         while self.socket.exists() and time.monotonic() < deadline:
             time.sleep(0.1)

@@ -188,8 +188,9 @@ async function ask(event) {
   addEntry("user", prompt + (image ? "  [image]" : ""));
   const answer = addEntry("assistant", "");
   const stopWaiting = showWaiting(answer, model);
+  const turnSession = session();  // "New chat" while this turn runs starts another: keep that one
   const form = new FormData();
-  form.append("session_id", session());
+  form.append("session_id", turnSession);
   form.append("model", model);
   form.append("prompt", prompt);
   form.append("stream", "true");
@@ -207,7 +208,7 @@ async function ask(event) {
         stopWaiting();
         answer.textContent = event.response;
         addMeta(answer, event.model, event.seconds, event.usage.completion_tokens);
-        localStorage.setItem("vlm-session", sessionId);  // the server has the session now
+        if (sessionId === turnSession) localStorage.setItem("vlm-session", turnSession);  // the server has it now
         if (event.entities && event.entities.length && image) drawBoxes(event.entities);
       } else if (event.type === "error") {
         throw new Error(event.message);

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import time
 from urllib.parse import urlsplit
 
 import httpx
@@ -178,6 +179,10 @@ def test_the_answer_shows_progress_while_waiting(api, browser, tmp_path, model):
     page.click("#send")
     answer = page.locator("#log li.assistant").last
     expect(answer.locator(".status")).to_contain_text(f"waiting for {model}")
+    deadline = time.monotonic() + HANG_S
+    while not held:  # the held request reaches this process as an event: wait for it, however slow
+        assert time.monotonic() < deadline, "the page sent no /api/chat request"
+        page.wait_for_timeout(50)
     expect(answer).to_have_class("assistant pending")
     expect(page.locator("#send")).to_be_disabled()
     expect(page.locator("#send")).to_have_text("Answering…")

@@ -309,3 +309,61 @@ def test_supervisord_starts_without_crit_lines_behind_a_password_the_stack_knows
     assert not supervisor.running() and not supervisor.socket.exists()
     stack.write_supervisor_config()  # none running: a new password
     assert supervisor.credentials()[1] != password
+
+
+def test_a_supervisord_that_refuses_the_configs_password_is_named_and_still_stopped(tmp_path):
+    """When the config on disk no longer holds the running supervisord's password (another `up`
+    rewrote it), asking says so instead of reading "not running", and `down` stops it through
+    its pid file: no program is left behind."""
+    from vlm_stack.supervisor import PasswordRefused, Program, Supervisor, new_credentials, render
+
+    run = tmp_path / "run"
+    for sub in ("logs", "pids"):
+        (run / sub).mkdir(parents=True)
+    supervisor = Supervisor(run)
+    sleeper = Program("sleeper", [sys.executable, "-c", "import time; time.sleep(3600)"], {})
+    supervisor.write_config(render(run, [sleeper], tmp_path, new_credentials()))
+    try:
+        supervisor.start(dict(os.environ), tmp_path)
+        supervisor.start_program("sleeper")
+        pid = poll(lambda: supervisor.pid("sleeper"), "the program running")
+        supervisor.write_config(render(run, [sleeper], tmp_path, new_credentials()))  # another password
+        with pytest.raises(PasswordRefused, match="refused the password"):
+            supervisor.running()
+    finally:
+        supervisor.shutdown()
+    assert not supervisor.socket.exists() and not supervisor.pidfile.exists()
+    poll(lambda: gone(pid), "the program gone")
+
+
+def gone(pid: int) -> bool:
+    """No process ``pid``, or only its zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def test_a_callers_bytes_make_no_line_of_their_own(tmp_path, caplog):
+    """A request id or path with a line separator (``\\n``, U+0085 from ``\\xc2\\x85``) stays on
+    its request's line: the service logs only printable ASCII of the id, and ``make logs`` ends
+    lines at ``\\n`` only and prints the short nginx line without control characters or query."""
+    from fastapi_app.middleware import log_request
+
+    scope = {
+        "method": "GET",
+        "path": "/v1/models",
+        "raw_path": b"/v1/models",
+        "headers": [(b"x-request-id", b"ab\xc2\x85fake\ncd")],
+    }
+    with caplog.at_level(logging.INFO, logger="fastapi_app.access"):
+        log_request(scope, 200, 0.01)
+    [record] = caplog.records
+    assert record.getMessage().endswith(" id=abfakecd")
+
+    log = tmp_path / "nginx-access.log"
+    entry = {**ACCESS, "uri": "/v1/models?key=secret", "request_id": "x\u0085y"}
+    log.write_bytes((json.dumps(entry, ensure_ascii=False) + "\n" + "plain \u0085 line\n").encode())
+    first, second = stack_logs.tail(log, 10)
+    assert "secret" not in first and first.endswith("id=x?y") and " /v1/models " in first
+    assert second == "plain \u0085 line"
