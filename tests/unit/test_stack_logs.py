@@ -262,9 +262,8 @@ def test_the_stack_starts_uvicorn_with_a_logging_config_that_shows_those_lines()
 
 
 # supervisord ------------------------------------------------------------------------------
-def test_supervisord_starts_without_crit_lines_behind_a_password_the_stack_knows(tmp_path):
-    from vlm_stack.config import StackConfig
-    from vlm_stack.local import LocalStack
+def configured_supervisor(tmp_path):
+    """A run folder, its ``Supervisor`` and the config of one program (``sleeper``) behind a password."""
     from vlm_stack.supervisor import Program, Supervisor, new_credentials, render
 
     run = tmp_path / "run"
@@ -273,6 +272,14 @@ def test_supervisord_starts_without_crit_lines_behind_a_password_the_stack_knows
     supervisor = Supervisor(run)
     sleeper = Program("sleeper", [sys.executable, "-c", "import time; time.sleep(3600)"], {})
     supervisor.write_config(render(run, [sleeper], tmp_path, new_credentials()))
+    return run, supervisor, sleeper
+
+
+def test_supervisord_starts_without_crit_lines_behind_a_password_the_stack_knows(tmp_path):
+    from vlm_stack.config import StackConfig
+    from vlm_stack.local import LocalStack
+
+    run, supervisor, _ = configured_supervisor(tmp_path)
     assert stat.S_IMODE(supervisor.config.stat().st_mode) == 0o600  # it holds the password
     username, password = supervisor.credentials()
     assert password and f"password={password}" in supervisor.config.read_text()
@@ -315,14 +322,9 @@ def test_a_supervisord_that_refuses_the_configs_password_is_named_and_still_stop
     """When the config on disk no longer holds the running supervisord's password (another `up`
     rewrote it), asking says so instead of reading "not running", and `down` stops it through
     its pid file: no program is left behind."""
-    from vlm_stack.supervisor import PasswordRefused, Program, Supervisor, new_credentials, render
+    from vlm_stack.supervisor import PasswordRefused, new_credentials, render
 
-    run = tmp_path / "run"
-    for sub in ("logs", "pids"):
-        (run / sub).mkdir(parents=True)
-    supervisor = Supervisor(run)
-    sleeper = Program("sleeper", [sys.executable, "-c", "import time; time.sleep(3600)"], {})
-    supervisor.write_config(render(run, [sleeper], tmp_path, new_credentials()))
+    run, supervisor, sleeper = configured_supervisor(tmp_path)
     try:
         supervisor.start(dict(os.environ), tmp_path)
         supervisor.start_program("sleeper")
