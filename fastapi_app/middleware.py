@@ -68,9 +68,9 @@ def log_request(scope, status: int, seconds: float) -> None:
     level = logging.DEBUG if scope["path"] in QUIET_PATHS else logging.INFO
     if not access_log.isEnabledFor(level):
         return
-    # the path as sent (percent-encoded: a %0A cannot start a line of its own)
-    raw = scope.get("raw_path")
-    path = raw.decode("latin-1") if raw else scope["path"].encode("unicode_escape").decode("ascii")
+    # the path as sent, any byte outside printable ASCII percent-encoded: none starts a line of its own
+    raw = scope.get("raw_path") or scope["path"].encode()
+    path = NOT_PRINTABLE.sub(lambda m: b"%%%02X" % m.group()[0], raw).decode("ascii")
     request_id = next((v for k, v in scope.get("headers", ()) if k == b"x-request-id"), b"")
     request_id = NOT_PRINTABLE.sub(b"", request_id[:128])  # a caller's bytes make no line of their own
     suffix = f" id={request_id.decode('ascii')}" if request_id else ""

@@ -355,13 +355,13 @@ def test_a_callers_bytes_make_no_line_of_their_own(tmp_path, caplog):
     scope = {
         "method": "GET",
         "path": "/v1/models",
-        "raw_path": b"/v1/models",
+        "raw_path": b"/v1/\xc2\x85models",
         "headers": [(b"x-request-id", b"ab\xc2\x85fake\ncd")],
     }
     with caplog.at_level(logging.INFO, logger="fastapi_app.access"):
         log_request(scope, 200, 0.01)
     [record] = caplog.records
-    assert record.getMessage().endswith(" id=abfakecd")
+    assert record.getMessage().startswith("GET /v1/%C2%85models 200 ") and record.getMessage().endswith(" id=abfakecd")
 
     log = tmp_path / "nginx-access.log"
     entry = {**ACCESS, "uri": "/v1/models?key=secret", "request_id": "x\u0085y"}
