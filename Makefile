@@ -8,7 +8,7 @@ INSTALLED := .cache/installed.stamp
 TRITON := .triton/.installed-0.7.0-py$(shell $(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])')
 VLLM_ENV := .triton/vllm/.ready
 
-.PHONY: help install vllm-env tiny-models models demo up down status logs triton api loadtest loadtest-ui soak bench gpu-check test test-compose test-swarm test-dynamo dynamo-up swarm-up swarm-down lint
+.PHONY: help install vllm-env tiny-models models demo up down status logs triton api loadtest loadtest-ui soak bench gpu-check test contract-fuzz test-compose test-swarm test-dynamo dynamo-up swarm-up swarm-down lint
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -102,6 +102,12 @@ bench: install tiny-models  ## benchmark (batching, gateway, streaming, cold sta
 
 gpu-check: install tiny-models  ## the engine on a GPU with real-sized random-weight Qwen3-VL-8B and LLaVA-1.5-7B (CPU: shrunken, seconds)
 	PYTHON=$(PYTHON) ./scripts/gpu_check.sh $(GPU_CHECK_ARGS)
+
+contract-fuzz: install tiny-models  ## the API contract (schemathesis) with new seeds, more examples: looks for what make test's fixed seed misses (SEEDS=3, CONTRACT_EXAMPLES=300)
+	for run in $$(seq 1 $(or $(SEEDS),3)); do \
+	  CONTRACT_SEED=random CONTRACT_EXAMPLES=$(or $(CONTRACT_EXAMPLES),300) HF_HUB_OFFLINE=1 VLM_MODELS_DIR=$(TINY_DIR) \
+	    $(PYTHON) -m pytest -p no:cacheprovider tests/contract || exit 1; \
+	done
 
 test-compose: install  ## build the Docker images offline and test the CPU Compose stack end to end (root; own dockerd)
 	PYTHON=$(PYTHON) ./scripts/compose_test.sh

@@ -219,7 +219,10 @@ def _tools(body: _Conversation) -> dict[str, Any] | None:
             options["tool_choice"] = {"auto": "auto", "any": "required", "none": "none"}[kind]
         else:
             raise InvalidRequest(f'tool_choice.type must be "auto", "any", "tool" or "none", got {kind!r}')
-        if choice.get("disable_parallel_tool_use") is True:
+        parallel = choice.get("disable_parallel_tool_use")
+        if parallel is not None and not isinstance(parallel, bool):
+            raise InvalidRequest(f"tool_choice.disable_parallel_tool_use must be true or false, got {parallel!r}")
+        if parallel is True:
             options["parallel_tool_calls"] = False
     return options
 

@@ -120,6 +120,12 @@ def test_the_stored_responses_are_bounded_in_bytes(tmp_path):
         ("/v1/messages", {"tools": [{"type": "web_search_20250305", "name": "web_search"}]}, "server tools"),
         ("/v1/messages", {"thinking": {"type": "enabled", "budget_tokens": 1024}}, "thinking"),
         ("/v1/messages", {"tools": [{"name": "zoom"}]}, "input_schema"),
+        ("/v1/messages", {"tool_choice": {"type": "auto", "disable_parallel_tool_use": 1}}, "true or false"),
+        (
+            "/v1/messages/count_tokens",
+            {"tool_choice": {"type": "none", "disable_parallel_tool_use": "yes"}},
+            "disable_parallel_tool_use must be true or false",
+        ),
         ("/v1/responses", {"reasoning": {"effort": "high"}}, "reasoning"),
         (
             "/v1/responses",
@@ -133,6 +139,8 @@ def test_what_cannot_be_honoured_is_refused(client, path, body, says):
     base = {"model": "qwen3-vl", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]}
     if path == "/v1/responses":
         base = {"model": "qwen3-vl", "input": "hi"}
+    if path == "/v1/messages/count_tokens":
+        base.pop("max_tokens")
     with http:
         reply = http.post(path, json={**base, **body})
     assert reply.status_code == 400 and says in reply.text
