@@ -204,7 +204,7 @@ def _tools(body: _Conversation) -> dict[str, Any] | None:
             if not isinstance(tool.get("name"), str) or not isinstance(tool.get("input_schema"), dict):
                 raise InvalidRequest(f"tools[{i}] must be {{name, description, input_schema}} (a client tool)")
             function = {"name": tool["name"], "parameters": tool["input_schema"]}
-            if isinstance(tool.get("description"), str):
+            if "description" in tool:  # checked with the rest by the engine (vlm_engine.tools)
                 function["description"] = tool["description"]
             tools.append({"type": "function", "function": function})
     options: dict[str, Any] = {"tools": tools}
