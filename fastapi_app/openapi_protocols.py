@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from fastapi_app.routes.anthropic_api import IMAGE_MEDIA_TYPES
 from fastapi_app.schemas import IMAGE_DATA_URL, TEXT, obj, ref
 from fastapi_app.settings import Settings
 from vlm_engine.chat import DETAILS
@@ -19,7 +20,6 @@ from vlm_engine.tools import NAME_PATTERN as TOOL_NAME
 
 NULL = {"type": "null"}
 STRING, COUNT = {"type": "string"}, {"type": "integer", "minimum": 0}
-IMAGE_MEDIA_TYPES = ["image/png", "image/jpeg", "image/webp", "image/gif"]
 
 
 def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
@@ -179,7 +179,7 @@ A_IMAGE = obj(
     source=obj(
         ["type", "media_type", "data"],
         type={"const": "base64"},
-        media_type={"enum": IMAGE_MEDIA_TYPES},
+        media_type={"enum": list(IMAGE_MEDIA_TYPES)},
         data={"type": "string", "format": "image-base64"},
     ),
 )

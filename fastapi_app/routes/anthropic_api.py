@@ -28,6 +28,7 @@ from vlm_engine.tools import ToolCall, parse_tool_calls
 router = APIRouter(prefix="/v1", tags=["Anthropic-compatible"])
 log = logging.getLogger("fastapi_app.anthropic")
 
+IMAGE_MEDIA_TYPES = ("image/png", "image/jpeg", "image/webp", "image/gif")  # as Anthropic's API
 StopSequence = Annotated[str, Field(min_length=1, max_length=200)]
 REFUSED = {
     "thinking": "these models do not think in hidden steps; leave thinking out",
@@ -129,6 +130,10 @@ def _image_part(block: dict[str, Any], where: str) -> dict[str, Any]:
         media, data = source.get("media_type"), source.get("data")
         if not isinstance(media, str) or not isinstance(data, str):
             raise InvalidRequest(f"{where}.source needs media_type and data (base64) strings")
+        if media not in IMAGE_MEDIA_TYPES:
+            raise InvalidRequest(
+                f"{where}.source.media_type must be one of {', '.join(IMAGE_MEDIA_TYPES)}, got {media!r}"
+            )
         return {"type": "image_url", "image_url": {"url": f"data:{media};base64,{data}"}}
     if kind == "url" and isinstance(source.get("url"), str):
         return {"type": "image_url", "image_url": {"url": source["url"]}}
@@ -164,15 +169,17 @@ def to_openai_messages(body: _Conversation) -> list[dict[str, Any]]:
             elif kind == "tool_result" and role == "user":
                 if not isinstance(block.get("tool_use_id"), str):
                     raise InvalidRequest(f"{where}.tool_use_id must be a string")
+                if not isinstance(block.get("is_error", False), bool):
+                    raise InvalidRequest(f"{where}.is_error must be true or false")
                 result = _text_of(block.get("content", ""), f"{where}.content")
                 out.append({"role": "tool", "tool_call_id": block["tool_use_id"], "content": result})
             elif kind == "tool_use" and role == "assistant":
-                if not isinstance(block.get("name"), str) or not isinstance(block.get("input", {}), dict):
-                    raise InvalidRequest(f"{where} must be a tool_use block with a name and an input object")
-                arguments = json.dumps(block.get("input", {}))
+                if not all(isinstance(block.get(k), t) for k, t in (("id", str), ("name", str), ("input", dict))):
+                    raise InvalidRequest(f"{where} must be a tool_use block with an id, a name and an input object")
+                arguments = json.dumps(block["input"])
                 calls.append(
                     {
-                        "id": str(block.get("id", "")),
+                        "id": block["id"],
                         "type": "function",
                         "function": {"name": block["name"], "arguments": arguments},
                     }

@@ -56,6 +56,8 @@ def client(tmp_path):
 
 PNG = image_bytes((8, 8), "PNG")
 DATA_URL = "data:image/png;base64," + base64.b64encode(PNG).decode()
+ASK = {"role": "user", "content": "hi"}
+BMP = {"type": "image", "source": {"type": "base64", "media_type": "image/bmp", "data": base64.b64encode(PNG).decode()}}
 
 
 def test_a_continued_response_sends_the_whole_conversation_with_its_image(client):
@@ -125,6 +127,21 @@ def test_the_stored_responses_are_bounded_in_bytes(tmp_path):
             "/v1/messages/count_tokens",
             {"tool_choice": {"type": "none", "disable_parallel_tool_use": "yes"}},
             "disable_parallel_tool_use must be true or false",
+        ),
+        (
+            "/v1/messages",
+            {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}, BMP]}]},
+            "media_type must be one of image/png",
+        ),
+        (
+            "/v1/messages",
+            {"messages": [ASK, {"role": "assistant", "content": [{"type": "tool_use", "name": "f", "input": {}}]}]},
+            "with an id, a name and an input object",
+        ),
+        (
+            "/v1/messages",
+            {"messages": [{"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t", "is_error": 1}]}]},
+            "is_error must be true or false",
         ),
         ("/v1/responses", {"reasoning": {"effort": "high"}}, "reasoning"),
         (
