@@ -59,6 +59,7 @@ R_INPUT_IMAGE = obj(
     detail={"enum": R_INPUT_IMAGE_DETAILS},
 )
 R_OUTPUT_TEXT = obj(["type", "text"], type={"const": "output_text"}, text=STRING)
+R_REFUSAL = obj(["type", "refusal"], type={"const": "refusal"}, refusal=STRING)
 RESPONSES_SCHEMAS: dict[str, Any] = {
     "ResponseInputText": R_INPUT_TEXT,
     "ResponseInputImage": R_INPUT_IMAGE,
@@ -76,12 +77,19 @@ RESPONSES_SCHEMAS: dict[str, Any] = {
     "ResponseOtherMessage": obj(
         ["role", "content"],
         type={"const": "message"},
-        role={"enum": ["system", "developer", "assistant"]},
+        role={"enum": ["system", "developer"]},
         content={"anyOf": [STRING, {"type": "array", "items": {"anyOf": [R_INPUT_TEXT, R_OUTPUT_TEXT]}}]},
+    ),
+    "ResponseAssistantMessage": obj(
+        ["role", "content"],
+        type={"const": "message"},
+        role={"const": "assistant"},
+        content={"anyOf": [STRING, {"type": "array", "items": {"anyOf": [R_INPUT_TEXT, R_OUTPUT_TEXT, R_REFUSAL]}}]},
     ),
     "ResponseFunctionCall": obj(
         ["type", "call_id", "name", "arguments"],
         type={"const": "function_call"},
+        id=STRING,
         call_id=STRING,
         name=STRING,
         arguments={"type": "string", "description": "JSON text"},
@@ -119,6 +127,7 @@ def _responses_request(component: dict[str, Any], settings: Settings, no_tools: 
         "anyOf": [
             ref("ResponseUserMessage"),
             ref("ResponseOtherMessage"),
+            ref("ResponseAssistantMessage"),
             ref("ResponseFunctionCall"),
             ref("ResponseFunctionCallOutput"),
         ]

@@ -172,6 +172,16 @@ class ResponsesRequest(BaseModel):
 
 
 # -- input items ----------------------------------------------------------------------------------
+# the parts each role's message takes (images only from the user), and where a text part keeps its text
+PARTS = {
+    "user": ("input_text", "input_image"),
+    "system": ("input_text", "output_text"),
+    "developer": ("input_text", "output_text"),
+    "assistant": ("input_text", "output_text", "refusal"),
+}
+TEXT_KEY = {"input_text": "text", "output_text": "text", "refusal": "refusal"}
+
+
 def _parts(content: Any, role: str, where: str) -> list[dict[str, Any]]:
     """A message's content as Responses parts (``input_text``, ``input_image``, ``output_text``)."""
     if isinstance(content, str):
@@ -179,22 +189,24 @@ def _parts(content: Any, role: str, where: str) -> list[dict[str, Any]]:
     if not isinstance(content, list):
         raise InvalidRequest(f"{where}.content must be a string or a list of parts")
     parts = []
+    allowed = PARTS[role]
     for j, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
-        if kind in ("input_text", "output_text", "refusal") and isinstance(part.get("text", part.get("refusal")), str):
-            parts.append({"type": kind, "text": part.get("text", part.get("refusal"))})
-        elif kind == "input_image" and role != "assistant":
+        if kind not in allowed:
+            raise InvalidRequest(
+                f"{where}.content[{j}]: a {role} message takes {', '.join(allowed)} parts; got {kind!r}"
+            )
+        if kind in TEXT_KEY:
+            if not isinstance(part.get(TEXT_KEY[kind]), str):
+                raise InvalidRequest(f"{where}.content[{j}]: {kind} needs {TEXT_KEY[kind]} (a string)")
+            parts.append({"type": kind, "text": part[TEXT_KEY[kind]]})
+        else:
             url, detail = part.get("image_url"), part.get("detail", "auto")
             if not isinstance(url, str):
                 raise InvalidRequest(f"{where}.content[{j}]: input_image needs image_url (file_id is not served)")
             if detail not in IMAGE_DETAILS:
                 raise InvalidRequest(f"{where}.content[{j}].detail must be one of {IMAGE_DETAILS}")
             parts.append({"type": "input_image", "image_url": url, "detail": detail})
-        else:
-            raise InvalidRequest(
-                f"{where}.content[{j}] must be an input_text or input_image part (output_text for assistant); "
-                f"got {kind!r}"
-            )
     return parts
 
 
@@ -213,6 +225,8 @@ def normalized_items(value: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
                 {"type": "message", "id": _new_id("msg"), "role": role, "content": parts, "status": "completed"}
             )
         elif kind == "function_call" and all(isinstance(item.get(k), str) for k in ("call_id", "name", "arguments")):
+            if not isinstance(item.get("id", ""), str):
+                raise InvalidRequest(f"{where}.id must be a string")
             call = {k: item[k] for k in ("call_id", "name", "arguments")}
             items.append(
                 {"type": "function_call", "id": item.get("id") or _new_id("fc"), **call, "status": "completed"}

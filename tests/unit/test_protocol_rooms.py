@@ -146,6 +146,26 @@ def test_the_stored_responses_are_bounded_in_bytes(tmp_path):
         ("/v1/responses", {"reasoning": {"effort": "high"}}, "reasoning"),
         (
             "/v1/responses",
+            {"input": [{"role": "user", "content": [{"type": "output_text", "text": "hi"}]}]},
+            "a user message takes input_text, input_image parts",
+        ),
+        (
+            "/v1/responses",
+            {"input": [{"role": "user", "content": [{"type": "input_text", "refusal": "hi"}]}]},
+            "input_text needs text",
+        ),
+        (
+            "/v1/responses",
+            {
+                "input": [
+                    {"role": "user", "content": "hi"},
+                    {"type": "function_call", "id": 5, "call_id": "c", "name": "f", "arguments": "{}"},
+                ]
+            },
+            "input[1].id must be a string",
+        ),
+        (
+            "/v1/responses",
             {"input": [{"type": "function_call_output", "call_id": "c", "output": [{"type": "input_image"}]}]},
             "images are not served",
         ),
