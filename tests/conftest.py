@@ -114,6 +114,21 @@ def _run(command: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     )
 
 
+def _up(env: dict[str, str], log: Path) -> subprocess.CompletedProcess:
+    """``./triton_start.sh up``, its output kept in ``log``. When it fails, or the test is stopped
+    while it waits (pytest's timeout), ``down`` stops what it started: a stack that never got
+    ready is not left running (restarting its processes) behind the failed test."""
+    try:
+        up = _run("up", env)
+    except BaseException:
+        _run("down", env)
+        raise
+    log.write_text(up.stdout + up.stderr)
+    if up.returncode != 0:
+        _run("down", env)
+    return up
+
+
 def _docker_daemon_here() -> bool:
     try:
         return subprocess.run(["docker", "info"], capture_output=True, timeout=20).returncode == 0
@@ -152,8 +167,7 @@ def stack(tiny_models_dir):
     if _docker_daemon_here():  # this suite is about the local stack; Compose has its own
         env["VLM_STACK_MODE"] = "local"
     FOREIGN_STUBS[:] = [foreign_stub(ARTIFACTS, None), foreign_stub(ARTIFACTS, "another-deployment")]
-    up = _run("up", env)
-    (ARTIFACTS / "stack-up.log").write_text(up.stdout + up.stderr)
+    up = _up(env, ARTIFACTS / "stack-up.log")
     assert up.returncode == 0, f"stack did not come up:\n{up.stdout[-3000:]}\n{up.stderr[-3000:]}"
     assert "[stack] mode: local" in up.stdout and "vlm-serve is up" in up.stdout
     try:

@@ -24,6 +24,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from vlm_engine.adapters.base import Prepared
@@ -43,6 +44,16 @@ from vlm_engine.scheduler import Event, Metrics
 from vlm_engine.settings import ModelSettings
 
 log = logging.getLogger("vlm_engine.vllm")
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+
+
+def keep_subprocesses_in_this_environment() -> None:
+    """Python processes vLLM starts (its model registry inspects architectures in one) read
+    ``PYTHONPATH``; tritonserver's lists the project's site-packages, whose torch, transformers
+    and cloudpickle would come before vLLM's own there (a cloudpickle 2 made every start fail).
+    Only this repository stays on it."""
+    os.environ["PYTHONPATH"] = str(REPOSITORY)
 # How often a housekeeping thread asks every answer's client whether it left (an IPC call to
 # tritonserver each: asked at every output instead, they took ~80% of the asyncio loop's time
 # at 64 rows), and how often it reports metrics and looks at the engine core's health.
@@ -232,6 +243,7 @@ class VllmEngine:
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        keep_subprocesses_in_this_environment()
         if not self.device.startswith("cuda"):
             # CPU_THREADS threads, not pinned: vLLM would pin its compute to every core but one
             # and leave that one to Triton, the service and nginx (VLLM_CPU_OMP_THREADS_BIND wins)

@@ -11,7 +11,7 @@ import pytest
 import requests
 import tritonclient.http as httpclient
 
-from tests.conftest import ARTIFACTS, TRITON_ENV, _run
+from tests.conftest import ARTIFACTS, TRITON_ENV, _run, _up
 from tests.integration.helpers import GREEDY, infer_http, inputs, stream_http, text_of
 from vlm_stack.procs import ephemeral_stack_env
 
@@ -24,8 +24,7 @@ def no_triton_stack(tiny_models_dir):
         run_dir = Path(tmp) / "run"
         env = ephemeral_stack_env(run_dir, tiny_models_dir) | TRITON_ENV
         env |= {"INFERENCE_BACKEND": "local", "SERVED_MODELS": "llava", "VLM_STACK_MODE": ""}
-        up = _run("up", env)
-        (ARTIFACTS / "stack-no-triton-up.log").write_text(up.stdout + up.stderr)
+        up = _up(env, ARTIFACTS / "stack-no-triton-up.log")
         try:
             assert up.returncode == 0, f"stack did not come up:\n{up.stdout[-3000:]}\n{up.stderr[-3000:]}"
             yield env, up.stdout, run_dir

@@ -25,7 +25,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from playwright.sync_api import expect, sync_playwright
 
-from tests.conftest import ARTIFACTS, HANG_S, LONG, Stack, Trace, _docker_daemon_here, _run
+from tests.conftest import ARTIFACTS, HANG_S, LONG, Stack, Trace, _docker_daemon_here, _run, _up
 from tests.fastapi_app.test_anthropic_api import image_turn
 from tests.fastapi_app.test_openai_api import vision_messages
 from tests.fastapi_app.test_openai_tools import MESSAGES as TOOL_MESSAGES
@@ -72,8 +72,7 @@ def vllm_stack(tiny_models_dir, trace):
     )
     if _docker_daemon_here():
         env["VLM_STACK_MODE"] = "local"
-    up = _run("up", env)
-    (ARTIFACTS / "stack-vllm-up.log").write_text(up.stdout + up.stderr)
+    up = _up(env, ARTIFACTS / "stack-vllm-up.log")
     assert up.returncode == 0, f"stack did not come up:\n{up.stdout[-3000:]}\n{up.stderr[-3000:]}"
     stack = Stack(f"http://127.0.0.1:{env['NGINX_PORT']}", "", f"127.0.0.1:{env['NGINX_GRPC_PORT']}")
     stack.env = env

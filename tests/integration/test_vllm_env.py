@@ -9,6 +9,8 @@ test sees the stub's NumPy and vLLM versions and the bytes it received.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import textwrap
 
 import numpy as np
@@ -113,3 +115,37 @@ def test_the_check_says_what_is_broken(tmp_path, monkeypatch, capsys):
     assert "make vllm-env" in err
     monkeypatch.setattr(vllm_env, "CHECKS", {vllm_env.STUB: vllm_env.CHECKS[vllm_env.STUB]})
     assert vllm_env.main(["--check"]) == 0
+
+
+SUBPROCESS_PROBE = """
+import subprocess, sys
+sys.path.insert(0, sys.argv[1])
+from vlm_engine.vllm_engine import keep_subprocesses_in_this_environment
+if sys.argv[2] == "kept":
+    keep_subprocesses_in_this_environment()
+code = "import cloudpickle, torch, transformers; print(cloudpickle.__file__, torch.__file__, transformers.__file__)"
+print(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+"""
+
+
+def test_a_python_process_vllm_starts_imports_vllms_packages_not_the_projects():
+    """The stub ignores PYTHONPATH (``-I`` here, as the stub starts), but Python processes vLLM
+    starts from it read tritonserver's, which lists the project's site-packages: a different
+    cloudpickle there made vLLM's model-registry inspection fail. The engine keeps only this
+    repository on it, so they import vLLM's own torch, transformers and cloudpickle."""
+    from vlm_triton.launch import ROOT, environment
+
+    env = environment()
+    assert any("site-packages" in entry for entry in env["PYTHONPATH"].split(os.pathsep))  # what the stubs inherit
+    python = str(vllm_env.python(vllm_env.STUB))
+
+    def imported(mode: str) -> list[str]:
+        run = subprocess.run(
+            [python, "-I", "-c", SUBPROCESS_PROBE, str(ROOT), mode], env=env, capture_output=True, text=True
+        )
+        assert run.returncode == 0, run.stderr[-3000:]
+        return run.stdout.split()
+
+    packages = str(vllm_env.site_packages(vllm_env.PACKAGES))
+    assert all(path.startswith(packages) for path in imported("kept")), imported("kept")
+    assert not all(path.startswith(packages) for path in imported("inherited"))  # what it would be without
