@@ -11,7 +11,7 @@ VLLM_ENV := .triton/vllm/.ready
 .PHONY: help install vllm-env tiny-models models demo up down status logs triton api loadtest loadtest-ui soak bench gpu-check test contract-fuzz test-compose test-swarm test-dynamo dynamo-up swarm-up swarm-down lint
 
 help:  ## list the targets
-	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
 
 $(INSTALLED): pyproject.toml
 	@mkdir -p .cache

@@ -11,8 +11,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from fastapi_app.routes.anthropic_api import IMAGE_MEDIA_TYPES
-from fastapi_app.schemas import IMAGE_DATA_URL, TEXT, obj, ref
+from fastapi_app.schemas import IMAGE_DATA_URL, IMAGE_MEDIA_TYPES, TEXT, obj, ref
 from fastapi_app.settings import Settings
 from vlm_engine.chat import DETAILS
 from vlm_engine.settings import MODELS, MULTI_IMAGE, TOOL_FORMAT
@@ -101,7 +100,7 @@ RESPONSES_SCHEMAS: dict[str, Any] = {
         ["type", "name"],
         type={"const": "function"},
         name={"type": "string", "pattern": TOOL_NAME},
-        description=STRING,
+        description=_nullable(STRING),
         parameters={"type": "object", "description": "a JSON schema of the arguments"},
         strict={"anyOf": [{"type": "boolean"}, NULL]},
     ),
@@ -138,8 +137,9 @@ def _responses_request(component: dict[str, Any], settings: Settings, no_tools: 
             TEXT,
             {"type": "array", "minItems": 1, "items": items, "allOf": [{"contains": R_USER_WITH_TEXT}, images]},
         ],
-        "description": "a string, or items: messages (input_text, input_image parts), function calls and "
-        "their outputs; a user message with text among them",
+        "description": "a string, or items: messages (user: input_text, input_image; system, developer: "
+        "input_text, output_text; assistant: those and refusal), function calls and their outputs; a user "
+        "message with text among them",
     }
     _cap(properties["max_output_tokens"], settings.max_tokens_cap)
     properties["tools"] = _nullable({"type": "array", "minItems": 1, "maxItems": 128, "items": ref("ResponseTool")})
@@ -211,7 +211,7 @@ ANTHROPIC_SCHEMAS: dict[str, Any] = {
         ["name", "input_schema"],
         type={"const": "custom"},
         name={"type": "string", "pattern": TOOL_NAME},
-        description=STRING,
+        description=_nullable(STRING),
         input_schema={"type": "object", "description": "a JSON schema of the input"},
     ),
 }

@@ -51,6 +51,7 @@ def obj(required: list[str], **properties: Any) -> dict[str, Any]:
     return {"type": "object", "required": required, "properties": properties}
 
 
+IMAGE_MEDIA_TYPES = ("image/png", "image/jpeg", "image/webp", "image/gif")  # Anthropic's image blocks, as its API
 IMAGE_DATA_URL = {"type": "string", "format": "image-data-url", "description": "data:image/png;base64,<bytes>"}
 TEXT = {"type": "string", "pattern": TEXT_PATTERN}
 IMAGE_REF = obj(["url"], url=IMAGE_DATA_URL, detail={"enum": list(DETAILS)})
@@ -92,7 +93,7 @@ MESSAGE_SCHEMAS: dict[str, Any] = {
         function=obj(
             ["name"],
             name={"type": "string", "pattern": TOOL_NAME},
-            description={"type": "string"},
+            description={"anyOf": [{"type": "string"}, {"type": "null"}]},
             parameters={"type": "object", "description": "a JSON schema of the arguments"},
             strict={"anyOf": [{"type": "boolean"}, {"type": "null"}]},
         ),

@@ -72,8 +72,8 @@ def resolve_tools(
         parameters = function.get("parameters", {})
         if not isinstance(parameters, Mapping):
             raise InvalidParameter(f"tools[{i}].function.parameters must be a JSON schema object")
-        if "description" in function and not isinstance(function["description"], str):
-            raise InvalidParameter(f"tools[{i}].function.description must be a string")
+        if not isinstance(function.get("description"), str | None):  # null: none, as OpenAI's SDK types it
+            raise InvalidParameter(f"tools[{i}]: the description must be a string, got {function['description']!r}")
         if not isinstance(function.get("strict"), bool | None):
             raise InvalidParameter(f"tools[{i}].function.strict must be true, false or null")
         names.append(name)

@@ -54,6 +54,8 @@ def keep_subprocesses_in_this_environment() -> None:
     and cloudpickle would come before vLLM's own there (a cloudpickle 2 made every start fail).
     Only this repository stays on it."""
     os.environ["PYTHONPATH"] = str(REPOSITORY)
+
+
 # How often a housekeeping thread asks every answer's client whether it left (an IPC call to
 # tritonserver each: asked at every output instead, they took ~80% of the asyncio loop's time
 # at 64 rows), and how often it reports metrics and looks at the engine core's health.
@@ -240,10 +242,10 @@ class VllmEngine:
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
 
     async def _start(self) -> Any:
+        keep_subprocesses_in_this_environment()
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        keep_subprocesses_in_this_environment()
         if not self.device.startswith("cuda"):
             # CPU_THREADS threads, not pinned: vLLM would pin its compute to every core but one
             # and leave that one to Triton, the service and nginx (VLLM_CPU_OMP_THREADS_BIND wins)

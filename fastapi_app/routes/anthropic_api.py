@@ -21,6 +21,7 @@ from fastapi_app.error_shapes import error_body
 from fastapi_app.fields import PositiveInteger, integer
 from fastapi_app.generation import check_max_tokens, check_model, first_item, generate, unless_gone, with_defaults
 from fastapi_app.routes.openai_api import ToolCallHold, _inline_remote_images
+from fastapi_app.schemas import IMAGE_MEDIA_TYPES
 from vlm_engine.chat import parse_openai_messages
 from vlm_engine.errors import EngineError, InvalidParameter, InvalidRequest
 from vlm_engine.tools import ToolCall, parse_tool_calls
@@ -28,7 +29,6 @@ from vlm_engine.tools import ToolCall, parse_tool_calls
 router = APIRouter(prefix="/v1", tags=["Anthropic-compatible"])
 log = logging.getLogger("fastapi_app.anthropic")
 
-IMAGE_MEDIA_TYPES = ("image/png", "image/jpeg", "image/webp", "image/gif")  # as Anthropic's API
 StopSequence = Annotated[str, Field(min_length=1, max_length=200)]
 REFUSED = {
     "thinking": "these models do not think in hidden steps; leave thinking out",
@@ -226,8 +226,8 @@ def _tools(body: _Conversation) -> dict[str, Any] | None:
             options["tool_choice"] = {"auto": "auto", "any": "required", "none": "none"}[kind]
         else:
             raise InvalidRequest(f'tool_choice.type must be "auto", "any", "tool" or "none", got {kind!r}')
-        parallel = choice.get("disable_parallel_tool_use")
-        if parallel is not None and not isinstance(parallel, bool):
+        parallel = choice.get("disable_parallel_tool_use", False)
+        if not isinstance(parallel, bool):
             raise InvalidRequest(f"tool_choice.disable_parallel_tool_use must be true or false, got {parallel!r}")
         if parallel is True:
             options["parallel_tool_calls"] = False

@@ -183,7 +183,8 @@ TEXT_KEY = {"input_text": "text", "output_text": "text", "refusal": "refusal"}
 
 
 def _parts(content: Any, role: str, where: str) -> list[dict[str, Any]]:
-    """A message's content as Responses parts (``input_text``, ``input_image``, ``output_text``)."""
+    """A message's content as Responses parts, those its role takes (``PARTS``), in OpenAI's shape
+    (as ``input_items`` lists them, so a client may send them back)."""
     if isinstance(content, str):
         return [{"type": "output_text" if role == "assistant" else "input_text", "text": content}]
     if not isinstance(content, list):
@@ -199,7 +200,7 @@ def _parts(content: Any, role: str, where: str) -> list[dict[str, Any]]:
         if kind in TEXT_KEY:
             if not isinstance(part.get(TEXT_KEY[kind]), str):
                 raise InvalidRequest(f"{where}.content[{j}]: {kind} needs {TEXT_KEY[kind]} (a string)")
-            parts.append({"type": kind, "text": part[TEXT_KEY[kind]]})
+            parts.append({"type": kind, TEXT_KEY[kind]: part[TEXT_KEY[kind]]})
         else:
             url, detail = part.get("image_url"), part.get("detail", "auto")
             if not isinstance(url, str):
@@ -279,7 +280,7 @@ def to_chat_messages(instructions: str | None, items: list[dict[str, Any]]) -> l
             content = [
                 {"type": "image_url", "image_url": {"url": p["image_url"], "detail": _chat_detail(p["detail"])}}
                 if p["type"] == "input_image"
-                else {"type": "text", "text": p["text"]}
+                else {"type": "text", "text": p.get("text", p.get("refusal"))}
                 for p in item["content"]
             ]
             messages.append({"role": role, "content": content})

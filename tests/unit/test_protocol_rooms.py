@@ -57,6 +57,7 @@ def client(tmp_path):
 PNG = image_bytes((8, 8), "PNG")
 DATA_URL = "data:image/png;base64," + base64.b64encode(PNG).decode()
 ASK = {"role": "user", "content": "hi"}
+REFUSAL = {"type": "refusal", "refusal": "I cannot say."}
 BMP = {"type": "image", "source": {"type": "base64", "media_type": "image/bmp", "data": base64.b64encode(PNG).decode()}}
 
 
@@ -190,6 +191,10 @@ def test_what_cannot_be_honoured_is_refused(client, path, body, says):
         ("/v1/responses", {"reasoning": {}}),
         ("/v1/responses", {"background": False}),
         (
+            "/v1/responses",  # an assistant's refusal, in the shape input_items lists it
+            {"input": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": [REFUSAL]}, ASK]},
+        ),
+        (
             "/v1/responses",
             {
                 "input": [
@@ -240,6 +245,19 @@ def test_input_items_are_paged_in_either_order(client):
     assert text(newest) == ["part 4", "part 3"] and newest["has_more"] is True
     assert text(oldest) == ["part 0", "part 1"] and text(rest) == ["part 2", "part 3", "part 4"]
     assert rest["has_more"] is False
+
+
+def test_a_refusal_is_listed_in_openais_shape_and_sent_back_as_is(client):
+    http, backend = client()
+    with http:
+        body = {"model": "llava", "input": [ASK, {"role": "assistant", "content": [REFUSAL]}, ASK]}
+        made = http.post("/v1/responses", json=body).json()
+        listed = http.get(f"/v1/responses/{made['id']}/input_items", params={"order": "asc"}).json()["data"]
+        assert listed[1]["content"] == [REFUSAL]
+        again = [{k: item[k] for k in ("type", "role", "content")} for item in listed]
+        assert http.post("/v1/responses", json={"model": "llava", "input": again}).status_code == 200
+    assert [m.text for m in backend.seen[0].messages] == ["hi", "I cannot say.", "hi"]
+    assert [m.text for m in backend.seen[1].messages] == ["hi", "I cannot say.", "hi"]
 
 
 def test_anthropic_blocks_become_the_engines_turns(client):

@@ -118,8 +118,9 @@ def test_tools_are_refused_where_they_cannot_work(tiny_models_dir, qwen):
     with pytest.raises(InvalidParameter, match="without response_format"):
         qwen.prepare(ASK, 8, sampling={"guide": {"regex": "a+"}}, tools=TOOLS, tool_choice="required")
     wrong = [{"type": "function", "function": {**TOOLS[0]["function"], "description": 7}}]
-    with pytest.raises(InvalidParameter, match=r"tools\[0\].function.description must be a string"):
+    with pytest.raises(InvalidParameter, match=r"tools\[0\]: the description must be a string, got 7"):
         qwen.prepare(ASK, 8, tools=wrong)
+    qwen.prepare(ASK, 8, tools=[{"type": "function", "function": {**TOOLS[0]["function"], "description": None}}])
     llava = make_engine(tiny_models_dir, "llava")
     try:
         with pytest.raises(InvalidParameter, match="llava has no tool-calling format"):
