@@ -85,6 +85,13 @@ CHECKS = {
     ),
 }
 
+# the cuda flavour needs a CUDA torch: a pip whose find-links or index serves torch+cpu (as a
+# host set up for this project's CPU installs may) satisfies vLLM's torch pin with the CPU build
+CUDA_TORCH = (
+    "import torch; assert torch.version.cuda, f'torch {torch.__version__} is a CPU build: pip took it from "
+    "a find-links folder or index that serves torch+cpu (pip config list)'"
+)
+
 
 def python(venv: Path) -> Path:
     return venv / "bin" / "python"
@@ -102,8 +109,9 @@ def problem(venv: Path) -> str | None:
     built = BUILT_FLAVOR.read_text().strip() if BUILT_FLAVOR.exists() else "cpu"
     if venv == PACKAGES and built != flavor():
         return f"{venv} holds vLLM's {built} build; this host wants {flavor()} (VLLM_FLAVOR)"
+    code = CHECKS[venv] + (f"; {CUDA_TORCH}" if venv == PACKAGES and built == "cuda" else "")
     try:
-        done = subprocess.run([str(python(venv)), "-c", CHECKS[venv]], capture_output=True, text=True, timeout=300)
+        done = subprocess.run([str(python(venv)), "-c", code], capture_output=True, text=True, timeout=300)
     except (OSError, subprocess.TimeoutExpired) as exc:
         return str(exc)
     return None if done.returncode == 0 else (done.stderr.strip().splitlines() or ["no output"])[-1]

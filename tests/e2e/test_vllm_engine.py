@@ -31,7 +31,8 @@ from tests.fastapi_app.test_openai_api import vision_messages
 from tests.fastapi_app.test_openai_tools import MESSAGES as TOOL_MESSAGES
 from tests.fastapi_app.test_responses_api import image_input
 from tests.fastapi_app.test_web_page import CHROMIUM, FLAGS, page_with_image
-from tests.integration.helpers import GREEDY, GrpcStream, inputs, stream_http, text_of
+from tests.integration.helpers import GREEDY, GrpcStream, infer_grpc, inputs, stream_grpc, stream_http, text_of
+from tests.loadtests.test_loadtests import _loadtest
 from tests.unit.test_structured_output import SCHEMA
 from tests.unit.test_tools import SCHEMAS, TOOLS
 from vlm_engine.loading import cpu_threads
@@ -63,6 +64,7 @@ def vllm_stack(tiny_models_dir, trace):
     env = ephemeral_stack_env(RUN_DIR, tiny_models_dir)
     env.update(
         ENGINE="vllm",  # llava and qwen3-vl; kosmos2 and moondream2 stay native
+        DYNAMO="1",  # Dynamo's frontend and a worker in front of the same Triton
         COMPILE_STEP="false",  # vLLM: enforce_eager (a faster start; the answers are the same)
         LLAVA_KV_CACHE_MB="1024",
         QWEN3_VL_KV_CACHE_MB="1024",
@@ -269,6 +271,47 @@ def test_the_page_answers_from_vllm(vllm_stack, tmp_path, png):
         expect(answer.locator(".meta")).to_contain_text("llava", timeout=HANG_S * 1000)
         assert answer.inner_text().strip()
         browser.close()
+
+
+# -- Dynamo and the load tests, unchanged on vLLM's engine
+
+
+@pytest.mark.parametrize("model", VLLM_MODELS)
+def test_dynamo_serves_the_vllm_models_as_triton_does(vllm_stack, model, png):
+    triton = f"127.0.0.1:{vllm_stack.env['TRITON_GRPC_PORT']}"
+    dynamo = f"127.0.0.1:{vllm_stack.env['DYNAMO_GRPC_PORT']}"
+    direct = infer_grpc(triton, model, PROMPT, png, max_tokens=12, **GREEDY)
+    assert direct.strip()
+    assert infer_grpc(dynamo, model, PROMPT, png, max_tokens=12, **GREEDY) == direct
+    shorter = infer_grpc(dynamo, model, PROMPT, png, max_tokens=2, **GREEDY)
+    assert direct.startswith(shorter) and shorter != direct, "max_tokens must reach vLLM through Dynamo"
+    texts = stream_grpc(dynamo, f"{model}_stream", PROMPT, png, max_tokens=12, **GREEDY)
+    assert len([t for t in texts if t]) >= 2, f"one response per piece of text, not one lump: {texts}"
+    assert "".join(texts) == direct
+
+
+def test_a_load_test_runs_against_the_vllm_models_without_a_failure(vllm_stack, tmp_path):
+    results = tmp_path / "loadtest"
+    proc = _loadtest(
+        vllm_stack.url,
+        results,
+        MODELS="llava,qwen3-vl",
+        USERS="6",  # two of each kind; user n starts at model n % 2, so both models are asked
+        SPAWN_RATE="6",
+        DURATION="4s",
+        STOP_TIMEOUT=str(HANG_S),  # every user finishes the request it is in: a guard, not a target
+        PROFILE="mixed",
+        WEIGHTS="infer=1,stream=1,chat=1",
+        CHAT_TURNS="1",
+        SLO_ERROR_RATIO="0",
+    )
+    (ARTIFACTS / "loadtest-vllm.log").write_text(proc.stdout + proc.stderr)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((results / "summary.json").read_text())
+    assert summary["total"]["requests"] > 0
+    assert summary["total"]["failures"] == 0, summary["total"]["errors"]
+    assert {row["model"] for row in summary["rows"]} == set(VLLM_MODELS)
+    assert {row["endpoint"] for row in summary["rows"]} >= {"kserve-infer", "openai-stream", "rest-chat"}
 
 
 # -- the same answers as vLLM's own

@@ -117,6 +117,20 @@ def test_the_check_says_what_is_broken(tmp_path, monkeypatch, capsys):
     assert vllm_env.main(["--check"]) == 0
 
 
+def test_a_cuda_flavour_with_a_cpu_torch_is_called_broken(tmp_path, monkeypatch):
+    """``VLLM_FLAVOR=cuda`` checks that pip gave vLLM a CUDA torch: a find-links folder or index that
+    serves ``torch+cpu`` satisfies vLLM's pin with the CPU build. Here: the CPU venv, read as cuda."""
+    flavour = tmp_path / "flavor"
+    flavour.write_text("cuda\n")
+    monkeypatch.setattr(vllm_env, "BUILT_FLAVOR", flavour)
+    monkeypatch.setenv("VLLM_FLAVOR", "cuda")
+    why = vllm_env.problem(vllm_env.PACKAGES)
+    assert why is not None and "is a CPU build" in why and "+cpu" in why, why
+    flavour.write_text("cpu\n")
+    monkeypatch.setenv("VLLM_FLAVOR", "cpu")
+    assert vllm_env.problem(vllm_env.PACKAGES) is None
+
+
 SUBPROCESS_PROBE = """
 import subprocess, sys
 sys.path.insert(0, sys.argv[1])
