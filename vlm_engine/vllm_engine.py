@@ -22,7 +22,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -108,6 +108,22 @@ def engine_arguments(settings: ModelSettings, adapter: Any, device: str) -> dict
             "size": {"longest_edge": size.longest_edge, "shortest_edge": size.shortest_edge}
         }
     return arguments
+
+
+def visible_gpu(device: str, env: Mapping[str, str]) -> str | None:
+    """``CUDA_VISIBLE_DEVICES`` for vLLM's engine on ``device``: vLLM takes no device index and
+    runs on the first GPU it sees, so an instance Triton placed on ``cuda:<i>`` (one per GPU,
+    ``TRITON_MODEL_CONFIG=gpu``) must see only GPU ``i`` (counted, as Triton counts it, among
+    the GPUs this process sees). None: leave it (the CPU, or ``cuda`` without an index)."""
+    if not device.startswith("cuda:"):
+        return None
+    index = int(device.split(":", 1)[1])
+    seen = [d.strip() for d in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    if not seen:
+        return str(index)
+    if index >= len(seen):
+        raise ModelConfigError(f"{device} is not one of the GPUs CUDA_VISIBLE_DEVICES={','.join(seen)} shows")
+    return seen[index]
 
 
 def model_positions(settings: ModelSettings) -> int:
@@ -255,6 +271,8 @@ class VllmEngine:
             # allows only with this unset): no worker process whose shared-memory queue the engine
             # core spins on between steps (it took ~60% of a core at 64 rows here)
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        if (gpu := visible_gpu(self.device, os.environ)) is not None:
+            os.environ["CUDA_VISIBLE_DEVICES"] = gpu  # read by vLLM's engine process, started below
         if self.settings.ignore_eos:
             os.environ["VLLM_ALLOW_LONG_MAX_MODEL_LEN"] = "1"
         arguments = engine_arguments(self.settings, self.adapter, self.device)

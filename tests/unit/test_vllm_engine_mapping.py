@@ -13,7 +13,7 @@ from vlm_engine.engine import VLMEngine
 from vlm_engine.errors import InvalidParameter, ModelConfigError
 from vlm_engine.params import resolve_guide, resolve_params
 from vlm_engine.settings import resolve_settings
-from vlm_engine.vllm_engine import VisibleText, engine_arguments, guide_arguments, sampling_arguments
+from vlm_engine.vllm_engine import VisibleText, engine_arguments, guide_arguments, sampling_arguments, visible_gpu
 
 
 def front(name: str, tiny_models_dir, **env: str) -> VLMEngine:
@@ -139,3 +139,17 @@ def test_a_request_is_checked_and_decoded_without_model_inputs(tiny_models_dir, 
     assert "<|image_pad|>" in engine.adapter.prompt(prepared)
     assert [s.params.sampling.seed for s in prepared.siblings] == [4]
     assert json.dumps(prepared.prompt_tokens) and prepared.prompt_tokens > 0
+
+
+def test_an_instance_triton_put_on_a_gpu_shows_vllm_only_that_gpu():
+    """vLLM takes no device index (it runs on the first GPU it sees): an instance on ``cuda:<i>``
+    (``TRITON_MODEL_CONFIG=gpu``, one per GPU) must show vLLM GPU ``i`` alone, counted among the
+    GPUs the process sees, as Triton counts it; else every instance would share the first GPU."""
+    assert visible_gpu("cuda:1", {}) == "1"
+    assert visible_gpu("cuda:0", {}) == "0"
+    assert visible_gpu("cuda:1", {"CUDA_VISIBLE_DEVICES": "4, 6,7"}) == "6"
+    assert visible_gpu("cuda:2", {"CUDA_VISIBLE_DEVICES": "GPU-aa,GPU-bb,GPU-cc"}) == "GPU-cc"
+    assert visible_gpu("cuda", {"CUDA_VISIBLE_DEVICES": "3"}) is None  # no index: as it is
+    assert visible_gpu("cpu", {}) is None
+    with pytest.raises(ModelConfigError, match="cuda:2 is not one of the GPUs CUDA_VISIBLE_DEVICES=4,6"):
+        visible_gpu("cuda:2", {"CUDA_VISIBLE_DEVICES": "4,6"})
