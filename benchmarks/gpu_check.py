@@ -16,6 +16,10 @@ engine's own code. Then, in-process, in bf16 on CUDA:
 - a preemption under a forced small budget (KV_CACHE_TOKENS): the rows still finish, and agree
   with the same rows run with room;
 - greedy agreement of batched rows with the same rows run one at a time;
+- which attention read the pages (``attention``): flashinfer's in-place kernels where
+  flashinfer imports (bf16/fp16 on CUDA), else the gather path; with flashinfer, the same rows
+  and the largest row count again with ``PAGED_ATTENTION=gather`` (``gather``: agreement and
+  tokens/s, the figure that says what reading pages in place is worth);
 - vLLM's engine (``--vllm``, default on CUDA) on the same checkpoint with its own random
   weights, the same rows, prompts and answer lengths: tokens/s beside ours
   (``benchmarks/vllm_rows.py``, in vLLM's venv from ``make vllm-env`` or an interpreter that
@@ -427,6 +431,33 @@ def preemption(
         e.close()
 
 
+def attention_path(e: VLMEngine) -> str:
+    """How the engine's attention reads the KV pages (``kv.cache``, ``kv.flashinfer_attention``)."""
+    runner = e.adapter.runner
+    if runner.paged is not None:
+        return "flashinfer"
+    return "cpu kernel (decode rows)" if runner.read_in_place else "gather"
+
+
+def gather_side(
+    folder: Path, model: str, device: str, dtype: str, args: argparse.Namespace, side: int, batched: list[list[int]]
+) -> dict:
+    """flashinfer's in-place attention against the gather path on the same weights: greedy
+    agreement of the same batched rows (bf16 kernels differ in rounding: reported, not asserted)
+    and tokens/s at the largest row count."""
+    rows = max(args.rows)
+    e = engine(folder, model, device, dtype, PAGED_ATTENTION="gather", MAX_RUNNING=str(rows), MAX_WAITING=str(2 * rows))
+    try:
+        ids = run_ids(e, requests(e, args.agreement_rows, args.max_tokens, side))
+        figures = throughput(e, rows, args.max_tokens, side, args.bandwidth, device)
+        return {"agreement_with_flashinfer": agreement(ids, batched), "throughput": figures}
+    finally:
+        e.close()
+        del e
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+
+
 def vllm_python() -> tuple[str | None, str]:
     """A python with vLLM: vLLM's venv (``make vllm-env``), else this one if it has vLLM."""
     from vlm_triton import vllm_env
@@ -486,6 +517,7 @@ def check_model(model: str, args: argparse.Namespace, say) -> dict:
         out["load_s"] = round(time.perf_counter() - start, 1)
         out["dtype"] = str(e.adapter.model.dtype)
         out["compiled_step"] = e.adapter.runner.compiled is not None
+        out["attention"] = attention_path(e)
         out["kv_budget"] = {
             "gib": round(kv.bytes / 2**30, 2),
             "tokens": kv.pages.capacity_tokens,
@@ -519,6 +551,10 @@ def check_model(model: str, args: argparse.Namespace, say) -> dict:
         del e
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
+    if out["attention"] == "flashinfer":
+        say(f"{model}: the same rows with PAGED_ATTENTION=gather (pages gathered for SDPA)")
+        out["gather"] = gather_side(folder, model, device, dtype, args, side, batched)
+        say(f"{model}: gather {out['gather']}")
     say(f"{model}: preemption under a small KV budget")
     out["preemption"] = preemption(folder, model, device, dtype, n, args.max_tokens, side, batched, prompt)
     say(f"{model}: {out['preemption']}")

@@ -18,6 +18,7 @@ runner owns the pool, the batch, the encoder cache and the step.
 from __future__ import annotations
 
 import logging
+import types
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +27,7 @@ import torch
 from vlm_engine.batch import PersistentBatch
 from vlm_engine.encoder_cache import EncoderCache
 from vlm_engine.kv.cache import ATTENTION, COMPILED_ATTENTION, DecodeRows, StepCache, forward_over, pack
+from vlm_engine.kv.flashinfer_attention import FlashInferAttention, Layout, layout
 from vlm_engine.kv.manager import page_hashes
 from vlm_engine.kv.pool import KVPool
 
@@ -34,6 +36,20 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("vlm_engine.runner")
 Chunk = tuple["Sequence", int, int]  # a row, and the [start, end) of its prompt this step carries
+
+
+def own_code(module: torch.nn.Module) -> Callable[..., Any]:
+    """A call of ``module`` whose code object is its own. torch.compile keeps compiled graphs
+    on the code object first run (a model class's ``forward``, shared by every instance) under
+    guards; without guards on modules (``skip_guard_on_all_nn_modules_unsafe``) a graph traced
+    for one engine's model was taken for another model of the same class in the same process
+    (other sizes: a wrong shape at run time). One code object per call keeps them apart."""
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return module(*args, **kwargs)
+
+    name = f"step_of_{type(module).__name__}"
+    return types.FunctionType(call.__code__.replace(co_name=name), call.__globals__, name, None, call.__closure__)
 
 
 class ModelRunner:
@@ -46,11 +62,13 @@ class ModelRunner:
         max_tokens: int,
         compile_step: bool = False,
         compile_chunks: bool = False,
+        paged: FlashInferAttention | None = None,
     ):
         self.adapter = adapter
         self.kv = pool
         self.device = adapter.device
-        self.read_in_place = read_in_place
+        self.read_in_place = read_in_place or paged is not None
+        self.paged = paged  # flashinfer's kernels: every row's attention reads its pages in place
         settings = adapter.settings
         self.encoder_cache = EncoderCache(settings.encoded_images, settings.encoder_cache_mb * 2**20)
         self.batch = PersistentBatch(
@@ -61,17 +79,19 @@ class ModelRunner:
         # bulk) as the whole model from token ids; with ``compile_chunks`` (``COMPILE_STEP=all``)
         # steps carrying prompt chunks too, as the language model from embeddings made outside
         # the graph (``adapters.embedded``), where the adapter has that module. Else those run
-        # eager: HF's image placement by boolean mask makes inductor recompile while serving
+        # eager: HF's image placement by boolean mask makes inductor recompile while serving.
+        # Each is compiled as a call of this runner's own (``own_code``): without module guards,
+        # graphs kept for another engine's model of the same class would be taken for this one
         options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
         self.compiled_steps = 0  # forwards that ran compiled
         self.compiled_chunk_steps = 0  # ... of them, steps that carried prompt chunks
         self.compiled = self.compiled_chunks = None
         if compile_step:  # a few graphs (one row or token; any number) per model in this process
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-            self.compiled = torch.compile(adapter.forward_module(), dynamic=True, options=options)
+            self.compiled = torch.compile(own_code(adapter.forward_module()), dynamic=True, options=options)
             chunk_module = adapter.chunk_module() if compile_chunks else None
             if chunk_module is not None:
-                self.compiled_chunks = torch.compile(chunk_module, dynamic=True, options=options)
+                self.compiled_chunks = torch.compile(own_code(chunk_module), dynamic=True, options=options)
 
     # -- one step
 
@@ -92,7 +112,9 @@ class ModelRunner:
         embedded = bool(chunks) and self.compiled_chunks is not None and positions.shape[-1] > 1
         embedded = embedded and sum(len(piece[0]) for piece in pieces) != 1
         module = self.compiled_chunks if embedded else None if chunks else self.compiled
-        step = pack(self.kv, decode, [(s.key, a, b) for s, a, b in chunks], self.device)
+        step = pack(self.kv, decode, [(s.key, a, b) for s, a, b in chunks], self.device, self.paged is None)
+        if self.paged is not None:
+            step.paged = self.paged.step(*self._paged_layouts(rows, chunks))
         done = [i for i, (seq, _, end) in enumerate(chunks) if end == seq.length]
         keep = list(range(len(rows))) + [step.chunks[i].end - 1 for i in done]
         last = [s.last for s in rows]
@@ -177,6 +199,14 @@ class ModelRunner:
             else:
                 outputs.append(logprob if logprob is not None else token)
         return outputs, choice.tensor
+
+    def _paged_layouts(self, rows: list[Sequence], chunks: list[Chunk]) -> tuple[Layout | None, Layout | None]:
+        """The step's rows as flashinfer's plan takes them (on the host, from the pages the KV
+        manager lists): decode rows with one query each, chunks with theirs."""
+        pages, size = self.kv.pages.pages, self.kv.page_size
+        decodes = layout([(pages(s.key), s.cached + 1, 1) for s in rows], size) if rows else None
+        prompts = layout([(pages(s.key), end, end - start) for s, start, end in chunks], size) if chunks else None
+        return decodes, prompts
 
     def _decode_rows(self, decodes: list[Sequence]) -> tuple[list[Sequence], DecodeRows | None]:
         """The decoding rows in the batch's order, and their part of the pack."""

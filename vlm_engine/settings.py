@@ -104,7 +104,9 @@ class ModelSettings(BaseModel):
     )
     kv_page_tokens: int = Field(16, ge=1, le=1024, description="tokens per page of the KV cache")
     paged_attention: Literal["auto", "gather"] = Field(
-        "auto", description="auto: decode rows read KV pages in place where a kernel exists (CPU: built once); gather"
+        "auto",
+        description="auto: KV pages read in place where a kernel exists (CPU: decode rows, built once; "
+        "CUDA bf16/fp16: every row, with flashinfer where installed); gather",
     )
     compile_step: Literal["auto", "true", "all", "false"] = Field(
         "auto",

@@ -97,3 +97,23 @@ def test_serving_compiles_nothing_after_warm_up(pair):
     first = answers(compiled, [lambda e: e.prepare(turns(QUESTION), 6, 0.0)])[0]
     answers(compiled, [lambda e: e.prepare(turns(QUESTION, first, "And its colour?"), 6, 0.0)])  # prefix hit
     assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_two_models_of_one_class_and_other_sizes_keep_their_own_graphs(pair):
+    """Graphs are kept per code object and the runner skips guards on modules: compiled as the
+    model's own ``forward``, a graph traced for one engine's model was taken for another of the
+    same class (gpu-check's shrunk configs after the tiny checkpoints: a wrong shape at run
+    time). Each runner compiles a call of its own (``runner.own_code``)."""
+    import torch
+
+    from vlm_engine.runner import own_code
+
+    compiled, _ = pair
+    model = compiled.adapter.forward_module()
+    assert compiled.adapter.runner.compiled.__wrapped__.__name__ == f"step_of_{type(model).__name__}"
+    options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+    x = torch.randn(3, 8)
+    for width in (5, 7):  # one class, two sizes, in turn
+        layer = torch.nn.Linear(8, width)
+        step = torch.compile(own_code(layer), dynamic=True, options=options)
+        assert torch.allclose(step(x), layer(x), atol=1e-6)

@@ -273,12 +273,16 @@ class GenerateAdapter(Adapter):
     def setup_kv(self) -> None:
         import torch
 
+        from vlm_engine.kv import flashinfer_attention
         from vlm_engine.kv.cache import in_place
         from vlm_engine.kv.pool import KVPool, budget_bytes, kv_shape
         from vlm_engine.runner import ModelRunner
 
         s = self.settings
         shape = kv_shape(self.text_config(), self.model.dtype)
+        paged = None  # flashinfer's kernels and workspace, allocated before the KV budget is measured
+        if flashinfer_attention.usable(self.device, shape.dtype, s.paged_attention):
+            paged = flashinfer_attention.FlashInferAttention(self.device, s.kv_page_tokens, shape.dtype)
         row_tokens = s.max_prompt_tokens + self.max_image_tokens() + s.max_tokens_cap
         fallback = s.max_running * row_tokens * shape.bytes_per_token
         page_bytes = s.kv_page_tokens * shape.bytes_per_token
@@ -291,17 +295,28 @@ class GenerateAdapter(Adapter):
         if str(self.device).startswith("cuda"):
             torch.cuda.synchronize()
         started = time.perf_counter()
-        read_in_place = in_place(self.device, s.paged_attention)  # builds the CPU kernel once per machine
+        read_in_place = paged is not None or in_place(self.device, s.paged_attention)  # the CPU kernel: built once
         log.info(
-            "%s: decode attention %s (%.1f s)",
+            "%s: attention %s (%.1f s)",
             s.name,
-            "reads pages in place" if read_in_place else "gathers pages",
+            "reads pages in place (flashinfer)"
+            if paged is not None
+            else "of decode rows reads pages in place"
+            if read_in_place
+            else "gathers pages",
             time.perf_counter() - started,
         )
         on_cuda = str(self.device).startswith("cuda")
         compile_step = s.compile_step in ("true", "all") or (s.compile_step == "auto" and not on_cuda)
         self.runner = ModelRunner(
-            self, self.kv, read_in_place, s.max_running, row_tokens, compile_step, s.compile_step == "all"
+            self,
+            self.kv,
+            read_in_place,
+            s.max_running,
+            row_tokens,
+            compile_step,
+            s.compile_step == "all",
+            paged=paged,
         )
 
     @property

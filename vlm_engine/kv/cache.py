@@ -8,8 +8,10 @@ text model's attention implementation) writes the new K/V into the rows' slots a
 each row's attention over its own pages: the decode rows in one call, a chunk that starts a row on
 its own new keys (causal, nothing read from the pool), a chunk that continues a row over its
 pages. Which way reads pages is chosen here, in one place (``in_place``): on CPU the decode
-rows read their pages in place (``kv.cpu_attention``, the engine's C++ kernel); chunks that
-continue a row, and every row where no kernel exists, gather the pages per layer for SDPA.
+rows read their pages in place (``kv.cpu_attention``, the engine's C++ kernel); on CUDA in
+float16/bfloat16 every row does, with flashinfer's kernels (``kv.flashinfer_attention``, planned
+once a step); chunks that continue a row on CPU, and every row where no kernel exists, gather
+the pages per layer for SDPA.
 
 In a compiled forward (``COMPILE_STEP``) the same work is one custom operator,
 ``vlm::paged_attention``: opaque to the graph, it writes the pool (which is not one of its
@@ -68,12 +70,14 @@ class Step:
     decode_lengths: torch.Tensor | None = None
     key: Any = None  # the keys ``StepCache.update`` handed on last (tells self-attention apart)
     layer: int = 0
+    paged: Any = None  # on CUDA with flashinfer: the step's plan (``kv.flashinfer_attention``), for every row
 
 
 def in_place(device: Any, setting: str = "auto") -> bool:
-    """Whether decode rows read their pages in place (``PAGED_ATTENTION``): on CPU with the
-    engine's kernel (``kv.cpu_attention``, built once per machine); otherwise pages are
-    gathered per layer for SDPA (CUDA's in-place kernels, flashinfer's, would go here)."""
+    """Whether decode rows read their pages in place (``PAGED_ATTENTION``) on CPU, with the
+    engine's kernel (``kv.cpu_attention``, built once per machine). On CUDA every row reads
+    them in place where flashinfer is usable (``kv.flashinfer_attention``); otherwise pages are
+    gathered per layer for SDPA."""
     if setting == "gather" or not str(device).startswith("cpu"):
         return False
     from vlm_engine.kv import cpu_attention
@@ -94,9 +98,12 @@ class DecodeRows:
     in_place: bool
 
 
-def pack(pool: KVPool, decode: DecodeRows | None, chunks: list[tuple[int, int, int]], device: Any) -> Step:
+def pack(
+    pool: KVPool, decode: DecodeRows | None, chunks: list[tuple[int, int, int]], device: Any, gathers: bool = True
+) -> Step:
     """The ``Step`` of one packed forward: ``decode`` rows first, then ``chunks`` (row key,
-    start, end) of prompts. Their pages must be held already."""
+    start, end) of prompts. Their pages must be held already. Not ``gathers``: attention reads
+    every row's pages in place (flashinfer), so a chunk needs no page list or mask of its own."""
     table, size = pool.pages, pool.page_size
     decode_pages = decode_mask = decode_lengths = None
     read = attended = rows = 0
@@ -122,9 +129,10 @@ def pack(pool: KVPool, decode: DecodeRows | None, chunks: list[tuple[int, int, i
         chunk_slots += (held[position // size] * size + position % size).tolist()
         chunk = Chunk(begin, begin + end - start)
         if start > 0:
-            limit = position[:, None]
-            chunk.mask = (torch.arange(len(held) * size)[None, :] <= limit)[None, None].to(device)
-            chunk.pages = held[None].to(device)
+            if gathers:
+                limit = position[:, None]
+                chunk.mask = (torch.arange(len(held) * size)[None, :] <= limit)[None, None].to(device)
+                chunk.pages = held[None].to(device)
             attended += len(held) * size * (end - start)
         else:
             attended += (end - start) * (end - start + 1) // 2
@@ -197,6 +205,8 @@ def _attend(step: Step, layer: int, scale: float, query: torch.Tensor, key: torc
 
     pool = step.pool
     pool.write(layer, key[0], value[0], step.slots)
+    if step.paged is not None:  # every row reads its pages in place (flashinfer)
+        return step.paged.run(query[0].transpose(0, 1), pool.keys[layer], pool.values[layer], scale)[None], None
     q = query[0]
     heads, total, dim = q.shape
     kv_heads = key.shape[1]
