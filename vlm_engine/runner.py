@@ -17,6 +17,7 @@ runner owns the pool, the batch, the encoder cache and the step.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import types
 from collections.abc import Callable
@@ -38,18 +39,23 @@ log = logging.getLogger("vlm_engine.runner")
 Chunk = tuple["Sequence", int, int]  # a row, and the [start, end) of its prompt this step carries
 
 
-def own_code(module: torch.nn.Module) -> Callable[..., Any]:
-    """A call of ``module`` whose code object is its own. torch.compile keeps compiled graphs
-    on the code object first run (a model class's ``forward``, shared by every instance) under
-    guards; without guards on modules (``skip_guard_on_all_nn_modules_unsafe``) a graph traced
-    for one engine's model was taken for another model of the same class in the same process
-    (other sizes: a wrong shape at run time). One code object per call keeps them apart."""
-
-    def call(*args: Any, **kwargs: Any) -> Any:
-        return module(*args, **kwargs)
-
-    name = f"step_of_{type(module).__name__}"
-    return types.FunctionType(call.__code__.replace(co_name=name), call.__globals__, name, None, call.__closure__)
+def own_code(module: torch.nn.Module) -> torch.nn.Module:
+    """``module`` with a ``forward`` whose code object is its own (the same function, copied).
+    torch.compile keeps compiled graphs on the code object it first runs (a model class's
+    ``forward``, shared by every instance) under guards; without guards on modules
+    (``skip_guard_on_all_nn_modules_unsafe``, for the step's host time) a graph traced for one
+    engine's model was taken for another model of the same class in the same process (other
+    sizes: a wrong shape at run time). The module itself is still what is compiled, so the
+    guards on its weights stay skipped (a closure over it would keep them: 10-15% slower)."""
+    forward = type(module).forward
+    code = forward.__code__.replace(co_name=f"{forward.__name__}_of_{id(module):x}")
+    own = types.FunctionType(code, forward.__globals__, forward.__name__, forward.__defaults__, forward.__closure__)
+    own.__kwdefaults__, own.__qualname__, own.__doc__ = forward.__kwdefaults__, forward.__qualname__, forward.__doc__
+    # the signature HF reads, but no ``__wrapped__``: torch.compile would follow it to the shared code
+    own.__dict__.update({k: v for k, v in forward.__dict__.items() if k != "__wrapped__"})
+    own.__signature__ = inspect.signature(forward)
+    module.forward = types.MethodType(own, module)
+    return module
 
 
 class ModelRunner:
@@ -80,7 +86,7 @@ class ModelRunner:
         # steps carrying prompt chunks too, as the language model from embeddings made outside
         # the graph (``adapters.embedded``), where the adapter has that module. Else those run
         # eager: HF's image placement by boolean mask makes inductor recompile while serving.
-        # Each is compiled as a call of this runner's own (``own_code``): without module guards,
+        # Each model gets a forward of its own code first (``own_code``): without module guards,
         # graphs kept for another engine's model of the same class would be taken for this one
         options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
         self.compiled_steps = 0  # forwards that ran compiled

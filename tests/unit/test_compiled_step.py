@@ -101,19 +101,28 @@ def test_serving_compiles_nothing_after_warm_up(pair):
 
 def test_two_models_of_one_class_and_other_sizes_keep_their_own_graphs(pair):
     """Graphs are kept per code object and the runner skips guards on modules: compiled as the
-    model's own ``forward``, a graph traced for one engine's model was taken for another of the
+    model class's ``forward``, a graph traced for one engine's model was taken for another of the
     same class (gpu-check's shrunk configs after the tiny checkpoints: a wrong shape at run
-    time). Each runner compiles a call of its own (``runner.own_code``)."""
+    time). Each runner's model gets a ``forward`` with a code object of its own (``own_code``)."""
     import torch
 
     from vlm_engine.runner import own_code
 
     compiled, _ = pair
     model = compiled.adapter.forward_module()
-    assert compiled.adapter.runner.compiled.__wrapped__.__name__ == f"step_of_{type(model).__name__}"
+    assert model.forward.__func__.__code__ is not type(model).forward.__code__
     options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+
+    class Head(torch.nn.Module):  # a model class of its own, as the engine's are (not one of torch.nn's)
+        def __init__(self, width: int):
+            super().__init__()
+            self.out = torch.nn.Linear(8, width)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.out(x).relu()
+
     x = torch.randn(3, 8)
-    for width in (5, 7):  # one class, two sizes, in turn
-        layer = torch.nn.Linear(8, width)
-        step = torch.compile(own_code(layer), dynamic=True, options=options)
-        assert torch.allclose(step(x), layer(x), atol=1e-6)
+    for width in (5, 7):  # one class, two sizes, in turn (the second failed without own_code)
+        head = Head(width)
+        step = torch.compile(own_code(head), dynamic=True, options=options)
+        assert torch.allclose(step(x), head(x), atol=1e-6)
