@@ -40,21 +40,27 @@ Chunk = tuple["Sequence", int, int]  # a row, and the [start, end) of its prompt
 
 
 def own_code(module: torch.nn.Module) -> torch.nn.Module:
-    """``module`` with a ``forward`` whose code object is its own (the same function, copied).
-    torch.compile keeps compiled graphs on the code object it first runs (a model class's
-    ``forward``, shared by every instance) under guards; without guards on modules
-    (``skip_guard_on_all_nn_modules_unsafe``, for the step's host time) a graph traced for one
-    engine's model was taken for another model of the same class in the same process (other
-    sizes: a wrong shape at run time). The module itself is still what is compiled, so the
-    guards on its weights stay skipped (a closure over it would keep them: 10-15% slower)."""
-    forward = type(module).forward
+    """``module``, made an instance of a subclass of its own whose ``forward`` is the same
+    function with a code object of its own. torch.compile keeps compiled graphs on the code
+    object it first runs (a model class's ``forward``, shared by every instance) under guards;
+    without guards on modules (``skip_guard_on_all_nn_modules_unsafe``, for the step's host
+    time) a graph traced for one engine's model was taken for another model of the same class
+    in the same process (other sizes: a wrong shape at run time). The module itself is still
+    what is compiled, so the guards on its weights stay skipped (a closure over it would keep
+    them: 10-15% slower); a subclass, not a bound method on the instance, so the model is freed
+    as soon as it is dropped. A module with a forward set on the instance (hooks: accelerate's
+    offloading) is left as it is."""
+    cls = type(module)
+    if "forward" in vars(module) or getattr(cls, "_own_code", False):
+        return module
+    forward = cls.forward
     code = forward.__code__.replace(co_name=f"{forward.__name__}_of_{id(module):x}")
     own = types.FunctionType(code, forward.__globals__, forward.__name__, forward.__defaults__, forward.__closure__)
     own.__kwdefaults__, own.__qualname__, own.__doc__ = forward.__kwdefaults__, forward.__qualname__, forward.__doc__
     # the signature HF reads, but no ``__wrapped__``: torch.compile would follow it to the shared code
     own.__dict__.update({k: v for k, v in forward.__dict__.items() if k != "__wrapped__"})
     own.__signature__ = inspect.signature(forward)
-    module.forward = types.MethodType(own, module)
+    module.__class__ = type(cls.__name__, (cls,), {"forward": own, "_own_code": True, "__module__": cls.__module__})
     return module
 
 

@@ -222,6 +222,11 @@ class VllmEngine:
         on_fatal: Callable[[BaseException], None] | None = None,
     ) -> None:
         started = time.perf_counter()
+        if (gpu := visible_gpu(settings.device, os.environ)) is not None:
+            # before anything in this process asks CUDA (the front resolves the device): what
+            # the driver sees is fixed at its start, and vLLM's engine process inherits it
+            os.environ["CUDA_VISIBLE_DEVICES"] = gpu
+            settings = settings.model_copy(update={"device": "cuda:0"})
         self.settings = settings
         self.metrics = metrics
         self.on_fatal = on_fatal
@@ -271,8 +276,6 @@ class VllmEngine:
             # allows only with this unset): no worker process whose shared-memory queue the engine
             # core spins on between steps (it took ~60% of a core at 64 rows here)
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        if (gpu := visible_gpu(self.device, os.environ)) is not None:
-            os.environ["CUDA_VISIBLE_DEVICES"] = gpu  # read by vLLM's engine process, started below
         if self.settings.ignore_eos:
             os.environ["VLLM_ALLOW_LONG_MAX_MODEL_LEN"] = "1"
         arguments = engine_arguments(self.settings, self.adapter, self.device)

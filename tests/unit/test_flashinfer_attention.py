@@ -29,45 +29,130 @@ SIZE = 4  # tokens a page
 
 
 class _Wrapper:
-    """One of flashinfer's paged wrappers, by its API: records its plans, runs ``reference``."""
+    """What both of flashinfer's paged wrappers share: plans recorded, ``reference`` run."""
 
-    def __init__(self, workspace: torch.Tensor, kv_layout: str = "NHD", **options):
-        assert kv_layout == "NHD" and workspace.dtype == torch.uint8
-        self.plans: list[dict] = []
-        self.runs = 0
+    plans: list[dict]
+    runs: int
 
-    def run(self, q: torch.Tensor, paged_kv_cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def run(self, q: torch.Tensor, paged_kv_cache: tuple[torch.Tensor, torch.Tensor], *args, out=None, **options):
         plan = self.plans[-1]
-        assert q.shape == (plan["layout"].queries, plan["heads"], plan["dim"]) and q.is_contiguous()
+        assert not args and out is None
+        assert q.shape == (plan["layout"].queries, plan["heads"], plan["dim"]) and q.dtype == plan["q_data_type"]
         for cache in paged_kv_cache:  # NHD pages as planned
             assert cache.shape[1:] == (plan["page"], plan["kv_heads"], plan["dim"])
             assert cache.dtype == plan["kv_data_type"]
         self.runs += 1
         return fa.reference(q, *paged_kv_cache, plan["layout"], plan["sm_scale"])
 
-
-class _Decode(_Wrapper):
-    def plan(self, indptr, indices, last_page_len, num_qo_heads, num_kv_heads, head_dim, page_size, **kwargs):
-        rows = len(last_page_len)
-        qo = torch.arange(rows + 1, dtype=torch.int32)  # one query a row
-        self._record(qo, indptr, indices, last_page_len, num_qo_heads, num_kv_heads, head_dim, page_size, kwargs)
-
-    def _record(self, qo, kv, indices, last, heads, kv_heads, dim, page_size, kwargs) -> None:
+    def _record(self, qo, kv, indices, last, heads, kv_heads, dim, page_size, options) -> None:
         for array in (qo, kv, indices, last):
             assert array.dtype == torch.int32 and array.device.type == "cpu"
         assert heads % kv_heads == 0
-        layout = fa.Layout(qo, kv, indices, last)
-        plan = {"layout": layout, "heads": heads, "kv_heads": kv_heads, "dim": dim, "page": page_size}
-        self.plans.append({**plan, **kwargs})
+        plan = {"layout": fa.Layout(qo, kv, indices, last), "heads": heads, "kv_heads": kv_heads, "dim": dim}
+        self.plans.append({**plan, "page": page_size, **options})
 
 
-class _Prefill(_Decode):
-    def plan(
-        self, qo_indptr, kv_indptr, indices, last_page_len, num_qo_heads, num_kv_heads, head_dim_qk, page_size, **kw
+# the parameters of flashinfer 0.7.0.post1's wrappers (flashinfer/decode.py, flashinfer/prefill.py),
+# keyword-only where flashinfer takes them by name: a misspelt or misplaced argument is a TypeError here too
+class _Decode(_Wrapper):
+    def __init__(
+        self,
+        float_workspace_buffer,
+        kv_layout="NHD",
+        use_cuda_graph=False,
+        use_tensor_cores=False,
+        paged_kv_indptr_buffer=None,
+        paged_kv_indices_buffer=None,
+        paged_kv_last_page_len_buffer=None,
+        backend="auto",
+        jit_args=None,
     ):
-        assert kw.pop("causal") is True
+        assert kv_layout == "NHD" and float_workspace_buffer.dtype == torch.uint8
+        self.plans, self.runs = [], 0
+
+    def plan(
+        self,
+        indptr,
+        indices,
+        last_page_len,
+        num_qo_heads,
+        num_kv_heads,
+        head_dim,
+        page_size,
+        *,
+        pos_encoding_mode="NONE",
+        window_left=-1,
+        logits_soft_cap=None,
+        q_data_type="float16",
+        kv_data_type=None,
+        o_data_type=None,
+        data_type=None,
+        sm_scale=None,
+        rope_scale=None,
+        rope_theta=None,
+        non_blocking=True,
+        block_tables=None,
+        seq_lens=None,
+        fixed_split_size=None,
+        disable_split_kv=False,
+        q_len_per_req=None,
+    ):
+        qo = torch.arange(len(last_page_len) + 1, dtype=torch.int32)  # one query a row
+        options = {"q_data_type": q_data_type, "kv_data_type": kv_data_type, "sm_scale": sm_scale}
+        self._record(qo, indptr, indices, last_page_len, num_qo_heads, num_kv_heads, head_dim, page_size, options)
+
+
+class _Prefill(_Wrapper):
+    def __init__(
+        self,
+        float_workspace_buffer,
+        kv_layout="NHD",
+        use_cuda_graph=False,
+        qo_indptr_buf=None,
+        paged_kv_indptr_buf=None,
+        paged_kv_indices_buf=None,
+        paged_kv_last_page_len_buf=None,
+        custom_mask_buf=None,
+        mask_indptr_buf=None,
+        backend="auto",
+        jit_args=None,
+        jit_kwargs=None,
+        variant_owns_mask=False,
+    ):
+        assert kv_layout == "NHD" and float_workspace_buffer.dtype == torch.uint8
+        self.plans, self.runs = [], 0
+
+    def plan(
+        self,
+        qo_indptr,
+        paged_kv_indptr,
+        paged_kv_indices,
+        paged_kv_last_page_len,
+        num_qo_heads,
+        num_kv_heads,
+        head_dim_qk,
+        page_size,
+        head_dim_vo=None,
+        custom_mask=None,
+        packed_custom_mask=None,
+        causal=False,
+        pos_encoding_mode="NONE",
+        use_fp16_qk_reduction=False,
+        sm_scale=None,
+        window_left=-1,
+        logits_soft_cap=None,
+        rope_scale=None,
+        rope_theta=None,
+        q_data_type="float16",
+        kv_data_type=None,
+        o_data_type=None,
+        non_blocking=True,
+    ):
+        assert causal is True and custom_mask is None
+        options = {"q_data_type": q_data_type, "kv_data_type": kv_data_type, "sm_scale": sm_scale}
+        indices, last = paged_kv_indices, paged_kv_last_page_len
         self._record(
-            qo_indptr, kv_indptr, indices, last_page_len, num_qo_heads, num_kv_heads, head_dim_qk, page_size, kw
+            qo_indptr, paged_kv_indptr, indices, last, num_qo_heads, num_kv_heads, head_dim_qk, page_size, options
         )
 
 
@@ -192,3 +277,24 @@ def test_gpu_check_reports_the_flashinfer_path_beside_the_gather_one(
     gather = report["gather"]
     assert gather["agreement_with_flashinfer"] == {"rows": 4, "exact_rows": 4, "mean_shared_prefix": 1.0}
     assert gather["throughput"]["rows"] == 4 and gather["throughput"]["output_tokens"] == 16 * 4
+
+
+def test_kernels_that_cannot_run_leave_the_engine_on_the_gather_path(
+    tiny_models_dir, fake_flashinfer, monkeypatch, caplog
+):
+    """flashinfer compiles its kernels at first use (it needs nvcc): they are built and run once
+    while the model loads, and where they fail the engine gathers pages instead of failing."""
+
+    def cannot(self, *args, **kwargs):
+        raise RuntimeError("Could not find nvcc")
+
+    monkeypatch.setattr(fa, "usable", lambda device, dtype, setting="auto": True)
+    monkeypatch.setattr(_Prefill, "run", cannot)
+    engine = make_engine(tiny_models_dir, "llava", WARMUP="false")
+    try:
+        assert engine.adapter.runner.paged is None
+        assert "flashinfer's kernels do not run here (RuntimeError: Could not find nvcc)" in caplog.text
+        answer = Request(engine, prepare(engine, 0, 6)).result()
+        assert answer.text
+    finally:
+        engine.close()

@@ -153,3 +153,26 @@ def test_an_instance_triton_put_on_a_gpu_shows_vllm_only_that_gpu():
     assert visible_gpu("cpu", {}) is None
     with pytest.raises(ModelConfigError, match="cuda:2 is not one of the GPUs CUDA_VISIBLE_DEVICES=4,6"):
         visible_gpu("cuda:2", {"CUDA_VISIBLE_DEVICES": "4,6"})
+
+
+def test_the_gpu_is_narrowed_before_anything_asks_cuda(tiny_models_dir, monkeypatch):
+    """``CUDA_VISIBLE_DEVICES`` is read once, when the CUDA driver starts in the process: it is
+    set before the front engine resolves its device (its first CUDA call), and the engine then
+    runs on the one GPU it sees, ``cuda:0``."""
+    import os
+
+    from vlm_engine import vllm_engine
+
+    seen = {}
+
+    class Front:  # the native engine as VllmEngine builds it first: what it is given
+        def __init__(self, settings, load=True):
+            seen.update(device=settings.device, visible=os.environ.get("CUDA_VISIBLE_DEVICES"))
+            raise RuntimeError("stop here")
+
+    monkeypatch.setattr(vllm_engine, "VLMEngine", Front)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    settings = resolve_settings("llava", env={"VLM_MODELS_DIR": str(tiny_models_dir), "DEVICE": "cuda:1"})
+    with pytest.raises(RuntimeError, match="stop here"):
+        vllm_engine.VllmEngine(settings)
+    assert seen == {"device": "cuda:0", "visible": "5"}

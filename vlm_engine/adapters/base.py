@@ -283,6 +283,10 @@ class GenerateAdapter(Adapter):
         paged = None  # flashinfer's kernels and workspace, allocated before the KV budget is measured
         if flashinfer_attention.usable(self.device, shape.dtype, s.paged_attention):
             paged = flashinfer_attention.FlashInferAttention(self.device, s.kv_page_tokens, shape.dtype)
+            config = self.text_config()
+            heads = getattr(config, "num_attention_heads", None) or config.attention_heads
+            if not paged.works(heads, shape.kv_heads, shape.head_dim):
+                paged = None
         row_tokens = s.max_prompt_tokens + self.max_image_tokens() + s.max_tokens_cap
         fallback = s.max_running * row_tokens * shape.bytes_per_token
         page_bytes = s.kv_page_tokens * shape.bytes_per_token

@@ -113,14 +113,32 @@ class FlashInferAttention:
     def __init__(self, device: Any, page_size: int, dtype: torch.dtype):
         import flashinfer
 
-        self.page_size, self.dtype = page_size, dtype
+        self.page_size, self.dtype, self.device = page_size, dtype, device
         self.workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
-        # the decode kernel on tensor cores (as vLLM does for grouped-query heads)
+        # the decode kernel on tensor cores: right for every group size of grouped-query heads
         self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self.workspace, "NHD", use_tensor_cores=True)
         self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD")
 
     def step(self, decodes: Layout | None, chunks: Layout | None) -> StepAttention:
         return StepAttention(self, decodes, chunks)
+
+    def works(self, heads: int, kv_heads: int, dim: int) -> bool:
+        """Both kernels built (flashinfer compiles them at first use: minutes, with the CUDA
+        toolkit's nvcc) and run once on a row of two tokens, before the model reports ready;
+        False (and why, in the log) when they cannot: the engine then gathers pages."""
+        pages = torch.zeros(2, self.page_size, kv_heads, dim, dtype=self.dtype, device=self.device)
+        rows = layout([([0, 1], 2, 1)], self.page_size)
+        try:
+            step = self.step(rows, layout([([0, 1], 2, 2)], self.page_size))
+            query = torch.zeros(3, heads, dim, dtype=self.dtype, device=self.device)
+            out = step.run(query, pages, pages, dim**-0.5)
+            if out.shape != query.shape:
+                raise RuntimeError(f"an output of {tuple(out.shape)} for queries of {tuple(query.shape)}")
+        except Exception as exc:
+            why = f"{type(exc).__name__}: {exc}"
+            log.warning("flashinfer's kernels do not run here (%s): attention gathers pages", why)
+            return False
+        return True
 
 
 class StepAttention:
@@ -129,11 +147,11 @@ class StepAttention:
 
     def __init__(self, kernels: FlashInferAttention, decodes: Layout | None, chunks: Layout | None):
         self.kernels, self.decodes, self.chunks = kernels, decodes, chunks
-        self.planned: tuple[int, int, int, float] | None = None
+        self.planned: tuple[int, int, int, float, torch.dtype] | None = None
 
-    def _plan(self, heads: int, kv_heads: int, dim: int, scale: float) -> None:
+    def _plan(self, heads: int, kv_heads: int, dim: int, scale: float, dtype: torch.dtype) -> None:
         k = self.kernels
-        common = {"q_data_type": k.dtype, "kv_data_type": k.dtype, "sm_scale": scale}
+        common = {"q_data_type": dtype, "kv_data_type": k.dtype, "sm_scale": scale}
         if self.decodes is not None:
             d = self.decodes
             k.decode.plan(d.kv_indptr, d.indices, d.last_page_len, heads, kv_heads, dim, k.page_size, **common)
@@ -151,13 +169,17 @@ class StepAttention:
                 causal=True,
                 **common,
             )
-        self.planned = (heads, kv_heads, dim, scale)
+        self.planned = (heads, kv_heads, dim, scale, dtype)
 
     def run(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
-        """``query`` ``[T, heads, dim]`` (decode rows first, then the chunks), one layer's pool."""
-        shape = (query.shape[1], keys.shape[2], query.shape[2], scale)
-        if self.planned != shape:
+        """``query`` ``[T, heads, dim]`` (decode rows first, then the chunks), one layer's pool.
+        Planned at the first layer; every layer must have the same heads and scale (planning
+        again mid-step would rewrite host buffers earlier layers' kernels may still read)."""
+        shape = (query.shape[1], keys.shape[2], query.shape[2], scale, query.dtype)
+        if self.planned is None:
             self._plan(*shape)
+        elif self.planned != shape:
+            raise ValueError(f"a layer of (heads, kv heads, dim, scale, dtype) {shape} in a step planned for another")
         query = query.contiguous()
         n = self.decodes.queries if self.decodes is not None else 0
         out = torch.empty_like(query)
