@@ -7,6 +7,13 @@ PYTEST_ARGS ?=
 INSTALLED := .cache/installed.stamp
 TRITON := .triton/.installed-0.7.0-py$(shell $(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])')
 VLLM_ENV := .triton/vllm/.ready
+# the engine is this checkout's editable install: a moved checkout, or another one installed into
+# the same Python since, installs again (else imports from outside the repository, the notebook's
+# kernel, take the other folder's code or none)
+INSTALLED_FROM := $(shell cd / && $(PYTHON) -c 'import importlib.util as u, pathlib as p; s = u.find_spec("vlm_engine"); print(p.Path(s.origin).resolve().parents[1] if s and s.origin else "")' 2>/dev/null)
+ifneq ($(INSTALLED_FROM),$(realpath $(CURDIR)))
+$(shell rm -f $(INSTALLED))
+endif
 
 .PHONY: help install vllm-env tiny-models models demo up down status logs triton api loadtest loadtest-ui soak bench gpu-check test contract-fuzz test-compose test-swarm test-dynamo dynamo-up swarm-up swarm-down lint
 

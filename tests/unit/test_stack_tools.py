@@ -239,3 +239,31 @@ def test_make_status_of_a_stopped_stack_exits_0_and_says_how_to_start_it(tmp_pat
     status = subprocess.run(["make", "-s", "status"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert status.returncode == 0, status.stdout + status.stderr
     assert "stopped" in status.stdout and "make demo" in status.stdout
+
+
+@pytest.mark.parametrize("installed_from", ["here", "elsewhere", "nowhere"])
+def test_make_install_installs_again_when_the_engine_comes_from_another_folder(tmp_path, installed_from):
+    """The install stamp stands only while ``vlm_engine`` is this checkout's editable install: a
+    moved checkout, or another one installed into the same Python since, installs again (the
+    notebook's kernel imported the other folder's code, or nothing)."""
+    work = tmp_path / "checkout"
+    (work / ".cache").mkdir(parents=True)
+    (work / "scripts").mkdir()
+    for name in ("Makefile", "pyproject.toml", "scripts/install_triton.sh"):
+        (work / name).write_text((ROOT / name).read_text())
+    (work / ".cache" / "installed.stamp").touch()
+    origin = {"here": work, "elsewhere": tmp_path / "other", "nowhere": None}[installed_from]
+    python = tmp_path / "python"  # answers the Makefile's find_spec question, else is Python
+    answer = f"echo {origin.resolve()}" if origin else "echo"
+    python.write_text(f'#!/bin/sh\ncase "$*" in *find_spec*) {answer}; exit 0;; esac\nexec {sys.executable} "$@"\n')
+    python.chmod(0o755)
+    version = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    (work / ".triton").mkdir()
+    (work / ".triton" / f".installed-0.7.0-py{version}").touch()
+    dry = subprocess.run(
+        ["make", "-n", "install", f"PYTHON={python}"], cwd=work, capture_output=True, text=True, timeout=60
+    )
+    assert dry.returncode == 0, dry.stderr
+    installs = "pip install --quiet -e" in dry.stdout
+    assert installs == (installed_from != "here"), dry.stdout
+    assert (work / ".cache" / "installed.stamp").exists() == (installed_from == "here")
