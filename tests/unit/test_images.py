@@ -51,3 +51,38 @@ def test_unsupported_format_is_named():
     Image.new("RGB", (8, 8)).save(out, "TIFF")
     with pytest.raises(InvalidImage, match="TIFF is not accepted"):
         decode_image(out.getvalue(), **LIMITS)
+
+
+def test_llavas_inputs_equal_the_processors_and_a_repeated_image_is_not_processed_again(tiny_models_dir):
+    """LLaVA's input rows are the HF processor's own (ids, mask, pixels), with each image's pixels
+    kept by its content key: a chat's next turn, or another request with the same image, skips
+    the image processor."""
+    import torch
+
+    from vlm_engine.adapters.base import Prepared
+    from vlm_engine.adapters.llava import LlavaAdapter
+    from vlm_engine.chat import Message
+    from vlm_engine.params import resolve_params
+    from vlm_engine.preparing import make_inputs
+    from vlm_engine.settings import resolve_settings
+
+    settings = resolve_settings("llava", env={"VLM_MODELS_DIR": str(tiny_models_dir)})
+    adapter = LlavaAdapter(settings, "cpu")
+    adapter.load_inputs()
+    first, second = image_bytes((320, 240), "PNG", (30, 90, 200)), image_bytes((64, 300), "JPEG", (3, 9, 20))
+    chat = [
+        Message("user", "What is this?", [first]),
+        Message("assistant", "A thing."),
+        Message("user", "And this one?", [second]),
+    ]
+    params = resolve_params(settings, 8)
+    made = make_inputs(adapter, chat, params, None).inputs
+    images = [image for message in chat for image in message.decoded]
+    text = adapter.prompt_text(Prepared(chat, params, images[-1]))
+    expected = adapter.processor(images=images, text=[text], padding=True, return_tensors="pt")
+    assert set(made) == set(expected)
+    assert all(torch.equal(made[name], expected[name]) for name in expected)
+    assert (adapter.pixels.misses, adapter.pixels.hits) == (2, 0)
+    again = make_inputs(adapter, [Message("user", "Again?", [second])], params, None).inputs  # the same bytes
+    assert (adapter.pixels.misses, adapter.pixels.hits) == (2, 1)
+    assert torch.equal(again["pixel_values"][0], made["pixel_values"][1])

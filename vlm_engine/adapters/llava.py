@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from vlm_engine.adapters.base import GenerateAdapter, Prepared
+from vlm_engine.adapters.base import GenerateAdapter, Prepared, pixels_key
+from vlm_engine.images import PixelCache
 from vlm_engine.loading import from_pretrained_kwargs, source_kwargs
 
 
@@ -17,6 +18,7 @@ class LlavaAdapter(GenerateAdapter):
         self.processor = AutoProcessor.from_pretrained(self.settings.model_path, **source_kwargs(self.settings))
         self.tokenizer = self.processor.tokenizer
         self.tokenizer.padding_side = "left"
+        self.pixels = PixelCache()
 
     def load_model(self) -> None:
         from transformers import LlavaForConditionalGeneration
@@ -62,12 +64,23 @@ class LlavaAdapter(GenerateAdapter):
         return {"mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=[p[0] for p in pieces])}}
 
     def encode(self, group: list[Prepared]) -> dict[str, Any]:
+        """The processor's inputs, as ``self.processor`` makes them (a test compares them), with
+        each image's pixels from ``self.pixels`` when the same image came before."""
+        texts = [self.prompt_text(p) for p in group]
         images = [image for p in group for image in p.images]
-        return dict(
-            self.processor(
-                images=images or None,
-                text=[self.prompt_text(p) for p in group],
-                padding=True,
-                return_tensors="pt",
-            )
+        processor = self.processor
+        if not images or sum(text.count(processor.image_token) for text in texts) != len(images):
+            # no image, or not one <image> per image (a raw prompt's own): the processor says what is wrong
+            return dict(processor(images=images or None, text=texts, padding=True, return_tensors="pt"))
+        keys = [key for p in group for key in (p.image_keys or [pixels_key(image) for image in p.images])]
+        pixels = self.pixels.pixel_values(
+            images, keys, lambda fresh: processor.image_processor(fresh, return_tensors="pt")["pixel_values"]
         )
+        count = iter(range(len(images)))
+        expanded = []
+        for text in texts:  # each <image> becomes its tokens, as the processor writes them
+            first, *rest = text.split(processor.image_token)
+            expanded.append(
+                first + "".join(processor.replace_image_token({"pixel_values": pixels}, next(count)) + r for r in rest)
+            )
+        return {**self.tokenizer(expanded, padding=True, return_tensors="pt"), "pixel_values": pixels}
