@@ -85,7 +85,8 @@ def test_multipart_upload_streams_chunks_then_done(api, jpeg):
         for line in reply.iter_lines():
             if line.startswith("data: "):
                 events.append(json.loads(line[6:]))
-    assert [e["type"] for e in events[:-1]] == ["chunk"] * (len(events) - 1) and len(events) >= 3
+    # one chunk or more: how many depends on how tokens fall into STREAM_GAP_MS, i.e. the machine's speed
+    assert [e["type"] for e in events[:-1]] == ["chunk"] * (len(events) - 1) and len(events) >= 2
     done = events[-1]
     assert done["type"] == "done" and done["response"] == "".join(e["content"] for e in events[:-1])
     assert done["seconds"] > 0 and isinstance(done["entities"], list)
