@@ -64,30 +64,33 @@ class PixelCache:
     """An image processor's output per image, by content key (the most recent ``capacity``): a
     chat sends its image again with every turn, and many requests may share one image; those
     skip resizing and normalising it (vLLM keeps a processor cache for the same reason). It
-    lives where the inputs are made (an input worker), for processors whose output is a row
-    of ``pixel_values`` per image."""
+    lives where the inputs are made (an input worker; with ``PREPARE_WORKERS=0`` the request
+    threads, hence the lock), for processors whose output is a row of ``pixel_values`` per image."""
 
     def __init__(self, capacity: int = 32):
+        import threading
         from collections import OrderedDict
 
         self.capacity = capacity
         self.rows: OrderedDict[str, Any] = OrderedDict()
         self.hits = self.misses = 0
+        self._lock = threading.Lock()
 
     def pixel_values(self, images: list[Image.Image], keys: list[str], process: Callable[[list], Any]) -> Any:
         """``pixel_values`` of ``images`` (keys in the same order), ``process`` run on the ones not kept."""
         import torch
 
-        missing = [i for i, key in enumerate(keys) if key not in self.rows]
-        if missing:
-            for i, row in zip(missing, process([images[i] for i in missing]), strict=True):
-                self.rows[keys[i]] = row
-        self.hits += len(keys) - len(missing)
-        self.misses += len(missing)
-        rows = []
-        for key in keys:
-            self.rows.move_to_end(key)
-            rows.append(self.rows[key])
-        while len(self.rows) > self.capacity:
-            self.rows.popitem(last=False)
-        return torch.stack(rows)
+        with self._lock:
+            kept = {key: self.rows[key] for key in keys if key in self.rows}
+        missing = [i for i, key in enumerate(keys) if key not in kept]
+        if missing:  # processed outside the lock: other requests' images go on meanwhile
+            kept |= dict(zip([keys[i] for i in missing], process([images[i] for i in missing]), strict=True))
+        with self._lock:
+            self.hits += len(keys) - len(missing)
+            self.misses += len(missing)
+            for key in keys:
+                self.rows[key] = kept[key]
+                self.rows.move_to_end(key)
+            while len(self.rows) > self.capacity:
+                self.rows.popitem(last=False)
+        return torch.stack([kept[key] for key in keys])

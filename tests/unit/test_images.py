@@ -86,3 +86,27 @@ def test_llavas_inputs_equal_the_processors_and_a_repeated_image_is_not_processe
     again = make_inputs(adapter, [Message("user", "Again?", [second])], params, None).inputs  # the same bytes
     assert (adapter.pixels.misses, adapter.pixels.hits) == (2, 1)
     assert torch.equal(again["pixel_values"][0], made["pixel_values"][1])
+
+
+def test_the_pixel_cache_serves_request_threads_at_once():
+    """With PREPARE_WORKERS=0 requests make their inputs on their own threads: the cache is
+    shared by them, evicting while others read, and every answer is its own image's pixels."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    from vlm_engine.images import PixelCache
+
+    cache = PixelCache(capacity=3)
+
+    def process(images):
+        return [torch.full((2,), float(i)) for i in images]
+
+    def ask(n: int) -> bool:
+        keys = [f"k{(n + j) % 7}" for j in range(3)]
+        images = [(n + j) % 7 for j in range(3)]
+        return torch.equal(cache.pixel_values(images, keys, process)[:, 0], torch.tensor(images, dtype=torch.float))
+
+    with ThreadPoolExecutor(8) as pool:
+        assert all(pool.map(ask, range(2000)))
+    assert len(cache.rows) == 3 and cache.hits + cache.misses == 6000
