@@ -93,7 +93,7 @@ triton: install  ## only tritonserver, in the foreground (real weights; VLM_MODE
 	$(PYTHON) -m vlm_triton.launch
 
 api: install  ## run the FastAPI service on :8080 (Triton backend; INFERENCE_BACKEND=local for in-process)
-	$(PYTHON) -m uvicorn --factory fastapi_app.main:create_app --host 127.0.0.1 --port 8080 --no-access-log --log-config fastapi_app/logging.json
+	$(PYTHON) -m uvicorn --factory fastapi_app.main:create_app --host 127.0.0.1 --port 8080 --no-access-log --log-config fastapi_app/logging.json --timeout-keep-alive 75
 
 loadtest: install  ## locust through nginx (HOST, USERS, SPAWN_RATE, DURATION, PROFILE, MODELS, MAX_TOKENS, WEIGHTS, SLO_*)
 	$(PYTHON) -m loadtests.run

@@ -104,12 +104,19 @@ def ephemeral_stack_env(run_dir: Path, models_dir: Path) -> dict[str, str]:
 
 
 UVICORN_LOGGING = ROOT / "fastapi_app" / "logging.json"
+# How long the service keeps an idle connection open: longer than nginx keeps its idle
+# connections to the service (keepalive_timeout 30s in nginx/templates/vlm.conf.template), so
+# that nginx, not the service, closes them. uvicorn's default, 5 s, raced nginx's reuse of a
+# connection: a chat sent on it as the service closed it came back as a 502 (seen in CI).
+# docker/Dockerfile.fastapi and `make api` pass the same value.
+SERVICE_KEEP_ALIVE_S = 75
 
 
 def uvicorn_command(port: int, host: str = "127.0.0.1") -> list[str]:
     """The FastAPI service, the way every launcher starts it: uvicorn's access log off (the
     service logs a line per request itself, fastapi_app/middleware.py; health probes and
-    scrapes left out), timestamps on every line (fastapi_app/logging.json)."""
+    scrapes left out), timestamps on every line (fastapi_app/logging.json), idle connections
+    kept for ``SERVICE_KEEP_ALIVE_S``."""
     return [
         sys.executable,
         "-m",
@@ -123,6 +130,8 @@ def uvicorn_command(port: int, host: str = "127.0.0.1") -> list[str]:
         "--no-access-log",
         "--log-config",
         str(UVICORN_LOGGING),
+        "--timeout-keep-alive",
+        str(SERVICE_KEEP_ALIVE_S),
     ]
 
 
