@@ -367,16 +367,20 @@ def test_stream_gap_limits_how_often_a_row_sends_text(tiny_models_dir):
     """STREAM_GAP_MS: a started row's text waits until that long after its last text; the
     first text still goes at once and nothing is lost (the rest comes with the result)."""
     every = make_engine(tiny_models_dir, "llava", STREAM_GAP_MS="0")
-    gapped = make_engine(tiny_models_dir, "llava", STREAM_GAP_MS="1000")  # longer than the whole answer
+    gapped = make_engine(tiny_models_dir, "llava", STREAM_GAP_MS="1000")  # longer than the whole answer, here
     try:
-        chunks = {}
+        chunks, seconds = {}, {}
         for name, engine in (("every", every), ("gapped", gapped)):
+            started = time.monotonic()
             request = Request(engine, prepare(engine, 1, 24))
             request.result()
+            seconds[name] = time.monotonic() - started
             chunks[name] = [t for t in request.texts if t]
         assert "".join(chunks["every"]) == "".join(chunks["gapped"])
         assert len(chunks["every"]) > 2
-        assert len(chunks["gapped"]) == 2, "the first text at once, everything else with the result"
+        # the first text at once, then at most one per second, the rest with the result: 2 pieces
+        # when the answer takes under a second (it does here), a piece more per second on a slower machine
+        assert len(chunks["gapped"]) <= 2 + int(seconds["gapped"]), (chunks["gapped"], seconds)
         assert chunks["gapped"][0] == chunks["every"][0]
     finally:
         every.close(), gapped.close()
