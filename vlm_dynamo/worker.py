@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import hashlib
 import logging
 import os
@@ -94,7 +93,9 @@ class ModelForwarder:
         self.name = name
         self.decoupled = decoupled
 
-    async def generate(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    async def generate(self, request: dict[str, Any], context: Any = None) -> AsyncIterator[dict[str, Any]]:
+        """One request from the frontend. ``context``: Dynamo's (it passes one to a handler
+        with a parameter of that name), stopped or killed when the client leaves."""
         if request.get(HEALTH_CHECK_KEY) is True:
             yield {"model": self.name, "id": "", "tensors": []}
             return
@@ -106,22 +107,33 @@ class ModelForwarder:
         except TensorError as exc:
             raise invalid_argument(str(exc)) from None
         if not self.decoupled:
+            infer = asyncio.ensure_future(
+                self.client.infer(self.name, inputs, request_id=request_id, parameters=parameters or None)
+            )
+            if context is not None:  # a client that leaves: the call is cancelled, and Triton's request
+                stopped = asyncio.ensure_future(context.async_killed_or_stopped())
+                await asyncio.wait({infer, stopped}, return_when=asyncio.FIRST_COMPLETED)
+                stopped.cancel()
+                if not infer.done():
+                    infer.cancel()
+                    return
             try:
-                result = await self.client.infer(
-                    self.name, inputs, request_id=request_id, parameters=parameters or None
-                )
+                result = await infer
             except InferenceServerException as exc:
                 raise forwarded_error(exc) from None
             yield response(self.name, request_id, result)
             return
-        async for item in self._stream(inputs, request_id, parameters, wants_empty_final):
+        async for item in self._stream(inputs, request_id, parameters, wants_empty_final, context):
             yield item
 
     async def _stream(
-        self, inputs: list, request_id: str, parameters: dict[str, Any], wants_empty_final: bool
+        self, inputs: list, request_id: str, parameters: dict[str, Any], wants_empty_final: bool, context: Any
     ) -> AsyncIterator[dict[str, Any]]:
         """One request over its own gRPC stream. Triton always sends the final flag (so the
-        worker knows the end); an empty final response reaches the client only if it asked."""
+        worker knows the end); an empty final response reaches the client only if it asked.
+        A client that leaves: Dynamo stops the request's context (and stops reading this
+        generator, without closing it), so a watcher cancels the gRPC call then, and Triton
+        cancels the request (its model sees ``is_cancelled``)."""
 
         async def one_request() -> AsyncIterator[dict[str, Any]]:
             yield {
@@ -133,6 +145,7 @@ class ModelForwarder:
             }
 
         stream = self.client.stream_infer(one_request())
+        watcher = asyncio.ensure_future(_cancel_when_stopped(stream, context)) if context is not None else None
         try:
             async for result, error in stream:
                 if error is not None:
@@ -144,8 +157,15 @@ class ModelForwarder:
                 if final is not None and final.bool_param:
                     return
         finally:
-            with contextlib.suppress(Exception):  # a client that left: Triton cancels the request
-                await stream.aclose()
+            if watcher is not None:
+                watcher.cancel()
+            stream.cancel()  # nothing once the call has ended; else Triton cancels the request
+
+
+async def _cancel_when_stopped(stream: Any, context: Any) -> None:
+    """Cancel ``stream`` (the gRPC call to Triton) once Dynamo stops or kills the request."""
+    await context.async_killed_or_stopped()
+    stream.cancel()
 
 
 async def wait_for_triton(client: grpcaio.InferenceServerClient, url: str, timeout_s: float) -> list[str]:

@@ -71,7 +71,8 @@ def test_a_killed_model_stub_is_reloaded_and_reported_until_then(stack, local):
     service_pid = local.pid("fastapi")
     os.kill(victim, signal.SIGKILL)
     recovered, seen = _wait_ready(stack, time.monotonic(), RECOVERY_S)
-    assert any(body.get("not_ready") == ["llava"] for body in seen), f"readiness never named llava: {seen[:3]}"
+    # llava, and maybe others too: a probe that Triton, busy reloading, answers late counts all as not ready
+    assert any("llava" in body.get("not_ready", []) for body in seen), f"readiness never named llava: {seen[:3]}"
     assert _answers(stack) == before
     assert local.pid("fastapi") == service_pid, "the service was not restarted for it"
     log = (RUN_DIR / "logs" / "triton.log").read_text(errors="replace")

@@ -19,13 +19,14 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from tests.conftest import ARTIFACTS, ROOT, free_ports
+from tests.conftest import ARTIFACTS, HANG_S, LONG, ROOT, free_ports
 from tests.integration.helpers import (
     GREEDY,
     MODELS,
     GrpcStream,
     chat_text,
     infer_grpc,
+    inputs,
     kill_under_load,
     llm_decoupled_grpc,
     metric,
@@ -74,10 +75,11 @@ class Process:
 class Dynamo:
     """Dynamo's frontend and two workers forwarding to one tritonserver."""
 
-    def __init__(self, triton, kv: Path):
+    def __init__(self, triton, kv: Path, workers: int = 2, models: list[str] | None = None):
         self.triton = triton
+        self.models = set(models or REPOSITORY)  # what it lists once registered
         self.grpc_port, self.metrics_port = free_ports(2)
-        self.worker_ports = low_free_ports(2)
+        self.worker_ports = low_free_ports(workers)
         self.url = f"127.0.0.1:{self.grpc_port}"
         self.env = {
             **os.environ,
@@ -102,7 +104,7 @@ class Dynamo:
             ],
             {**self.env, "DYN_RUNTIME_INHIBITED_DURATION_SECS": INHIBIT_S},  # as the launcher sets it
         )
-        self.workers = [self.worker(i) for i in range(2)]
+        self.workers = [self.worker(i) for i in range(workers)]
 
     def worker(self, index: int) -> Process:
         env = {**self.env, "DYN_SYSTEM_PORT": str(self.worker_ports[index])}
@@ -128,7 +130,7 @@ class Dynamo:
                 if process.proc is None or process.proc.poll() is not None:
                     log = (ARTIFACTS / f"dynamo-{process.name}.log").read_text(errors="replace")[-1500:]
                     raise AssertionError(f"Dynamo's {process.name} exited:\n{log}")
-            if set(REPOSITORY) <= self.listed() and all(self._up(i) for i in workers):
+            if self.models <= self.listed() and all(self._up(i) for i in workers):
                 return
             time.sleep(0.5)
         raise AssertionError(f"Dynamo lists {sorted(self.listed())}; see artifacts/dynamo-*.log")
@@ -223,14 +225,46 @@ def test_two_workers_share_the_requests(dynamo, jpeg):
     assert sum(taken) == 16 and min(taken) >= 4, f"requests per worker: {taken}"
 
 
-def test_a_client_that_leaves_a_dynamo_stream_frees_its_row(dynamo, triton, jpeg):
-    stream = GrpcStream(dynamo.url, "llava_stream", "Tell me everything.", jpeg, max_tokens=64, temperature=1.0)
+@pytest.fixture(scope="module")
+def long_dynamo(long_triton, tmp_path_factory):
+    """Dynamo (a frontend, one worker) in front of ``long_triton``, whose rows never end on
+    their own (``LONG`` tokens, IGNORE_EOS)."""
+    stack = Dynamo(long_triton, tmp_path_factory.mktemp("dynamo-long-kv"), workers=1, models=["llava", "llava_stream"])
+    stack.frontend.start()
+    stack.workers[0].start()
+    try:
+        stack.wait_registered([0])
+        yield stack
+    finally:
+        for process in [*stack.workers, stack.frontend]:
+            process.stop()
+
+
+def test_a_client_that_leaves_a_dynamo_stream_frees_its_row(long_dynamo, long_trace, jpeg):
+    """The row asks for ``LONG`` tokens: only the client leaving ends it (read from the engine's
+    trace, as tests/integration/test_cancellation.py does), whatever the machine's speed."""
+    seen = long_trace.mark()
+    stream = GrpcStream(long_dynamo.url, "llava_stream", "Tell me everything.", jpeg, max_tokens=LONG)
     stream.first_text()
     stream.cancel()
-    deadline = time.monotonic() + 5
-    while metric(triton.metrics_url, "vlm_scheduler_running_rows", model="llava") > 0:
-        assert time.monotonic() < deadline, "the row of a client that left Dynamo runs on"
-        time.sleep(0.1)
+    [row] = long_trace.wait(seen)
+    assert row["end"] == "cancelled" and row["tokens"] < LONG, {k: row[k] for k in ("end", "tokens")}
+
+
+def test_a_client_that_leaves_a_dynamo_infer_frees_its_row(long_dynamo, long_triton, long_trace, jpeg):
+    """KServe infer (one response) through Dynamo, cancelled by its gRPC client once the row runs."""
+    seen = long_trace.mark()
+    client = grpcclient.InferenceServerClient(long_dynamo.url)
+    call = client.async_infer(
+        "llava", inputs(grpcclient, "Tell me everything.", jpeg, max_tokens=LONG), lambda result, error: None
+    )
+    deadline = time.monotonic() + HANG_S
+    while metric(long_triton.metrics_url, "vlm_scheduler_running_rows", model="llava") < 1:
+        assert time.monotonic() < deadline, "the request never ran"
+    call.cancel()
+    client.close()
+    [row] = long_trace.wait(seen)
+    assert row["end"] == "cancelled" and row["tokens"] < LONG, {k: row[k] for k in ("end", "tokens")}
 
 
 def test_a_killed_worker_loses_only_its_requests_and_the_other_goes_on(dynamo, jpeg):

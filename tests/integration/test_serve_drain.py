@@ -19,7 +19,7 @@ import httpx
 from tests.conftest import ARTIFACTS, TRITON_ENV, free_ports
 from vlm_triton import launch
 
-DRAIN_S = 6
+DRAIN_S = 8  # far longer than the few requests sent while draining
 
 
 def test_sigterm_drains_then_stops(tiny_models_dir):
@@ -50,12 +50,10 @@ def test_sigterm_drains_then_stops(tiny_models_dir):
         while (state := httpx.get(f"http://127.0.0.1:{health}/ready", timeout=5)).status_code != 503:
             assert time.monotonic() - stopped_at < DRAIN_S, "the health endpoint never said not ready while draining"
         assert state.json()["models"]["llava_stream"]["reason"] == "the server is stopping"
-        answered = 0
-        while time.monotonic() - stopped_at < DRAIN_S - 2:  # still serving meanwhile
+        for _ in range(3):  # still serving meanwhile (a few requests: no race with the drain's end)
             reply = httpx.post(generate, json=body, timeout=60)
             assert reply.status_code == 200 and reply.json()["output_tokens"] >= 1, reply.text
-            answered += 1
-        assert answered >= 1 and server.poll() is None
+        assert server.poll() is None
         assert server.wait(timeout=60) == 0
         assert time.monotonic() - stopped_at >= DRAIN_S
     finally:

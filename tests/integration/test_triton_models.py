@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import tritonclient.http as httpclient
@@ -103,18 +104,23 @@ def test_generate_stream_chunks_join_to_the_greedy_answer(triton, model, png):
 def test_stream_gap_coalesces_a_fast_rows_text(tiny_models_dir, triton, png):
     """The stream models' ``stream_gap_ms`` (here LLAVA_STREAM_GAP_MS, which beats the shared
     0 of these tests): a row's first text at once, then nothing sooner than the gap after it,
-    so an answer faster than the gap comes as two responses with the same text."""
+    so an answer faster than the gap comes as two responses with the same text (a slower
+    machine may send a piece more per second the answer takes)."""
     expected = infer_http(triton.http_url, "llava", "Describe the picture.", png, max_tokens=12, **GREEDY)
     gapped = start_triton(
         tiny_models_dir, "tritonserver-stream-gap.log", models=["llava_stream"], env={"LLAVA_STREAM_GAP_MS": "1000"}
     )
     try:
         body = {"prompt": "Describe the picture.", "image": list(png), "max_tokens": 12, "temperature": 0.0}
-        texts = [event["generated_text"] for _, event in stream_http(gapped.http_url, "llava_stream", body)]
+        started = time.monotonic()
+        events = stream_http(gapped.http_url, "llava_stream", body)
     finally:
         gapped.stop()
+    texts = [event["generated_text"] for _, event in events]
+    seconds = events[-1][0] - started
     assert "".join(texts) == expected
-    assert len([t for t in texts if t]) == 2, f"the first text, then the rest with the result: {texts}"
+    pieces = [t for t in texts if t]
+    assert 2 <= len(pieces) <= 2 + int(seconds), f"the first text, then the rest at the end: {texts} ({seconds:.1f} s)"
 
 
 @pytest.mark.parametrize("model", MODELS)
