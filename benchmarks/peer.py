@@ -150,7 +150,9 @@ SHARED = sample_image((224, 224), "PNG", (40, 120, 200))
 
 
 async def throughput(client: httpx.AsyncClient, side: Side, model: str, concurrency: int, shared: bool) -> dict:
-    requests = max(2 * concurrency, 16)
+    # 4 waves and at least 64 requests: with 2 waves (32 requests at c = 16, about a second) the
+    # same side's figure moved by 30-50% from one round to the next
+    requests = max(4 * concurrency, 64)
     images = [SHARED if shared else fresh_image() for _ in range(requests)]  # made before the clock starts
 
     async def one(i: int) -> load.Sample:

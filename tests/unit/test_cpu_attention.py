@@ -1,6 +1,7 @@
 """The CPU decode kernel against plain SDPA over the same keys, gathered: grouped heads,
-rows of every length (a partial last page, a single token), scattered pages, one and two
-threads (with fewer rows than threads, rows are split by KV heads), and half-precision pools."""
+rows of every length (a partial last page, a single token, lengths that are not a multiple of
+the four tokens scored at once), scattered pages, one and two threads (with fewer rows than
+threads, rows are split by KV heads), half-precision pools, and head sizes unrolled or not."""
 
 from __future__ import annotations
 
@@ -26,10 +27,11 @@ def reference(q, keys, values, table, lengths, scale):
 @pytest.mark.parametrize(
     ("heads", "kv_heads", "dtype"), [(4, 4, torch.float32), (8, 2, torch.float32), (4, 2, torch.bfloat16)]
 )
-def test_the_kernel_equals_sdpa_over_gathered_pages(threads, heads, kv_heads, dtype):
+@pytest.mark.parametrize("dim", [32, 128, 48])  # head sizes the kernel unrolls, and one it loops over
+def test_the_kernel_equals_sdpa_over_gathered_pages(threads, heads, kv_heads, dtype, dim):
     assert cpu_attention.available(), "the C++ kernel could not be built: is a compiler (g++) installed?"
-    generator = torch.Generator().manual_seed(heads * 10 + kv_heads)
-    page, dim, pages = 16, 32, 64
+    generator = torch.Generator().manual_seed(heads * 10 + kv_heads + dim)
+    page, pages = 16, 64
     keys = torch.randn(pages, page, kv_heads, dim, generator=generator).to(dtype)
     values = torch.randn(pages, page, kv_heads, dim, generator=generator).to(dtype)
     lengths = torch.tensor([1, 16, 17, 50, 129])

@@ -30,6 +30,7 @@ SOURCE = r"""
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 // e^x for x <= 0 as 2^(x log2 e), the fraction by a degree-6 polynomial fitted
@@ -51,10 +52,13 @@ static inline float exp_nonpositive(float x) {
   return p * scale_bits.f;
 }
 
-template <typename T>
+// D > 0: the head size known when compiled (the loops over it unroll into a few vector
+// operations; a dot product of 32 floats is otherwise mostly loop overhead); D == 0: any size.
+template <typename T, int D>
 static void decode_rows(const float* q, const T* k_pool, const T* v_pool, const int64_t* table,
                         const int64_t* lengths, float* out, int64_t rows, int64_t heads, int64_t kv_heads,
-                        int64_t dim, int64_t page, int64_t width, float scale, int64_t splits) {
+                        int64_t head_size, int64_t page, int64_t width, float scale, int64_t splits) {
+  const int64_t dim = D > 0 ? D : head_size;
   // One work item: a row's heads that share the KV heads [kv_first, kv_first + kv_count). A slot
   // holds every KV head of a token side by side, so a page is one contiguous run of memory,
   // read front to back (as the prefetcher likes) once for all the item's heads.
@@ -77,16 +81,48 @@ static void decode_rows(const float* q, const T* k_pool, const T* v_pool, const 
         const int64_t count = std::min(page, length - first);
         const T* k_page = k_pool + table[r * width + first / page] * page * stride;
         const T* v_page = v_pool + table[r * width + first / page] * page * stride;
-        for (int64_t j = 0; j < count; ++j) {  // scores, token by token, every head of the item
-          const T* k = k_page + j * stride;
+        if (D > 0 && group == 1) {  // scores, head by head, four tokens at a time (four independent
+          // sums); with grouped heads, token by token below reads each key once for the group
           for (int64_t h = 0; h < h_count; ++h) {
             const int64_t head = h_first + h;
-            const float* qh = q + (r * heads + head) * dim;
-            const T* kh = k + (head / group) * dim;
-            float s = 0.0f;
+            const float* qh = q + (r * heads + head) * D;
+            const T* k_head = k_page + (head / group) * D;
+            float* w = scores.data() + h * page;
+            int64_t j = 0;
+            for (; j + 4 <= count; j += 4) {
+              const T* k0 = k_head + j * stride;
+              const T *k1 = k0 + stride, *k2 = k1 + stride, *k3 = k2 + stride;
+              float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+              for (int64_t d = 0; d < D; ++d) {
+                const float x = qh[d];
+                s0 += x * static_cast<float>(k0[d]);
+                s1 += x * static_cast<float>(k1[d]);
+                s2 += x * static_cast<float>(k2[d]);
+                s3 += x * static_cast<float>(k3[d]);
+              }
+              w[j] = s0 * scale, w[j + 1] = s1 * scale, w[j + 2] = s2 * scale, w[j + 3] = s3 * scale;
+            }
+            for (; j < count; ++j) {
+              const T* kh = k_head + j * stride;
+              float s = 0.0f;
 #pragma omp simd reduction(+ : s)
-            for (int64_t d = 0; d < dim; ++d) s += qh[d] * static_cast<float>(kh[d]);
-            scores[h * page + j] = s * scale;
+              for (int64_t d = 0; d < D; ++d) s += qh[d] * static_cast<float>(kh[d]);
+              w[j] = s * scale;
+            }
+          }
+        } else {
+          for (int64_t j = 0; j < count; ++j) {  // scores, token by token, every head of the item
+            const T* k = k_page + j * stride;
+            for (int64_t h = 0; h < h_count; ++h) {
+              const int64_t head = h_first + h;
+              const float* qh = q + (r * heads + head) * dim;
+              const T* kh = k + (head / group) * dim;
+              float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+              for (int64_t d = 0; d < dim; ++d) s += qh[d] * static_cast<float>(kh[d]);
+              scores[h * page + j] = s * scale;
+            }
           }
         }
         for (int64_t h = 0; h < h_count; ++h) {  // one rescale per head and page, then its weights
@@ -110,14 +146,32 @@ static void decode_rows(const float* q, const T* k_pool, const T* v_pool, const 
           }
           total[h] += block_total;
         }
-        for (int64_t j = 0; j < count; ++j) {  // values, token by token
-          const T* v = v_page + j * stride;
+        if constexpr (D > 0) {  // values, head by head over the page (in cache by now): the
+          // head's sums stay in registers for the page's tokens
           for (int64_t h = 0; h < h_count; ++h) {
-            const T* vh = v + ((h_first + h) / group) * dim;
-            const float p = scores[h * page + j];
+            const T* v_head = v_page + ((h_first + h) / group) * dim;
+            const float* w = scores.data() + h * page;
             float* a = acc.data() + h * dim;
+            float sums[D];
+            for (int64_t d = 0; d < D; ++d) sums[d] = a[d];
+            for (int64_t j = 0; j < count; ++j) {
+              const T* vh = v_head + j * stride;
+              const float p = w[j];
 #pragma omp simd
-            for (int64_t d = 0; d < dim; ++d) a[d] += p * static_cast<float>(vh[d]);
+              for (int64_t d = 0; d < D; ++d) sums[d] += p * static_cast<float>(vh[d]);
+            }
+            for (int64_t d = 0; d < D; ++d) a[d] = sums[d];
+          }
+        } else {
+          for (int64_t j = 0; j < count; ++j) {  // values, token by token
+            const T* v = v_page + j * stride;
+            for (int64_t h = 0; h < h_count; ++h) {
+              const T* vh = v + ((h_first + h) / group) * dim;
+              const float p = scores[h * page + j];
+              float* a = acc.data() + h * dim;
+#pragma omp simd
+              for (int64_t d = 0; d < dim; ++d) a[d] += p * static_cast<float>(vh[d]);
+            }
           }
         }
       }
@@ -128,6 +182,25 @@ static void decode_rows(const float* q, const T* k_pool, const T* v_pool, const 
       }
     }
   });
+}
+
+// The usual head sizes unrolled; any other through the general loops.
+template <typename T>
+static void decode_any_size(const float* q, const T* k_pool, const T* v_pool, const int64_t* table,
+                            const int64_t* lengths, float* out, int64_t rows, int64_t heads, int64_t kv_heads,
+                            int64_t dim, int64_t page, int64_t width, float scale, int64_t splits) {
+  auto run = [&](auto size) {
+    decode_rows<T, decltype(size)::value>(q, k_pool, v_pool, table, lengths, out, rows, heads, kv_heads, dim, page,
+                                          width, scale, splits);
+  };
+  switch (dim) {
+    case 32: return run(std::integral_constant<int, 32>{});
+    case 64: return run(std::integral_constant<int, 64>{});
+    case 80: return run(std::integral_constant<int, 80>{});
+    case 96: return run(std::integral_constant<int, 96>{});
+    case 128: return run(std::integral_constant<int, 128>{});
+    default: return run(std::integral_constant<int, 0>{});
+  }
 }
 
 torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_pool, torch::Tensor v_pool, torch::Tensor table,
@@ -144,9 +217,9 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_pool, torch::Tensor 
   const int64_t threads = at::get_num_threads();
   const int64_t splits = rows >= threads ? 1 : std::min(kv_heads, (threads + rows - 1) / rows);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, k_pool.scalar_type(), "paged_decode", [&] {
-    decode_rows<scalar_t>(qf.data_ptr<float>(), k_pool.data_ptr<scalar_t>(), v_pool.data_ptr<scalar_t>(),
-                          t.data_ptr<int64_t>(), n.data_ptr<int64_t>(), out.data_ptr<float>(), rows, heads, kv_heads,
-                          dim, page, width, static_cast<float>(scale), splits);
+    decode_any_size<scalar_t>(qf.data_ptr<float>(), k_pool.data_ptr<scalar_t>(), v_pool.data_ptr<scalar_t>(),
+                              t.data_ptr<int64_t>(), n.data_ptr<int64_t>(), out.data_ptr<float>(), rows, heads,
+                              kv_heads, dim, page, width, static_cast<float>(scale), splits);
   });
   return out.to(q.scalar_type());
 }
@@ -167,7 +240,7 @@ def _load():
         try:
             log.info("loading the CPU paged-attention kernel (built with g++ once per machine, ~30 s; then cached)")
             _module = load_inline(
-                name="vlm_paged_decode_v6",
+                name="vlm_paged_decode_v11",
                 cpp_sources=SOURCE,
                 functions=["paged_decode"],
                 extra_cflags=["-O3", "-march=native", "-fopenmp"],
