@@ -64,10 +64,12 @@ def test_kosmos2_rows_of_different_prompt_lengths_share_steps(long_triton, long_
     alone = [answer(p) for p in prompts]
     mark = long_trace.mark()
     anchor = GrpcStream(url, model, "Describe everything you see.", png, max_tokens=LONG, **GREEDY)
-    anchor.first_text()
-    with ThreadPoolExecutor(3) as pool:
-        together = list(pool.map(answer, prompts))
-    anchor.cancel()
+    try:  # the anchor never ends by itself: cancelled whatever happens, or it would run on into other tests
+        anchor.first_text()
+        with ThreadPoolExecutor(3) as pool:
+            together = list(pool.map(answer, prompts))
+    finally:
+        anchor.cancel()
     assert together == alone
     rows = long_trace.wait(mark, 4)
     [running] = [row for row in rows if row["end"] == "cancelled"]
