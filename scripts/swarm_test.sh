@@ -90,7 +90,7 @@ reconnect() { ip -n vlmsw-sw link set "node$1" up; }
 
 # --- dockerd per node ---------------------------------------------------------------------
 our_dockerd() {  # is PID a dockerd of node $2 (not an unrelated reused PID)?
-  [ -n "${1:-}" ] && [ -r "/proc/$1/cmdline" ] && tr '\0' ' ' <"/proc/$1/cmdline" 2>/dev/null | grep -q "dockerd.*$WORK/node$2/data"
+  [ -n "${1:-}" ] && [ -r "/proc/$1/cmdline" ] && tr '\0' ' ' 2>/dev/null <"/proc/$1/cmdline" | grep -q "dockerd.*$WORK/node$2/data"
 }
 
 stop_dockerd() {
