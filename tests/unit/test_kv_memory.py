@@ -4,6 +4,7 @@ preemption instead of failure, chunked prefill, rows that fail alone."""
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -374,3 +375,30 @@ def test_qwen_positions_are_made_with_the_inputs_not_in_the_step_loop(tiny_model
         assert len(walks) == 3, "without them the loop walks each prompt, to the same answers"
     finally:
         engine.close()
+
+
+@pytest.mark.skipif(not Path("/sys/kernel/mm/transparent_hugepage").exists(), reason="a kernel without huge pages")
+def test_the_cpu_pool_is_zeroed_and_offered_huge_pages():
+    """Decode attention jumps from page to page of the pool: its memory is advised huge pages
+    (the ``hg`` flag of the mapping that holds it), and still reads as zeros."""
+    from vlm_engine.kv.pool import HUGE_PAGE, KVPool, KVShape
+
+    shape = KVShape(layers=2, kv_heads=4, head_dim=32, dtype=torch.float32)
+    pool = KVPool(shape, num_pages=1024, page_size=16, device="cpu")
+    for tensor in (*pool.keys, *pool.values):
+        assert not tensor.any()
+        inside = -(-tensor.data_ptr() // HUGE_PAGE) * HUGE_PAGE  # an address in the advised part
+        assert "hg" in _vm_flags(inside), hex(inside)
+
+
+def _vm_flags(address: int) -> list[str]:
+    """The ``VmFlags`` of the mapping of this process that holds ``address``."""
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and ":" not in head:
+            low, high = (int(part, 16) for part in head.split("-"))
+            inside = low <= address < high
+        elif inside and line.startswith("VmFlags:"):
+            return line.split()[1:]
+    raise AssertionError(f"no mapping holds {address:#x}")

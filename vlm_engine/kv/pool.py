@@ -54,6 +54,39 @@ class KVCounters:
     copied: int = 0  # K/V copied from one page to another (n > 1: the prompt's last, partial page)
 
 
+HUGE_PAGE = 2 << 20
+
+
+def _zeros(size: tuple[int, ...], dtype: torch.dtype, device: str | torch.device) -> torch.Tensor:
+    """A zeroed pool tensor. On a Linux CPU its memory is first offered huge pages
+    (``madvise(MADV_HUGEPAGE)``, honoured when transparent huge pages are ``always`` or
+    ``madvise``): decode attention jumps from page to page of the pool, and with 4 KiB pages
+    each jump missed the TLB (1.15-1.3x on the kernel with 16-token pages here)."""
+    tensor = torch.empty(size, dtype=dtype, device=device)
+    if tensor.device.type == "cpu" and tensor.numel():
+        _advise_huge_pages(tensor)
+    return tensor.zero_()
+
+
+def _advise_huge_pages(tensor: torch.Tensor) -> None:
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    start = tensor.data_ptr()
+    end = start + tensor.numel() * tensor.element_size()
+    first = -(-start // HUGE_PAGE) * HUGE_PAGE
+    last = end // HUGE_PAGE * HUGE_PAGE
+    if last <= first:
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), 14)  # MADV_HUGEPAGE
+    except (OSError, AttributeError):  # no libc madvise: 4 KiB pages, as before
+        pass
+
+
 class KVPool:
     def __init__(
         self, shape: KVShape, num_pages: int, page_size: int, device: str | torch.device, caching: bool = True
@@ -63,8 +96,8 @@ class KVPool:
         self.pages = KVManager(num_pages, page_size, caching)
         size = (num_pages, page_size, shape.kv_heads, shape.head_dim)
         # zeroed once: masked slots must hold finite values (0 * NaN would poison attention)
-        self.keys = [torch.zeros(size, dtype=shape.dtype, device=device) for _ in range(shape.layers)]
-        self.values = [torch.zeros(size, dtype=shape.dtype, device=device) for _ in range(shape.layers)]
+        self.keys = [_zeros(size, shape.dtype, device) for _ in range(shape.layers)]
+        self.values = [_zeros(size, shape.dtype, device) for _ in range(shape.layers)]
         self.counters = KVCounters()
 
     @property
