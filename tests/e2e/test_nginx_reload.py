@@ -114,7 +114,9 @@ def test_no_post_is_lost_while_nginx_reloads(gateway):
         for _ in range(RELOADS):
             before = outcomes.total()
             subprocess.run(["/usr/sbin/nginx", "-c", conf, "-s", "reload"], check=True, capture_output=True)
+            stalled = time.monotonic() + 60  # a gateway that stopped answering fails, not hangs
             while outcomes.total() < before + THREADS * 4:  # requests flow across each reload
+                assert time.monotonic() < stalled, f"no requests answered for 60 s after a reload: {dict(outcomes)}"
                 time.sleep(0.01)
     finally:
         stop.set()
