@@ -1,8 +1,7 @@
 """The CPU decode kernel against plain SDPA over the same keys, gathered: grouped heads,
 rows of every length (a partial last page, a single token, lengths that are not a multiple of
 the four tokens scored at once), scattered pages, one and two threads (with fewer rows than
-threads, rows are split by KV heads), half-precision pools, and head sizes unrolled or not;
-and that it lets other Python threads run."""
+threads, rows are split by KV heads), half-precision pools, and head sizes unrolled or not."""
 
 from __future__ import annotations
 
@@ -66,46 +65,3 @@ def test_slots_past_a_rows_length_are_never_read():
         pool[3, 5:] = float("nan")
         pool[4:] = float("nan")
     assert torch.equal(cpu_attention.paged_decode(q, keys, values, table, lengths, 0.2), clean)
-
-
-def test_the_kernel_lets_other_python_threads_run():
-    """The kernel runs without the GIL, as torch's operators do: on Triton, the model's request
-    intake and response sending go on while a step's attention runs. Thread switches are made
-    voluntary only (a switch interval of 1,000 s) and the other thread lets the GIL go after
-    every count, so it counts while a call runs only if the call let the GIL go: holding it,
-    a call lets the other thread count once at most (measured: exactly once), whatever the
-    machine's speed."""
-    import sys
-    import threading
-    import time
-
-    assert cpu_attention.available()
-    rows, length, heads, dim, page = 64, 1024, 4, 32, 16
-    width = length // page
-    keys, values = torch.randn(rows * width, page, heads, dim), torch.randn(rows * width, page, heads, dim)
-    table, lengths = torch.arange(rows * width).view(rows, width), torch.full((rows,), length)
-    q = torch.randn(rows, heads, dim)
-    cpu_attention.paged_decode(q, keys, values, table, lengths, 0.1)  # built and loaded
-    counted, stop = [0], threading.Event()
-
-    def count() -> None:
-        while not stop.is_set():
-            counted[0] += 1
-            time.sleep(0)  # lets the GIL go each time round
-
-    interval = sys.getswitchinterval()
-    thread = threading.Thread(target=count)
-    sys.setswitchinterval(1000.0)
-    calls = during = 0
-    try:
-        thread.start()
-        while calls < 200 and during <= 3 * calls:
-            before = counted[0]
-            cpu_attention.paged_decode(q, keys, values, table, lengths, 0.1)
-            during += counted[0] - before
-            calls += 1
-    finally:
-        sys.setswitchinterval(interval)
-        stop.set()
-        thread.join()
-    assert during > 3 * calls, f"the other thread counted {during} times in {calls} calls: the kernel holds the GIL"

@@ -14,8 +14,7 @@ time (without grouped heads), values with the head's sums in registers (1.5-1.6x
 
 The kernel is compiled with the machine's C++ compiler the first time it is needed (about
 20-40 s, cached by torch under ``~/.cache/torch_extensions``); ``available()`` says whether
-it could be. Float32, float16 and bfloat16 pools (accumulation in float32). It runs without
-the GIL, as torch's own operators do.
+it could be. Float32, float16 and bfloat16 pools (accumulation in float32).
 """
 
 from __future__ import annotations
@@ -210,9 +209,6 @@ static void decode_any_size(const float* q, const T* k_pool, const T* v_pool, co
 torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_pool, torch::Tensor v_pool, torch::Tensor table,
                            torch::Tensor lengths, double scale) {
   // q [rows, heads, dim]; pools [pages, page, kv_heads, dim]; table [rows, width]; lengths [rows]
-  // Without the GIL, as torch's own operators: the model's other threads (a Triton model's
-  // request intake and response sending) go on while a step's attention runs.
-  pybind11::gil_scoped_release no_gil;
   auto qf = q.to(torch::kFloat32).contiguous();
   auto t = table.to(torch::kInt64).contiguous();
   auto n = lengths.to(torch::kInt64).contiguous();
@@ -247,7 +243,7 @@ def _load():
         try:
             log.info("loading the CPU paged-attention kernel (built with g++ once per machine, ~30 s; then cached)")
             _module = load_inline(
-                name="vlm_paged_decode_v12",
+                name="vlm_paged_decode_v11",
                 cpp_sources=SOURCE,
                 functions=["paged_decode"],
                 extra_cflags=["-O3", "-march=native", "-fopenmp"],
