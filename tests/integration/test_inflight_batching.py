@@ -27,7 +27,8 @@ def _request(i: int) -> tuple[str, bytes, int]:
 @pytest.mark.parametrize("model", MODELS)
 def test_rows_joining_a_running_batch_get_their_solo_answers(triton, model):
     """8 greedy requests, each sent once the previous one has produced text, with sampled
-    rows mixed in, get exactly what each gets alone; the rows share decode steps."""
+    rows mixed in, get exactly what each gets alone. (A row may end before the next one
+    arrives, so sharing steps is not certain here: the long-row tests below check it.)"""
     requests = [_request(i) for i in range(8)]
     alone = [infer_http(triton.http_url, model, p, img, max_tokens=n, **GREEDY) for p, img, n in requests]
     assert len(set(alone)) == 8, "different inputs should give different answers"

@@ -72,23 +72,21 @@ def _requests():
 
 
 @pytest.mark.parametrize("model", MODELS)
-def test_concurrent_requests_are_batched_and_match_single_answers(triton, model):
+def test_concurrent_requests_match_single_answers_and_reuse_cached_prompts(triton, model):
+    """8 requests at once get their solo answers. Whether they share a step depends on how
+    their arrivals fall; that rows share steps is checked where it is certain,
+    beside a row that cannot end first (test_inflight_batching, test_scheduler)."""
     requests = _requests()
     alone = [infer_http(triton.http_url, model, p, img, max_tokens=12, **GREEDY) for p, img in requests]
     assert len(set(alone)) > 1, "different inputs should give different answers"
-    steps = metric(triton.metrics_url, "vlm_scheduler_step_seconds_count", model=model, kind="decode")
-    tokens = metric(triton.metrics_url, "vlm_scheduler_generated_tokens_total", model=model)
     hits = metric(triton.metrics_url, "vlm_prefix_cache_hit_tokens_total", model=model)
     client = httpclient.InferenceServerClient(triton.http_url, concurrency=8)
     pending = [client.async_infer(model, inputs(httpclient, p, img, max_tokens=12, **GREEDY)) for p, img in requests]
     together = [text_of(p.get_result()) for p in pending]
     assert together == alone
-    steps = metric(triton.metrics_url, "vlm_scheduler_step_seconds_count", model=model, kind="decode") - steps
-    tokens = metric(triton.metrics_url, "vlm_scheduler_generated_tokens_total", model=model) - tokens
     hits = metric(triton.metrics_url, "vlm_prefix_cache_hit_tokens_total", model=model) - hits
     if model != "moondream2":  # its own KV, no prefix cache
         assert hits > 0, "the repeated prompts started on the pages their first answers cached"
-    assert steps < tokens, f"{steps} decode steps for {tokens} tokens: the requests never shared a step"
 
 
 @pytest.mark.parametrize("model", MODELS)
